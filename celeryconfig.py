@@ -1,0 +1,68 @@
+"""Broker and queue configuration shared by both planes.
+
+Tool ``X`` is the task ``tool.X`` on the queue ``tool.X``; results are the task
+``control.ingest_result`` on the queue ``results``. JSON only, acks late,
+reject on worker lost, prefetch 1, events on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RESULTS_QUEUE = "results"
+INGEST_TASK = "control.ingest_result"
+MANIFEST_TASK = "control.register_manifest"
+TOOL_PREFIX = "tool."
+
+__all__ = [
+    "INGEST_TASK",
+    "MANIFEST_TASK",
+    "RESULTS_QUEUE",
+    "TOOL_PREFIX",
+    "build_config",
+    "route_task",
+    "tool_queue",
+]
+
+
+def tool_queue(tool: str) -> str:
+    return f"{TOOL_PREFIX}{tool}"
+
+
+def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> Any:
+    """Celery router: each tool task to its own queue, control tasks to ``results``."""
+    if name.startswith(TOOL_PREFIX):
+        return {"queue": name, "routing_key": name}
+    if name in (INGEST_TASK, MANIFEST_TASK):
+        return {"queue": RESULTS_QUEUE, "routing_key": RESULTS_QUEUE}
+    return None
+
+
+def build_config(broker_url: str, *, visibility_timeout: int = 120) -> dict[str, Any]:
+    """The Celery configuration of either plane for ``broker_url``."""
+    return {
+        "broker_url": broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # A job held by a dead worker comes back after this many seconds;
+            # envelope expiry is set longer than this plus the tool's run time.
+            "visibility_timeout": visibility_timeout,
+        },
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_routes": (route_task,),
+        "task_default_queue": RESULTS_QUEUE,
+        "worker_hijack_root_logger": False,
+        "worker_enable_remote_control": True,
+        "enable_utc": True,
+    }

@@ -1,0 +1,1 @@
+"""toolplane control plane: CLI, services and embedded servers."""

@@ -1,0 +1,552 @@
+"""``toolplane``: the command line of the control plane (and the worker launcher).
+
+Exit codes: 0 done, 1 error or failed verification, 2 usage, 3 denied,
+4 the tool failed, 5 waiting for approval. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
+
+from control.errors import (
+    EXIT_AWAITING_APPROVAL,
+    EXIT_DENIED,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_TOOL_FAILED,
+    EXIT_USAGE,
+    UsageError,
+)
+from control.output import console, err, print_json, print_run, print_runs
+from toolplane.canonical import CanonicalJSONError, parse_json_strict
+from toolplane.errors import ToolplaneError
+from toolplane.settings import Settings
+
+app = typer.Typer(
+    name="toolplane",
+    help="A governed execution plane for the tools that AI agents call.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="Signing keys of control and the tools.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Tenants.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+runs_app = typer.Typer(help="Runs of your tenant.", no_args_is_help=True)
+ledger_app = typer.Typer(help="The evidence ledger.", no_args_is_help=True)
+policy_app = typer.Typer(help="Policy bundles and decisions.", no_args_is_help=True)
+for sub, name in (
+    (keys_app, "keys"),
+    (tenant_app, "tenant"),
+    (token_app, "token"),
+    (runs_app, "runs"),
+    (ledger_app, "ledger"),
+    (policy_app, "policy"),
+):
+    app.add_typer(sub, name=name)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = "TOOLPLANE_" + ".".join(str(p) for p in first["loc"]).upper()
+        raise UsageError(first["msg"], field=field) from e
+
+
+def handled(func: F) -> F:
+    """Turn every expected failure into one line on stderr and its exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except ToolplaneError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(getattr(e, "exit_code", EXIT_ERROR)) from None
+        except OperationalError as e:
+            first = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+            err.print(f"error: database unavailable: {first}", markup=False)
+            raise typer.Exit(EXIT_ERROR) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except Exception as e:  # the last boundary: one line for people, the trace to a file
+            trace = _save_trace()
+            err.print(f"error: internal error: {type(e).__name__}: {e}".splitlines()[0], markup=False)
+            err.print(f"(traceback saved to {trace})", markup=False)
+            raise typer.Exit(EXIT_ERROR) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _save_trace() -> str:
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="toolplane-error-", suffix=".txt")
+    with open(fd, "w") as handle:
+        handle.write(traceback.format_exc())
+    return path
+
+
+def _plane():  # type: ignore[no-untyped-def]
+    from control.runtime import ControlPlane
+
+    return ControlPlane.from_settings(_settings())
+
+
+def _client():  # type: ignore[no-untyped-def]
+    from control.client import Client
+
+    return Client.from_env(_settings())
+
+
+def parse_args(pairs: list[str]) -> dict[str, Any]:
+    """``K=V`` pairs; V is JSON where it parses, else a string."""
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{pair!r} is not of the form K=V", field="--arg")
+        if key in args:
+            raise UsageError(f"{key!r} given twice", field="--arg")
+        try:
+            args[key] = parse_json_strict(raw)
+        except CanonicalJSONError:
+            args[key] = raw
+    return args
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+# -- processes -------------------------------------------------------------------
+
+
+@app.command()
+@handled
+def up(
+    workers: Annotated[str, typer.Option(help="Worker concurrency per tool: TOOL=N,...")] = "",
+    flower: Annotated[bool, typer.Option("--flower/--no-flower", help="Start Flower.")] = False,
+    detach: Annotated[bool, typer.Option("--detach", help="Return once everything is up.")] = False,
+) -> None:
+    """Start (embedded servers if needed,) the control process and a worker per tool."""
+    from control import processes
+    from control.embedded import start_embedded
+    from control.runtime import ControlPlane
+    from ledger.migrate import upgrade
+    from sandbox_tasks.registry import load_tools
+
+    settings = _settings()
+    tools = load_tools(settings.extra_tool_modules)
+    counts = {name: 1 for name in sorted(tools)}
+    for item in filter(None, (w.strip() for w in workers.split(","))):
+        name, _, n = item.partition("=")
+        if name not in tools:
+            raise UsageError(
+                f"unknown tool {name!r} (known: {', '.join(sorted(tools))})", field="--workers"
+            )
+        if not n.isdigit() or not 0 <= int(n) <= 64:
+            raise UsageError(f"{item!r}: N must be a whole number from 0 to 64", field="--workers")
+        counts[name] = int(n)
+    counts = {k: v for k, v in counts.items() if v > 0}
+    broker, database = settings.broker_url, settings.database_url
+    embedded = not (broker and database)
+    if embedded:
+        urls = start_embedded(settings.home)
+        broker, database = broker or urls.broker_url, database or urls.database_url
+        console.print(f"embedded Redis {urls.broker_url}; PostgreSQL under {settings.home}/pg")
+    plane = ControlPlane(settings, broker_url=str(broker), database_url=str(database))
+    plane.check_database()
+    upgrade(plane.engine)
+    _ensure_keys(plane, sorted(tools))
+    plane.sync_keys()
+    plane.policy  # noqa: B018 - validate the bundle before starting anything
+    specs = processes.plan_processes(plane, workers=counts, flower=flower)
+    processes.start_processes(settings.home, specs)
+    try:
+        processes.wait_ready(plane, sorted(counts))
+    except ToolplaneError:
+        processes.stop_processes(settings.home)
+        raise
+    console.print(f"up: control and workers for {', '.join(f'{k}×{v}' for k, v in counts.items())}")
+    if flower:
+        console.print(
+            f"Flower on http://127.0.0.1:5555 (user {settings.flower_user}; password: "
+            f"TOOLPLANE_FLOWER_PASSWORD or {settings.home / 'flower-password'})"
+        )
+    if detach:
+        return
+    console.print("running; Ctrl-C stops everything")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    processes.stop_processes(settings.home)
+    if embedded:
+        from control.embedded import stop_embedded
+
+        stop_embedded(settings.home)
+
+
+@app.command()
+@handled
+def down() -> None:
+    """Stop what `toolplane up` started, embedded servers included."""
+    from control.embedded import stop_embedded
+    from control.processes import stop_processes
+
+    settings = _settings()
+    stopped = stop_processes(settings.home)
+    stopped += stop_embedded(settings.home)
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command()
+@handled
+def control(
+    concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    loglevel: str = "INFO",
+) -> None:
+    """Run the control process: results ingest, manifest registration, outbox relay."""
+    from control.service import run_control
+
+    _logging(loglevel)
+    run_control(_plane(), concurrency=concurrency, loglevel=loglevel)
+
+
+@app.command()
+@handled
+def worker(
+    tool: str,
+    concurrency: Annotated[int, typer.Option(min=1, max=256)] = 1,
+    autoscale: Annotated[str | None, typer.Option(help="MAX,MIN")] = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Run one sandbox worker for tool.TOOL (consumes only that queue)."""
+    from control.embedded import find_embedded
+    from sandbox_tasks.main import run_worker
+
+    _logging(loglevel)
+    settings = _settings()
+    broker = settings.broker_url
+    if not broker:
+        found = find_embedded(settings.home)
+        if found is None:
+            raise UsageError("not set and no embedded broker runs", field="TOOLPLANE_BROKER_URL")
+        broker = found.broker_url
+    if autoscale is not None:
+        parts = autoscale.split(",")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < int(parts[1]):
+            raise UsageError("must be MAX,MIN with MAX >= MIN", field="--autoscale")
+    run_worker(settings, tool, broker_url=broker, concurrency=concurrency, autoscale=autoscale)
+
+
+@app.command()
+@handled
+def migrate() -> None:
+    """Create or upgrade the ledger's tables."""
+    from ledger.migrate import current_revision, upgrade
+
+    plane = _plane()
+    plane.check_database()
+    upgrade(plane.engine)
+    if plane.keystore.entries():
+        plane.sync_keys()
+    console.print(f"ledger at revision {current_revision(plane.engine)}")
+
+
+# -- keys --------------------------------------------------------------------------
+
+
+def _ensure_keys(plane: Any, tools: list[str]) -> list[str]:
+    created = []
+    if plane.keystore.ensure("control", "ed25519"):
+        created.append("control")
+    for tool in tools:
+        if plane.keystore.ensure(f"tool.{tool}", plane.settings.receipt_algorithm):
+            created.append(f"tool.{tool}")
+    return created
+
+
+@keys_app.command("init")
+@handled
+def keys_init(json_: JsonOpt = False) -> None:
+    """Create the control key and a receipt key for every registered tool (if missing)."""
+    from sandbox_tasks.registry import load_tools
+    from toolplane.keystore import KeyStore
+
+    settings = _settings()
+
+    class _Local:
+        keystore = KeyStore(settings.keys_dir)
+
+    _Local.settings = settings  # type: ignore[attr-defined]
+    created = _ensure_keys(_Local, sorted(load_tools(settings.extra_tool_modules)))
+    if json_:
+        print_json({"created": created, "keys_dir": str(settings.keys_dir)})
+    else:
+        console.print(
+            f"created: {', '.join(created) or 'none (all present)'} in {settings.keys_dir}"
+        )
+
+
+@keys_app.command("rotate")
+@handled
+def keys_rotate(tool: str, json_: JsonOpt = False) -> None:
+    """Give TOOL (or `control`) a new key; the old one still verifies what it signed."""
+    from toolplane.keystore import KeyStore
+
+    settings = _settings()
+    store = KeyStore(settings.keys_dir)
+    owner = "control" if tool == "control" else f"tool.{tool}"
+    if owner not in store.owners():
+        raise UsageError(f"no key for {owner!r} to rotate", field="TOOL")
+    algorithm = "ed25519" if owner == "control" else settings.receipt_algorithm
+    key_id = store.rotate(owner, algorithm)  # type: ignore[arg-type]
+    if json_:
+        print_json({"owner": owner, "key_id": key_id})
+    else:
+        console.print(f"{owner}: new key {key_id} (restart its workers to use it)")
+
+
+@keys_app.command("list")
+@handled
+def keys_list(json_: JsonOpt = False) -> None:
+    """List every key with its owner and validity window."""
+    from toolplane.keystore import KeyStore
+
+    entries = KeyStore(_settings().keys_dir).entries()
+    if json_:
+        print_json([{k: v for k, v in e.items() if k != "public"} for e in entries])
+        return
+    for e in entries:
+        state = "active" if e["not_after"] is None else f"retired {e['not_after'][:19]}"
+        console.print(f"{e['key_id']}  {e['algorithm']}  {state}")
+
+
+# -- tenants and tokens ------------------------------------------------------------
+
+
+@tenant_app.command("create")
+@handled
+def tenant_create(name: str, json_: JsonOpt = False) -> None:
+    """Create a tenant and print its first admin token (shown once)."""
+    from control.auth import create_tenant
+
+    plane = _plane()
+    with plane.sessions() as session:
+        tenant, token = create_tenant(session, name)
+        session.commit()
+    if json_:
+        print_json(
+            {"tenant_id": tenant.id, "name": tenant.name, "principal": "admin", "token": token}
+        )
+    else:
+        console.print(f"tenant {tenant.name} ({tenant.id}) created; admin token (shown once):")
+        console.print(token)
+
+
+@token_app.command("issue")
+@handled
+def token_issue(
+    tenant: Annotated[str, typer.Option(help="Tenant name (must be your own).")],
+    principal: Annotated[str, typer.Option(help="Principal name.")],
+    role: Annotated[str, typer.Option(help="submitter, approver, auditor or admin.")],
+    json_: JsonOpt = False,
+) -> None:
+    """Issue a token for a principal of your tenant (needs an admin token)."""
+    from control.auth import Role, authenticate, issue_token
+    from control.errors import AuthError, NotFound
+
+    try:
+        role_value = Role(role)
+    except ValueError:
+        raise UsageError(
+            f"must be one of {', '.join(r.value for r in Role)}", field="--role"
+        ) from None
+    if not (0 < len(principal) <= 200) or not principal.isprintable():
+        raise UsageError("must be 1-200 printable characters", field="--principal")
+    settings = _settings()
+    plane = _plane()
+    with plane.sessions() as session:
+        identity = authenticate(
+            session, settings.token.get_secret_value() if settings.token else None
+        )
+        if identity.tenant_name != tenant:
+            raise NotFound("tenant", tenant)
+        if identity.role != Role.ADMIN:
+            raise AuthError("issuing tokens needs the admin role")
+        token = issue_token(
+            session, tenant_id=identity.tenant_id, principal=principal, role=role_value
+        )
+        session.commit()
+    if json_:
+        print_json({"tenant": tenant, "principal": principal, "role": role, "token": token})
+    else:
+        console.print(token)
+
+
+# -- calls and runs ----------------------------------------------------------------
+
+
+def _exit_for(view: Any) -> int:
+    if view.status == "completed":
+        return EXIT_OK
+    if view.status == "denied":
+        return EXIT_DENIED
+    if view.status == "awaiting_approval":
+        return EXIT_AWAITING_APPROVAL
+    if view.status == "failed":
+        rejected = any(n.status == "rejected" for n in view.nodes)
+        return EXIT_ERROR if rejected else EXIT_TOOL_FAILED
+    return EXIT_OK
+
+
+@app.command()
+@handled
+def call(
+    tool: str,
+    arg: Annotated[
+        list[str] | None, typer.Option("--arg", help="K=V (V as JSON if it parses).")
+    ] = None,
+    env: Annotated[str | None, typer.Option("--env", help="Environment (default: dev).")] = None,
+    classification: Annotated[str, typer.Option(help="Data classification.")] = "internal",
+    idempotency_key: Annotated[str | None, typer.Option(help="Same key, same run.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.", min=0.1)] = 60.0,
+    json_: JsonOpt = False,
+) -> None:
+    """Call one tool under policy; with --wait, exit with the run's status code."""
+    client = _client()
+    view = client.call(
+        tool,
+        parse_args(arg or []),
+        environment=env,
+        classification=classification,
+        idempotency_key=idempotency_key,
+        wait=wait,
+        timeout=timeout,
+    )
+    if json_:
+        print_json(view.as_dict())
+    else:
+        print_run(view)
+    code = _exit_for(view)
+    if code == EXIT_DENIED and not json_:
+        err.print(f"denied: {view.nodes[0].error['message']}", markup=False)
+    raise typer.Exit(code)
+
+
+@runs_app.command("list")
+@handled
+def runs_list(
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50, json_: JsonOpt = False
+) -> None:
+    """Your tenant's most recent runs."""
+    views = _client().runs(limit=limit)
+    if json_:
+        print_json([v.as_dict() for v in views])
+    else:
+        print_runs(views)
+
+
+@runs_app.command("show")
+@handled
+def runs_show(run: str, json_: JsonOpt = False) -> None:
+    """One run of your tenant with its nodes, results and receipts."""
+    view = _client().run(run)
+    if json_:
+        print_json(view.as_dict())
+    else:
+        print_run(view)
+
+
+# -- ledger and policy ---------------------------------------------------------------
+
+
+@ledger_app.command("verify")
+@handled
+def ledger_verify(
+    run: Annotated[str | None, typer.Option("--run", help="Name only this run's events.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Recompute every link, result hash and receipt of your tenant's chain."""
+    report = _client().verify_ledger(run_id=run)
+    if json_:
+        print_json(report.as_dict())
+    else:
+        verdict = "[green]ok[/green]" if report.ok else "[red]BROKEN[/red]"
+        console.print(
+            f"ledger {verdict}: {report.events} events in {report.chains} chain(s), "
+            f"{report.receipts} receipts verified"
+        )
+        for b in report.broken:
+            console.print(
+                f"  event {b.event_id} ({b.chain_id} #{b.seq}, {b.kind}): {b.problem}", markup=False
+            )
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_ERROR)
+
+
+@policy_app.command("explain")
+@handled
+def policy_explain(
+    tool: Annotated[str, typer.Option()],
+    env: Annotated[str, typer.Option("--env")] = "dev",
+    classification: Annotated[str, typer.Option()] = "internal",
+    principal: Annotated[str, typer.Option()] = "anyone",
+    role: Annotated[str, typer.Option()] = "submitter",
+    json_: JsonOpt = False,
+) -> None:
+    """Show how the policy bundle decides a call, and which policies decided it."""
+    from policy.bundle import load_bundle
+    from policy.engine import PolicyEngine, PolicyRequest
+
+    engine = PolicyEngine(load_bundle(_settings().bundle_dir))
+    decision = engine.decide(
+        PolicyRequest(
+            tenant="explain",
+            principal=principal,
+            role=role,
+            tool=tool,
+            environment=env,
+            classification=classification,
+        )
+    )
+    if json_:
+        print_json(decision.as_evidence())
+    else:
+        console.print(f"{'ALLOW' if decision.allowed else 'DENY'}: {decision.reason}", markup=False)
+        console.print(f"bundle {decision.bundle_version[:16]}…", style="dim")
+    raise typer.Exit(EXIT_OK if decision.allowed else EXIT_DENIED)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as e:
+        if e.code not in (None, EXIT_OK) and not isinstance(e.code, int):
+            raise SystemExit(EXIT_USAGE) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Dispatch: signed job envelopes and the transactional outbox.
+
+A job is written to the outbox in the same transaction as its node's state and
+its ToolCallDispatched evidence; it is published after the commit, and the
+control process's relay re-publishes whatever a crashed publisher left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from celery import Celery
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+import celeryconfig
+from ledger.models import OutboxMessage
+from toolplane.canonical import digest
+from toolplane.messages import Envelope, SignedEnvelope, job_id_for, new_nonce, now_ms, signed_bytes
+from toolplane.signing import Signer
+
+log = logging.getLogger("toolplane.dispatch")
+
+ENVELOPE_MARGIN_S = 60
+
+__all__ = [
+    "CeleryPublisher",
+    "Publisher",
+    "envelope_ttl_s",
+    "publish_pending",
+    "sign_envelope",
+    "stage_job",
+]
+
+
+class Publisher(Protocol):
+    """The broker port: publish one task message to one queue."""
+
+    def publish(self, *, task_name: str, queue: str, body: dict[str, Any]) -> None: ...
+
+
+class CeleryPublisher:
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def publish(self, *, task_name: str, queue: str, body: dict[str, Any]) -> None:
+        self.app.send_task(task_name, args=[body], queue=queue, routing_key=queue)
+
+
+def envelope_ttl_s(*, visibility_timeout: int, tool_timeout_s: float) -> int:
+    """Expiry must outlive a redelivery: visibility timeout + the tool's run time + margin."""
+    return int(visibility_timeout + tool_timeout_s + ENVELOPE_MARGIN_S)
+
+
+def sign_envelope(
+    *,
+    signer: Signer,
+    run_id: str,
+    node_id: str,
+    attempt: int,
+    tenant: str,
+    principal: str,
+    tool: str,
+    args: dict[str, Any],
+    decision_id: str,
+    policy_version: str,
+    ttl_s: int,
+    approval_id: str | None = None,
+) -> SignedEnvelope:
+    issued = now_ms()
+    envelope = Envelope(
+        job_id=job_id_for(run_id, node_id, attempt),
+        run_id=run_id,
+        node_id=node_id,
+        attempt=attempt,
+        tenant=tenant,
+        principal=principal,
+        tool=tool,
+        audience=celeryconfig.tool_queue(tool),
+        args=args,
+        args_sha256=digest(args),
+        policy_decision_id=decision_id,
+        policy_version=policy_version,
+        approval_id=approval_id,
+        issued_at=issued,
+        expires_at=issued + ttl_s * 1000,
+        nonce=new_nonce(),
+        key_id=signer.key_id,
+    )
+    return SignedEnvelope(envelope=envelope, signature=signer.sign(signed_bytes(envelope)))
+
+
+def stage_job(session: Session, signed: SignedEnvelope) -> OutboxMessage:
+    """Add the job to the outbox (in the caller's transaction)."""
+    envelope = signed.envelope
+    row = OutboxMessage(
+        run_id=envelope.run_id,
+        node_id=envelope.node_id,
+        attempt=envelope.attempt,
+        task_name=celeryconfig.tool_queue(envelope.tool),
+        queue=celeryconfig.tool_queue(envelope.tool),
+        body=signed.model_dump(mode="json"),
+        created_at=datetime.now(UTC),
+        publish_count=0,
+    )
+    session.add(row)
+    return row
+
+
+def publish_pending(
+    sessions: sessionmaker[Session],
+    publisher: Publisher,
+    *,
+    ids: Iterable[int] | None = None,
+    older_than_s: float = 0.0,
+    limit: int = 200,
+) -> int:
+    """Publish unpublished outbox messages (the given ids, or every one old enough)."""
+    with sessions() as session:
+        query = select(OutboxMessage).where(OutboxMessage.published_at.is_(None))
+        if ids is not None:
+            query = query.where(OutboxMessage.id.in_(list(ids)))
+        else:
+            cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+            query = query.where(OutboxMessage.created_at < cutoff)
+        rows = session.scalars(
+            query.order_by(OutboxMessage.id).limit(limit).with_for_update(skip_locked=True)
+        ).all()
+        for row in rows:
+            publisher.publish(task_name=row.task_name, queue=row.queue, body=row.body)
+            session.execute(
+                update(OutboxMessage)
+                .where(OutboxMessage.id == row.id)
+                .values(published_at=datetime.now(UTC), publish_count=row.publish_count + 1)
+            )
+            log.info(
+                "job.published run=%s node=%s attempt=%s", row.run_id, row.node_id, row.attempt
+            )
+        session.commit()
+        return len(rows)

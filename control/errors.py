@@ -1,0 +1,53 @@
+"""Errors of the control plane, each with the exit code the CLI uses for it.
+
+ControlError (1)
+├── UsageError (2)          bad input: names the field and the rule
+├── AuthError (1)           missing, unknown, expired or revoked token
+├── NotFound (1)            no such run/node in *your* tenant (never "forbidden")
+├── Denied (3)              policy or entitlement said no
+└── ServiceUnavailable (1)  broker or database cannot be reached
+"""
+
+from __future__ import annotations
+
+from toolplane.errors import ToolplaneError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_DENIED = 3
+EXIT_TOOL_FAILED = 4
+EXIT_AWAITING_APPROVAL = 5
+
+
+class ControlError(ToolplaneError):
+    exit_code = EXIT_ERROR
+
+
+class UsageError(ControlError):
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class AuthError(ControlError):
+    """The token is missing, unknown, expired or revoked."""
+
+
+class NotFound(ControlError):
+    def __init__(self, what: str, ident: str) -> None:
+        super().__init__(f"{what} {ident!r} not found")
+        self.what = what
+        self.ident = ident
+
+
+class Denied(ControlError):
+    exit_code = EXIT_DENIED
+
+
+class ServiceUnavailable(ControlError):
+    def __init__(self, service: str, message: str) -> None:
+        super().__init__(f"{service} unavailable: {message}")
+        self.service = service

@@ -1,0 +1,216 @@
+"""``toolplane up`` / ``down``: the control process, one worker per tool, Flower.
+
+Each process is started detached (its own session, output to
+``$TOOLPLANE_HOME/logs/<name>.log``) and recorded in ``$TOOLPLANE_HOME/run/processes.json``
+so that ``down`` (from any shell) stops exactly what ``up`` started. Workers get
+no database URL: the sandbox plane holds no database credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from sqlalchemy import select
+
+from control.errors import ControlError
+from control.runtime import ControlPlane
+from ledger.models import ToolManifest
+
+WORKER_ONLY_SECRETS = ("TOOLPLANE_DATABASE_URL", "TOOLPLANE_TOKEN", "TOOLPLANE_FLOWER_PASSWORD")
+
+__all__ = ["ProcessSpec", "flower_password", "start_processes", "stop_processes", "wait_ready"]
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+def _state_path(home: Path) -> Path:
+    return home / "run" / "processes.json"
+
+
+def _read(home: Path) -> list[dict[str, object]]:
+    path = _state_path(home)
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _write(home: Path, entries: list[dict[str, object]]) -> None:
+    path = _state_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries, indent=2))
+    os.replace(tmp, path)
+
+
+def _alive(entry: dict[str, object]) -> bool:
+    try:
+        proc = psutil.Process(int(str(entry["pid"])))
+        return (
+            proc.is_running()
+            and proc.status() != psutil.STATUS_ZOMBIE
+            and (proc.create_time() == entry.get("create_time"))
+        )
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def flower_password(plane: ControlPlane) -> str:
+    """The configured Flower password, else one generated once and kept under HOME."""
+    if plane.settings.flower_password is not None:
+        return plane.settings.flower_password.get_secret_value()
+    path = plane.settings.home / "flower-password"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(18))
+    return path.read_text().strip()
+
+
+def plan_processes(
+    plane: ControlPlane, *, workers: dict[str, int], flower: bool
+) -> list[ProcessSpec]:
+    settings = plane.settings
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TOOLPLANE_")}
+    common = {
+        **base,
+        "TOOLPLANE_HOME": str(settings.home),
+        "TOOLPLANE_BROKER_URL": plane.broker_url,
+        "TOOLPLANE_REPO_ROOT": str(settings.repo_root),
+        "TOOLPLANE_DOCS_ROOT": str(settings.docs_root),
+        "TOOLPLANE_EXTRA_TOOLS": settings.extra_tools,
+        "TOOLPLANE_RECEIPT_ALGORITHM": settings.receipt_algorithm,
+        "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
+    }
+    if settings.policy_dir is not None:
+        common["TOOLPLANE_POLICY_DIR"] = str(settings.policy_dir)
+    cli = [sys.executable, "-m", "control.cli"]
+    specs = [
+        ProcessSpec(
+            "control",
+            [*cli, "control"],
+            {**common, "TOOLPLANE_DATABASE_URL": plane.database_url},
+        )
+    ]
+    for tool, concurrency in workers.items():
+        env = {k: v for k, v in common.items() if k not in WORKER_ONLY_SECRETS}
+        specs.append(
+            ProcessSpec(
+                f"worker-{tool}", [*cli, "worker", tool, "--concurrency", str(concurrency)], env
+            )
+        )
+    if flower:
+        specs.append(
+            ProcessSpec(
+                "flower",
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "--broker",
+                    plane.broker_url,
+                    "flower",
+                    "--address=127.0.0.1",
+                    "--port=5555",
+                    f"--basic_auth={settings.flower_user}:{flower_password(plane)}",
+                ],
+                dict(base),
+            )
+        )
+    return specs
+
+
+def start_processes(home: Path, specs: list[ProcessSpec]) -> list[dict[str, object]]:
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    entries = [e for e in _read(home) if _alive(e)]
+    running = {str(e["name"]) for e in entries}
+    for spec in specs:
+        if spec.name in running:
+            continue
+        log = open(logs / f"{spec.name}.log", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            spec.argv,
+            env=spec.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        entries.append(
+            {
+                "name": spec.name,
+                "pid": proc.pid,
+                "create_time": psutil.Process(proc.pid).create_time(),
+                "log": str(logs / f"{spec.name}.log"),
+            }
+        )
+    _write(home, entries)
+    return entries
+
+
+def _tail(path: str, lines: int = 8) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_ready(plane: ControlPlane, tools: list[str], *, timeout: float = 90.0) -> None:
+    """Wait until control and every tool's worker answer a ping and every manifest is in."""
+    host = socket.gethostname()
+    wanted = {"control@" + host, *(f"{t}@{host}" for t in tools)}
+    deadline = time.monotonic() + timeout
+    answered: set[str] = set()
+    registered: set[str] = set()
+    while time.monotonic() < deadline:
+        for entry in _read(plane.settings.home):
+            if not _alive(entry):
+                tail = _tail(str(entry["log"]))
+                raise ControlError(f"{entry['name']} exited during start; its log ends:\n{tail}")
+        replies = plane.celery.control.ping(destination=sorted(wanted - answered), timeout=1.0)
+        for reply in replies or []:
+            answered.update(reply)
+        with plane.sessions() as session:
+            registered = set(session.scalars(select(ToolManifest.tool)))
+        if answered >= wanted and set(tools) <= registered:
+            return
+        time.sleep(0.3)
+    raise ControlError(
+        f"not ready after {timeout:g}s: waiting for {sorted(wanted - answered)} to answer "
+        f"and {sorted(set(tools) - registered)} to register"
+    )
+
+
+def stop_processes(home: Path, *, timeout: float = 20.0) -> list[str]:
+    entries = [e for e in _read(home) if _alive(e)]
+    for entry in entries:
+        try:
+            os.killpg(int(str(entry["pid"])), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(e) for e in entries):
+        time.sleep(0.2)
+    for entry in entries:
+        if _alive(entry):
+            try:
+                os.killpg(int(str(entry["pid"])), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    _write(home, [])
+    return [str(e["name"]) for e in entries]

@@ -1,0 +1,188 @@
+"""The control plane's composition root: settings to engines, keys, policy and broker.
+
+Built once per process (CLI command, client, control process) and passed down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from functools import cached_property
+
+from celery import Celery
+from sqlalchemy import Engine, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+import celeryconfig
+from control.dispatch import CeleryPublisher
+from control.embedded import find_embedded
+from control.errors import ServiceUnavailable
+from ledger.chain import NewEvent
+from ledger.db import make_engine, make_sessionmaker
+from ledger.models import PolicyVersion, SigningKey
+from ledger.store import append_events
+from policy.bundle import load_bundle
+from policy.engine import PolicyEngine
+from toolplane.keystore import KeyStore
+from toolplane.settings import Settings
+from toolplane.signing import KeyRing, PublicKey, Signer, b64decode
+
+log = logging.getLogger("toolplane.control")
+
+KEYRING_TTL_S = 30.0
+
+__all__ = ["ControlPlane", "resolve_urls"]
+
+
+def resolve_urls(settings: Settings) -> tuple[str, str]:
+    """Broker and database URLs: from the settings, else the embedded servers of HOME."""
+    broker, database = settings.broker_url, settings.database_url
+    if broker and database:
+        return broker, database
+    embedded = find_embedded(settings.home)
+    if embedded is None:
+        missing = " and ".join(
+            n
+            for n, v in (("TOOLPLANE_BROKER_URL", broker), ("TOOLPLANE_DATABASE_URL", database))
+            if not v
+        )
+        raise ServiceUnavailable(
+            "services",
+            f"{missing} not set and no embedded servers under {settings.home}; "
+            "run `toolplane up` or set them",
+        )
+    return broker or embedded.broker_url, database or embedded.database_url
+
+
+class ControlPlane:
+    """Everything a control-side process uses, built lazily from one Settings."""
+
+    def __init__(self, settings: Settings, *, broker_url: str, database_url: str) -> None:
+        self.settings = settings
+        self.broker_url = broker_url
+        self.database_url = database_url
+        self.keystore = KeyStore(settings.keys_dir)
+        self._keyring: KeyRing | None = None
+        self._keyring_at = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ControlPlane:
+        broker, database = resolve_urls(settings)
+        return cls(settings, broker_url=broker, database_url=database)
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.database_url)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return make_sessionmaker(self.engine)
+
+    def check_database(self) -> None:
+        try:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("select 1")
+        except OperationalError as e:
+            raise ServiceUnavailable("database", str(e.orig).strip().splitlines()[0]) from e
+
+    @cached_property
+    def celery(self) -> Celery:
+        app = Celery("toolplane-control", set_as_current=False)
+        app.conf.update(
+            celeryconfig.build_config(
+                self.broker_url, visibility_timeout=self.settings.visibility_timeout
+            )
+        )
+        return app
+
+    @cached_property
+    def publisher(self) -> CeleryPublisher:
+        return CeleryPublisher(self.celery)
+
+    @cached_property
+    def signer(self) -> Signer:
+        return self.keystore.signer("control")
+
+    @cached_property
+    def policy(self) -> PolicyEngine:
+        bundle = load_bundle(self.settings.bundle_dir)
+        with self.sessions() as session:
+            inserted = session.execute(
+                pg_insert(PolicyVersion)
+                .values(
+                    version=bundle.version,
+                    path=str(bundle.path),
+                    files=bundle.files,
+                    loaded_at=datetime.now(UTC),
+                )
+                .on_conflict_do_nothing(index_elements=["version"])
+                .returning(PolicyVersion.version)
+            ).first()
+            if inserted is not None:
+                append_events(
+                    session,
+                    [
+                        NewEvent(
+                            "PolicyVersionLoaded",
+                            {
+                                "version": bundle.version,
+                                "path": str(bundle.path),
+                                "files": bundle.files,
+                                "policies": sorted(bundle.policy_names.values()),
+                            },
+                        )
+                    ],
+                )
+            session.commit()
+        return PolicyEngine(bundle)
+
+    # -- keys ------------------------------------------------------------------
+    def sync_keys(self) -> int:
+        """Register every public key of the key store in the ledger's key table."""
+        count = 0
+        with self.sessions() as session:
+            for entry in self.keystore.entries():
+                values = {
+                    "key_id": entry["key_id"],
+                    "owner": entry["owner"],
+                    "algorithm": entry["algorithm"],
+                    "public_key": entry["public"],
+                    "not_before": datetime.fromisoformat(entry["not_before"]),
+                    "not_after": (
+                        datetime.fromisoformat(entry["not_after"]) if entry["not_after"] else None
+                    ),
+                }
+                session.execute(
+                    pg_insert(SigningKey)
+                    .values(**values)
+                    .on_conflict_do_update(index_elements=["key_id"], set_=values)
+                )
+                count += 1
+            session.commit()
+        self._keyring = None
+        return count
+
+    def keyring(self, *, refresh: bool = False) -> KeyRing:
+        """Keys to verify receipts: the ledger's key table plus local HMAC secrets."""
+        fresh = time.monotonic() - self._keyring_at < KEYRING_TTL_S
+        if self._keyring is not None and fresh and not refresh:
+            return self._keyring
+        ring = KeyRing(self.keystore.public_keys(with_secrets=True))
+        with self.sessions() as session:
+            for row in session.scalars(select(SigningKey)):
+                if row.algorithm == "ed25519" and row.public_key and ring.get(row.key_id) is None:
+                    ring.add(
+                        PublicKey(
+                            key_id=row.key_id,
+                            owner=row.owner,
+                            algorithm="ed25519",
+                            material=b64decode(row.public_key),
+                            not_before=row.not_before,
+                            not_after=row.not_after,
+                        )
+                    )
+        self._keyring, self._keyring_at = ring, time.monotonic()
+        return ring

@@ -1,0 +1,3 @@
+"""shipit: read a release manifest and deploy it."""
+
+__all__ = ["manifest", "deploy"]

@@ -1,0 +1,181 @@
+"""The ledger's tables (SQLAlchemy 2). Migrations live in ledger/migrations."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "ApiToken",
+    "Base",
+    "ChainHead",
+    "EvidenceEvent",
+    "Node",
+    "OutboxMessage",
+    "PolicyVersion",
+    "Principal",
+    "Run",
+    "SigningKey",
+    "Tenant",
+    "ToolManifest",
+]
+
+Json = JSONB
+TZ = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class Principal(Base):
+    __tablename__ = "principals"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    expires_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        Index("ix_runs_tenant_created", "tenant_id", "created_at"),
+    )
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"))
+    workflow: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(30))
+    environment: Mapped[str] = mapped_column(String(40))
+    classification: Mapped[str] = mapped_column(String(40))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    updated_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class Node(Base):
+    __tablename__ = "nodes"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    tool: Mapped[str] = mapped_column(String(63))
+    args: Mapped[dict[str, Any]] = mapped_column(Json)
+    args_sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(30))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    envelope: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
+    envelope_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
+    result_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    receipt: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    updated_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class OutboxMessage(Base):
+    """A job committed together with its node's state, published after commit."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_unpublished", "published_at"),)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(40))
+    node_id: Mapped[str] = mapped_column(String(100))
+    attempt: Mapped[int] = mapped_column(Integer)
+    task_name: Mapped[str] = mapped_column(String(100))
+    queue: Mapped[str] = mapped_column(String(100))
+    body: Mapped[dict[str, Any]] = mapped_column(Json)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    published_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+    publish_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SigningKey(Base):
+    """The public half (Ed25519) of every key that signed something in the ledger."""
+
+    __tablename__ = "signing_keys"
+    key_id: Mapped[str] = mapped_column(String(120), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100))
+    algorithm: Mapped[str] = mapped_column(String(20))
+    public_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    not_before: Mapped[datetime] = mapped_column(TZ)
+    not_after: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+
+
+class PolicyVersion(Base):
+    __tablename__ = "policy_versions"
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    files: Mapped[dict[str, Any]] = mapped_column(Json)
+    loaded_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class ToolManifest(Base):
+    __tablename__ = "tool_manifests"
+    tool: Mapped[str] = mapped_column(String(63), primary_key=True)
+    version: Mapped[str] = mapped_column(String(40))
+    manifest: Mapped[dict[str, Any]] = mapped_column(Json)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(120))
+    registered_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class EvidenceEvent(Base):
+    """Append-only and hash-chained; the database refuses UPDATE, DELETE and TRUNCATE."""
+
+    __tablename__ = "evidence_events"
+    __table_args__ = (
+        UniqueConstraint("chain_id", "seq"),
+        Index("ix_evidence_run", "run_id"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    chain_id: Mapped[str] = mapped_column(String(60))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    tenant_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    run_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[dict[str, Any]] = mapped_column(Json)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class ChainHead(Base):
+    """The last link of each chain; appends lock it, so a chain never forks."""
+
+    __tablename__ = "chain_heads"
+    chain_id: Mapped[str] = mapped_column(String(60), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))

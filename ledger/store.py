@@ -1,0 +1,75 @@
+"""Appending evidence inside the caller's transaction.
+
+Evidence and the state change it records commit together or not at all. Each
+chain's head row is locked while appending (chains in sorted order, so two
+appenders never deadlock), which serialises appends per tenant only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, datetime
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from ledger.chain import GENESIS, NewEvent, chain_for, event_hash
+from ledger.models import ChainHead, EvidenceEvent
+from toolplane.canonical import check_json_value
+
+__all__ = ["append_events"]
+
+
+def append_events(session: Session, events: list[NewEvent]) -> list[tuple[str, int]]:
+    """Append ``events`` in order; returns (chain_id, seq) of each. Does not commit."""
+    by_chain: dict[str, list[NewEvent]] = defaultdict(list)
+    for event in events:
+        check_json_value(event.payload)
+        by_chain[chain_for(event.tenant_id)].append(event)
+    placed: dict[int, tuple[str, int]] = {}
+    now = datetime.now(UTC)
+    for chain_id in sorted(by_chain):
+        session.execute(
+            pg_insert(ChainHead)
+            .values(chain_id=chain_id, seq=0, hash=GENESIS)
+            .on_conflict_do_nothing(index_elements=["chain_id"])
+        )
+        seq, prev = session.execute(
+            select(ChainHead.seq, ChainHead.hash)
+            .where(ChainHead.chain_id == chain_id)
+            .with_for_update()
+        ).one()
+        rows = []
+        for event in by_chain[chain_id]:
+            seq += 1
+            link = event_hash(
+                chain_id=chain_id,
+                seq=seq,
+                prev_hash=prev,
+                kind=event.kind,
+                tenant_id=event.tenant_id,
+                run_id=event.run_id,
+                created_at=now,
+                payload=event.payload,
+            )
+            rows.append(
+                {
+                    "chain_id": chain_id,
+                    "seq": seq,
+                    "tenant_id": event.tenant_id,
+                    "run_id": event.run_id,
+                    "kind": event.kind,
+                    "payload": event.payload,
+                    "created_at": now,
+                    "prev_hash": prev,
+                    "hash": link,
+                }
+            )
+            placed[id(event)] = (chain_id, seq)
+            prev = link
+        session.execute(insert(EvidenceEvent), rows)
+        session.execute(
+            update(ChainHead).where(ChainHead.chain_id == chain_id).values(seq=seq, hash=prev)
+        )
+    return [placed[id(event)] for event in events]

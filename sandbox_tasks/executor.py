@@ -1,0 +1,161 @@
+"""The contained executor: each call runs in a forked child with resource limits.
+
+The child gets a clean environment, a private scratch directory as its working
+directory, and setrlimit caps on CPU time, address space, written file size,
+open files and core dumps; the parent enforces the wall time (killing the
+child's whole process group) and the cap on the size of what it returns. The
+child sends its outcome over a pipe as JSON; the parent parses it strictly.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import select
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from sandbox_tasks.errors import ToolFailure
+from sandbox_tasks.registry import ToolContext, ToolSpec
+from toolplane.canonical import CanonicalJSONError, canonical_json, parse_json_strict
+
+CONTAINMENT = "fork-rlimits"
+
+__all__ = ["CONTAINMENT", "ForkExecutor", "Outcome"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    result: dict[str, Any] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+def _child(spec: ToolSpec, args: BaseModel, ctx: ToolContext, out_fd: int) -> None:
+    """Runs in the forked child; never returns."""
+    status = 0
+    try:
+        os.setsid()
+        limits = spec.limits
+        mem = limits.memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.environ.clear()
+        os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(ctx.scratch_dir)})
+        os.chdir(ctx.scratch_dir)
+        try:
+            value = spec.func(args, ctx)
+            if not isinstance(value, spec.result_model):
+                raise ToolFailure("tool_error", f"tool returned {type(value).__name__}")
+            body = canonical_json({"ok": True, "result": value.model_dump(mode="json")})
+            if len(body) > limits.output_bytes:
+                raise ToolFailure(
+                    "too_large", f"result is {len(body)} bytes, cap {limits.output_bytes}"
+                )
+        except ToolFailure as e:
+            body = canonical_json({"ok": False, "code": e.code, "message": e.message[:2000]})
+        except MemoryError:
+            body = canonical_json({"ok": False, "code": "tool_error", "message": "memory limit"})
+        except CanonicalJSONError as e:
+            body = canonical_json({"ok": False, "code": "tool_error", "message": f"result: {e}"})
+        except Exception as e:  # the tool's own bug: report it, never crash the worker
+            body = canonical_json(
+                {"ok": False, "code": "tool_error", "message": f"{type(e).__name__}: {e}"[:2000]}
+            )
+        view = memoryview(body)
+        while view:
+            written = os.write(out_fd, view)
+            view = view[written:]
+    except BaseException:  # noqa: BLE001 - nothing may escape a forked child
+        status = 70
+    finally:
+        os._exit(status)
+
+
+class ForkExecutor:
+    """Runs one tool call in a contained child process."""
+
+    containment = CONTAINMENT
+
+    def __init__(self, *, scratch_root: Path | None = None) -> None:
+        self.scratch_root = scratch_root
+
+    def run(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext) -> Outcome:
+        cap = spec.limits.output_bytes + 4096
+        with tempfile.TemporaryDirectory(prefix=f"tp-{spec.name}-", dir=self.scratch_root) as tmp:
+            ctx = ToolContext(
+                repo_root=ctx.repo_root,
+                docs_root=ctx.docs_root,
+                scratch_dir=Path(tmp),
+                state=ctx.state,
+            )
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                os.close(read_fd)
+                _child(spec, args, ctx, write_fd)
+            os.close(write_fd)
+            try:
+                data, timed_out, overflow = self._collect(read_fd, pid, spec.limits.timeout_s, cap)
+            finally:
+                os.close(read_fd)
+                _kill_group(pid)
+                _, status = os.waitpid(pid, 0)
+        if timed_out:
+            return Outcome(False, None, "timeout", f"wall time limit of {spec.limits.timeout_s}s")
+        if overflow:
+            return Outcome(
+                False, None, "too_large", f"output beyond {spec.limits.output_bytes} bytes"
+            )
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            if sig in (signal.SIGXCPU, signal.SIGKILL) and not data:
+                return Outcome(False, None, "timeout", f"CPU time limit of {spec.limits.cpu_s}s")
+            return Outcome(False, None, "tool_error", f"tool process killed by signal {sig}")
+        try:
+            outcome = parse_json_strict(data)
+        except CanonicalJSONError as e:
+            return Outcome(False, None, "tool_error", f"tool process sent no valid outcome ({e})")
+        if outcome.get("ok") is True and isinstance(outcome.get("result"), dict):
+            return Outcome(True, outcome["result"])
+        return Outcome(
+            False, None, str(outcome.get("code", "tool_error")), str(outcome.get("message", ""))
+        )
+
+    @staticmethod
+    def _collect(fd: int, pid: int, timeout_s: float, cap: int) -> tuple[bytes, bool, bool]:
+        deadline = time.monotonic() + timeout_s
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return b"", True, False
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks), False, False
+            size += len(chunk)
+            if size > cap:
+                return b"", False, True
+            chunks.append(chunk)
+
+
+def _kill_group(pid: int) -> None:
+    for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        try:
+            target()
+        except (ProcessLookupError, PermissionError):
+            pass

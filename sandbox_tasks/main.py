@@ -1,0 +1,79 @@
+"""The sandbox worker's composition root: one process serving one tool's queue."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sandbox_tasks.errors import RegistryError
+from sandbox_tasks.executor import ForkExecutor
+from sandbox_tasks.registry import ToolContext, load_tools
+from sandbox_tasks.worker import WorkerDeps, build_worker_app, default_worker_name, make_claims
+from toolplane.errors import SettingsError
+from toolplane.keystore import KeyStore
+from toolplane.settings import Settings
+from toolplane.signing import KeyRing
+
+log = logging.getLogger("toolplane.worker")
+
+__all__ = ["build_deps", "run_worker"]
+
+
+def build_deps(settings: Settings, tool: str, *, broker_url: str) -> WorkerDeps:
+    tools = load_tools(settings.extra_tool_modules)
+    if tool not in tools:
+        raise RegistryError(f"unknown tool {tool!r} (known: {', '.join(sorted(tools))})", tool=tool)
+    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError("claims need a Redis broker (redis://...)", setting="BROKER_URL")
+    keystore = KeyStore(settings.keys_dir)
+    control_keys = KeyRing(keystore.public_keys(["control"]))
+    if not len(control_keys):
+        raise SettingsError("no public key of control (run `toolplane keys init`)", setting="HOME")
+    scratch = settings.home / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    return WorkerDeps(
+        spec=tools[tool],
+        signer=keystore.signer(f"tool.{tool}"),
+        control_keys=control_keys,
+        claims=make_claims(broker_url),
+        executor=ForkExecutor(scratch_root=scratch),
+        context=ToolContext(
+            repo_root=settings.repo_root,
+            docs_root=settings.docs_root,
+            scratch_dir=Path(scratch),
+        ),
+        worker_name=default_worker_name(tool),
+    )
+
+
+def run_worker(
+    settings: Settings,
+    tool: str,
+    *,
+    broker_url: str,
+    concurrency: int = 1,
+    autoscale: str | None = None,
+    loglevel: str = "INFO",
+) -> None:
+    deps = build_deps(settings, tool, broker_url=broker_url)
+    app = build_worker_app(
+        deps, broker_url=broker_url, visibility_timeout=settings.visibility_timeout
+    )
+    argv = [
+        "worker",
+        "-Q",
+        f"tool.{tool}",
+        "-n",
+        f"{tool}@%h",
+        "--concurrency",
+        str(concurrency),
+        "-E",
+        "--without-mingle",
+        "--without-gossip",
+        "--loglevel",
+        loglevel,
+    ]
+    if autoscale:
+        argv.append(f"--autoscale={autoscale}")
+    log.info("worker.starting tool=%s containment=%s", tool, deps.executor.containment)
+    app.worker_main(argv)

@@ -1,0 +1,140 @@
+"""The tool registry: what a tool is, and how plugins are found.
+
+A tool is a name, a strict pydantic args model, a result model, a function,
+its limits and its egress allowlist. Tools are found through the entry-point
+group ``toolplane.tools`` (each entry point names a ``ToolSpec``) and through the
+modules listed in ``TOOLPLANE_EXTRA_TOOLS`` (each module exposes ``TOOLS``, a list
+of ``ToolSpec``, or ``TOOL``, one ``ToolSpec``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from sandbox_tasks.errors import RegistryError
+
+ENTRY_POINT_GROUP = "toolplane.tools"
+TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+__all__ = ["Limits", "ToolContext", "ToolSpec", "load_tools", "ENTRY_POINT_GROUP"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one call of a tool, enforced by the executor."""
+
+    timeout_s: float = 10.0  # wall time
+    cpu_s: int = 10  # RLIMIT_CPU
+    memory_mb: int = 512  # RLIMIT_AS
+    output_bytes: int = 1_000_000  # cap on the canonical JSON of the result
+    file_bytes: int = 8_000_000  # RLIMIT_FSIZE: largest file the tool may write
+    open_files: int = 64  # RLIMIT_NOFILE
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "timeout_s": self.timeout_s,
+            "cpu_s": self.cpu_s,
+            "memory_mb": self.memory_mb,
+            "output_bytes": self.output_bytes,
+            "file_bytes": self.file_bytes,
+            "open_files": self.open_files,
+        }
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool function may see of its host."""
+
+    repo_root: Path
+    docs_root: Path
+    scratch_dir: Path
+    state: Any = None  # what the tool's ``prepare`` returned
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool: called as ``func(args, ctx)`` and returns an instance of ``result_model``.
+
+    ``func`` raises ``sandbox_tasks.errors.ToolFailure(code, message)`` for a refusal
+    with a contract error code. ``prepare``, if given, runs in the worker before a
+    call (it should be cheap when nothing changed) and its value is ``ctx.state``.
+    """
+
+    name: str
+    version: str
+    description: str
+    args_model: type[BaseModel]
+    result_model: type[BaseModel]
+    func: Callable[[Any, ToolContext], BaseModel]
+    limits: Limits = field(default_factory=Limits)
+    egress: tuple[str, ...] = ()
+    read_only: bool = True
+    data_root: Literal["repo", "docs"] | None = None
+    prepare: Callable[[ToolContext], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not TOOL_NAME.match(self.name):
+            raise RegistryError(
+                f"tool name {self.name!r} must match {TOOL_NAME.pattern}", tool=self.name
+            )
+        config = self.args_model.model_config
+        if config.get("extra") != "forbid" or not config.get("strict"):
+            raise RegistryError("args model must be strict with extra='forbid'", tool=self.name)
+
+    def manifest(self) -> dict[str, Any]:
+        """What a worker announces of this tool (signed with the tool's key)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "args_schema": self.args_model.model_json_schema(),
+            "result_schema": self.result_model.model_json_schema(),
+            "limits": self.limits.as_dict(),
+            "egress": list(self.egress),
+            "read_only": self.read_only,
+        }
+
+
+def _specs_from(obj: Any, origin: str) -> Iterable[ToolSpec]:
+    items = obj if isinstance(obj, list | tuple) else [obj]
+    for item in items:
+        if not isinstance(item, ToolSpec):
+            raise RegistryError(f"{origin} gave {type(item).__name__}, not a ToolSpec")
+        yield item
+
+
+def load_tools(extra_modules: Iterable[str] = ()) -> dict[str, ToolSpec]:
+    """Every tool from the entry points and the extra modules, by name."""
+    tools: dict[str, ToolSpec] = {}
+
+    def add(spec: ToolSpec, origin: str) -> None:
+        if spec.name in tools and tools[spec.name] is not spec:
+            raise RegistryError(f"tool {spec.name!r} registered twice ({origin})", tool=spec.name)
+        tools[spec.name] = spec
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = ep.load()
+        except Exception as e:  # a broken plugin must name itself
+            raise RegistryError(f"entry point {ep.name!r} failed to load: {e}") from e
+        for spec in _specs_from(loaded, f"entry point {ep.name!r}"):
+            add(spec, f"entry point {ep.name!r}")
+    for module_name in extra_modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise RegistryError(f"TOOLPLANE_EXTRA_TOOLS module {module_name!r}: {e}") from e
+        found = getattr(module, "TOOLS", None) or getattr(module, "TOOL", None)
+        if found is None:
+            raise RegistryError(f"module {module_name!r} defines neither TOOLS nor TOOL")
+        for spec in _specs_from(found, f"module {module_name!r}"):
+            add(spec, f"module {module_name!r}")
+    return tools

@@ -1,0 +1,164 @@
+"""The sandbox worker: one Celery app per tool, consuming only ``tool.<name>``.
+
+For each message: verify the envelope (signature, audience, expiry), claim the
+job, validate the arguments with the tool's strict model, run the tool in the
+contained executor, sign the result with the tool's key and publish it to
+``results``. Anything it will not run becomes a signed refusal.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery, Task, signals
+from pydantic import ValidationError
+
+import celeryconfig
+from sandbox_tasks.claims import ClaimState, RedisClaims
+from sandbox_tasks.envelope import verify_envelope
+from sandbox_tasks.errors import EnvelopeRefused
+from sandbox_tasks.executor import ForkExecutor
+from sandbox_tasks.receipts import build_result, sign_manifest, sign_result
+from sandbox_tasks.registry import ToolContext, ToolSpec
+from toolplane.messages import ToolResult, now_ms
+from toolplane.signing import KeyRing, Signer
+
+log = logging.getLogger("toolplane.worker")
+
+__all__ = ["WorkerDeps", "build_worker_app", "handle_job"]
+
+CLAIM_MARGIN_MS = 30_000
+
+
+@dataclass(frozen=True)
+class WorkerDeps:
+    """Everything a worker needs, built once by its composition root."""
+
+    spec: ToolSpec
+    signer: Signer  # the tool's receipt key
+    control_keys: KeyRing  # control's public keys
+    claims: RedisClaims
+    executor: ForkExecutor
+    context: ToolContext
+    worker_name: str
+
+
+def _validation_message(e: ValidationError) -> str:
+    first = e.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "args"
+    return f"{field}: {first['msg']}"
+
+
+def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResult:
+    """Verify, claim, run and report one job; returns the (unsigned) result to publish.
+
+    ``retry_in(seconds)`` is called (and must raise) when another worker holds a
+    live claim on the job, so the message comes back later instead of being lost.
+    """
+    started = now_ms()
+    spec = deps.spec
+
+    def report(kind: str, envelope: Any, digest: str | None, **kw: Any) -> ToolResult:
+        return build_result(
+            kind=kind,
+            tool=spec.name,
+            worker=deps.worker_name,
+            started_at=started,
+            envelope=envelope,
+            envelope_sha256=digest,
+            containment=deps.executor.containment,
+            **kw,
+        )
+
+    try:
+        signed = verify_envelope(raw, tool=spec.name, keys=deps.control_keys, now_ms=started)
+    except EnvelopeRefused as e:
+        log.warning("job.refused code=%s reason=%s", e.code, e.message)
+        return report("refusal", None, None, error=(e.code, e.message))
+    envelope, digest = signed.envelope, signed.digest
+
+    lease_ms = int(spec.limits.timeout_s * 1000) + CLAIM_MARGIN_MS
+    claim = deps.claims.acquire(envelope.job_id, lease_ms=lease_ms)
+    if claim.state is ClaimState.DONE:
+        log.warning("job.refused code=replay job=%s", envelope.job_id)
+        return report("refusal", envelope, digest, error=("replay", "job already ran"))
+    if claim.state is ClaimState.RUNNING:
+        if retry_in is not None:
+            retry_in(claim.ttl_ms / 1000 + 1)
+        return report("refusal", envelope, digest, error=("replay", "job runs under a live claim"))
+
+    try:
+        args = spec.args_model.model_validate(envelope.args)
+    except ValidationError as e:
+        outcome_result, outcome_error = None, ("invalid_argument", _validation_message(e))
+    else:
+        ctx = deps.context
+        if spec.prepare is not None:
+            ctx = ToolContext(
+                repo_root=ctx.repo_root,
+                docs_root=ctx.docs_root,
+                scratch_dir=ctx.scratch_dir,
+                state=spec.prepare(ctx),
+            )
+        outcome = deps.executor.run(spec, args, ctx)
+        outcome_result = outcome.result
+        outcome_error = (
+            None
+            if outcome.ok
+            else (outcome.error_code or "tool_error", outcome.error_message or "")
+        )
+    log.info("job.ran job=%s ok=%s", envelope.job_id, outcome_error is None)
+    result = report("result", envelope, digest, result=outcome_result, error=outcome_error)
+    return result
+
+
+def build_worker_app(deps: WorkerDeps, *, broker_url: str, visibility_timeout: int) -> Celery:
+    """The Celery app of one tool's worker pool."""
+    app = Celery(f"toolplane-worker-{deps.spec.name}", set_as_current=False)
+    app.conf.update(celeryconfig.build_config(broker_url, visibility_timeout=visibility_timeout))
+    queue = celeryconfig.tool_queue(deps.spec.name)
+    app.conf.task_default_queue = queue
+    keep_ms = (visibility_timeout + int(deps.spec.limits.timeout_s) + 120) * 1000
+
+    @app.task(name=queue, bind=True, acks_late=True, max_retries=None)
+    def run_tool(self: Task, *args: Any, **kwargs: Any) -> None:
+        raw = args[0] if len(args) == 1 and not kwargs else {"args": list(args), **kwargs}
+
+        def retry_in(seconds: float) -> None:
+            raise self.retry(countdown=seconds)
+
+        result = handle_job(raw, deps, retry_in=retry_in)
+        message = sign_result(result, deps.signer)
+        app.send_task(
+            celeryconfig.INGEST_TASK,
+            args=[message.model_dump(mode="json")],
+            queue=celeryconfig.RESULTS_QUEUE,
+        )
+        if result.kind == "result" and result.job_id is not None:
+            # Published first, then done: a crash in between re-runs the job,
+            # and control accepts only one result per (node, attempt).
+            deps.claims.complete(result.job_id, keep_ms=keep_ms)
+
+    @signals.worker_ready.connect(weak=False)
+    def announce(sender: Any = None, **_: Any) -> None:
+        manifest = sign_manifest(deps.spec.manifest(), deps.signer)
+        app.send_task(
+            celeryconfig.MANIFEST_TASK,
+            args=[manifest.model_dump(mode="json")],
+            queue=celeryconfig.RESULTS_QUEUE,
+        )
+        log.info("tool.announced tool=%s key=%s", deps.spec.name, deps.signer.key_id)
+
+    return app
+
+
+def default_worker_name(tool: str) -> str:
+    return f"{tool}@{socket.gethostname()}"
+
+
+def make_claims(url: str) -> RedisClaims:
+    return RedisClaims(redis.Redis.from_url(url))

@@ -1,0 +1,97 @@
+"""The one place where bytes that get hashed or signed are produced.
+
+Canonical JSON is RFC 8785 (JCS), through the ``rfc8785`` package. At the
+boundary we refuse what JCS or JavaScript consumers cannot carry faithfully:
+NaN and infinities, integers beyond 2**53, duplicate object keys, non-string keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import rfc8785
+
+from toolplane.errors import CanonicalJSONError
+
+MAX_SAFE_INTEGER = 2**53 - 1
+MAX_DEPTH = 64
+
+__all__ = [
+    "canonical_json",
+    "sha256_hex",
+    "digest",
+    "parse_json_strict",
+    "check_json_value",
+    "MAX_SAFE_INTEGER",
+]
+
+
+def check_json_value(value: Any, path: str = "$", depth: int = 0) -> None:
+    """Raise CanonicalJSONError if ``value`` is not safely representable as JCS JSON."""
+    if depth > MAX_DEPTH:
+        raise CanonicalJSONError(f"nested deeper than {MAX_DEPTH} levels", path=path)
+    if value is None or isinstance(value, bool | str):
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_SAFE_INTEGER:
+            raise CanonicalJSONError("integer beyond 2**53 cannot be carried exactly", path=path)
+        return
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            raise CanonicalJSONError("NaN and infinity are not JSON", path=path)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise CanonicalJSONError("object keys must be strings", path=path)
+            check_json_value(item, f"{path}.{key}", depth + 1)
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_json_value(item, f"{path}[{index}]", depth + 1)
+        return
+    raise CanonicalJSONError(f"{type(value).__name__} is not a JSON value", path=path)
+
+
+def canonical_json(value: Any) -> bytes:
+    """Return the RFC 8785 canonical encoding of ``value``."""
+    check_json_value(value)
+    try:
+        return rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, TypeError, ValueError) as e:
+        raise CanonicalJSONError(str(e)) from e
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest(value: Any) -> str:
+    """SHA-256 (hex) over the canonical JSON of ``value``."""
+    return sha256_hex(canonical_json(value))
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in result:
+            raise CanonicalJSONError(f"duplicate key {key!r}")
+        result[key] = item
+    return result
+
+
+def _no_constants(name: str) -> Any:
+    raise CanonicalJSONError(f"{name} is not JSON")
+
+
+def parse_json_strict(data: str | bytes) -> Any:
+    """Parse JSON, refusing duplicate keys, NaN/Infinity and unsafe integers."""
+    try:
+        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except json.JSONDecodeError as e:
+        raise CanonicalJSONError(f"not valid JSON: {e.msg} at position {e.pos}") from e
+    check_json_value(value)
+    return value

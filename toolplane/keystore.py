@@ -1,0 +1,169 @@
+"""Keys on disk under ``$TOOLPLANE_HOME/keys``.
+
+    keys/index.json            every key's id, owner, algorithm, public material
+                               (Ed25519) and validity window; no secrets
+    keys/private/<id>.key      the private key (Ed25519 raw seed) or HMAC secret,
+                               base64, mode 0600
+
+The control's signing key is owned by ``control``; each tool's receipt key by
+``tool.<name>``. Rotation adds a new key and closes the old key's window for
+signing only: verification of what it signed stays possible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from toolplane.errors import SettingsError
+from toolplane.signing import (
+    Algorithm,
+    Ed25519Signer,
+    HmacSigner,
+    PublicKey,
+    Signer,
+    b64decode,
+    b64encode,
+    key_id_for,
+)
+
+__all__ = ["KeyStore"]
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else at.isoformat()
+
+
+def _parse(at: str | None) -> datetime | None:
+    return None if at is None else datetime.fromisoformat(at)
+
+
+class KeyStore:
+    def __init__(self, keys_dir: Path) -> None:
+        self.dir = keys_dir
+        self.index_path = keys_dir / "index.json"
+        self.private_dir = keys_dir / "private"
+
+    # -- reading ---------------------------------------------------------------
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.index_path.exists():
+            return []
+        return list(json.loads(self.index_path.read_text())["keys"])
+
+    def owners(self) -> set[str]:
+        return {entry["owner"] for entry in self.entries()}
+
+    def _private_path(self, key_id: str) -> Path:
+        return self.private_dir / (key_id.replace(":", "_").replace("/", "_") + ".key")
+
+    def _active_entry(self, owner: str) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        active = [
+            e
+            for e in self.entries()
+            if e["owner"] == owner
+            and e["not_after"] is None
+            and datetime.fromisoformat(e["not_before"]) <= now
+        ]
+        if not active:
+            raise SettingsError(
+                f"no active key for {owner!r} in {self.dir} (run `toolplane keys init`)",
+                setting="HOME",
+            )
+        return max(active, key=lambda e: e["not_before"])
+
+    def signer(self, owner: str) -> Signer:
+        entry = self._active_entry(owner)
+        try:
+            secret = b64decode(self._private_path(entry["key_id"]).read_text().strip())
+        except OSError as e:
+            raise SettingsError(f"cannot read private key of {owner!r}: {e}", setting="HOME") from e
+        if entry["algorithm"] == "ed25519":
+            private = Ed25519PrivateKey.from_private_bytes(secret)
+            return Ed25519Signer(private_key=private, key_id=entry["key_id"], owner=owner)
+        return HmacSigner(secret=secret, key_id=entry["key_id"], owner=owner)
+
+    def public_keys(
+        self, owners: Iterable[str] | None = None, *, with_secrets: bool = False
+    ) -> list[PublicKey]:
+        """Keys for verification; HMAC keys only ``with_secrets`` (they are shared secrets)."""
+        wanted = None if owners is None else set(owners)
+        keys = []
+        for e in self.entries():
+            if wanted is not None and e["owner"] not in wanted:
+                continue
+            if e["algorithm"] == "ed25519":
+                material = b64decode(e["public"])
+            elif with_secrets and self._private_path(e["key_id"]).exists():
+                material = b64decode(self._private_path(e["key_id"]).read_text().strip())
+            else:
+                continue
+            keys.append(
+                PublicKey(
+                    key_id=e["key_id"],
+                    owner=e["owner"],
+                    algorithm=e["algorithm"],
+                    material=material,
+                    not_before=datetime.fromisoformat(e["not_before"]),
+                    not_after=_parse(e["not_after"]),
+                )
+            )
+        return keys
+
+    # -- writing ---------------------------------------------------------------
+    def _write_index(self, entries: list[dict[str, Any]]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"keys": entries}, indent=2, sort_keys=True))
+        os.replace(tmp, self.index_path)
+
+    def _new_key(self, owner: str, algorithm: Algorithm) -> dict[str, Any]:
+        if algorithm == "ed25519":
+            private = Ed25519PrivateKey.generate()
+            secret = private.private_bytes_raw()
+            public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            key_id = key_id_for(owner, public)
+            public_b64: str | None = b64encode(public)
+        else:
+            secret = secrets.token_bytes(32)
+            key_id = key_id_for(owner, secrets.token_bytes(16))
+            public_b64 = None
+        self.private_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._private_path(key_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(b64encode(secret))
+        return {
+            "key_id": key_id,
+            "owner": owner,
+            "algorithm": algorithm,
+            "public": public_b64,
+            "not_before": _iso(datetime.now(UTC)),
+            "not_after": None,
+        }
+
+    def ensure(self, owner: str, algorithm: Algorithm) -> bool:
+        """Create a key for ``owner`` unless one is active; True if one was created."""
+        if owner in {e["owner"] for e in self.entries() if e["not_after"] is None}:
+            return False
+        self._write_index([*self.entries(), self._new_key(owner, algorithm)])
+        return True
+
+    def rotate(self, owner: str, algorithm: Algorithm) -> str:
+        """A new active key for ``owner``; the old ones stop signing now."""
+        now = _iso(datetime.now(UTC))
+        entries = self.entries()
+        for e in entries:
+            if e["owner"] == owner and e["not_after"] is None:
+                e["not_after"] = now
+        new = self._new_key(owner, algorithm)
+        self._write_index([*entries, new])
+        return str(new["key_id"])

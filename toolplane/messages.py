@@ -1,0 +1,142 @@
+"""Messages that cross the trust boundary between the planes.
+
+Strict, frozen pydantic models with ``extra="forbid"``. What gets signed is
+always ``canonical_json(model.model_dump(mode="json"))`` of the inner model,
+produced by :func:`signed_bytes`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from toolplane.canonical import canonical_json, sha256_hex
+
+__all__ = [
+    "Envelope",
+    "SignedEnvelope",
+    "ToolError",
+    "ToolResult",
+    "Receipt",
+    "ResultMessage",
+    "SignedManifest",
+    "signed_bytes",
+    "now_ms",
+    "ms_to_datetime",
+    "new_nonce",
+    "job_id_for",
+]
+
+Hex64 = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+def signed_bytes(model: BaseModel) -> bytes:
+    """The exact bytes that are signed or hashed for a boundary model."""
+    return canonical_json(model.model_dump(mode="json"))
+
+
+def now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+def job_id_for(run_id: str, node_id: str, attempt: int) -> str:
+    """One job per (run, node, attempt): the unit of claims and of acceptance."""
+    return f"{run_id}/{node_id}/{attempt}"
+
+
+class Envelope(_Strict):
+    """A job that control has decided and signed; only this makes a worker run a tool."""
+
+    v: Literal[1] = 1
+    job_id: str = Field(min_length=1, max_length=300)
+    run_id: str = Field(min_length=1, max_length=100)
+    node_id: str = Field(min_length=1, max_length=100)
+    attempt: int = Field(ge=1, le=1000)
+    tenant: str = Field(min_length=1, max_length=100)
+    principal: str = Field(min_length=1, max_length=200)
+    tool: str = Field(min_length=1, max_length=63)
+    audience: str = Field(min_length=1, max_length=80)  # the queue: tool.<name>
+    args: dict[str, Any]
+    args_sha256: str = Hex64
+    policy_decision_id: str
+    policy_version: str
+    approval_id: str | None = None
+    issued_at: int  # epoch ms
+    expires_at: int  # epoch ms
+    nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
+    key_id: str
+
+
+class SignedEnvelope(_Strict):
+    envelope: Envelope
+    signature: str = Field(max_length=200)
+
+    @property
+    def digest(self) -> str:
+        return sha256_hex(signed_bytes(self.envelope))
+
+
+class ToolError(_Strict):
+    code: str
+    message: str = Field(max_length=4000)
+
+
+class ToolResult(_Strict):
+    """What a worker reports for one job: a run, a failure, or a refusal of the envelope."""
+
+    v: Literal[1] = 1
+    kind: Literal["result", "refusal"]
+    ok: bool
+    tool: str
+    worker: str
+    job_id: str | None
+    run_id: str | None
+    node_id: str | None
+    attempt: int | None
+    envelope_sha256: str | None
+    started_at: int
+    finished_at: int
+    duration_ms: int
+    result: dict[str, Any] | None = None
+    result_sha256: str | None = None
+    error: ToolError | None = None
+    containment: str = "fork-rlimits"
+
+
+class Receipt(_Strict):
+    key_id: str
+    algorithm: Literal["ed25519", "hmac-sha256"]
+    signature: str = Field(max_length=200)
+
+
+class ResultMessage(_Strict):
+    """The body of ``control.ingest_result`` on the ``results`` queue."""
+
+    result: ToolResult
+    receipt: Receipt
+
+
+class SignedManifest(_Strict):
+    """A worker's announcement of the tool it serves, signed with the tool's key."""
+
+    manifest: dict[str, Any]
+    issued_at: int
+    receipt: Receipt
+
+    def body(self) -> bytes:
+        return canonical_json({"manifest": self.manifest, "issued_at": self.issued_at})

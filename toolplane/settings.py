@@ -1,0 +1,60 @@
+"""Settings from the environment (prefix ``TOOLPLANE_``), built once per process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from toolplane.signing import ALGORITHMS
+
+__all__ = ["Settings"]
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Every setting of both planes. Paths are made absolute at load."""
+
+    model_config = SettingsConfigDict(env_prefix="TOOLPLANE_", extra="ignore", frozen=True)
+
+    broker_url: str | None = Field(default=None, description="kombu broker URL; embedded if unset")
+    database_url: str | None = Field(default=None, description="PostgreSQL URL; embedded if unset")
+    home: Path = Field(default=Path(".toolplane"), description="keys and embedded data")
+    policy_dir: Path | None = Field(default=None, description="Cedar policy bundle directory")
+    repo_root: Path = Field(default=Path("examples/repo"), description="read_repo_file's root")
+    docs_root: Path = Field(default=Path("examples/docs"), description="search_docs' root")
+    token: SecretStr | None = Field(default=None, description="API token of the principal")
+    extra_tools: str = Field(default="", description="comma-separated modules registering tools")
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = None
+    receipt_algorithm: str = Field(default="ed25519", description="ed25519 or hmac-sha256")
+    environment: str = Field(default="dev", description="default environment of a call")
+    visibility_timeout: int = Field(default=120, ge=5, description="broker visibility timeout, s")
+
+    @field_validator("home", "repo_root", "docs_root", "policy_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+    @field_validator("receipt_algorithm")
+    @classmethod
+    def _algorithm(cls, value: str) -> str:
+        if value not in ALGORITHMS:
+            raise ValueError(f"must be one of {', '.join(ALGORITHMS)}")
+        return value
+
+    @property
+    def extra_tool_modules(self) -> list[str]:
+        return [name.strip() for name in self.extra_tools.split(",") if name.strip()]
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def bundle_dir(self) -> Path:
+        if self.policy_dir is not None:
+            return self.policy_dir
+        return PACKAGE_ROOT / "policy" / "bundles" / "default"
