@@ -188,7 +188,7 @@ def up(
     console.print(f"up: control and workers for {', '.join(f'{k}×{v}' for k, v in counts.items())}")
     if flower:
         console.print(
-            f"Flower on http://127.0.0.1:5555 (user {settings.flower_user}; password: "
+            f"Flower on http://127.0.0.1:{settings.flower_port} (user {settings.flower_user}; password: "
             f"TOOLPLANE_FLOWER_PASSWORD or {settings.home / 'flower-password'})"
         )
     if detach:

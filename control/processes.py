@@ -81,10 +81,16 @@ def flower_password(plane: ControlPlane) -> str:
 
 
 def plan_processes(
-    plane: ControlPlane, *, workers: dict[str, int], flower: bool
+    plane: ControlPlane,
+    *,
+    workers: dict[str, int],
+    flower: bool,
+    base_env: dict[str, str] | None = None,
 ) -> list[ProcessSpec]:
+    """What to start; each child gets ``base_env`` (default: ours) without TOOLPLANE_*."""
     settings = plane.settings
-    base = {k: v for k, v in os.environ.items() if not k.startswith("TOOLPLANE_")}
+    source = os.environ if base_env is None else base_env
+    base = {k: v for k, v in source.items() if not k.startswith("TOOLPLANE_")}
     common = {
         **base,
         "TOOLPLANE_HOME": str(settings.home),
@@ -124,7 +130,7 @@ def plan_processes(
                     plane.broker_url,
                     "flower",
                     "--address=127.0.0.1",
-                    "--port=5555",
+                    f"--port={settings.flower_port}",
                     f"--basic_auth={settings.flower_user}:{flower_password(plane)}",
                 ],
                 dict(base),

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     extra_tools: str = Field(default="", description="comma-separated modules registering tools")
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
+    flower_port: int = Field(default=5555, ge=1, le=65535)
     receipt_algorithm: str = Field(default="ed25519", description="ed25519 or hmac-sha256")
     environment: str = Field(default="dev", description="default environment of a call")
     visibility_timeout: int = Field(default=120, ge=5, description="broker visibility timeout, s")

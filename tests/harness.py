@@ -1,0 +1,233 @@
+"""Real services and real processes for the integration, security and fault tests.
+
+Services come from the machine (TOOLPLANE_TEST_REDIS_URL, TOOLPLANE_TEST_DATABASE_URL,
+or Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432); where none is
+reachable, embedded ones are started. Each test run gets its own PostgreSQL
+database and its own Redis database number, and removes them at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from sqlalchemy.engine import make_url
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_REDIS = "redis://127.0.0.1:6379"
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _redis_ok(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _pg_ok(url: str) -> bool:
+    try:
+        psycopg.connect(_libpq(url), connect_timeout=2).close()
+        return True
+    except psycopg.Error:
+        return False
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@dataclass
+class Services:
+    redis_url: str  # with its own db number
+    database_url: str  # its own database
+    admin_url: str
+    database: str
+    embedded_home: Path | None = None
+    _redis_db: int = 0
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
+    def close(self) -> None:
+        try:
+            self.redis().flushdb()
+        except redis.RedisError:
+            pass
+        with psycopg.connect(_libpq(self.admin_url), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+        if self.embedded_home is not None:
+            from control.embedded import stop_embedded
+
+            stop_embedded(self.embedded_home)
+
+
+def start_services(tmp: Path) -> Services:
+    redis_base = os.environ.get("TOOLPLANE_TEST_REDIS_URL", DEFAULT_REDIS)
+    admin = os.environ.get("TOOLPLANE_TEST_DATABASE_URL", DEFAULT_PG)
+    embedded_home = None
+    if not (_redis_ok(redis_base) and _pg_ok(admin)):
+        from control.embedded import start_embedded
+
+        embedded_home = Path(tmp) / "embedded"
+        urls = start_embedded(embedded_home)
+        redis_base = urls.broker_url.rsplit("/", 1)[0]
+        admin = urls.database_url
+    # A Redis database of our own: the first empty one, marked as taken.
+    for db in range(1, 16):
+        client = redis.Redis.from_url(f"{redis_base}/{db}")
+        if client.dbsize() == 0 and client.set("toolplane:test-owner", os.getpid(), nx=True):
+            break
+    else:
+        raise RuntimeError(f"no empty Redis database on {redis_base}")
+    name = f"tp_test_{secrets.token_hex(6)}"
+    with psycopg.connect(_libpq(admin), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    database_url = make_url(admin).set(database=name).render_as_string(hide_password=False)
+    return Services(
+        redis_url=f"{redis_base}/{db}",
+        database_url=database_url,
+        admin_url=admin,
+        database=name,
+        embedded_home=embedded_home,
+        _redis_db=db,
+    )
+
+
+@dataclass
+class Stack:
+    """A running control process and one worker per tool, on the test services."""
+
+    services: Services
+    home: Path
+    env: dict[str, str]
+    processes: list[dict[str, Any]] = field(default_factory=list)
+
+    def cli(
+        self, *args: str, token: str | None = None, timeout: float = 90
+    ) -> subprocess.CompletedProcess[str]:
+        env = dict(self.env)
+        if token:
+            env["TOOLPLANE_TOKEN"] = token
+        return subprocess.run(
+            [sys.executable, "-m", "control.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+        )
+
+    def settings(self, token: str | None = None) -> Any:
+        from toolplane.settings import Settings
+
+        return Settings(
+            broker_url=self.env["TOOLPLANE_BROKER_URL"],
+            database_url=self.env["TOOLPLANE_DATABASE_URL"],
+            home=self.home,
+            policy_dir=Path(self.env["TOOLPLANE_POLICY_DIR"]),
+            repo_root=Path(self.env["TOOLPLANE_REPO_ROOT"]),
+            docs_root=Path(self.env["TOOLPLANE_DOCS_ROOT"]),
+            extra_tools=self.env["TOOLPLANE_EXTRA_TOOLS"],
+            visibility_timeout=int(self.env["TOOLPLANE_VISIBILITY_TIMEOUT"]),
+            token=token,
+        )
+
+    def client(self, token: str) -> Any:
+        from control.client import Client
+
+        return Client.from_env(self.settings(token))
+
+    def tenant(self, name: str | None = None) -> str:
+        """A new tenant; returns its admin token."""
+        name = name or f"t-{secrets.token_hex(4)}"
+        done = self.cli("tenant", "create", name, "--json")
+        assert done.returncode == 0, done.stderr
+        return str(json.loads(done.stdout)["token"])
+
+    def worker_pid(self, tool: str) -> int:
+        for entry in json.loads((self.home / "run" / "processes.json").read_text()):
+            if entry["name"] == f"worker-{tool}":
+                return int(entry["pid"])
+        raise KeyError(tool)
+
+    def log(self, name: str) -> str:
+        return (self.home / "logs" / f"{name}.log").read_text(errors="replace")
+
+
+def make_env(services: Services, home: Path, *, visibility_timeout: int = 30) -> dict[str, str]:
+    policy = home / "policy"
+    shutil.copytree(REPO / "policy" / "bundles" / "default", policy, dirs_exist_ok=True)
+    shutil.copy(REPO / "tests" / "fixtures" / "policy" / "tests.cedar", policy / "tests.cedar")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOOLPLANE_")}
+    env.update(
+        {
+            "TOOLPLANE_BROKER_URL": services.redis_url,
+            "TOOLPLANE_DATABASE_URL": services.database_url,
+            "TOOLPLANE_HOME": str(home),
+            "TOOLPLANE_POLICY_DIR": str(policy),
+            "TOOLPLANE_REPO_ROOT": str(REPO / "examples" / "repo"),
+            "TOOLPLANE_DOCS_ROOT": str(REPO / "examples" / "docs"),
+            "TOOLPLANE_EXTRA_TOOLS": "tests.fixture_tools",
+            "TOOLPLANE_VISIBILITY_TIMEOUT": str(visibility_timeout),
+            "PYTHONPATH": str(REPO),
+        }
+    )
+    return env
+
+
+def start_stack(services: Services, home: Path, *, workers: dict[str, int] | None = None) -> Stack:
+    """Keys, migrations, then the control process and workers, as `toolplane up` does."""
+    from control import processes
+    from control.cli import _ensure_keys
+    from control.runtime import ControlPlane
+    from ledger.migrate import upgrade
+    from sandbox_tasks.registry import load_tools
+
+    env = make_env(services, home)
+    stack = Stack(services=services, home=home, env=env)
+    settings = stack.settings()
+    plane = ControlPlane(
+        settings, broker_url=services.redis_url, database_url=services.database_url
+    )
+    upgrade(plane.engine)
+    tools = sorted(load_tools(settings.extra_tool_modules))
+    _ensure_keys(plane, tools)
+    plane.sync_keys()
+    counts = workers or {t: 1 for t in tools}
+    specs = processes.plan_processes(plane, workers=counts, flower=False, base_env=env)
+    stack.processes = processes.start_processes(home, specs)
+    try:
+        processes.wait_ready(plane, sorted(counts), timeout=60)
+    except Exception:
+        processes.stop_processes(home)
+        raise
+    plane.engine.dispose()
+    return stack
+
+
+def stop_stack(stack: Stack) -> None:
+    from control.processes import stop_processes
+
+    stop_processes(stack.home)
+
+
+def wait_for(predicate: Any, *, timeout: float = 30, interval: float = 0.1, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
