@@ -21,9 +21,11 @@ import celeryconfig
 from sandbox_tasks.claims import ClaimState, RedisClaims
 from sandbox_tasks.envelope import verify_envelope
 from sandbox_tasks.errors import EnvelopeRefused
-from sandbox_tasks.executor import ForkExecutor
+from sandbox_tasks.executor import ForkExecutor, Outcome
 from sandbox_tasks.receipts import build_result, sign_manifest, sign_result
 from sandbox_tasks.registry import ToolContext, ToolSpec
+from toolplane.canonical import CanonicalJSONError
+from toolplane.canonical import digest as canonical_digest
 from toolplane.messages import ToolResult, now_ms
 from toolplane.signing import KeyRing, Signer
 
@@ -53,6 +55,15 @@ def _validation_message(e: ValidationError) -> str:
     return f"{field}: {first['msg']}"
 
 
+def received_digest(raw: Any) -> str | None:
+    """The digest of what was received (its ``envelope`` part if it has one), if hashable."""
+    part = raw.get("envelope", raw) if isinstance(raw, dict) else raw
+    try:
+        return canonical_digest(part)
+    except CanonicalJSONError:
+        return None
+
+
 def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResult:
     """Verify, claim, run and report one job; returns the (unsigned) result to publish.
 
@@ -78,7 +89,7 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
         signed = verify_envelope(raw, tool=spec.name, keys=deps.control_keys, now_ms=started)
     except EnvelopeRefused as e:
         log.warning("job.refused code=%s reason=%s", e.code, e.message)
-        return report("refusal", None, None, error=(e.code, e.message))
+        return report("refusal", None, received_digest(raw), error=(e.code, e.message))
     envelope, digest = signed.envelope, signed.digest
 
     lease_ms = int(spec.limits.timeout_s * 1000) + CLAIM_MARGIN_MS
@@ -104,7 +115,11 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
                 scratch_dir=ctx.scratch_dir,
                 state=spec.prepare(ctx),
             )
-        outcome = deps.executor.run(spec, args, ctx)
+        try:
+            outcome = deps.executor.run(spec, args, ctx)
+        except OSError as e:  # fork, pipe or scratch failed: the call fails, the worker lives
+            log.exception("executor.failed job=%s", envelope.job_id)
+            outcome = Outcome(False, None, "tool_error", f"executor: {e}")
         outcome_result = outcome.result
         outcome_error = (
             None

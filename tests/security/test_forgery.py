@@ -1,0 +1,262 @@
+"""Attacks on the boundary between the planes, with real workers and a real ledger.
+
+A job pushed straight onto a tool queue without control's signature is refused
+and never runs; a result pushed straight onto ``results`` with a forged receipt
+is recorded as ToolReceiptInvalid and never replaces an accepted result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import select
+
+import celeryconfig
+from control.client import Client
+from control.dispatch import sign_envelope
+from ledger.models import EvidenceEvent, Node
+from sandbox_tasks.receipts import build_result, sign_result
+from tests.harness import Stack, wait_for
+from toolplane.canonical import digest
+from toolplane.keystore import KeyStore
+from toolplane.messages import SignedEnvelope
+from toolplane.signing import Ed25519Signer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def broker(stack: Stack) -> Celery:
+    app = Celery("attacker", set_as_current=False)
+    app.conf.update(celeryconfig.build_config(stack.services.redis_url))
+    return app
+
+
+def push_job(broker: Celery, queue: str, body: Any) -> None:
+    broker.send_task(queue, args=[body], queue=queue, routing_key=queue)
+
+
+def push_result(broker: Celery, body: Any) -> None:
+    broker.send_task(celeryconfig.INGEST_TASK, args=[body], queue=celeryconfig.RESULTS_QUEUE)
+
+
+def refusal_for(client: Client, received: str) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        with client.plane.sessions() as session:
+            for payload in session.scalars(
+                select(EvidenceEvent.payload).where(EvidenceEvent.kind == "JobRefused")
+            ):
+                if payload["message"]["result"]["envelope_sha256"] == received:
+                    return payload
+        return None
+
+    return wait_for(find, timeout=30, what=f"JobRefused for {received[:12]}")
+
+
+def evidence(client: Client, run_id: str, kind: str) -> list[dict[str, Any]]:
+    with client.plane.sessions() as session:
+        return list(
+            session.scalars(
+                select(EvidenceEvent.payload).where(
+                    EvidenceEvent.run_id == run_id, EvidenceEvent.kind == kind
+                )
+            )
+        )
+
+
+def control_envelope(
+    stack: Stack,
+    *,
+    tool: str,
+    args: dict[str, Any],
+    ttl_s: int = 60,
+    signer: Any = None,
+    **overrides: Any,
+) -> SignedEnvelope:
+    signer = signer or KeyStore(stack.home / "keys").signer("control")
+    fields = dict(
+        run_id="run_forged",
+        node_id=tool,
+        attempt=1,
+        tenant="tn_x",
+        principal="mallory",
+        tool=tool,
+        args=args,
+        decision_id="none",
+        policy_version="none",
+        ttl_s=ttl_s,
+    )
+    fields.update(overrides)
+    return sign_envelope(signer=signer, **fields)
+
+
+def markers(path: Path) -> list[Path]:
+    return sorted(path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "attack",
+    ["unsigned", "garbage", "attacker_key", "tool_key", "expired", "other_tool", "tampered_args"],
+)
+def test_forged_jobs_are_refused_and_never_run(
+    stack: Stack, token: str, broker: Celery, tmp_path: Path, attack: str
+) -> None:
+    client = stack.client(token)
+    args = {"seconds": 0, "marker_dir": str(tmp_path)}
+    expected = "envelope_invalid"
+    if attack == "unsigned":
+        body: Any = {
+            "envelope": control_envelope(stack, tool="sleepy", args=args).envelope.model_dump()
+        }
+    elif attack == "garbage":
+        body = {"envelope": {"tool": "sleepy", "args": args}, "signature": "AAAA"}
+    elif attack == "attacker_key":
+        real = KeyStore(stack.home / "keys").signer("control")
+        fake = Ed25519Signer(Ed25519PrivateKey.generate(), key_id=real.key_id, owner="control")
+        body = control_envelope(stack, tool="sleepy", args=args, signer=fake).model_dump(
+            mode="json"
+        )
+    elif attack == "tool_key":
+        tool_signer = KeyStore(stack.home / "keys").signer("tool.sleepy")
+        body = control_envelope(stack, tool="sleepy", args=args, signer=tool_signer).model_dump(
+            mode="json"
+        )
+    elif attack == "expired":
+        body = control_envelope(stack, tool="sleepy", args=args, ttl_s=-1).model_dump(mode="json")
+        expected = "envelope_expired"
+    elif attack == "other_tool":
+        body = control_envelope(
+            stack, tool="read_repo_file", args={"path": "README.md"}
+        ).model_dump(mode="json")
+    else:  # tampered_args: a genuine envelope whose args were changed in transit
+        body = control_envelope(stack, tool="sleepy", args={"seconds": 0}).model_dump(mode="json")
+        body["envelope"]["args"] = args
+    push_job(broker, "tool.sleepy", body)
+    refused = refusal_for(client, digest(body.get("envelope", body)))
+    result = refused["message"]["result"]
+    assert result["kind"] == "refusal" and result["ok"] is False
+    assert result["error"]["code"] == expected
+    assert refused["bound"] is False
+    assert refused["message"]["receipt"]["key_id"].startswith("tool.sleepy:")
+    assert markers(tmp_path) == []  # the tool never ran
+    assert client.verify_ledger().ok
+
+
+def test_replayed_job_is_refused_and_does_not_run_again(
+    stack: Stack, token: str, broker: Celery, tmp_path: Path
+) -> None:
+    client = stack.client(token)
+    view = client.call("sleepy", {"seconds": 0, "marker_dir": str(tmp_path)}, wait=True)
+    assert view.status == "completed" and len(markers(tmp_path)) == 1
+    with client.plane.sessions() as session:
+        node = session.scalar(select(Node).where(Node.run_id == view.run_id))
+        envelope = node.envelope
+    push_job(broker, "tool.sleepy", envelope)
+    refused = wait_for(lambda: evidence(client, view.run_id, "JobRefused"), what="JobRefused")[0]
+    assert refused["bound"] is True and refused["code"] == "replay"
+    assert len(markers(tmp_path)) == 1
+    assert client.run(view.run_id).nodes[0].status == "completed"
+    assert client.verify_ledger().ok
+
+
+def forged_result(
+    stack: Stack, node: Node, *, result: dict[str, Any], key: str = "attacker"
+) -> dict:
+    """A result for ``node`` signed by an attacker's key under the tool's key id."""
+    real = KeyStore(stack.home / "keys").signer(f"tool.{node.tool}")
+    signer = (
+        Ed25519Signer(Ed25519PrivateKey.generate(), key_id=real.key_id, owner=real.owner)
+        if key == "attacker"
+        else real
+    )
+    envelope = SignedEnvelope.model_validate(node.envelope)
+    built = build_result(
+        kind="result",
+        tool=node.tool,
+        worker="mallory@evil",
+        started_at=envelope.envelope.issued_at,
+        envelope=envelope.envelope,
+        envelope_sha256=envelope.digest,
+        result=result,
+        containment="none",
+    )
+    return sign_result(built, signer).model_dump(mode="json")
+
+
+def test_forged_receipt_for_a_settled_call_never_replaces_it(
+    stack: Stack, token: str, broker: Celery
+) -> None:
+    client = stack.client(token)
+    view = client.call("read_repo_file", {"path": "README.md"}, wait=True)
+    accepted = view.nodes[0]
+    with client.plane.sessions() as session:
+        node = session.scalar(select(Node).where(Node.run_id == view.run_id))
+    lie = {
+        "path": "README.md",
+        "content": "rm -rf /",
+        "sha256": "0" * 64,
+        "size": 8,
+        "lines": 1,
+        "start_line": 1,
+        "end_line": 1,
+    }
+    push_result(broker, forged_result(stack, node, result=lie))
+    invalid = wait_for(lambda: evidence(client, view.run_id, "ToolReceiptInvalid"), what="invalid")
+    assert "signature" in invalid[0]["problem"]
+    after = client.run(view.run_id).nodes[0]
+    assert after.status == "completed" and after.result == accepted.result
+    assert after.result_sha256 == accepted.result_sha256
+    assert client.verify_ledger().ok
+
+
+def test_forged_receipt_for_a_queued_call_rejects_it(
+    stack: Stack, token: str, broker: Celery, tmp_path: Path
+) -> None:
+    client = stack.client(token)
+    view = client.call("sleepy", {"seconds": 2, "marker_dir": str(tmp_path)})
+    with client.plane.sessions() as session:
+        node = session.scalar(select(Node).where(Node.run_id == view.run_id))
+    push_result(broker, forged_result(stack, node, result={"slept": 0.0, "pid": 1}))
+    final = client.wait(view.run_id, timeout=30)
+    assert final.status == "failed"
+    assert final.nodes[0].status == "rejected"
+    assert final.nodes[0].error["code"] == "receipt_invalid"
+    # The genuine result arrives later and is not accepted in its place.
+    wait_for(lambda: len(markers(tmp_path)) == 1, what="the real job ran")
+    stack_log = lambda: "result.duplicate" in stack.log("control")  # noqa: E731
+    wait_for(stack_log, timeout=30, what="the genuine late result to be ignored")
+    assert client.run(view.run_id).nodes[0].status == "rejected"
+    assert len(evidence(client, view.run_id, "ToolCallCompleted")) == 0
+    assert client.verify_ledger().ok
+
+
+def test_malformed_results_are_recorded_not_crashing_ingest(
+    stack: Stack, token: str, broker: Celery
+) -> None:
+    client = stack.client(token)
+    for junk in ("hello", {"result": {"run_id": 5}}, {"result": None, "receipt": None}, [1, 2]):
+        push_result(broker, junk)
+    # ingest still works afterwards
+    assert client.call("search_docs", {"query": "celery"}, wait=True).status == "completed"
+
+
+def test_results_replayed_twice_are_accepted_once(stack: Stack, token: str, broker: Celery) -> None:
+    client = stack.client(token)
+    view = client.call("read_repo_file", {"path": "README.md"}, wait=True)
+    with client.plane.sessions() as session:
+        completed = session.scalar(
+            select(EvidenceEvent.payload).where(
+                EvidenceEvent.run_id == view.run_id, EvidenceEvent.kind == "ToolCallCompleted"
+            )
+        )
+    for _ in range(3):
+        push_result(broker, completed["message"])
+    marker = client.call(
+        "search_docs", {"query": "ledger"}, wait=True
+    )  # ingest has moved past them
+    assert marker.status == "completed"
+    assert len(evidence(client, view.run_id, "ToolCallCompleted")) == 1
