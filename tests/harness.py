@@ -112,6 +112,7 @@ class Stack:
     home: Path
     env: dict[str, str]
     processes: list[dict[str, Any]] = field(default_factory=list)
+    clients: list[Any] = field(default_factory=list)
 
     def cli(
         self, *args: str, token: str | None = None, timeout: float = 90
@@ -146,7 +147,9 @@ class Stack:
     def client(self, token: str) -> Any:
         from control.client import Client
 
-        return Client.from_env(self.settings(token))
+        client = Client.from_env(self.settings(token))
+        self.clients.append(client)
+        return client
 
     def tenant(self, name: str | None = None) -> str:
         """A new tenant; returns its admin token."""
@@ -220,6 +223,8 @@ def stop_stack(stack: Stack) -> None:
     from control.processes import stop_processes
 
     stop_processes(stack.home)
+    for client in stack.clients:
+        client.plane.engine.dispose()
 
 
 def wait_for(predicate: Any, *, timeout: float = 30, interval: float = 0.1, what: str = "") -> Any:

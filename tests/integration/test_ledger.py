@@ -1,0 +1,159 @@
+"""The evidence ledger on real PostgreSQL: append-only, chained, verifiable."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import psycopg
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
+
+from ledger.chain import NewEvent, chain_for
+from ledger.models import EvidenceEvent
+from ledger.store import append_events
+from ledger.verify import verify_ledger
+from tests.harness import Stack, _libpq
+
+pytestmark = pytest.mark.integration
+
+
+def superuser(stack: Stack) -> psycopg.Connection:
+    conn = psycopg.connect(_libpq(stack.services.database_url), autocommit=True)
+    return conn
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE evidence_events SET payload = '{}'::jsonb WHERE id = (SELECT max(id) FROM evidence_events)",
+        "DELETE FROM evidence_events WHERE id = (SELECT max(id) FROM evidence_events)",
+        "TRUNCATE evidence_events",
+    ],
+)
+def test_database_refuses_changes_to_evidence(stack: Stack, token: str, statement: str) -> None:
+    stack.client(token).call("search_docs", {"query": "cedar"}, wait=True)
+    with stack.client(token).plane.engine.connect() as connection:
+        with pytest.raises(DBAPIError, match="append-only"):
+            connection.execute(text(statement))
+
+
+def test_tampered_payload_is_named_by_ledger_verify(stack: Stack, token: str) -> None:
+    client = stack.client(token)
+    view = client.call("read_repo_file", {"path": "README.md"}, wait=True)
+    with client.plane.sessions() as session:
+        event_id, payload = session.execute(
+            select(EvidenceEvent.id, EvidenceEvent.payload).where(
+                EvidenceEvent.run_id == view.run_id, EvidenceEvent.kind == "ToolCallCompleted"
+            )
+        ).one()
+    payload["message"]["result"]["result"]["content"] = "nothing to see here"
+    with superuser(stack) as conn:  # a superuser goes around the trigger
+        conn.execute("SET session_replication_role = replica")
+        conn.execute(
+            "UPDATE evidence_events SET payload = %s::jsonb WHERE id = %s",
+            (json.dumps(payload), event_id),
+        )
+    done = stack.cli("ledger", "verify", "--json", token=token)
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["ok"] is False
+    problems = [b["problem"] for b in report["broken"] if b["event_id"] == event_id]
+    assert any("tampered" in p for p in problems), report
+    assert any("receipt" in p for p in problems), report
+    assert {b["event_id"] for b in report["broken"]} == {event_id}
+    human = stack.cli("ledger", "verify", token=token)
+    assert human.returncode == 1 and f"event {event_id}" in human.stdout
+
+
+def test_tampered_receipt_with_rehashed_chain_is_still_caught(stack: Stack, token: str) -> None:
+    """An attacker who rewrites the result and recomputes the chain still fails the receipt."""
+    from ledger.chain import event_hash
+
+    client = stack.client(token)
+    view = client.call("read_repo_file", {"path": "README.md"}, wait=True)
+    chain = chain_for(client.identity.tenant_id)
+    with client.plane.sessions() as session:
+        rows = list(
+            session.scalars(
+                select(EvidenceEvent)
+                .where(EvidenceEvent.chain_id == chain)
+                .order_by(EvidenceEvent.seq)
+            )
+        )
+    target = next(r for r in rows if r.run_id == view.run_id and r.kind == "ToolCallCompleted")
+    payload = dict(target.payload)
+    payload["message"]["result"]["result"]["content"] = "forged"
+    with superuser(stack) as conn:
+        conn.execute("SET session_replication_role = replica")
+        prev = None
+        for row in rows:
+            body = payload if row.id == target.id else row.payload
+            prev_hash = row.prev_hash if prev is None else prev
+            new_hash = event_hash(
+                chain_id=row.chain_id,
+                seq=row.seq,
+                prev_hash=prev_hash,
+                kind=row.kind,
+                tenant_id=row.tenant_id,
+                run_id=row.run_id,
+                created_at=row.created_at,
+                payload=body,
+            )
+            conn.execute(
+                "UPDATE evidence_events SET payload = %s::jsonb, prev_hash = %s, hash = %s WHERE id = %s",
+                (json.dumps(body), prev_hash, new_hash, row.id),
+            )
+            prev = new_hash
+        conn.execute("UPDATE chain_heads SET hash = %s WHERE chain_id = %s", (prev, chain))
+    report = client.verify_ledger()
+    assert not report.ok
+    assert [b.event_id for b in report.broken] == [target.id]
+    assert "receipt" in report.broken[0].problem
+
+
+def test_truncated_tail_is_detected(stack: Stack, token: str) -> None:
+    client = stack.client(token)
+    client.call("search_docs", {"query": "queues"}, wait=True)
+    chain = chain_for(client.identity.tenant_id)
+    with superuser(stack) as conn:
+        conn.execute("SET session_replication_role = replica")
+        conn.execute(
+            "DELETE FROM evidence_events WHERE id = (SELECT max(id) FROM evidence_events WHERE chain_id = %s)",
+            (chain,),
+        )
+    report = client.verify_ledger()
+    assert not report.ok
+    assert any("truncated" in b.problem for b in report.broken)
+
+
+def test_concurrent_appends_keep_one_unbroken_chain(stack: Stack, token: str) -> None:
+    client = stack.client(token)
+    tenant = client.identity.tenant_id
+    errors: list[BaseException] = []
+
+    def append_many() -> None:
+        try:
+            for i in range(25):
+                with client.plane.sessions() as session:
+                    append_events(session, [NewEvent("RunSubmitted", {"i": i}, tenant_id=tenant)])
+                    session.commit()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=append_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with client.plane.sessions() as session:
+        report = verify_ledger(session, client.plane.keyring(), tenant_id=tenant)
+        seqs = list(
+            session.scalars(
+                select(EvidenceEvent.seq).where(EvidenceEvent.chain_id == chain_for(tenant))
+            )
+        )
+    assert report.ok, report.broken
+    assert sorted(seqs) == list(range(1, len(seqs) + 1)) and len(seqs) >= 101
