@@ -1,0 +1,103 @@
+"""Flower behind basic auth lists each tool's worker and the per-tool task names."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from control import processes
+from control.runtime import ControlPlane
+from tests.harness import Stack, wait_for
+
+pytestmark = pytest.mark.integration
+
+TOOLS = ("search_docs", "read_repo_file", "lint_python")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header(
+            "Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+        )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except (urllib.error.URLError, ConnectionError):
+        return 0, None
+
+
+@pytest.mark.timeout(120)
+def test_flower_requires_auth_and_shows_tools(stack: Stack, token: str) -> None:
+    port = free_port()
+    settings = stack.settings().model_copy(update={"flower_port": port})
+    plane = ControlPlane(
+        settings,
+        broker_url=stack.env["TOOLPLANE_BROKER_URL"],
+        database_url=stack.env["TOOLPLANE_DATABASE_URL"],
+    )
+    spec = next(
+        s
+        for s in processes.plan_processes(plane, workers={}, flower=True, base_env=stack.env)
+        if s.name == "flower"
+    )
+    assert "--address=127.0.0.1" in spec.argv
+    password = processes.flower_password(plane)
+    flower = subprocess.Popen(
+        spec.argv, env=spec.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    auth = (settings.flower_user, password)
+    try:
+        wait_for(lambda: get(f"{base}/api/workers", auth)[0] == 200, timeout=40, what="flower")
+        assert get(f"{base}/api/workers")[0] == 401
+        assert get(f"{base}/api/workers", ("admin", "wrong"))[0] == 401
+        client = stack.client(token)
+        for tool, args in (
+            ("search_docs", {"query": "receipts"}),
+            ("read_repo_file", {"path": "README.md"}),
+            ("lint_python", {"code": "x=1\n"}),
+        ):
+            assert client.call(tool, args, wait=True).status == "completed"
+        host = socket.gethostname()
+
+        def workers() -> set[str]:
+            status, body = get(f"{base}/api/workers?refresh=1", auth)
+            return set(body or {}) if status == 200 else set()
+
+        seen = wait_for(
+            lambda: {f"{t}@{host}" for t in TOOLS} <= workers() and workers(),
+            timeout=30,
+            what="workers in flower",
+        )
+        assert {f"{t}@{host}" for t in TOOLS} <= seen
+
+        def task_names() -> set[str]:
+            status, body = get(f"{base}/api/tasks", auth)
+            return {t.get("name") for t in (body or {}).values()} if status == 200 else set()
+
+        names = wait_for(
+            lambda: {f"tool.{t}" for t in TOOLS} <= task_names() and task_names(),
+            timeout=30,
+            what="per-tool tasks in flower",
+        )
+        assert {f"tool.{t}" for t in TOOLS} <= names
+    finally:
+        flower.terminate()
+        flower.wait(timeout=10)
+        plane.engine.dispose()
