@@ -21,13 +21,11 @@ from toolplane.canonical import (
 )
 from toolplane.errors import CanonicalJSONError, ToolplaneError
 
-# Integral floats in [2**53, 1e21) are written by JCS as integer literals, which the
-# strict parser then refuses as unsafe integers: see test_canonical_output_of_big_floats_parses.
-_INTEGER_LITERAL_FLOATS = (float(2**53), 1e21)
-
 
 def _round_trips(value: float) -> bool:
-    return not (value.is_integer() and _INTEGER_LITERAL_FLOATS[0] <= abs(value) < 1e21)
+    """Integral floats in [2**53, 1e21) are written by JCS as integer literals, which the
+    strict parser refuses as unsafe integers (see test_canonical_output_of_big_floats_parses)."""
+    return not (value.is_integer() and 2**53 <= abs(value) < 1e21)
 
 
 scalars = (

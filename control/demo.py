@@ -1,0 +1,121 @@
+"""``make demo``: the main job on a fresh machine, through the real CLI.
+
+Starts everything (embedded Redis and PostgreSQL unless TOOLPLANE_BROKER_URL and
+TOOLPLANE_DATABASE_URL are set), creates a demo tenant, calls each built-in tool
+once on the sample data in examples/, verifies the ledger, and stops everything
+it started. Exits 0 only if all three calls completed and verification passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from control.output import console, err, summarize
+from control.runs import NodeView
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def run_cli(
+    *args: str, env: dict[str, str], check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "control.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    if check and done.returncode != 0:
+        raise RuntimeError(
+            f"toolplane {' '.join(args[:2])} exited {done.returncode}: {done.stderr.strip()}"
+        )
+    return done
+
+
+def node_of(run: dict[str, Any]) -> NodeView:
+    n = run["nodes"][0]
+    return NodeView(
+        node_id=n["node_id"],
+        tool=n["tool"],
+        status=n["status"],
+        attempt=n["attempt"],
+        result=n["result"],
+        result_sha256=n["result_sha256"],
+        receipt=n["receipt"],
+        error=n["error"],
+    )
+
+
+def main() -> int:
+    env = dict(os.environ)
+    env.setdefault("TOOLPLANE_REPO_ROOT", str(EXAMPLES / "repo"))
+    env.setdefault("TOOLPLANE_DOCS_ROOT", str(EXAMPLES / "docs"))
+    env.setdefault("TOOLPLANE_HOME", str(ROOT / ".toolplane"))
+    started = time.monotonic()
+    console.print(
+        "[bold]toolplane demo[/bold]: starting the control process and one worker per tool…"
+    )
+    up = run_cli("up", "--detach", env=env, check=False)
+    if up.returncode != 0:
+        err.print(
+            f"demo: toolplane up failed: {up.stderr.strip() or up.stdout.strip()}", markup=False
+        )
+        run_cli("down", env=env, check=False)
+        return 1
+    console.print(up.stdout.strip(), markup=False)
+    ok = True
+    try:
+        tenant = f"demo-{secrets.token_hex(3)}"
+        created = json.loads(run_cli("tenant", "create", tenant, "--json", env=env).stdout)
+        env["TOOLPLANE_TOKEN"] = created["token"]
+        console.print(f"tenant {tenant} created (admin token in TOOLPLANE_TOKEN for this demo)")
+        code = (EXAMPLES / "repo" / "src" / "shipit" / "deploy.py").read_text()
+        calls = [
+            ("search_docs", ["--arg", "query=signed receipts for tool results"]),
+            ("read_repo_file", ["--arg", "path=src/shipit/deploy.py"]),
+            ("lint_python", ["--arg", f"code={code}"]),
+        ]
+        for tool, args in calls:
+            done = run_cli("call", tool, *args, "--wait", "--json", env=env, check=False)
+            if done.returncode not in (0, 4) or not done.stdout.strip():
+                err.print(f"  {tool}: exit {done.returncode}: {done.stderr.strip()}", markup=False)
+                ok = False
+                continue
+            run = json.loads(done.stdout)
+            node = node_of(run)
+            key = (node.receipt or {}).get("key_id", "-")
+            mark = "[green]✓[/green]" if node.status == "completed" else "[red]✗[/red]"
+            console.print(f"  {mark} {tool:<15} {node.status:<10} {summarize(node)}")
+            console.print(f"      run {run['run_id']}  receipt {key}", style="dim")
+            ok = ok and run["status"] == "completed"
+        verify = run_cli("ledger", "verify", "--json", env=env, check=False)
+        report = json.loads(verify.stdout) if verify.stdout.strip() else {"ok": False, "broken": []}
+        verdict = "[green]ok[/green]" if report["ok"] else "[red]BROKEN[/red]"
+        console.print(
+            f"ledger verify: {verdict} — {report.get('events')} events, "
+            f"{report.get('receipts_verified')} receipts verified"
+        )
+        ok = ok and verify.returncode == 0 and report["ok"]
+    except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+        err.print(f"demo: {e}", markup=False)
+        ok = False
+    finally:
+        down = run_cli("down", env=env, check=False)
+        console.print(down.stdout.strip(), markup=False)
+    verdict = "[green]passed[/green]" if ok else "[red]FAILED[/red]"
+    console.print(f"demo {verdict} in {time.monotonic() - started:.1f}s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
