@@ -6,30 +6,18 @@ Exit codes: 0 done, 1 error or failed verification, 2 usage, 3 denied,
 
 from __future__ import annotations
 
-import functools
-import logging
 import signal
 import threading
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
-from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
 
-from control.errors import (
-    EXIT_AWAITING_APPROVAL,
-    EXIT_DENIED,
-    EXIT_ERROR,
-    EXIT_OK,
-    EXIT_TOOL_FAILED,
-    EXIT_USAGE,
-    UsageError,
-)
+from control.cli_support import exit_for, handled, load_settings, parse_args, setup_logging
+from control.errors import EXIT_DENIED, EXIT_ERROR, EXIT_OK, EXIT_USAGE, UsageError
 from control.output import console, err, print_json, print_run, print_runs
-from toolplane.canonical import CanonicalJSONError, parse_json_strict
 from toolplane.errors import ToolplaneError
-from toolplane.settings import Settings
+
+__all__ = ["app", "main", "parse_args"]
 
 app = typer.Typer(
     name="toolplane",
@@ -55,85 +43,18 @@ for sub, name in (
     app.add_typer(sub, name=name)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = "TOOLPLANE_" + ".".join(str(p) for p in first["loc"]).upper()
-        raise UsageError(first["msg"], field=field) from e
-
-
-def handled(func: F) -> F:
-    """Turn every expected failure into one line on stderr and its exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except ToolplaneError as e:
-            err.print(f"error: {e}", markup=False)
-            raise typer.Exit(getattr(e, "exit_code", EXIT_ERROR)) from None
-        except OperationalError as e:
-            first = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
-            err.print(f"error: database unavailable: {first}", markup=False)
-            raise typer.Exit(EXIT_ERROR) from None
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-        except Exception as e:  # the last boundary: one line for people, the trace to a file
-            trace = _save_trace()
-            err.print(f"error: internal error: {type(e).__name__}: {e}".splitlines()[0], markup=False)
-            err.print(f"(traceback saved to {trace})", markup=False)
-            raise typer.Exit(EXIT_ERROR) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _save_trace() -> str:
-    import tempfile
-    import traceback
-
-    fd, path = tempfile.mkstemp(prefix="toolplane-error-", suffix=".txt")
-    with open(fd, "w") as handle:
-        handle.write(traceback.format_exc())
-    return path
 
 
 def _plane():  # type: ignore[no-untyped-def]
     from control.runtime import ControlPlane
 
-    return ControlPlane.from_settings(_settings())
+    return ControlPlane.from_settings(load_settings())
 
 
 def _client():  # type: ignore[no-untyped-def]
     from control.client import Client
 
-    return Client.from_env(_settings())
-
-
-def parse_args(pairs: list[str]) -> dict[str, Any]:
-    """``K=V`` pairs; V is JSON where it parses, else a string."""
-    args: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"{pair!r} is not of the form K=V", field="--arg")
-        if key in args:
-            raise UsageError(f"{key!r} given twice", field="--arg")
-        try:
-            args[key] = parse_json_strict(raw)
-        except CanonicalJSONError:
-            args[key] = raw
-    return args
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return Client.from_env(load_settings())
 
 
 # -- processes -------------------------------------------------------------------
@@ -153,7 +74,7 @@ def up(
     from ledger.migrate import upgrade
     from sandbox_tasks.registry import load_tools
 
-    settings = _settings()
+    settings = load_settings()
     tools = load_tools(settings.extra_tool_modules)
     counts = {name: 1 for name in sorted(tools)}
     for item in filter(None, (w.strip() for w in workers.split(","))):
@@ -175,7 +96,7 @@ def up(
     plane = ControlPlane(settings, broker_url=str(broker), database_url=str(database))
     plane.check_database()
     upgrade(plane.engine)
-    _ensure_keys(plane, sorted(tools))
+    plane.keystore.ensure_all(sorted(tools), receipt_algorithm=settings.receipt_algorithm)
     plane.sync_keys()
     plane.policy  # noqa: B018 - validate the bundle before starting anything
     specs = processes.plan_processes(plane, workers=counts, flower=flower)
@@ -187,9 +108,10 @@ def up(
         raise
     console.print(f"up: control and workers for {', '.join(f'{k}×{v}' for k, v in counts.items())}")
     if flower:
+        where = settings.home / "flower-password"
         console.print(
-            f"Flower on http://127.0.0.1:{settings.flower_port} (user {settings.flower_user}; password: "
-            f"TOOLPLANE_FLOWER_PASSWORD or {settings.home / 'flower-password'})"
+            f"Flower on http://127.0.0.1:{settings.flower_port} (user {settings.flower_user}; "
+            f"password: TOOLPLANE_FLOWER_PASSWORD or {where})"
         )
     if detach:
         return
@@ -214,7 +136,7 @@ def down() -> None:
     from control.embedded import stop_embedded
     from control.processes import stop_processes
 
-    settings = _settings()
+    settings = load_settings()
     stopped = stop_processes(settings.home)
     stopped += stop_embedded(settings.home)
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
@@ -229,7 +151,7 @@ def control(
     """Run the control process: results ingest, manifest registration, outbox relay."""
     from control.service import run_control
 
-    _logging(loglevel)
+    setup_logging(loglevel)
     run_control(_plane(), concurrency=concurrency, loglevel=loglevel)
 
 
@@ -245,8 +167,8 @@ def worker(
     from control.embedded import find_embedded
     from sandbox_tasks.main import run_worker
 
-    _logging(loglevel)
-    settings = _settings()
+    setup_logging(loglevel)
+    settings = load_settings()
     broker = settings.broker_url
     if not broker:
         found = find_embedded(settings.home)
@@ -277,16 +199,6 @@ def migrate() -> None:
 # -- keys --------------------------------------------------------------------------
 
 
-def _ensure_keys(plane: Any, tools: list[str]) -> list[str]:
-    created = []
-    if plane.keystore.ensure("control", "ed25519"):
-        created.append("control")
-    for tool in tools:
-        if plane.keystore.ensure(f"tool.{tool}", plane.settings.receipt_algorithm):
-            created.append(f"tool.{tool}")
-    return created
-
-
 @keys_app.command("init")
 @handled
 def keys_init(json_: JsonOpt = False) -> None:
@@ -294,13 +206,11 @@ def keys_init(json_: JsonOpt = False) -> None:
     from sandbox_tasks.registry import load_tools
     from toolplane.keystore import KeyStore
 
-    settings = _settings()
-
-    class _Local:
-        keystore = KeyStore(settings.keys_dir)
-
-    _Local.settings = settings  # type: ignore[attr-defined]
-    created = _ensure_keys(_Local, sorted(load_tools(settings.extra_tool_modules)))
+    settings = load_settings()
+    created = KeyStore(settings.keys_dir).ensure_all(
+        sorted(load_tools(settings.extra_tool_modules)),
+        receipt_algorithm=settings.receipt_algorithm,
+    )
     if json_:
         print_json({"created": created, "keys_dir": str(settings.keys_dir)})
     else:
@@ -315,7 +225,7 @@ def keys_rotate(tool: str, json_: JsonOpt = False) -> None:
     """Give TOOL (or `control`) a new key; the old one still verifies what it signed."""
     from toolplane.keystore import KeyStore
 
-    settings = _settings()
+    settings = load_settings()
     store = KeyStore(settings.keys_dir)
     owner = "control" if tool == "control" else f"tool.{tool}"
     if owner not in store.owners():
@@ -334,7 +244,7 @@ def keys_list(json_: JsonOpt = False) -> None:
     """List every key with its owner and validity window."""
     from toolplane.keystore import KeyStore
 
-    entries = KeyStore(_settings().keys_dir).entries()
+    entries = KeyStore(load_settings().keys_dir).entries()
     if json_:
         print_json([{k: v for k, v in e.items() if k != "public"} for e in entries])
         return
@@ -385,7 +295,7 @@ def token_issue(
         ) from None
     if not (0 < len(principal) <= 200) or not principal.isprintable():
         raise UsageError("must be 1-200 printable characters", field="--principal")
-    settings = _settings()
+    settings = load_settings()
     plane = _plane()
     with plane.sessions() as session:
         identity = authenticate(
@@ -406,19 +316,6 @@ def token_issue(
 
 
 # -- calls and runs ----------------------------------------------------------------
-
-
-def _exit_for(view: Any) -> int:
-    if view.status == "completed":
-        return EXIT_OK
-    if view.status == "denied":
-        return EXIT_DENIED
-    if view.status == "awaiting_approval":
-        return EXIT_AWAITING_APPROVAL
-    if view.status == "failed":
-        rejected = any(n.status == "rejected" for n in view.nodes)
-        return EXIT_ERROR if rejected else EXIT_TOOL_FAILED
-    return EXIT_OK
 
 
 @app.command()
@@ -450,7 +347,7 @@ def call(
         print_json(view.as_dict())
     else:
         print_run(view)
-    code = _exit_for(view)
+    code = exit_for(view)
     if code == EXIT_DENIED and not json_:
         err.print(f"denied: {view.nodes[0].error['message']}", markup=False)
     raise typer.Exit(code)
@@ -520,7 +417,7 @@ def policy_explain(
     from policy.bundle import load_bundle
     from policy.engine import PolicyEngine, PolicyRequest
 
-    engine = PolicyEngine(load_bundle(_settings().bundle_dir))
+    engine = PolicyEngine(load_bundle(load_settings().bundle_dir))
     decision = engine.decide(
         PolicyRequest(
             tenant="explain",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -27,6 +27,14 @@ from toolplane.canonical import CanonicalJSONError, check_json_value, digest
 from toolplane.signing import Signer
 
 NAME_RULE = "1-40 characters of a-z, 0-9, '-' or '_'"
+
+# JSON Schema counts 3.0 as an integer; the tools' strict models do not.
+StrictValidator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+    ),
+)
 
 __all__ = ["CallRequest", "Submitted", "submit_call"]
 
@@ -58,7 +66,7 @@ def validate_args(manifest: dict[str, Any], args: dict[str, Any]) -> None:
         check_json_value(args)
     except CanonicalJSONError as e:
         raise UsageError(str(e), field="--arg") from e
-    validator = Draft202012Validator(manifest["args_schema"])
+    validator = StrictValidator(manifest["args_schema"])
     errors = sorted(validator.iter_errors(args), key=lambda e: list(e.path))
     if not errors:
         return

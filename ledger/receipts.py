@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from toolplane.canonical import digest
-from toolplane.errors import SignatureError
+from toolplane.errors import CanonicalJSONError, SignatureError
 from toolplane.messages import ResultMessage, ms_to_datetime, signed_bytes
 from toolplane.signing import KeyRing
 
@@ -41,10 +41,11 @@ def check_result_message(raw: Any, keys: KeyRing) -> ResultMessage:
             owner=f"tool.{result.tool}",
             at=ms_to_datetime(result.finished_at),
         )
-    except SignatureError as e:
+        result_digest = None if result.result is None else digest(result.result)
+    except (SignatureError, CanonicalJSONError, ValueError, OverflowError) as e:
         raise ReceiptProblem(f"receipt signature: {e}") from e
     if result.ok:
-        if result.result is None or result.result_sha256 != digest(result.result):
+        if result.result is None or result.result_sha256 != result_digest:
             raise ReceiptProblem("result_sha256 does not match the result")
     elif result.error is None:
         raise ReceiptProblem("a failed result carries no error")

@@ -41,14 +41,16 @@ def verify_envelope(raw: Any, *, tool: str, keys: KeyRing, now_ms: int) -> Signe
             owner="control",
             at=ms_to_datetime(envelope.issued_at),
         )
-    except (SignatureError, CanonicalJSONError) as e:
+        args_digest = digest(envelope.args)
+    except (SignatureError, CanonicalJSONError, ValueError, OverflowError) as e:
+        # ValueError: pydantic's depth limit; OverflowError: absurd timestamps
         raise EnvelopeRefused("envelope_invalid", f"envelope signature: {e}") from e
     if envelope.tool != tool or envelope.audience != f"tool.{tool}":
         raise EnvelopeRefused(
             "envelope_invalid",
             f"envelope is for {envelope.audience!r}, this worker serves tool.{tool}",
         )
-    if envelope.args_sha256 != digest(envelope.args):
+    if envelope.args_sha256 != args_digest:
         raise EnvelopeRefused("envelope_invalid", "args do not match args_sha256")
     if envelope.issued_at > now_ms + CLOCK_SKEW_MS:
         raise EnvelopeRefused("envelope_invalid", "envelope issued in the future")

@@ -119,13 +119,17 @@ class ForkExecutor:
             )
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
-            if sig in (signal.SIGXCPU, signal.SIGKILL) and not data:
+            if sig == signal.SIGXCPU:
                 return Outcome(False, None, "timeout", f"CPU time limit of {spec.limits.cpu_s}s")
+            if sig == signal.SIGKILL:
+                return Outcome(False, None, "tool_error", "killed (memory or hard CPU limit)")
             return Outcome(False, None, "tool_error", f"tool process killed by signal {sig}")
         try:
             outcome = parse_json_strict(data)
         except CanonicalJSONError as e:
             return Outcome(False, None, "tool_error", f"tool process sent no valid outcome ({e})")
+        if not isinstance(outcome, dict):
+            return Outcome(False, None, "tool_error", "tool process sent no valid outcome")
         if outcome.get("ok") is True and isinstance(outcome.get("result"), dict):
             return Outcome(True, outcome["result"])
         return Outcome(

@@ -192,7 +192,6 @@ def make_env(services: Services, home: Path, *, visibility_timeout: int = 30) ->
 def start_stack(services: Services, home: Path, *, workers: dict[str, int] | None = None) -> Stack:
     """Keys, migrations, then the control process and workers, as `toolplane up` does."""
     from control import processes
-    from control.cli import _ensure_keys
     from control.runtime import ControlPlane
     from ledger.migrate import upgrade
     from sandbox_tasks.registry import load_tools
@@ -205,7 +204,7 @@ def start_stack(services: Services, home: Path, *, workers: dict[str, int] | Non
     )
     upgrade(plane.engine)
     tools = sorted(load_tools(settings.extra_tool_modules))
-    _ensure_keys(plane, tools)
+    plane.keystore.ensure_all(tools, receipt_algorithm=settings.receipt_algorithm)
     plane.sync_keys()
     counts = workers or {t: 1 for t in tools}
     specs = processes.plan_processes(plane, workers=counts, flower=False, base_env=env)

@@ -42,6 +42,9 @@ def check_json_value(value: Any, path: str = "$", depth: int = 0) -> None:
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             raise CanonicalJSONError("NaN and infinity are not JSON", path=path)
+        if abs(value) > MAX_SAFE_INTEGER:
+            # JCS writes such a float as an integer literal, which would not parse back.
+            raise CanonicalJSONError("number beyond 2**53 cannot be carried exactly", path=path)
         return
     if isinstance(value, dict):
         for key, item in value.items():
@@ -88,10 +91,19 @@ def _no_constants(name: str) -> Any:
 
 
 def parse_json_strict(data: str | bytes) -> Any:
-    """Parse JSON, refusing duplicate keys, NaN/Infinity and unsafe integers."""
+    """Parse JSON, refusing duplicate keys, NaN/Infinity, unsafe numbers and deep nesting."""
     try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except CanonicalJSONError:
+        raise
     except json.JSONDecodeError as e:
         raise CanonicalJSONError(f"not valid JSON: {e.msg} at position {e.pos}") from e
+    except UnicodeDecodeError as e:
+        raise CanonicalJSONError(f"not UTF-8: {e.reason} at byte {e.start}") from e
+    except RecursionError as e:
+        raise CanonicalJSONError(f"nested deeper than {MAX_DEPTH} levels") from e
+    except ValueError as e:  # e.g. an integer literal longer than int() accepts
+        raise CanonicalJSONError(f"not valid JSON: {e}") from e
     check_json_value(value)
     return value

@@ -157,6 +157,14 @@ class KeyStore:
         self._write_index([*self.entries(), self._new_key(owner, algorithm)])
         return True
 
+    def ensure_all(self, tools: Iterable[str], *, receipt_algorithm: str) -> list[str]:
+        """Control's key and a receipt key per tool, where missing; returns the owners created."""
+        created = ["control"] if self.ensure("control", "ed25519") else []
+        for tool in tools:
+            if self.ensure(f"tool.{tool}", receipt_algorithm):  # type: ignore[arg-type]
+                created.append(f"tool.{tool}")
+        return created
+
     def rotate(self, owner: str, algorithm: Algorithm) -> str:
         """A new active key for ``owner``; the old ones stop signing now."""
         now = _iso(datetime.now(UTC))

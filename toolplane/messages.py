@@ -38,8 +38,11 @@ class _Strict(BaseModel):
 
 
 def signed_bytes(model: BaseModel) -> bytes:
-    """The exact bytes that are signed or hashed for a boundary model."""
-    return canonical_json(model.model_dump(mode="json"))
+    """The exact bytes that are signed or hashed for a boundary model.
+
+    Built from the Python values (not ``mode="json"``, which would write NaN as
+    null and so let a NaN ride on a signature made over null)."""
+    return canonical_json(model.model_dump(mode="python"))
 
 
 def now_ms() -> int:

@@ -46,9 +46,12 @@ def b64encode(data: bytes) -> str:
 
 def b64decode(text: str) -> bytes:
     try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError) as e:
         raise SignatureError(f"not valid base64: {e}") from e
+    if base64.b64encode(raw).decode("ascii") != text:
+        raise SignatureError("not canonical base64")
+    return raw
 
 
 def key_id_for(owner: str, material: bytes) -> str:

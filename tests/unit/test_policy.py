@@ -255,7 +255,7 @@ def test_bundle_error_is_a_policy_error():
 def test_policies_split_over_files_keep_their_ids(bundle_copy):
     (bundle_copy / "extra.cedar").write_text(
         '@id("deny-lint-in-prod")\n'
-        "forbid (principal, action, resource == Toolplane::Tool::\"lint_python\")\n"
+        'forbid (principal, action, resource == Toolplane::Tool::"lint_python")\n'
         'when { context.environment == "prod" };\n'
     )
     bundle = load_bundle(bundle_copy)

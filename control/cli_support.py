@@ -1,0 +1,110 @@
+"""Helpers of the CLI: settings, error handling, argument parsing, exit codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
+
+from control.errors import (
+    EXIT_AWAITING_APPROVAL,
+    EXIT_DENIED,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_TOOL_FAILED,
+    UsageError,
+)
+from control.output import err
+from toolplane.canonical import CanonicalJSONError, parse_json_strict
+from toolplane.errors import ToolplaneError
+from toolplane.settings import Settings
+
+__all__ = ["exit_for", "handled", "parse_args", "load_settings", "setup_logging"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = "TOOLPLANE_" + ".".join(str(p) for p in first["loc"]).upper()
+        raise UsageError(first["msg"], field=field) from e
+
+
+def handled(func: F) -> F:
+    """Turn every expected failure into one line on stderr and its exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except ToolplaneError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(getattr(e, "exit_code", EXIT_ERROR)) from None
+        except OperationalError as e:
+            first = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+            err.print(f"error: database unavailable: {first}", markup=False)
+            raise typer.Exit(EXIT_ERROR) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except Exception as e:  # the last boundary: one line for people, the trace to a file
+            trace = save_trace()
+            err.print(
+                f"error: internal error: {type(e).__name__}: {e}".splitlines()[0], markup=False
+            )
+            err.print(f"(traceback saved to {trace})", markup=False)
+            raise typer.Exit(EXIT_ERROR) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def save_trace() -> str:
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="toolplane-error-", suffix=".txt")
+    with open(fd, "w") as handle:
+        handle.write(traceback.format_exc())
+    return path
+
+
+def parse_args(pairs: list[str]) -> dict[str, Any]:
+    """``K=V`` pairs; V is JSON where it parses, else a string."""
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{pair!r} is not of the form K=V", field="--arg")
+        if key in args:
+            raise UsageError(f"{key!r} given twice", field="--arg")
+        try:
+            args[key] = parse_json_strict(raw)
+        except CanonicalJSONError:
+            args[key] = raw
+    return args
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def exit_for(view: Any) -> int:
+    if view.status == "completed":
+        return EXIT_OK
+    if view.status == "denied":
+        return EXIT_DENIED
+    if view.status == "awaiting_approval":
+        return EXIT_AWAITING_APPROVAL
+    if view.status == "failed":
+        rejected = any(n.status == "rejected" for n in view.nodes)
+        return EXIT_ERROR if rejected else EXIT_TOOL_FAILED
+    return EXIT_OK
