@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from sqlalchemy import select
+
 from control.auth import Identity, authenticate
 from control.dispatch import publish_pending
 from control.errors import ControlError
@@ -19,6 +21,7 @@ from control.intake import CallRequest, submit_call
 from control.runs import RunView, get_run, list_runs
 from control.runtime import ControlPlane
 from control.states import TERMINAL_RUN
+from ledger.models import Run
 from ledger.verify import VerifyReport, verify_ledger
 from toolplane.settings import Settings
 
@@ -50,7 +53,7 @@ class Client:
                 self._identity = authenticate(session, self._token)
         return self._identity
 
-    def call(
+    def submit(
         self,
         tool: str,
         args: dict[str, Any],
@@ -58,10 +61,8 @@ class Client:
         environment: str | None = None,
         classification: str = "internal",
         idempotency_key: str | None = None,
-        wait: bool = False,
-        timeout: float = 60.0,
-    ) -> RunView:
-        """Submit one tool call; with ``wait``, return once the run has ended."""
+    ) -> str:
+        """Submit one tool call and return its run id (decided and, if allowed, published)."""
         request = CallRequest(
             tool=tool,
             args=args,
@@ -80,9 +81,30 @@ class Client:
             )
         if submitted.outbox_ids:
             publish_pending(self.plane.sessions, self.plane.publisher, ids=submitted.outbox_ids)
+        return submitted.run_id
+
+    def call(
+        self,
+        tool: str,
+        args: dict[str, Any],
+        *,
+        environment: str | None = None,
+        classification: str = "internal",
+        idempotency_key: str | None = None,
+        wait: bool = False,
+        timeout: float = 60.0,
+    ) -> RunView:
+        """Submit one tool call; with ``wait``, return once the run has ended."""
+        run_id = self.submit(
+            tool,
+            args,
+            environment=environment,
+            classification=classification,
+            idempotency_key=idempotency_key,
+        )
         if wait:
-            return self.wait(submitted.run_id, timeout=timeout)
-        return self.run(submitted.run_id)
+            return self.wait(run_id, timeout=timeout)
+        return self.run(run_id)
 
     def run(self, run_id: str) -> RunView:
         with self.plane.sessions() as session:
@@ -103,6 +125,31 @@ class Client:
                 raise WaitTimeout(run_id, timeout)
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
+
+    def wait_all(
+        self, run_ids: list[str], *, timeout: float = 120.0, poll_s: float = 0.02
+    ) -> dict[str, str]:
+        """Wait until every run has ended; returns run id -> status (one query per poll)."""
+        deadline = time.monotonic() + timeout
+        pending = set(run_ids)
+        done: dict[str, str] = {}
+        while pending:
+            with self.plane.sessions() as session:
+                rows = session.execute(
+                    select(Run.id, Run.status).where(
+                        Run.tenant_id == self.identity.tenant_id, Run.id.in_(list(pending))
+                    )
+                ).all()
+            for run_id, status in rows:
+                if status in TERMINAL_RUN:
+                    done[run_id] = status
+                    pending.discard(run_id)
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(sorted(pending)[0], timeout)
+            time.sleep(poll_s)
+        return done
 
     def verify_ledger(self, *, run_id: str | None = None) -> VerifyReport:
         """Verify this tenant's evidence chain (optionally naming only one run's events)."""

@@ -42,6 +42,12 @@ def _iso(at: datetime | None) -> str | None:
     return None if at is None else at.isoformat()
 
 
+def _now() -> datetime:
+    """Now, to the millisecond: signed times are epoch milliseconds, and windows must match."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
 def _parse(at: str | None) -> datetime | None:
     return None if at is None else datetime.fromisoformat(at)
 
@@ -65,7 +71,7 @@ class KeyStore:
         return self.private_dir / (key_id.replace(":", "_").replace("/", "_") + ".key")
 
     def _active_entry(self, owner: str) -> dict[str, Any]:
-        now = datetime.now(UTC)
+        now = _now()
         active = [
             e
             for e in self.entries()
@@ -146,7 +152,7 @@ class KeyStore:
             "owner": owner,
             "algorithm": algorithm,
             "public": public_b64,
-            "not_before": _iso(datetime.now(UTC)),
+            "not_before": _iso(_now()),
             "not_after": None,
         }
 
@@ -167,7 +173,7 @@ class KeyStore:
 
     def rotate(self, owner: str, algorithm: Algorithm) -> str:
         """A new active key for ``owner``; the old ones stop signing now."""
-        now = _iso(datetime.now(UTC))
+        now = _iso(_now())
         entries = self.entries()
         for e in entries:
             if e["owner"] == owner and e["not_after"] is None:
