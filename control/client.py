@@ -78,6 +78,7 @@ class Client:
                 engine=self.plane.policy,
                 signer=self.plane.signer,
                 visibility_timeout=self.plane.settings.visibility_timeout,
+                manifests=self.plane.manifest,
             )
         if submitted.outbox_ids:
             publish_pending(self.plane.sessions, self.plane.publisher, ids=submitted.outbox_ids)
@@ -114,17 +115,22 @@ class Client:
         with self.plane.sessions() as session:
             return list_runs(session, self.identity, limit=limit)
 
-    def wait(self, run_id: str, *, timeout: float = 60.0, poll_s: float = 0.02) -> RunView:
+    def wait(self, run_id: str, *, timeout: float = 60.0, poll_s: float = 0.002) -> RunView:
+        """Poll the run's status (cheaply) until it ends; then read it whole."""
         deadline = time.monotonic() + timeout
         delay = poll_s
+        identity = self.identity
         while True:
-            view = self.run(run_id)
-            if view.status in TERMINAL_RUN:
-                return view
+            with self.plane.sessions() as session:
+                status = session.scalar(
+                    select(Run.status).where(Run.id == run_id, Run.tenant_id == identity.tenant_id)
+                )
+            if status is None or status in TERMINAL_RUN:
+                return self.run(run_id)  # raises NotFound for another tenant's run
             if time.monotonic() >= deadline:
                 raise WaitTimeout(run_id, timeout)
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+            delay = min(delay * 1.2, 0.05)
 
     def wait_all(
         self, run_ids: list[str], *, timeout: float = 120.0, poll_s: float = 0.02

@@ -71,14 +71,13 @@ def _lock_node(
 ) -> tuple[Node, Run] | None:
     if not run_id or not node_id:
         return None
-    node = session.scalar(
-        select(Node).where(Node.run_id == run_id, Node.node_id == node_id).with_for_update()
-    )
-    if node is None:
-        return None
-    run = session.scalar(select(Run).where(Run.id == run_id).with_for_update())
-    assert run is not None
-    return node, run
+    found = session.execute(
+        select(Node, Run)
+        .join(Run, Run.id == Node.run_id)
+        .where(Node.run_id == run_id, Node.node_id == node_id)
+        .with_for_update()
+    ).one_or_none()
+    return None if found is None else (found[0], found[1])
 
 
 def _settle_run(run: Run, node: Node, events: list[NewEvent], now: datetime) -> None:

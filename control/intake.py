@@ -7,6 +7,7 @@ evidence, and (when allowed) the signed envelope in the outbox.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -92,6 +93,7 @@ def submit_call(
     engine: PolicyEngine,
     signer: Signer,
     visibility_timeout: int,
+    manifests: Callable[[Session, str], dict[str, Any] | None],
 ) -> Submitted:
     """Record, decide and (if allowed) stage one tool call. Commits."""
     _check_label(request.environment, "--env")
@@ -104,11 +106,10 @@ def submit_call(
         )
         if existing is not None:
             return Submitted(existing.id, (), created=False)
-    manifest_row = session.get(ToolManifest, request.tool)
-    if manifest_row is None:
+    manifest = manifests(session, request.tool)
+    if manifest is None:
         known = ", ".join(session.scalars(select(ToolManifest.tool).order_by(ToolManifest.tool)))
         raise UsageError(f"unknown tool {request.tool!r} (known: {known or 'none'})", field="TOOL")
-    manifest = manifest_row.manifest
     validate_args(manifest, request.args)
 
     now = datetime.now(UTC)

@@ -9,6 +9,7 @@ import logging
 import time
 from datetime import UTC, datetime
 from functools import cached_property
+from typing import Any
 
 from celery import Celery
 from sqlalchemy import Engine, select
@@ -22,7 +23,7 @@ from control.embedded import find_embedded
 from control.errors import ServiceUnavailable
 from ledger.chain import NewEvent
 from ledger.db import make_engine, make_sessionmaker
-from ledger.models import PolicyVersion, SigningKey
+from ledger.models import PolicyVersion, SigningKey, ToolManifest
 from ledger.store import append_events
 from policy.bundle import load_bundle
 from policy.engine import PolicyEngine
@@ -33,6 +34,7 @@ from toolplane.signing import KeyRing, PublicKey, Signer, b64decode
 log = logging.getLogger("toolplane.control")
 
 KEYRING_TTL_S = 30.0
+MANIFEST_TTL_S = 10.0
 
 __all__ = ["ControlPlane", "resolve_urls"]
 
@@ -67,6 +69,7 @@ class ControlPlane:
         self.keystore = KeyStore(settings.keys_dir)
         self._keyring: KeyRing | None = None
         self._keyring_at = 0.0
+        self._manifests: dict[str, tuple[float, dict[str, Any]]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ControlPlane:
@@ -138,6 +141,19 @@ class ControlPlane:
                 )
             session.commit()
         return PolicyEngine(bundle)
+
+    # -- tool manifests ------------------------------------------------------------
+    def manifest(self, session: Session, tool: str) -> dict[str, Any] | None:
+        """A tool's registered manifest, cached for a few seconds (read again on a miss)."""
+        now = time.monotonic()
+        cached = self._manifests.get(tool)
+        if cached is not None and now - cached[0] < MANIFEST_TTL_S:
+            return cached[1]
+        row = session.get(ToolManifest, tool)
+        if row is None:
+            return None
+        self._manifests[tool] = (now, row.manifest)
+        return row.manifest
 
     # -- keys ------------------------------------------------------------------
     def sync_keys(self) -> int:

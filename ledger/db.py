@@ -22,7 +22,10 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         normalize_url(url),
         pool_size=pool_size,
         max_overflow=5,
-        pool_pre_ping=True,
+        # No ping per checkout (a round trip on every transaction): a connection
+        # that died with the server fails its statement, and callers retry.
+        pool_pre_ping=False,
+        pool_recycle=1800,
         connect_args={"connect_timeout": 5},
     )
 

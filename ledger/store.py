@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import UTC, datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -30,15 +30,12 @@ def append_events(session: Session, events: list[NewEvent]) -> list[tuple[str, i
     placed: dict[int, tuple[str, int]] = {}
     now = datetime.now(UTC)
     for chain_id in sorted(by_chain):
-        session.execute(
-            pg_insert(ChainHead)
-            .values(chain_id=chain_id, seq=0, hash=GENESIS)
-            .on_conflict_do_nothing(index_elements=["chain_id"])
-        )
+        # One round trip: create the head if new, else lock it, and read it either way.
+        head = pg_insert(ChainHead).values(chain_id=chain_id, seq=0, hash=GENESIS)
         seq, prev = session.execute(
-            select(ChainHead.seq, ChainHead.hash)
-            .where(ChainHead.chain_id == chain_id)
-            .with_for_update()
+            head.on_conflict_do_update(
+                index_elements=["chain_id"], set_={"chain_id": head.excluded.chain_id}
+            ).returning(ChainHead.seq, ChainHead.hash)
         ).one()
         rows = []
         for event in by_chain[chain_id]:
@@ -68,7 +65,8 @@ def append_events(session: Session, events: list[NewEvent]) -> list[tuple[str, i
             )
             placed[id(event)] = (chain_id, seq)
             prev = link
-        session.execute(insert(EvidenceEvent), rows)
+        # Core, not the ORM's bulk path: the rows are plain values, and this is hot.
+        session.connection().execute(insert(EvidenceEvent.__table__), rows)
         session.execute(
             update(ChainHead).where(ChainHead.chain_id == chain_id).values(seq=seq, hash=prev)
         )

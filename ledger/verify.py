@@ -6,11 +6,16 @@ table holds is reported as truncated.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ledger.chain import GENESIS, chain_for, event_hash
@@ -62,13 +67,89 @@ class VerifyReport:
         }
 
 
-def _rows(
-    session: Session, chain_ids: list[str] | None, run_id: str | None
-) -> Iterator[EvidenceEvent]:
-    query = select(EvidenceEvent).order_by(EvidenceEvent.chain_id, EvidenceEvent.seq)
+Row = tuple[int, str, int, str | None, str | None, str, dict[str, Any], datetime, str, str]
+BATCH = 2000
+PARALLEL_FROM = 4 * BATCH  # below this many events, verify in this process
+
+
+def _rows(session: Session, chain_ids: list[str] | None) -> Iterator[list[Row]]:
+    t = EvidenceEvent
+    query = select(
+        t.id,
+        t.chain_id,
+        t.seq,
+        t.tenant_id,
+        t.run_id,
+        t.kind,
+        t.payload,
+        t.created_at,
+        t.prev_hash,
+        t.hash,
+    ).order_by(t.chain_id, t.seq)
     if chain_ids is not None:
-        query = query.where(EvidenceEvent.chain_id.in_(chain_ids))
-    yield from session.scalars(query.execution_options(yield_per=2000))
+        query = query.where(t.chain_id.in_(chain_ids))
+    for part in session.execute(query.execution_options(yield_per=BATCH)).partitions():
+        yield [tuple(r) for r in part]  # type: ignore[misc]
+
+
+_KEYS: KeyRing | None = None
+
+
+def _init(keys: KeyRing) -> None:
+    global _KEYS
+    _KEYS = keys
+
+
+def check_rows(rows: list[Row], keys: KeyRing | None = None) -> list[tuple[str, str | None, bool]]:
+    """Per row: the recomputed hash, a receipt problem (or None), and whether it had a receipt."""
+    ring = keys or _KEYS
+    assert ring is not None
+    out = []
+    for _id, chain_id, seq, tenant_id, run_id, kind, payload, created_at, prev_hash, _h in rows:
+        recomputed = event_hash(
+            chain_id=chain_id,
+            seq=seq,
+            prev_hash=prev_hash,
+            kind=kind,
+            tenant_id=tenant_id,
+            run_id=run_id,
+            created_at=created_at,
+            payload=payload,
+        )
+        problem, had = None, False
+        if kind in RECEIPT_KINDS and "message" in payload:
+            had = True
+            try:
+                check_result_message(payload["message"], ring)
+            except ReceiptProblem as e:
+                problem = e.message
+        out.append((recomputed, problem, had))
+    return out
+
+
+def _checked(
+    batches: Iterator[list[Row]], keys: KeyRing, total: int
+) -> Iterator[tuple[Row, tuple[str, str | None, bool]]]:
+    """Rows with their checks, in order; hashing and signatures use every core when large."""
+    workers = os.cpu_count() or 1
+    if total < PARALLEL_FROM or workers < 2:
+        for batch in batches:
+            yield from zip(batch, check_rows(batch, keys), strict=True)
+        return
+    # spawn, not fork: a forked child would share (and could close) our database sockets.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init, initargs=(keys,)
+    ) as pool:
+        window: deque[tuple[list[Row], Future[list[tuple[str, str | None, bool]]]]] = deque()
+        for batch in batches:
+            window.append((batch, pool.submit(check_rows, batch)))
+            if len(window) >= 2 * workers:
+                done_batch, future = window.popleft()
+                yield from zip(done_batch, future.result(), strict=True)
+        while window:
+            done_batch, future = window.popleft()
+            yield from zip(done_batch, future.result(), strict=True)
 
 
 def verify_ledger(
@@ -81,75 +162,64 @@ def verify_ledger(
     """Verify one tenant's chain (or every chain); ``run_id`` limits which events are named."""
     chain_ids = None if tenant_id is None else [chain_for(tenant_id)]
     report = VerifyReport()
-    heads = {
-        h.chain_id: h
-        for h in session.scalars(
-            select(ChainHead)
-            if chain_ids is None
-            else select(ChainHead).where(ChainHead.chain_id.in_(chain_ids))
-        )
-    }
+    head_query = select(ChainHead)
+    if chain_ids is not None:
+        head_query = head_query.where(ChainHead.chain_id.in_(chain_ids))
+    heads = {h.chain_id: (h.seq, h.hash) for h in session.scalars(head_query)}
+    count_query = select(func.count()).select_from(EvidenceEvent)
+    if chain_ids is not None:
+        count_query = count_query.where(EvidenceEvent.chain_id.in_(chain_ids))
+    total = int(session.scalar(count_query) or 0)
+
     current: str | None = None
     seen: set[str] = set()
-    prev_hash = GENESIS
-    expected_seq = 1
+    prev_hash, expected_seq = GENESIS, 1
 
     def close_chain(chain_id: str, last_seq: int, last_hash: str) -> None:
         head = heads.get(chain_id)
         if head is None:
             report.broken.append(Broken(None, chain_id, None, None, "chain has no head record"))
-        elif head.seq != last_seq or head.hash != last_hash:
+        elif head != (last_seq, last_hash):
             report.broken.append(
                 Broken(
                     None,
                     chain_id,
-                    head.seq,
+                    head[0],
                     None,
-                    f"chain truncated or rewritten: head {head.seq}, table ends at {last_seq}",
+                    f"chain truncated or rewritten: head {head[0]}, table ends at {last_seq}",
                 )
             )
 
-    for row in _rows(session, chain_ids, run_id):
-        if row.chain_id != current:
+    for row, (recomputed, problem, had_receipt) in _checked(_rows(session, chain_ids), keys, total):
+        event_id, chain_id, seq, _t, row_run, kind, _p, _c, row_prev, row_hash = row
+        if chain_id != current:
             if current is not None:
                 close_chain(current, expected_seq - 1, prev_hash)
-            current, prev_hash, expected_seq = row.chain_id, GENESIS, 1
-            seen.add(current)
+            current, prev_hash, expected_seq = chain_id, GENESIS, 1
+            seen.add(chain_id)
             report.chains += 1
         report.events += 1
-        named = run_id is None or row.run_id == run_id
+        named = run_id is None or row_run == run_id
 
-        def broken(problem: str, row: EvidenceEvent = row) -> None:
-            report.broken.append(Broken(row.id, row.chain_id, row.seq, row.kind, problem))
-
-        if row.seq != expected_seq:
-            broken(f"sequence gap: expected seq {expected_seq}")
-        if row.prev_hash != prev_hash and named:
-            broken("prev_hash does not link to the previous event")
-        recomputed = event_hash(
-            chain_id=row.chain_id,
-            seq=row.seq,
-            prev_hash=row.prev_hash,
-            kind=row.kind,
-            tenant_id=row.tenant_id,
-            run_id=row.run_id,
-            created_at=row.created_at,
-            payload=row.payload,
-        )
-        if recomputed != row.hash and named:
-            broken("hash does not match the event's contents (tampered)")
-        if row.kind in RECEIPT_KINDS and named and "message" in row.payload:
-            try:
-                check_result_message(row.payload["message"], keys)
+        problems = []
+        if seq != expected_seq:
+            problems.append(f"sequence gap: expected seq {expected_seq}")
+        if row_prev != prev_hash and named:
+            problems.append("prev_hash does not link to the previous event")
+        if recomputed != row_hash and named:
+            problems.append("hash does not match the event's contents (tampered)")
+        if had_receipt and named:
+            if problem is None:
                 report.receipts += 1
-            except ReceiptProblem as e:
-                broken(f"receipt: {e.message}")
-        prev_hash, expected_seq = row.hash, row.seq + 1
+            else:
+                problems.append(f"receipt: {problem}")
+        report.broken.extend(Broken(event_id, chain_id, seq, kind, text) for text in problems)
+        prev_hash, expected_seq = row_hash, seq + 1
     if current is not None:
         close_chain(current, expected_seq - 1, prev_hash)
-    for chain_id, head in heads.items():
-        if chain_id not in seen and head.seq > 0:
+    for chain_id, (head_seq, _hash) in heads.items():
+        if chain_id not in seen and head_seq > 0:
             report.broken.append(
-                Broken(None, chain_id, head.seq, None, "chain head has no events (all deleted)")
+                Broken(None, chain_id, head_seq, None, "chain head has no events (all deleted)")
             )
     return report

@@ -92,12 +92,18 @@ class ForkExecutor:
 
     def run(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext) -> Outcome:
         cap = spec.limits.output_bytes + 4096
+        state = ctx.state
+        if spec.prepare is not None:
+            try:  # in the process that forks: the child inherits what it prepared
+                state = spec.prepare(ctx)
+            except Exception as e:  # a tool's own bug: a failed call, never a dead worker
+                return Outcome(False, None, "tool_error", f"prepare: {type(e).__name__}: {e}")
         with tempfile.TemporaryDirectory(prefix=f"tp-{spec.name}-", dir=self.scratch_root) as tmp:
             ctx = ToolContext(
                 repo_root=ctx.repo_root,
                 docs_root=ctx.docs_root,
                 scratch_dir=Path(tmp),
-                state=ctx.state,
+                state=state,
             )
             read_fd, write_fd = os.pipe()
             pid = os.fork()

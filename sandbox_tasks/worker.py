@@ -107,16 +107,8 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
     except ValidationError as e:
         outcome_result, outcome_error = None, ("invalid_argument", _validation_message(e))
     else:
-        ctx = deps.context
-        if spec.prepare is not None:
-            ctx = ToolContext(
-                repo_root=ctx.repo_root,
-                docs_root=ctx.docs_root,
-                scratch_dir=ctx.scratch_dir,
-                state=spec.prepare(ctx),
-            )
         try:
-            outcome = deps.executor.run(spec, args, ctx)
+            outcome = deps.executor.run(spec, args, deps.context)
         except OSError as e:  # fork, pipe or scratch failed: the call fails, the worker lives
             log.exception("executor.failed job=%s", envelope.job_id)
             outcome = Outcome(False, None, "tool_error", f"executor: {e}")

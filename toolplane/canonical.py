@@ -29,39 +29,60 @@ __all__ = [
 ]
 
 
-def check_json_value(value: Any, path: str = "$", depth: int = 0) -> None:
-    """Raise CanonicalJSONError if ``value`` is not safely representable as JCS JSON."""
+def _check(value: Any, path: str, depth: int) -> bool:
+    """Raise on values JCS cannot carry; return True if the value is "simple".
+
+    Simple means no floats and no object key outside the Basic Multilingual
+    Plane: for such values Python's own encoder, with sorted keys, compact
+    separators and no ASCII escaping, writes exactly the RFC 8785 bytes (same
+    escapes, and code-point order equals UTF-16 order for BMP keys).
+    """
     if depth > MAX_DEPTH:
         raise CanonicalJSONError(f"nested deeper than {MAX_DEPTH} levels", path=path)
     if value is None or isinstance(value, bool | str):
-        return
+        return True
     if isinstance(value, int):
         if abs(value) > MAX_SAFE_INTEGER:
             raise CanonicalJSONError("integer beyond 2**53 cannot be carried exactly", path=path)
-        return
+        return True
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             raise CanonicalJSONError("NaN and infinity are not JSON", path=path)
         if abs(value) > MAX_SAFE_INTEGER:
             # JCS writes such a float as an integer literal, which would not parse back.
             raise CanonicalJSONError("number beyond 2**53 cannot be carried exactly", path=path)
-        return
+        return False
     if isinstance(value, dict):
+        simple = True
         for key, item in value.items():
             if not isinstance(key, str):
                 raise CanonicalJSONError("object keys must be strings", path=path)
-            check_json_value(item, f"{path}.{key}", depth + 1)
-        return
+            if simple and any(ord(c) > 0xFFFF for c in key):
+                simple = False
+            simple = _check(item, f"{path}.{key}", depth + 1) and simple
+        return simple
     if isinstance(value, list | tuple):
+        simple = True
         for index, item in enumerate(value):
-            check_json_value(item, f"{path}[{index}]", depth + 1)
-        return
+            simple = _check(item, f"{path}[{index}]", depth + 1) and simple
+        return simple
     raise CanonicalJSONError(f"{type(value).__name__} is not a JSON value", path=path)
+
+
+def check_json_value(value: Any, path: str = "$", depth: int = 0) -> None:
+    """Raise CanonicalJSONError if ``value`` is not safely representable as JCS JSON."""
+    _check(value, path, depth)
 
 
 def canonical_json(value: Any) -> bytes:
     """Return the RFC 8785 canonical encoding of ``value``."""
-    check_json_value(value)
+    if _check(value, "$", 0):
+        try:
+            return json.dumps(
+                value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            ).encode("utf-8")
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: the reference encoder below refuses it properly
     try:
         return rfc8785.dumps(value)
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as e:

@@ -157,3 +157,38 @@ def test_concurrent_appends_keep_one_unbroken_chain(stack: Stack, token: str) ->
         )
     assert report.ok, report.broken
     assert sorted(seqs) == list(range(1, len(seqs) + 1)) and len(seqs) >= 101
+
+
+@pytest.mark.timeout(120)
+def test_large_ledger_is_verified_in_parallel_and_names_the_tampered_event(
+    stack: Stack, token: str
+) -> None:
+    from ledger import verify as verify_module
+
+    client = stack.client(token)
+    tenant = client.identity.tenant_id
+    for batch in range(20):
+        with client.plane.sessions() as session:
+            append_events(
+                session,
+                [
+                    NewEvent("RunSubmitted", {"batch": batch, "i": i}, tenant_id=tenant)
+                    for i in range(500)
+                ],
+            )
+            session.commit()
+    assert 10_000 > verify_module.PARALLEL_FROM
+    with client.plane.sessions() as session:
+        victim = session.scalar(
+            select(EvidenceEvent.id).where(
+                EvidenceEvent.chain_id == chain_for(tenant), EvidenceEvent.seq == 7777
+            )
+        )
+    with superuser(stack) as conn:
+        conn.execute("SET session_replication_role = replica")
+        conn.execute(
+            "UPDATE evidence_events SET payload = '{\"i\": -1}'::jsonb WHERE id = %s", (victim,)
+        )
+    report = client.verify_ledger()
+    assert report.events >= 10_000
+    assert [(b.event_id, b.seq) for b in report.broken] == [(victim, 7777)]

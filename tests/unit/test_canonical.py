@@ -8,6 +8,7 @@ import math
 import struct
 
 import pytest
+import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -353,3 +354,29 @@ def test_parse_refuses_nesting_beyond_the_depth_limit():
     assert parse_json_strict("[" * MAX_DEPTH + "]" * MAX_DEPTH)
     with pytest.raises(CanonicalJSONError, match=f"deeper than {MAX_DEPTH}"):
         parse_json_strict("[" * (MAX_DEPTH + 2) + "]" * (MAX_DEPTH + 2))
+
+
+# -- the fast path (Python's encoder for simple values) equals the reference encoder --
+
+_simple_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
+_simple = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | _simple_text,
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(_simple_text, children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@given(_simple)
+def test_fast_path_is_byte_identical_to_rfc8785(value):
+    assert canonical_json(value) == rfc8785.dumps(value)
+
+
+def test_fast_path_is_not_taken_for_astral_keys():
+    value = {"\U0001f600": 1, "\uffff": 2}
+    assert canonical_json(value) == rfc8785.dumps(value)
+    assert (
+        canonical_json(value)
+        != json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    )
