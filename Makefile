@@ -24,5 +24,12 @@ check: install
 demo: install
 	$(PY) -m control.demo
 
+$(VENV)/.bench: $(VENV)/.installed
+	$(PIP) install -e ".[test,bench]"
+	touch $@
+
+bench: $(VENV)/.bench
+	$(PY) -m benchmarks.run
+
 clean:
 	rm -rf $(VENV) .toolplane .pytest_cache

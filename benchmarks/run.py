@@ -1,0 +1,360 @@
+"""``make bench``: the governed path against bare Celery, side by side, in one run.
+
+Both sides do the same work (read_repo_file's function on the same file) on the
+same broker and machine, with the same number of worker processes. Rounds are
+interleaved (bare, governed, bare, ...) so machine noise hits both alike.
+Writes benchmarks/results/<date>.json and a PNG chart, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from benchmarks import bare, components
+from tests.harness import REPO, start_services, start_stack, stop_stack, wait_for
+
+RESULTS = REPO / "benchmarks" / "results"
+FILE = "src/shipit/deploy.py"
+console = Console()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def rss_mb(pid: int) -> float:
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 1e6
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds of a process, its live children and its reaped children."""
+    proc = psutil.Process(pid)
+    t = proc.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in proc.children(recursive=True):
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def cpu_per_call(pids: dict[str, int], run: Callable[[], int]) -> dict[str, float]:
+    """Milliseconds of CPU per call in each process while ``run`` makes its calls."""
+    before = {name: cpu_s(pid) for name, pid in pids.items()}
+    calls = run()
+    return {name: (cpu_s(pid) - before[name]) * 1000 / calls for name, pid in pids.items()}
+
+
+class Sides:
+    """The two things being compared, each with a throughput and a latency probe."""
+
+    def __init__(self, bare_app: Any, client: Any, *, submitters: int) -> None:
+        self.bare_app = bare_app
+        self.client = client
+        # Governed calls come from many agents at once: submit from a pool of threads.
+        self.pool = ThreadPoolExecutor(max_workers=submitters)
+
+    def bare_batch(self, n: int) -> float:
+        start = time.perf_counter()
+        pending = [
+            self.bare_app.send_task(bare.TASK, args=[FILE], queue=bare.QUEUE) for _ in range(n)
+        ]
+        for result in pending:
+            assert result.get(timeout=60)["path"] == FILE
+        return time.perf_counter() - start
+
+    def governed_batch(self, n: int) -> float:
+        start = time.perf_counter()
+        ids = list(
+            self.pool.map(lambda _: self.client.submit("read_repo_file", {"path": FILE}), range(n))
+        )
+        statuses = self.client.wait_all(ids, timeout=120)
+        assert set(statuses.values()) == {"completed"}, statuses
+        return time.perf_counter() - start
+
+    def bare_one(self) -> float:
+        start = time.perf_counter()
+        self.bare_app.send_task(bare.TASK, args=[FILE], queue=bare.QUEUE).get(timeout=30)
+        return time.perf_counter() - start
+
+    def governed_one(self) -> float:
+        start = time.perf_counter()
+        view = self.client.call("read_repo_file", {"path": FILE}, wait=True, timeout=30)
+        assert view.status == "completed"
+        return time.perf_counter() - start
+
+
+def measure(sides: Sides, *, rounds: int, inflight: int, latency: int, progress: Progress) -> dict:
+    tput: dict[str, list[float]] = {"bare": [], "governed": []}
+    lat: dict[str, list[float]] = {"bare": [], "governed": []}
+    task = progress.add_task("throughput + latency (interleaved)", total=rounds * (2 + 2 * latency))
+    for _ in range(rounds):
+        tput["bare"].append(inflight / sides.bare_batch(inflight))
+        progress.advance(task)
+        tput["governed"].append(inflight / sides.governed_batch(inflight))
+        progress.advance(task)
+        for _ in range(latency):
+            lat["bare"].append(sides.bare_one())
+            lat["governed"].append(sides.governed_one())
+            progress.advance(task, 2)
+    out: dict[str, Any] = {}
+    for side in ("bare", "governed"):
+        out[side] = {
+            "throughput_per_s": statistics.median(tput[side]),
+            "throughput_rounds": tput[side],
+            "latency_p50_ms": pct(lat[side], 0.5) * 1000,
+            "latency_p99_ms": pct(lat[side], 0.99) * 1000,
+            "latency_samples": len(lat[side]),
+        }
+    out["ratio"] = {
+        "throughput": out["governed"]["throughput_per_s"] / out["bare"]["throughput_per_s"],
+        "latency_p50": out["governed"]["latency_p50_ms"] / out["bare"]["latency_p50_ms"],
+        "latency_p99": out["governed"]["latency_p99_ms"] / out["bare"]["latency_p99_ms"],
+    }
+    return out
+
+
+def soak(sides: Sides, pids: dict[str, int], *, calls: int, progress: Progress) -> dict:
+    """Many governed calls; RSS of each process sampled as they go."""
+    batch = 100
+    samples: dict[str, list[float]] = {name: [] for name in pids}
+    task = progress.add_task(f"memory soak ({calls} governed calls)", total=calls)
+    done = 0
+    while done < calls:
+        n = min(batch, calls - done)
+        sides.governed_batch(n)
+        done += n
+        progress.advance(task, n)
+        for name, pid in pids.items():
+            samples[name].append(rss_mb(pid))
+    report = {}
+    for name, values in samples.items():
+        tenth = max(1, len(values) // 10)
+        early = statistics.median(values[tenth : 2 * tenth] or values[:1])
+        late = statistics.median(values[-tenth:])
+        report[name] = {
+            "peak_mb": max(values),
+            "after_10pct_mb": early,
+            "last_10pct_mb": late,
+            "growth_pct": (late - early) / early * 100,
+        }
+    return report
+
+
+def chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    side = result["side_by_side"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["bare Celery", "governed"]
+    a.bar(
+        names,
+        [side["bare"]["throughput_per_s"], side["governed"]["throughput_per_s"]],
+        color=["#999", "#2a6"],
+    )
+    a.set_title("throughput (calls/s, higher is better)")
+    x = range(2)
+    b.bar(
+        [i - 0.2 for i in x],
+        [side["bare"]["latency_p50_ms"], side["bare"]["latency_p99_ms"]],
+        width=0.4,
+        label="bare Celery",
+        color="#999",
+    )
+    b.bar(
+        [i + 0.2 for i in x],
+        [side["governed"]["latency_p50_ms"], side["governed"]["latency_p99_ms"]],
+        width=0.4,
+        label="governed",
+        color="#2a6",
+    )
+    b.set_xticks(list(x), ["p50", "p99"])
+    b.set_title("latency, one at a time (ms, lower is better)")
+    b.legend()
+    fig.suptitle(f"toolplane vs bare Celery — {result['date']} ({result['machine']['cpus']} cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(result: dict) -> Table:
+    side = result["side_by_side"]
+    t = Table("metric", "bare Celery", "governed", "governed / bare", title="side by side")
+    t.add_row(
+        "throughput (calls/s)",
+        f"{side['bare']['throughput_per_s']:.0f}",
+        f"{side['governed']['throughput_per_s']:.0f}",
+        f"{side['ratio']['throughput']:.2f}",
+    )
+    t.add_row(
+        "latency p50 (ms)",
+        f"{side['bare']['latency_p50_ms']:.1f}",
+        f"{side['governed']['latency_p50_ms']:.1f}",
+        f"{side['ratio']['latency_p50']:.2f}",
+    )
+    t.add_row(
+        "latency p99 (ms)",
+        f"{side['bare']['latency_p99_ms']:.1f}",
+        f"{side['governed']['latency_p99_ms']:.1f}",
+        f"{side['ratio']['latency_p99']:.2f}",
+    )
+    return t
+
+
+def start_bare_worker(services: Any, concurrency: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bare",
+            "--broker",
+            services.redis_url,
+            "--backend",
+            services.redis_url,
+            "--repo-root",
+            str(REPO / "examples" / "repo"),
+            "--concurrency",
+            str(concurrency),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--inflight", type=int, default=200)
+    parser.add_argument("--latency", type=int, default=25, help="samples per side per round")
+    parser.add_argument(
+        "--soak", type=int, default=10_000, help="governed calls in the memory soak"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="worker processes per side")
+    parser.add_argument(
+        "--submitters", type=int, default=8, help="threads submitting governed calls"
+    )
+    ns = parser.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="tpbench-"))
+    services = start_services(tmp)
+    stack = bare_worker = None
+    try:
+        console.print("starting the governed stack and the bare Celery worker…")
+        stack = start_stack(services, tmp / "home", workers={"read_repo_file": ns.workers})
+        bare_worker = start_bare_worker(services, ns.workers)
+        bare_app = bare.make_app(services.redis_url, services.redis_url, REPO / "examples" / "repo")
+        wait_for(
+            lambda: bare_app.control.ping(
+                destination=[f"bare@{psutil.os.uname().nodename}"], timeout=1
+            ),
+            timeout=30,
+            what="bare worker",
+        )
+        client = stack.client(stack.tenant("bench"))
+        sides = Sides(bare_app, client, submitters=ns.submitters)
+        for _ in range(20):  # warm both paths: connections, imports, policy, index
+            sides.bare_one()
+            sides.governed_one()
+        pids = {
+            "control": _pid(stack, "control"),
+            "worker-read_repo_file": _pid(stack, "worker-read_repo_file"),
+            "bare-worker": bare_worker.pid,
+        }
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            side_by_side = measure(
+                sides, rounds=ns.rounds, inflight=ns.inflight, latency=ns.latency, progress=progress
+            )
+            gov_pids = {k: v for k, v in pids.items() if k != "bare-worker"}
+            gov_pids["client (submit+wait)"] = psutil.Process().pid
+            where = {
+                "governed": cpu_per_call(
+                    gov_pids, lambda: sides.governed_batch(ns.inflight) and ns.inflight
+                ),
+                "bare": cpu_per_call(
+                    {
+                        "bare-worker": pids["bare-worker"],
+                        "client (delay+get)": psutil.Process().pid,
+                    },
+                    lambda: sides.bare_batch(ns.inflight) and ns.inflight,
+                ),
+            }
+            memory = soak(sides, pids, calls=ns.soak, progress=progress) if ns.soak else {}
+            comps = components.run_all(client, progress=progress)
+        result = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": {"cpus": psutil.cpu_count(), "python": sys.version.split()[0]},
+            "settings": vars(ns),
+            "side_by_side": side_by_side,
+            "cpu_ms_per_call": where,
+            "memory": memory,
+            "components": comps,
+        }
+    finally:
+        if bare_worker is not None:
+            bare_worker.terminate()
+            bare_worker.wait(timeout=20)
+        if stack is not None:
+            stop_stack(stack)
+        services.close()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = datetime.now(UTC).strftime("%Y-%m-%d")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    chart(result, RESULTS / f"{stem}.png")
+    console.print(table(result))
+    console.print(components.table(result["components"]))
+    for side, parts in result["cpu_ms_per_call"].items():
+        spent = ", ".join(f"{name} {ms:.1f}" for name, ms in parts.items())
+        console.print(f"CPU ms per call, {side}: {spent} (total {sum(parts.values()):.1f})")
+    for name, mem in result["memory"].items():
+        console.print(
+            f"memory {name}: peak {mem['peak_mb']:.0f} MB, "
+            f"growth over the soak {mem['growth_pct']:+.1f}%"
+        )
+    console.print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')}")
+    return 0
+
+
+def _pid(stack: Any, name: str) -> int:
+    for entry in json.loads((stack.home / "run" / "processes.json").read_text()):
+        if entry["name"] == name:
+            return int(entry["pid"])
+    raise KeyError(name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
