@@ -47,8 +47,60 @@ def _signer(owner: str) -> tuple[Ed25519Signer, KeyRing]:
     return signer, ring
 
 
+def containment_overhead(settings: Any) -> dict[str, float]:
+    """p50 of one read_repo_file call: in process, forked child, warm bubblewrap runner."""
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path
+    from sandbox_tasks.executor import ForkExecutor
+    from sandbox_tasks.registry import ToolContext
+    from sandbox_tasks.tools.read_repo_file import TOOL
+
+    ctx = ToolContext(
+        repo_root=settings.repo_root,
+        docs_root=settings.docs_root,
+        scratch_dir=Path(tempfile.gettempdir()),
+    )
+    args = TOOL.args_model.model_validate({"path": "src/shipit/deploy.py"})
+    runners: dict[str, Callable[[], Any]] = {"in_process": lambda: TOOL.func(args, ctx)}
+    fork = ForkExecutor()
+    runners["fork"] = lambda: fork.run(TOOL, args, ctx)
+    binary = bwrap_path()
+    bwrap = None
+    if binary is not None:
+        bwrap = BwrapExecutor(
+            binary=binary,
+            spec=TOOL,
+            repo_root=settings.repo_root,
+            docs_root=settings.docs_root,
+            extra_modules=[],
+            forbidden=[settings.home],
+        )
+        runners["bwrap"] = lambda: bwrap.run(TOOL, args, ctx)
+    out = {}
+    try:
+        for name, call in runners.items():
+            call()  # warm (starts the bwrap runner)
+            samples = []
+            for _ in range(200):
+                start = time.perf_counter()
+                call()
+                samples.append((time.perf_counter() - start) * 1000)
+            out[f"call_p50_ms_{name}"] = statistics.median(samples)
+    finally:
+        if bwrap is not None:
+            bwrap.close()
+    if "call_p50_ms_bwrap" in out:
+        out["containment_overhead_p50_ms"] = (
+            out["call_p50_ms_bwrap"] - out["call_p50_ms_in_process"]
+        )
+    return out
+
+
 def run_all(client: Any, *, progress: Progress) -> dict[str, Any]:
-    task = progress.add_task("components", total=6)
+    task = progress.add_task("components", total=7)
     plane, out = client.plane, {}
     request = PolicyRequest("t", "p", "submitter", "read_repo_file", "dev", "internal")
     out["policy_decision_us"] = per_call_us(lambda: plane.policy.decide(request))
@@ -123,6 +175,8 @@ def run_all(client: Any, *, progress: Progress) -> dict[str, Any]:
     out["ledger_verify_receipts"] = report.receipts
     out["ledger_verify_events_per_s"] = report.events / elapsed
     out["ledger_verify_ok"] = report.ok
+    progress.advance(task)
+    out.update(containment_overhead(plane.settings))
     progress.advance(task)
     return out
 

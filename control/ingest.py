@@ -23,7 +23,7 @@ from ledger.chain import NewEvent
 from ledger.models import Node, Run, ToolManifest
 from ledger.receipts import ReceiptProblem, check_result_message
 from ledger.store import append_events
-from toolplane.canonical import CanonicalJSONError, check_json_value, digest
+from toolplane.canonical import CanonicalJSONError, check_json_value, contains_nul, digest
 from toolplane.errors import SignatureError
 from toolplane.messages import ResultMessage, SignedManifest, ms_to_datetime
 from toolplane.signing import KeyRing
@@ -49,9 +49,11 @@ def _safe(raw: Any) -> Any:
     try:
         check_json_value(raw)
         digest(raw)
-        return raw
     except CanonicalJSONError:
         return {"unparseable": repr(raw)[:4000]}
+    if contains_nul(raw):  # repr escapes it
+        return {"unparseable": repr(raw)[:4000]}
+    return raw
 
 
 def _claimed(raw: Any) -> tuple[str | None, str | None, int | None]:
@@ -59,10 +61,15 @@ def _claimed(raw: Any) -> tuple[str | None, str | None, int | None]:
     if not isinstance(result, dict):
         return None, None, None
     run_id, node_id, attempt = result.get("run_id"), result.get("node_id"), result.get("attempt")
+
+    def ident(value: Any) -> str | None:  # an id the database can look up
+        ok = isinstance(value, str) and 0 < len(value) <= 200 and "\x00" not in value
+        return value if ok else None
+
     return (
-        run_id if isinstance(run_id, str) else None,
-        node_id if isinstance(node_id, str) else None,
-        attempt if isinstance(attempt, int) else None,
+        ident(run_id),
+        ident(node_id),
+        attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
     )
 
 
@@ -124,6 +131,8 @@ def ingest_result(session: Session, raw: Any, keys: KeyRing) -> Outcome:
         session.commit()
         return Outcome.RECEIPT_INVALID
 
+    if contains_nul(raw):
+        return invalid("message contains NUL characters, which the ledger cannot store")
     try:
         message: ResultMessage = check_result_message(raw, keys)
     except ReceiptProblem as e:

@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from celery import Celery, Task, signals
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 import celeryconfig
 from control.dispatch import publish_pending
@@ -41,7 +41,7 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
         try:
             with plane.sessions() as session:
                 return ingest_result(session, _only_arg(args, kwargs), plane.keyring()).value
-        except (OperationalError, DBAPIError) as e:
+        except (OperationalError, InterfaceError) as e:
             delay = min(2 ** min(self.request.retries, 5), 30)
             log.warning("ingest.retry in=%ss error=%s", delay, str(e).splitlines()[0])
             raise self.retry(countdown=delay) from e
@@ -56,7 +56,7 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
         except ReceiptProblem as e:
             log.warning("manifest.refused %s", e)
             return None
-        except (OperationalError, DBAPIError) as e:
+        except (OperationalError, InterfaceError) as e:
             raise self.retry(countdown=2) from e
 
     def relay() -> None:

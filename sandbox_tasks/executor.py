@@ -23,7 +23,12 @@ from pydantic import BaseModel
 
 from sandbox_tasks.errors import ToolFailure
 from sandbox_tasks.registry import ToolContext, ToolSpec
-from toolplane.canonical import CanonicalJSONError, canonical_json, parse_json_strict
+from toolplane.canonical import (
+    CanonicalJSONError,
+    canonical_json,
+    contains_nul,
+    parse_json_strict,
+)
 
 CONTAINMENT = "fork-rlimits"
 
@@ -43,6 +48,12 @@ def _child(spec: ToolSpec, args: BaseModel, ctx: ToolContext, out_fd: int) -> No
     status = 0
     try:
         os.setsid()
+        # stdin/stdout/stderr may be a runner's protocol pipes or the worker's log:
+        # a tool that reads or prints gets /dev/null instead.
+        null_in, null_out = os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null_in, 0)
+        os.dup2(null_out, 1)
+        os.dup2(null_out, 2)
         limits = spec.limits
         mem = limits.memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
@@ -50,6 +61,7 @@ def _child(spec: ToolSpec, args: BaseModel, ctx: ToolContext, out_fd: int) -> No
         resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
         resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
         os.environ.clear()
         os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(ctx.scratch_dir)})
         os.chdir(ctx.scratch_dir)
@@ -57,7 +69,10 @@ def _child(spec: ToolSpec, args: BaseModel, ctx: ToolContext, out_fd: int) -> No
             value = spec.func(args, ctx)
             if not isinstance(value, spec.result_model):
                 raise ToolFailure("tool_error", f"tool returned {type(value).__name__}")
-            body = canonical_json({"ok": True, "result": value.model_dump(mode="json")})
+            dumped = value.model_dump(mode="json")
+            if contains_nul(dumped):
+                raise ToolFailure("tool_error", "result contains NUL characters")
+            body = canonical_json({"ok": True, "result": dumped})
             if len(body) > limits.output_bytes:
                 raise ToolFailure(
                     "too_large", f"result is {len(body)} bytes, cap {limits.output_bytes}"
@@ -85,10 +100,9 @@ def _child(spec: ToolSpec, args: BaseModel, ctx: ToolContext, out_fd: int) -> No
 class ForkExecutor:
     """Runs one tool call in a contained child process."""
 
-    containment = CONTAINMENT
-
-    def __init__(self, *, scratch_root: Path | None = None) -> None:
+    def __init__(self, *, scratch_root: Path | None = None, containment: str = CONTAINMENT) -> None:
         self.scratch_root = scratch_root
+        self.containment = containment
 
     def run(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext) -> Outcome:
         cap = spec.limits.output_bytes + 4096

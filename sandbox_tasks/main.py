@@ -5,10 +5,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
 from sandbox_tasks.errors import RegistryError
 from sandbox_tasks.executor import ForkExecutor
-from sandbox_tasks.registry import ToolContext, load_tools
-from sandbox_tasks.worker import WorkerDeps, build_worker_app, default_worker_name, make_claims
+from sandbox_tasks.registry import ToolContext, ToolSpec, load_tools
+from sandbox_tasks.worker import (
+    Executor,
+    WorkerDeps,
+    build_worker_app,
+    default_worker_name,
+    make_claims,
+)
 from toolplane.errors import SettingsError
 from toolplane.keystore import KeyStore
 from toolplane.settings import Settings
@@ -33,10 +40,10 @@ def build_deps(settings: Settings, tool: str, *, broker_url: str) -> WorkerDeps:
     scratch.mkdir(parents=True, exist_ok=True)
     return WorkerDeps(
         spec=tools[tool],
+        executor=make_executor(settings, tools[tool], scratch),
         signer=keystore.signer(f"tool.{tool}"),
         control_keys=control_keys,
         claims=make_claims(broker_url),
-        executor=ForkExecutor(scratch_root=scratch),
         context=ToolContext(
             repo_root=settings.repo_root,
             docs_root=settings.docs_root,
@@ -44,6 +51,33 @@ def build_deps(settings: Settings, tool: str, *, broker_url: str) -> WorkerDeps:
         ),
         worker_name=default_worker_name(tool),
     )
+
+
+WEAK = "fork-rlimits (weak: no namespaces)"
+
+
+def make_executor(settings: Settings, spec: ToolSpec, scratch: Path) -> Executor:
+    """bubblewrap where the host allows it; weaker only where the operator said so."""
+    binary = bwrap_path()
+    problem = probe_bwrap(binary)
+    if problem is None:
+        assert binary is not None
+        return BwrapExecutor(
+            binary=binary,
+            spec=spec,
+            repo_root=settings.repo_root,
+            docs_root=settings.docs_root,
+            extra_modules=settings.extra_tool_modules,
+            forbidden=[settings.home, settings.keys_dir],
+        )
+    if not settings.allow_weak_containment:
+        raise SettingsError(
+            f"cannot contain tools here ({problem}); set TOOLPLANE_ALLOW_WEAK_CONTAINMENT=true "
+            "to run them in rlimited children without namespaces (recorded in every receipt)",
+            setting="ALLOW_WEAK_CONTAINMENT",
+        )
+    log.warning("sandbox.weak tool=%s reason=%s: NO network or mount isolation", spec.name, problem)
+    return ForkExecutor(scratch_root=scratch, containment=WEAK)
 
 
 def run_worker(

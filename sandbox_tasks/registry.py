@@ -37,6 +37,7 @@ class Limits:
     output_bytes: int = 1_000_000  # cap on the canonical JSON of the result
     file_bytes: int = 8_000_000  # RLIMIT_FSIZE: largest file the tool may write
     open_files: int = 64  # RLIMIT_NOFILE
+    processes: int = 32  # the sandbox's process cap (cgroup pids.max; RLIMIT_NPROC too)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +47,7 @@ class Limits:
             "output_bytes": self.output_bytes,
             "file_bytes": self.file_bytes,
             "open_files": self.open_files,
+            "processes": self.processes,
         }
 
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from celery import Celery, Task, signals
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 import celeryconfig
 from sandbox_tasks.claims import ClaimState, RedisClaims
 from sandbox_tasks.envelope import verify_envelope
 from sandbox_tasks.errors import EnvelopeRefused
-from sandbox_tasks.executor import ForkExecutor, Outcome
+from sandbox_tasks.executor import Outcome
 from sandbox_tasks.receipts import build_result, sign_manifest, sign_result
 from sandbox_tasks.registry import ToolContext, ToolSpec
 from toolplane.canonical import CanonicalJSONError
@@ -36,6 +36,14 @@ __all__ = ["WorkerDeps", "build_worker_app", "handle_job"]
 CLAIM_MARGIN_MS = 5_000  # time between claim and publish beyond the tool's own limit
 
 
+class Executor(Protocol):
+    """Runs one call of a tool in containment; ``containment`` goes into every receipt."""
+
+    containment: str
+
+    def run(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext) -> Outcome: ...
+
+
 @dataclass(frozen=True)
 class WorkerDeps:
     """Everything a worker needs, built once by its composition root."""
@@ -44,7 +52,7 @@ class WorkerDeps:
     signer: Signer  # the tool's receipt key
     control_keys: KeyRing  # control's public keys
     claims: RedisClaims
-    executor: ForkExecutor
+    executor: Executor
     context: ToolContext
     worker_name: str
 
@@ -107,6 +115,7 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
     except ValidationError as e:
         outcome_result, outcome_error = None, ("invalid_argument", _validation_message(e))
     else:
+        log.info("job.start job=%s containment=%s", envelope.job_id, deps.executor.containment)
         try:
             outcome = deps.executor.run(spec, args, deps.context)
         except OSError as e:  # fork, pipe or scratch failed: the call fails, the worker lives

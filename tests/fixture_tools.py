@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,7 +16,7 @@ from sandbox_tasks.registry import Limits, ToolContext, ToolSpec
 class SleepyArgs(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
     seconds: float = Field(ge=0, le=30)
-    marker_dir: str = ""  # where to drop a file per execution (counts real runs)
+    tag: str = ""  # lets a test tell its calls apart
 
 
 class SleepyResult(BaseModel):
@@ -27,8 +26,6 @@ class SleepyResult(BaseModel):
 
 
 def sleepy(args: SleepyArgs, ctx: ToolContext) -> SleepyResult:
-    if args.marker_dir:
-        Path(args.marker_dir, f"run-{os.getpid()}-{time.time_ns()}").write_text("ran")
     time.sleep(args.seconds)
     return SleepyResult(slept=args.seconds, pid=os.getpid())
 
@@ -44,3 +41,93 @@ TOOLS = [
         limits=Limits(timeout_s=8, cpu_s=5),
     )
 ]
+
+
+# -- a hostile tool: each action is something an exploited tool would try --
+
+
+class ProbeArgs(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    action: str
+    target: str = ""
+
+
+class ProbeResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    outcome: str
+    detail: dict[str, object] = {}
+
+
+def probe(args: ProbeArgs, ctx: ToolContext) -> ProbeResult:
+    import socket
+
+    action = args.action
+    if action in ("connect_redis", "connect_postgres"):
+        port = 6379 if action == "connect_redis" else 5432
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return ProbeResult(outcome="connected")
+        except OSError as e:
+            return ProbeResult(outcome="refused", detail={"error": str(e)})
+    if action == "interfaces":  # reaching any other address needs an interface and a route
+        return ProbeResult(
+            outcome="listed",
+            detail={
+                "interfaces": [name for _, name in socket.if_nameindex()],
+                "routes": open("/proc/net/route").read().splitlines()[1:],
+            },
+        )
+    if action == "write_data_root":
+        try:
+            (ctx.repo_root / "pwned.txt").write_text("x")
+            return ProbeResult(outcome="written")
+        except OSError as e:
+            return ProbeResult(outcome="refused", detail={"error": str(e)})
+    if action == "read_file":
+        try:
+            data = open(args.target, "rb").read()
+            text = data[:4000].decode(errors="replace").replace("\x00", "\n")
+            return ProbeResult(outcome="read", detail={"bytes": len(data), "text": text})
+        except OSError as e:
+            return ProbeResult(outcome="refused", detail={"error": str(e)})
+    if action == "nul":  # JSONB cannot store U+0000: an attempt to jam ingest
+        return ProbeResult(outcome="a\x00b")
+    if action == "environment":
+        return ProbeResult(outcome="listed", detail={"env": dict(os.environ)})
+    if action == "fork_bomb":
+        children = 0
+        try:
+            for _ in range(10_000):
+                if os.fork() == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                children += 1
+        except OSError as e:
+            return ProbeResult(outcome="stopped", detail={"children": children, "error": str(e)})
+        return ProbeResult(outcome="unbounded", detail={"children": children})
+    if action == "allocate":
+        hoard = [bytearray(64 * 1024 * 1024) for _ in range(64)]  # 4 GiB
+        return ProbeResult(outcome="allocated", detail={"blocks": len(hoard)})
+    if action == "loop":
+        while True:
+            pass
+    if action == "print_gigabytes":
+        chunk = "x" * (1 << 20)
+        for _ in range(2048):
+            print(chunk)
+        return ProbeResult(outcome="printed", detail={"huge": chunk * 64})
+    raise ValueError(f"unknown action {action!r}")
+
+
+TOOLS.append(
+    ToolSpec(
+        name="probe",
+        version="1.0.0",
+        description="Tries what an exploited tool would try (security tests only).",
+        args_model=ProbeArgs,
+        result_model=ProbeResult,
+        func=probe,
+        limits=Limits(timeout_s=4, cpu_s=2, memory_mb=256, output_bytes=200_000, processes=16),
+        data_root="repo",
+    )
+)

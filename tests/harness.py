@@ -167,6 +167,10 @@ class Stack:
     def log(self, name: str) -> str:
         return (self.home / "logs" / f"{name}.log").read_text(errors="replace")
 
+    def starts(self, tool: str, job_id: str) -> int:
+        """How often a worker of ``tool`` started running ``job_id`` (from its own log)."""
+        return self.log(f"worker-{tool}").count(f"job.start job={job_id} ")
+
 
 def make_env(services: Services, home: Path, *, visibility_timeout: int = 30) -> dict[str, str]:
     policy = home / "policy"

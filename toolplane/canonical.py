@@ -21,6 +21,7 @@ MAX_DEPTH = 64
 
 __all__ = [
     "canonical_json",
+    "contains_nul",
     "sha256_hex",
     "digest",
     "parse_json_strict",
@@ -87,6 +88,17 @@ def canonical_json(value: Any) -> bytes:
         return rfc8785.dumps(value)
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as e:
         raise CanonicalJSONError(str(e)) from e
+
+
+def contains_nul(value: Any) -> bool:
+    """True if any string (or key) holds U+0000, which PostgreSQL's JSONB cannot store."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or contains_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(contains_nul(v) for v in value)
+    return False
 
 
 def sha256_hex(data: bytes) -> str:

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     receipt_algorithm: str = Field(default="ed25519", description="ed25519 or hmac-sha256")
     environment: str = Field(default="dev", description="default environment of a call")
     visibility_timeout: int = Field(default=120, ge=5, description="broker visibility timeout, s")
+    allow_weak_containment: bool = Field(
+        default=False, description="run tools without namespaces where bwrap cannot"
+    )
 
     @field_validator("home", "repo_root", "docs_root", "policy_dir")
     @classmethod

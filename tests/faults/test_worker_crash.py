@@ -22,20 +22,19 @@ def test_kill_9_mid_job_redelivers_and_accepts_once(
     stack: Stack, token: str, tmp_path: Path
 ) -> None:
     client = stack.client(token)
-    view = client.call("sleepy", {"seconds": 3, "marker_dir": str(tmp_path)})
-    first = wait_for(lambda: sorted(tmp_path.iterdir()), timeout=30, what="the job to start")
-    tool_pid = int(first[0].name.split("-")[1])  # the contained child that runs the tool
-    pool_child = psutil.Process(tool_pid).ppid()
-    assert psutil.Process(pool_child).ppid() == stack.worker_pid("sleepy")
-    os.kill(pool_child, signal.SIGKILL)  # the process that holds the job dies
-    os.killpg(tool_pid, signal.SIGKILL)  # and so does its contained child
+    view = client.call("sleepy", {"seconds": 3})
+    job = f"{view.run_id}/sleepy/1"
+    wait_for(lambda: stack.starts("sleepy", job) == 1, timeout=30, what="the job to start")
+    pool = psutil.Process(stack.worker_pid("sleepy")).children()
+    assert len(pool) == 1  # concurrency 1: this pool child holds the job
+    os.kill(pool[0].pid, signal.SIGKILL)  # its sandbox runner dies with it (--die-with-parent)
     started = time.monotonic()
 
     final = client.wait(view.run_id, timeout=90)
     recovered = time.monotonic() - started
     assert final.status == "completed", final
     assert final.nodes[0].attempt == 1
-    assert len(list(tmp_path.iterdir())) == 2  # killed once, ran once more
+    assert stack.starts("sleepy", job) == 2  # killed once, ran once more
     with client.plane.sessions() as session:
         accepted = list(
             session.scalars(

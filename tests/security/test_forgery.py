@@ -94,8 +94,9 @@ def control_envelope(
     return sign_envelope(signer=signer, **fields)
 
 
-def markers(path: Path) -> list[Path]:
-    return sorted(path.iterdir())
+def started(stack: Stack) -> int:
+    """Every job the sleepy worker has started running, from its own log."""
+    return stack.log("worker-sleepy").count("job.start job=")
 
 
 @pytest.mark.parametrize(
@@ -106,8 +107,9 @@ def test_forged_jobs_are_refused_and_never_run(
     stack: Stack, token: str, broker: Celery, tmp_path: Path, attack: str
 ) -> None:
     client = stack.client(token)
-    args = {"seconds": 0, "marker_dir": str(tmp_path)}
+    args = {"seconds": 0, "tag": attack}
     expected = "envelope_invalid"
+    before = started(stack)
     if attack == "unsigned":
         body: Any = {
             "envelope": control_envelope(stack, tool="sleepy", args=args).envelope.model_dump()
@@ -142,7 +144,7 @@ def test_forged_jobs_are_refused_and_never_run(
     assert result["error"]["code"] == expected
     assert refused["bound"] is False
     assert refused["message"]["receipt"]["key_id"].startswith("tool.sleepy:")
-    assert markers(tmp_path) == []  # the tool never ran
+    assert started(stack) == before  # the tool never ran
     assert client.verify_ledger().ok
 
 
@@ -150,15 +152,16 @@ def test_replayed_job_is_refused_and_does_not_run_again(
     stack: Stack, token: str, broker: Celery, tmp_path: Path
 ) -> None:
     client = stack.client(token)
-    view = client.call("sleepy", {"seconds": 0, "marker_dir": str(tmp_path)}, wait=True)
-    assert view.status == "completed" and len(markers(tmp_path)) == 1
+    view = client.call("sleepy", {"seconds": 0}, wait=True)
+    job = f"{view.run_id}/sleepy/1"
+    assert view.status == "completed" and stack.starts("sleepy", job) == 1
     with client.plane.sessions() as session:
         node = session.scalar(select(Node).where(Node.run_id == view.run_id))
         envelope = node.envelope
     push_job(broker, "tool.sleepy", envelope)
     refused = wait_for(lambda: evidence(client, view.run_id, "JobRefused"), what="JobRefused")[0]
     assert refused["bound"] is True and refused["code"] == "replay"
-    assert len(markers(tmp_path)) == 1
+    assert stack.starts("sleepy", job) == 1
     assert client.run(view.run_id).nodes[0].status == "completed"
     assert client.verify_ledger().ok
 
@@ -217,7 +220,7 @@ def test_forged_receipt_for_a_queued_call_rejects_it(
     stack: Stack, token: str, broker: Celery, tmp_path: Path
 ) -> None:
     client = stack.client(token)
-    view = client.call("sleepy", {"seconds": 2, "marker_dir": str(tmp_path)})
+    view = client.call("sleepy", {"seconds": 2})
     with client.plane.sessions() as session:
         node = session.scalar(select(Node).where(Node.run_id == view.run_id))
     push_result(broker, forged_result(stack, node, result={"slept": 0.0, "pid": 1}))
@@ -226,7 +229,9 @@ def test_forged_receipt_for_a_queued_call_rejects_it(
     assert final.nodes[0].status == "rejected"
     assert final.nodes[0].error["code"] == "receipt_invalid"
     # The genuine result arrives later and is not accepted in its place.
-    wait_for(lambda: len(markers(tmp_path)) == 1, what="the real job ran")
+    wait_for(
+        lambda: stack.starts("sleepy", f"{view.run_id}/sleepy/1") == 1, what="the real job ran"
+    )
     stack_log = lambda: "result.duplicate" in stack.log("control")  # noqa: E731
     wait_for(stack_log, timeout=30, what="the genuine late result to be ignored")
     assert client.run(view.run_id).nodes[0].status == "rejected"
@@ -238,10 +243,26 @@ def test_malformed_results_are_recorded_not_crashing_ingest(
     stack: Stack, token: str, broker: Celery
 ) -> None:
     client = stack.client(token)
-    for junk in ("hello", {"result": {"run_id": 5}}, {"result": None, "receipt": None}, [1, 2]):
+    junks = (
+        "hello",
+        {"result": {"run_id": 5}},
+        {"result": None, "receipt": None},
+        [1, 2],
+        {"result": {"run_id": "x\x00"}, "receipt": "\x00"},
+    )
+    for junk in junks:
         push_result(broker, junk)
-    # ingest still works afterwards
+    # ingest still works afterwards, and recorded the NUL-bearing one it cannot store as is
     assert client.call("search_docs", {"query": "celery"}, wait=True).status == "completed"
+    with client.plane.sessions() as session:
+        problems = list(
+            session.scalars(
+                select(EvidenceEvent.payload["problem"].astext).where(
+                    EvidenceEvent.kind == "ToolReceiptInvalid"
+                )
+            )
+        )
+    assert any("NUL" in p for p in problems)
 
 
 def test_results_replayed_twice_are_accepted_once(stack: Stack, token: str, broker: Celery) -> None:

@@ -1,0 +1,80 @@
+"""The runner: a long-lived process inside the sandbox that runs one tool's calls.
+
+Started by :class:`sandbox_tasks.bwrap.BwrapExecutor` under bubblewrap (no
+network, a read-only view of only its code and its data root, a private /tmp,
+an empty environment, no keys). It reads framed requests on stdin and answers
+on stdout; each call runs in a forked child with the tool's rlimits, through
+the same code as the plain fork executor.
+
+Frame: 4-byte big-endian length, then RFC 8785 JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydantic import ValidationError
+
+from sandbox_tasks.executor import ForkExecutor
+from sandbox_tasks.registry import ToolContext, load_tools
+from toolplane.canonical import canonical_json, parse_json_strict
+
+MAX_FRAME = 64 * 1024 * 1024
+SANDBOX_TMP = Path("/tmp")  # noqa: S108 - the sandbox's own private tmpfs
+
+__all__ = ["read_frame", "write_frame", "main"]
+
+
+def read_frame(stream: BinaryIO) -> Any | None:
+    header = stream.read(4)
+    if len(header) < 4:
+        return None
+    (size,) = struct.unpack(">I", header)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes")
+    body = stream.read(size)
+    if len(body) < size:
+        return None
+    return parse_json_strict(body)
+
+
+def write_frame(stream: BinaryIO, value: Any) -> None:
+    body = canonical_json(value)
+    stream.write(struct.pack(">I", len(body)) + body)
+    stream.flush()
+
+
+def main(argv: list[str]) -> int:
+    tool_name, repo_root, docs_root, extra = argv[0], Path(argv[1]), Path(argv[2]), argv[3]
+    spec = load_tools([m for m in extra.split(",") if m])[tool_name]
+    executor = ForkExecutor(scratch_root=SANDBOX_TMP)
+    base = ToolContext(repo_root=repo_root, docs_root=docs_root, scratch_dir=SANDBOX_TMP)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    write_frame(stdout, {"ready": tool_name, "pid": os.getpid()})
+    while True:
+        request = read_frame(stdin)
+        if request is None:
+            return 0
+        try:
+            args = spec.args_model.model_validate(request["args"])
+        except ValidationError as e:
+            write_frame(stdout, {"ok": False, "code": "invalid_argument", "message": str(e)[:2000]})
+            continue
+        outcome = executor.run(spec, args, base)
+        write_frame(
+            stdout,
+            {
+                "ok": outcome.ok,
+                "result": outcome.result,
+                "code": outcome.error_code,
+                "message": outcome.error_message,
+            },
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
