@@ -24,7 +24,7 @@ from ledger.chain import NewEvent
 from ledger.models import Node, Run, ToolManifest
 from ledger.store import append_events
 from policy.engine import PolicyEngine, PolicyRequest
-from toolplane.canonical import CanonicalJSONError, check_json_value, digest
+from toolplane.canonical import CanonicalJSONError, check_json_value, contains_nul, digest
 from toolplane.signing import Signer
 
 NAME_RULE = "1-40 characters of a-z, 0-9, '-' or '_'"
@@ -67,6 +67,9 @@ def validate_args(manifest: dict[str, Any], args: dict[str, Any]) -> None:
         check_json_value(args)
     except CanonicalJSONError as e:
         raise UsageError(str(e), field="--arg") from e
+    for key, value in args.items():
+        if contains_nul(key) or contains_nul(value):
+            raise UsageError("NUL characters are not accepted", field=f"--arg {key}")
     validator = StrictValidator(manifest["args_schema"])
     errors = sorted(validator.iter_errors(args), key=lambda e: list(e.path))
     if not errors:

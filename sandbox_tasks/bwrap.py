@@ -140,14 +140,18 @@ class BwrapExecutor:
             "--new-session",
             "--cap-drop",
             "ALL",
+            # the private filesystems first: a later mount would hide a bind beneath it
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            str(SANDBOX_TMP),
             *_system_binds(),
         ]
         for mount in self.mounts:
             argv += ["--ro-bind", str(mount), str(mount)]
         argv += [
-            "--proc", "/proc",
-            "--dev", "/dev",
-            "--tmpfs", str(SANDBOX_TMP),
             "--clearenv",
             "--setenv", "PATH", f"{Path(sys.prefix) / 'bin'}:/usr/local/bin:/usr/bin:/bin",
             "--setenv", "PYTHONPATH", ":".join(pythonpath),

@@ -172,10 +172,28 @@ class Stack:
         return self.log(f"worker-{tool}").count(f"job.start job={job_id} ")
 
 
+def add_hostile_files(repo: Path) -> None:
+    """What an attacker who can commit to the repository would leave for read_repo_file."""
+    hostile = repo / "hostile"
+    hostile.mkdir(exist_ok=True)
+    links = {"passwd": "/etc/passwd", "etc": "/etc", "zero": "/dev/zero", "up": "../../.."}
+    for name, target in links.items():
+        if not (hostile / name).is_symlink():
+            (hostile / name).symlink_to(target)
+    if not (hostile / "fifo").exists():
+        os.mkfifo(hostile / "fifo")
+    (hostile / "big.txt").write_text("x" * 1_100_000)
+    (hostile / "binary.bin").write_bytes(b"\x7fELF\x00\x01\x02")
+    (hostile / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+
+
 def make_env(services: Services, home: Path, *, visibility_timeout: int = 30) -> dict[str, str]:
     policy = home / "policy"
     shutil.copytree(REPO / "policy" / "bundles" / "default", policy, dirs_exist_ok=True)
     shutil.copy(REPO / "tests" / "fixtures" / "policy" / "tests.cedar", policy / "tests.cedar")
+    repo = home / "repo"
+    shutil.copytree(REPO / "examples" / "repo", repo, dirs_exist_ok=True)
+    add_hostile_files(repo)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOOLPLANE_")}
     env.update(
         {
@@ -183,7 +201,7 @@ def make_env(services: Services, home: Path, *, visibility_timeout: int = 30) ->
             "TOOLPLANE_DATABASE_URL": services.database_url,
             "TOOLPLANE_HOME": str(home),
             "TOOLPLANE_POLICY_DIR": str(policy),
-            "TOOLPLANE_REPO_ROOT": str(REPO / "examples" / "repo"),
+            "TOOLPLANE_REPO_ROOT": str(repo),
             "TOOLPLANE_DOCS_ROOT": str(REPO / "examples" / "docs"),
             "TOOLPLANE_EXTRA_TOOLS": "tests.fixture_tools",
             "TOOLPLANE_VISIBILITY_TIMEOUT": str(visibility_timeout),
