@@ -69,6 +69,8 @@ def sign_envelope(
     policy_version: str,
     ttl_s: int,
     approval_id: str | None = None,
+    limits: dict[str, int | float] | None = None,
+    egress: list[str] | None = None,
 ) -> SignedEnvelope:
     issued = now_ms()
     envelope = Envelope(
@@ -85,6 +87,8 @@ def sign_envelope(
         policy_decision_id=decision_id,
         policy_version=policy_version,
         approval_id=approval_id,
+        limits=limits or None,
+        egress=egress,
         issued_at=issued,
         expires_at=issued + ttl_s * 1000,
         nonce=new_nonce(),

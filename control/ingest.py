@@ -87,6 +87,16 @@ def _lock_node(
     return None if found is None else (found[0], found[1])
 
 
+def _lock_by_envelope(session: Session, envelope_sha256: str) -> tuple[Node, Run] | None:
+    found = session.execute(
+        select(Node, Run)
+        .join(Run, Run.id == Node.run_id)
+        .where(Node.envelope_sha256 == envelope_sha256)
+        .with_for_update()
+    ).first()
+    return None if found is None else (found[0], found[1])
+
+
 def _settle_run(run: Run, node: Node, events: list[NewEvent], now: datetime) -> None:
     """Single-node runs: the run ends with its node."""
     if node.status not in TERMINAL_NODE:
@@ -148,6 +158,13 @@ def ingest_result(session: Session, raw: Any, keys: KeyRing) -> Outcome:
 
     if result.kind == "refusal":
         code = result.error.code if result.error else "envelope_invalid"
+        if not bound and result.envelope_sha256:
+            # A worker that could not verify an envelope trusts none of its ids, but
+            # names the digest of what it received: the exact envelope we dispatched.
+            locked = _lock_by_envelope(session, result.envelope_sha256)
+            bound = locked is not None
+            if locked is not None:
+                tenant, run_id = locked[1].tenant_id, locked[1].id
         events.append(
             NewEvent(
                 "JobRefused",

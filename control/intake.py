@@ -209,6 +209,12 @@ def submit_call(
             decision_id=decision.decision_id,
             policy_version=decision.bundle_version,
             ttl_s=ttl,
+            limits=decision.constraints.limits if decision.constraints else None,
+            egress=(
+                list(decision.constraints.egress)
+                if decision.constraints and decision.constraints.egress is not None
+                else None
+            ),
         )
         node.attempt = 1
         node.status = NodeStatus.QUEUED

@@ -88,6 +88,7 @@ class Run(Base):
 
 class Node(Base):
     __tablename__ = "nodes"
+    __table_args__ = (Index("ix_nodes_envelope_sha256", "envelope_sha256"),)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
     node_id: Mapped[str] = mapped_column(String(100), primary_key=True)
     tool: Mapped[str] = mapped_column(String(63))

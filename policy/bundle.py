@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cedarpy
 
+from policy.constraints import ConstraintSet, load_constraints
 from policy.errors import BundleError
 from toolplane.canonical import digest, sha256_hex
 
@@ -32,6 +33,7 @@ class PolicyBundle:
     files: dict[str, str]  # relative name -> sha256 of its bytes
     policy_set: cedarpy.PolicySet
     schema: cedarpy.Schema
+    constraints: ConstraintSet
 
 
 def load_bundle(path: Path) -> PolicyBundle:
@@ -93,4 +95,5 @@ def load_bundle(path: Path) -> PolicyBundle:
         files=files,
         policy_set=policy_set,
         schema=schema,
+        constraints=load_constraints(path),
     )

@@ -13,6 +13,7 @@ from typing import Any
 import cedarpy
 
 from policy.bundle import PolicyBundle
+from policy.constraints import Constraints
 
 __all__ = ["Decision", "PolicyEngine", "PolicyRequest"]
 
@@ -50,6 +51,7 @@ class Decision:
     bundle_version: str
     request: PolicyRequest
     reason: str = field(default="")
+    constraints: Constraints | None = None  # what applies to the call, when allowed
 
     def as_evidence(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,7 @@ class Decision:
             "reason": self.reason,
             "bundle_version": self.bundle_version,
             "request": self.request.as_dict(),
+            "constraints": None if self.constraints is None else self.constraints.as_dict(),
         }
 
 
@@ -116,8 +119,14 @@ class PolicyEngine:
                 request=request,
                 reason=f"policy engine error: {e}",
             )
+        constraints = None
         if allowed:
             reason = f"permitted by {', '.join(policies)}"
+            constraints = self.bundle.constraints.for_call(
+                tool=request.tool,
+                environment=request.environment,
+                classification=request.classification,
+            )
         elif errors:
             reason = f"policy evaluation error: {'; '.join(errors)}"
         elif policies:
@@ -133,4 +142,5 @@ class PolicyEngine:
             bundle_version=self.version,
             request=request,
             reason=reason,
+            constraints=constraints,
         )

@@ -33,6 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from sandbox_tasks import egress
 from sandbox_tasks.cgroups import PidsCgroup, create_pids_cgroup
 from sandbox_tasks.executor import Outcome
 from sandbox_tasks.registry import ToolContext, ToolSpec
@@ -229,6 +230,8 @@ class BwrapExecutor:
 
     def _read(self, proc: subprocess.Popen[bytes], timeout: float) -> Any:
         assert proc.stdout is not None
+        if timeout <= 0:
+            raise TimeoutError
         deadline = time.monotonic() + timeout
         header = self._read_exact(proc.stdout.fileno(), 4, deadline)
         if header is None:
@@ -245,10 +248,29 @@ class BwrapExecutor:
     def run(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext) -> Outcome:
         proc = self._runner()
         assert proc.stdin is not None
-        body = canonical_json({"args": args.model_dump(mode="json")})
+        body = canonical_json(
+            {
+                "args": args.model_dump(mode="json"),
+                "limits": spec.limits.as_dict(),  # as policy lowered them for this call
+            }
+        )
+        deadline = time.monotonic() + spec.limits.timeout_s + 1.0
+        fetches: list[dict[str, Any]] = []
         try:
             proc.stdin.write(struct.pack(">I", len(body)) + body)
-            reply = self._read(proc, spec.limits.timeout_s + 1.0)
+            reply = self._read(proc, deadline - time.monotonic())
+            while isinstance(reply, dict) and isinstance(reply.get("fetch"), dict):
+                request = reply["fetch"]
+                answer, record = egress.fetch(
+                    egress.FetchRequest(
+                        str(request.get("url", "")), int(request.get("max_bytes", 0))
+                    ),
+                    allowed=spec.egress,
+                )
+                fetches.append(record)
+                answer_body = canonical_json(answer)
+                proc.stdin.write(struct.pack(">I", len(answer_body)) + answer_body)
+                reply = self._read(proc, deadline - time.monotonic())
         except TimeoutError:
             self._stop()
             return Outcome(False, None, "timeout", f"wall time limit of {spec.limits.timeout_s}s")
@@ -259,10 +281,9 @@ class BwrapExecutor:
             self._stop()
             return Outcome(False, None, "tool_error", "sandbox runner sent no valid outcome")
         if reply.get("ok") is True and isinstance(reply.get("result"), dict):
-            return Outcome(True, reply["result"])
-        return Outcome(
-            False, None, str(reply.get("code") or "tool_error"), str(reply.get("message") or "")
-        )
+            return Outcome(True, reply["result"], fetches=tuple(fetches))
+        code, message = str(reply.get("code") or "tool_error"), str(reply.get("message") or "")
+        return Outcome(False, None, code, message, fetches=tuple(fetches))
 
     def close(self) -> None:
         self._stop()

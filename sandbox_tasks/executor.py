@@ -9,10 +9,12 @@ child sends its outcome over a pipe as JSON; the parent parses it strictly.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import select
 import signal
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from sandbox_tasks import egress
+from sandbox_tasks.channel import Fetcher, child_fetch, recv_frame, send_frame
 from sandbox_tasks.errors import ToolFailure
 from sandbox_tasks.registry import ToolContext, ToolSpec
 from toolplane.canonical import (
@@ -41,6 +45,7 @@ class Outcome:
     result: dict[str, Any] | None = None
     error_code: str | None = None
     error_message: str | None = None
+    fetches: tuple[dict[str, Any], ...] = ()  # egress carried out for the call
 
 
 def _child(spec: ToolSpec, args: BaseModel, ctx: ToolContext, out_fd: int) -> None:
@@ -104,7 +109,29 @@ class ForkExecutor:
         self.scratch_root = scratch_root
         self.containment = containment
 
-    def run(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext) -> Outcome:
+    def run(
+        self, spec: ToolSpec, args: BaseModel, ctx: ToolContext, *, fetcher: Fetcher | None = None
+    ) -> Outcome:
+        """Run one call; ``fetcher`` carries out its egress (default: here, and recorded)."""
+        fetches: list[dict[str, Any]] = []
+        if fetcher is None:  # every tool may ask; only declared, policy-allowed hosts answer
+
+            def fetcher(request: dict[str, Any]) -> dict[str, Any]:
+                answer, record = egress.fetch(
+                    egress.FetchRequest(
+                        str(request.get("url", "")), int(request.get("max_bytes", 0))
+                    ),
+                    allowed=spec.egress,
+                )
+                fetches.append(record)
+                return answer
+
+        outcome = self._run(spec, args, ctx, fetcher)
+        return dataclasses.replace(outcome, fetches=tuple(fetches)) if fetches else outcome
+
+    def _run(
+        self, spec: ToolSpec, args: BaseModel, ctx: ToolContext, fetcher: Fetcher | None
+    ) -> Outcome:
         cap = spec.limits.output_bytes + 4096
         state = ctx.state
         if spec.prepare is not None:
@@ -119,16 +146,26 @@ class ForkExecutor:
                 scratch_dir=Path(tmp),
                 state=state,
             )
+            outside, inside = socket.socketpair() if fetcher else (None, None)
             read_fd, write_fd = os.pipe()
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child
                 os.close(read_fd)
+                if outside is not None and inside is not None:
+                    outside.close()
+                    ctx = dataclasses.replace(ctx, fetch=child_fetch(inside))
                 _child(spec, args, ctx, write_fd)
             os.close(write_fd)
+            if inside is not None:
+                inside.close()
             try:
-                data, timed_out, overflow = self._collect(read_fd, pid, spec.limits.timeout_s, cap)
+                data, timed_out, overflow = self._collect(
+                    read_fd, spec.limits.timeout_s, cap, outside, fetcher
+                )
             finally:
                 os.close(read_fd)
+                if outside is not None:
+                    outside.close()
                 _kill_group(pid)
                 _, status = os.waitpid(pid, 0)
         if timed_out:
@@ -157,7 +194,13 @@ class ForkExecutor:
         )
 
     @staticmethod
-    def _collect(fd: int, pid: int, timeout_s: float, cap: int) -> tuple[bytes, bool, bool]:
+    def _collect(
+        fd: int,
+        timeout_s: float,
+        cap: int,
+        channel: socket.socket | None,
+        fetcher: Fetcher | None,
+    ) -> tuple[bytes, bool, bool]:
         deadline = time.monotonic() + timeout_s
         chunks: list[bytes] = []
         size = 0
@@ -165,9 +208,18 @@ class ForkExecutor:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return b"", True, False
-            ready, _, _ = select.select([fd], [], [], remaining)
+            watched: list[Any] = [fd] if channel is None else [fd, channel]
+            ready, _, _ = select.select(watched, [], [], remaining)
             if not ready:
                 continue
+            if channel is not None and channel in ready:
+                request = recv_frame(channel)
+                if not isinstance(request, dict) or fetcher is None:
+                    channel = None  # the child closed it (or sent garbage): stop serving it
+                else:
+                    send_frame(channel, fetcher(request))
+                if fd not in ready:
+                    continue
             chunk = os.read(fd, 65536)
             if not chunk:
                 return b"".join(chunks), False, False

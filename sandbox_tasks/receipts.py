@@ -30,6 +30,7 @@ def build_result(
     result: dict[str, Any] | None = None,
     error: tuple[str, str] | None = None,
     containment: str,
+    fetches: list[dict[str, Any]] | None = None,
 ) -> ToolResult:
     finished = now_ms()
     return ToolResult(
@@ -49,6 +50,7 @@ def build_result(
         result_sha256=digest(result) if error is None and result is not None else None,
         error=None if error is None else ToolError(code=error[0], message=error[1][:4000]),
         containment=containment,
+        fetches=fetches or [],
     )
 
 

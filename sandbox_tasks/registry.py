@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,7 @@ from sandbox_tasks.errors import RegistryError
 ENTRY_POINT_GROUP = "toolplane.tools"
 TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
-__all__ = ["Limits", "ToolContext", "ToolSpec", "load_tools", "ENTRY_POINT_GROUP"]
+__all__ = ["Limits", "ToolContext", "ToolSpec", "constrained", "load_tools", "ENTRY_POINT_GROUP"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class ToolContext:
     docs_root: Path
     scratch_dir: Path
     state: Any = None  # what the tool's ``prepare`` returned
+    fetch: Any = None  # ctx.fetch(url, max_bytes=...) for tools that declare egress
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,22 @@ class ToolSpec:
             "egress": list(self.egress),
             "read_only": self.read_only,
         }
+
+
+def constrained(
+    spec: ToolSpec, limits: dict[str, int | float] | None, egress: list[str] | None
+) -> ToolSpec:
+    """The tool as policy lets this call run it: limits only lower, hosts only fewer."""
+    current = spec.limits.as_dict()
+    lowered = {
+        name: type(current[name])(min(current[name], value))
+        for name, value in (limits or {}).items()
+        if name in current
+    }
+    hosts = spec.egress if egress is None else tuple(h for h in spec.egress if h in set(egress))
+    if not lowered and hosts == spec.egress:
+        return spec
+    return replace(spec, limits=replace(spec.limits, **lowered), egress=hosts)
 
 
 def _specs_from(obj: Any, origin: str) -> Iterable[ToolSpec]:

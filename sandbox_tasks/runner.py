@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 
 from sandbox_tasks.executor import ForkExecutor
-from sandbox_tasks.registry import ToolContext, load_tools
+from sandbox_tasks.registry import ToolContext, constrained, load_tools
 from toolplane.canonical import canonical_json, parse_json_strict
 
 MAX_FRAME = 64 * 1024 * 1024
@@ -54,6 +54,11 @@ def main(argv: list[str]) -> int:
     executor = ForkExecutor(scratch_root=SANDBOX_TMP)
     base = ToolContext(repo_root=repo_root, docs_root=docs_root, scratch_dir=SANDBOX_TMP)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    if spec.prepare is not None:  # build what the tool keeps (an index, ...) before serving
+        try:
+            spec.prepare(base)
+        except Exception as e:  # the call that needs it reports the error again
+            print(f"runner: prepare failed: {type(e).__name__}: {e}", file=sys.stderr)
     write_frame(stdout, {"ready": tool_name, "pid": os.getpid()})
     while True:
         request = read_frame(stdin)
@@ -64,7 +69,18 @@ def main(argv: list[str]) -> int:
         except ValidationError as e:
             write_frame(stdout, {"ok": False, "code": "invalid_argument", "message": str(e)[:2000]})
             continue
-        outcome = executor.run(spec, args, base)
+
+        def relay(request: dict[str, Any]) -> dict[str, Any]:
+            """Egress crosses to the worker, which decides, fetches and records."""
+            write_frame(stdout, {"fetch": request})
+            answer = read_frame(stdin)
+            return answer if isinstance(answer, dict) else {"ok": False, "code": "tool_error"}
+
+        # Every fetch crosses to the worker, which checks it against the allowlist.
+        call_spec = spec
+        if isinstance(request.get("limits"), dict):
+            call_spec = constrained(spec, request["limits"], None)
+        outcome = executor.run(call_spec, args, base, fetcher=relay)
         write_frame(
             stdout,
             {

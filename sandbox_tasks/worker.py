@@ -23,7 +23,7 @@ from sandbox_tasks.envelope import verify_envelope
 from sandbox_tasks.errors import EnvelopeRefused
 from sandbox_tasks.executor import Outcome
 from sandbox_tasks.receipts import build_result, sign_manifest, sign_result
-from sandbox_tasks.registry import ToolContext, ToolSpec
+from sandbox_tasks.registry import ToolContext, ToolSpec, constrained
 from toolplane.canonical import CanonicalJSONError
 from toolplane.canonical import digest as canonical_digest
 from toolplane.messages import ToolResult, now_ms
@@ -110,10 +110,12 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
             retry_in(claim.ttl_ms / 1000 + 1)
         return report("refusal", envelope, digest, error=("replay", "job runs under a live claim"))
 
+    spec = constrained(spec, envelope.limits, envelope.egress)  # signed by control
     try:
         args = spec.args_model.model_validate(envelope.args)
     except ValidationError as e:
         outcome_result, outcome_error = None, ("invalid_argument", _validation_message(e))
+        fetched: list[dict[str, Any]] = []
     else:
         log.info("job.start job=%s containment=%s", envelope.job_id, deps.executor.containment)
         try:
@@ -122,13 +124,16 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
             log.exception("executor.failed job=%s", envelope.job_id)
             outcome = Outcome(False, None, "tool_error", f"executor: {e}")
         outcome_result = outcome.result
+        fetched = list(outcome.fetches)
         outcome_error = (
             None
             if outcome.ok
             else (outcome.error_code or "tool_error", outcome.error_message or "")
         )
     log.info("job.ran job=%s ok=%s", envelope.job_id, outcome_error is None)
-    result = report("result", envelope, digest, result=outcome_result, error=outcome_error)
+    result = report(
+        "result", envelope, digest, result=outcome_result, error=outcome_error, fetches=fetched
+    )
     return result
 
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Services, Stack, start_services, start_stack, stop_stack
+from tests.harness import (
+    Services,
+    Stack,
+    start_http_server,
+    start_services,
+    start_stack,
+    stop_stack,
+)
 
 
 @pytest.fixture(scope="session")
@@ -20,9 +28,22 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 
 
 @pytest.fixture(scope="session")
-def stack(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def http_server() -> Iterator[ThreadingHTTPServer]:
+    """A loopback HTTP server: the one host the test tool `fetcher` may reach."""
+    server = start_http_server()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    services: Services, tmp_path_factory: pytest.TempPathFactory, http_server: ThreadingHTTPServer
+) -> Iterator[Stack]:
     home = Path(tmp_path_factory.mktemp("home"))
-    running = start_stack(services, home)
+    running = start_stack(services, home, egress=f"127.0.0.1:{http_server.server_address[1]}")
     try:
         yield running
     finally:

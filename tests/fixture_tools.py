@@ -131,3 +131,41 @@ TOOLS.append(
         data_root="repo",
     )
 )
+
+
+# -- a tool with egress: it may fetch only from the host the test stack declares --
+
+
+class FetchArgs(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    url: str
+    max_bytes: int = 100_000
+
+
+class FetchResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    status: int
+    body: str
+
+
+def fetcher(args: FetchArgs, ctx: ToolContext) -> FetchResult:
+    from sandbox_tasks.errors import ToolFailure
+
+    if ctx.fetch is None:
+        raise ToolFailure("tool_error", "no egress capability")
+    response = ctx.fetch(args.url, max_bytes=args.max_bytes)
+    return FetchResult(status=response.status, body=response.body.decode(errors="replace"))
+
+
+TOOLS.append(
+    ToolSpec(
+        name="fetcher",
+        version="1.0.0",
+        description="Fetches a URL through the egress capability (tests only).",
+        args_model=FetchArgs,
+        result_model=FetchResult,
+        func=fetcher,
+        limits=Limits(timeout_s=8),
+        egress=tuple(filter(None, [os.environ.get("TP_TEST_EGRESS", "")])),
+    )
+)

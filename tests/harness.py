@@ -14,11 +14,14 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import redis
 from sqlalchemy.engine import make_url
@@ -55,21 +58,43 @@ class Services:
     database: str
     embedded_home: Path | None = None
     _redis_db: int = 0
+    spares: list[int] = field(default_factory=list)
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
 
+    def spare_redis_url(self) -> str:
+        """Another Redis database of ours, for a second stack that must not share queues."""
+        base = self.redis_url.rsplit("/", 1)[0]
+        db = claim_redis_db(base)
+        self.spares.append(db)
+        return f"{base}/{db}"
+
     def close(self) -> None:
-        try:
-            self.redis().flushdb()
-        except redis.RedisError:
-            pass
+        base = self.redis_url.rsplit("/", 1)[0]
+        for db in [self._redis_db, *self.spares]:
+            try:
+                redis.Redis.from_url(f"{base}/{db}").flushdb()
+            except redis.RedisError:
+                pass
         with psycopg.connect(_libpq(self.admin_url), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
         if self.embedded_home is not None:
             from control.embedded import stop_embedded
 
             stop_embedded(self.embedded_home)
+
+
+def claim_redis_db(redis_base: str) -> int:
+    """A Redis database of our own: an empty one, or one whose test run has died."""
+    for db in range(1, 16):
+        client = redis.Redis.from_url(f"{redis_base}/{db}")
+        owner = client.get("toolplane:test-owner")
+        if owner is not None and not psutil.pid_exists(int(owner)):
+            client.flushdb()  # left behind by a run that was killed
+        if client.dbsize() == 0 and client.set("toolplane:test-owner", os.getpid(), nx=True):
+            return db
+    raise RuntimeError(f"no free Redis database on {redis_base}")
 
 
 def start_services(tmp: Path) -> Services:
@@ -83,13 +108,7 @@ def start_services(tmp: Path) -> Services:
         urls = start_embedded(embedded_home)
         redis_base = urls.broker_url.rsplit("/", 1)[0]
         admin = urls.database_url
-    # A Redis database of our own: the first empty one, marked as taken.
-    for db in range(1, 16):
-        client = redis.Redis.from_url(f"{redis_base}/{db}")
-        if client.dbsize() == 0 and client.set("toolplane:test-owner", os.getpid(), nx=True):
-            break
-    else:
-        raise RuntimeError(f"no empty Redis database on {redis_base}")
+    db = claim_redis_db(redis_base)
     name = f"tp_test_{secrets.token_hex(6)}"
     with psycopg.connect(_libpq(admin), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -187,10 +206,38 @@ def add_hostile_files(repo: Path) -> None:
     (hostile / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
 
 
-def make_env(services: Services, home: Path, *, visibility_timeout: int = 30) -> dict[str, str]:
+class _Handler(BaseHTTPRequestHandler):
+    """What the egress tests fetch (loopback only)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "http://127.0.0.1:6379/")
+            self.end_headers()
+            return
+        body = b"x" * 2_000_000 if self.path == "/big" else b"hello from the allowed host"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def start_http_server() -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def make_env(
+    services: Services, home: Path, *, visibility_timeout: int = 30, egress: str = ""
+) -> dict[str, str]:
     policy = home / "policy"
     shutil.copytree(REPO / "policy" / "bundles" / "default", policy, dirs_exist_ok=True)
-    shutil.copy(REPO / "tests" / "fixtures" / "policy" / "tests.cedar", policy / "tests.cedar")
+    for name in ("tests.cedar", "constraints.json"):
+        shutil.copy(REPO / "tests" / "fixtures" / "policy" / name, policy / name)
     repo = home / "repo"
     shutil.copytree(REPO / "examples" / "repo", repo, dirs_exist_ok=True)
     add_hostile_files(repo)
@@ -205,20 +252,23 @@ def make_env(services: Services, home: Path, *, visibility_timeout: int = 30) ->
             "TOOLPLANE_DOCS_ROOT": str(REPO / "examples" / "docs"),
             "TOOLPLANE_EXTRA_TOOLS": "tests.fixture_tools",
             "TOOLPLANE_VISIBILITY_TIMEOUT": str(visibility_timeout),
+            "TP_TEST_EGRESS": egress,
             "PYTHONPATH": str(REPO),
         }
     )
     return env
 
 
-def start_stack(services: Services, home: Path, *, workers: dict[str, int] | None = None) -> Stack:
+def start_stack(
+    services: Services, home: Path, *, workers: dict[str, int] | None = None, egress: str = ""
+) -> Stack:
     """Keys, migrations, then the control process and workers, as `toolplane up` does."""
     from control import processes
     from control.runtime import ControlPlane
     from ledger.migrate import upgrade
     from sandbox_tasks.registry import load_tools
 
-    env = make_env(services, home)
+    env = make_env(services, home, egress=egress)
     stack = Stack(services=services, home=home, env=env)
     settings = stack.settings()
     plane = ControlPlane(

@@ -79,6 +79,8 @@ class Envelope(_Strict):
     policy_decision_id: str
     policy_version: str
     approval_id: str | None = None
+    limits: dict[str, int | float] | None = None  # lowered by policy; never raised
+    egress: list[str] | None = None  # hosts policy allows (None: whatever the tool declares)
     issued_at: int  # epoch ms
     expires_at: int  # epoch ms
     nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
@@ -119,6 +121,7 @@ class ToolResult(_Strict):
     result_sha256: str | None = None
     error: ToolError | None = None
     containment: str = "fork-rlimits"
+    fetches: list[dict[str, Any]] = Field(default_factory=list)  # egress, covered by the receipt
 
 
 class Receipt(_Strict):

@@ -21,9 +21,7 @@ pytestmark = pytest.mark.integration
 def test_up_and_down_with_external_services(services: Services, tmp_path: Path) -> None:
     # A second stack of our own, on its own Redis database, so the session stack is untouched.
     env = make_env(services, tmp_path / "home")
-    env["TOOLPLANE_BROKER_URL"] = (
-        services.redis_url
-    )  # same broker: other queues are not consumed twice
+    env["TOOLPLANE_BROKER_URL"] = services.spare_redis_url()  # its own queues
     env["TOOLPLANE_EXTRA_TOOLS"] = ""
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -281,3 +281,32 @@ def test_results_replayed_twice_are_accepted_once(stack: Stack, token: str, brok
     )  # ingest has moved past them
     assert marker.status == "completed"
     assert len(evidence(client, view.run_id, "ToolCallCompleted")) == 1
+
+
+def test_a_refusal_binds_to_its_node_by_the_digest_of_what_was_received(
+    stack: Stack, token: str, broker: Celery
+) -> None:
+    """A worker that cannot verify an envelope (say, a control key it was not given)
+    trusts none of its ids; its refusal names the digest, and the node fails at once."""
+    client = stack.client(token)
+    view = client.call("sleepy", {"seconds": 3})
+    with client.plane.sessions() as session:
+        node = session.scalar(select(Node).where(Node.run_id == view.run_id))
+    signed = SignedEnvelope.model_validate(node.envelope)
+    refusal = build_result(
+        kind="refusal",
+        tool="sleepy",
+        worker="w@h",
+        started_at=signed.envelope.issued_at,
+        envelope=None,
+        envelope_sha256=signed.digest,
+        error=("envelope_invalid", "envelope signature: unknown key id"),
+        containment="bwrap",
+    )
+    signer = KeyStore(stack.home / "keys").signer("tool.sleepy")
+    push_result(broker, sign_result(refusal, signer).model_dump(mode="json"))
+    final = client.wait(view.run_id, timeout=30)
+    assert final.status == "failed"
+    assert final.nodes[0].error["code"] == "envelope_invalid"
+    refused = evidence(client, view.run_id, "JobRefused")
+    assert refused and refused[0]["bound"] is True

@@ -307,7 +307,7 @@ def test_file_size_limit(executor, ctx):
     assert not outcome.ok
     assert outcome.error_code == "tool_error"
     # Python ignores SIGXFSZ, so the write fails with EFBIG instead of killing the child.
-    assert "File too large" in outcome.error_message or "signal" in outcome.error_message
+    assert "File too large" in outcome.error_message or "signal" in outcome.error_message, outcome
 
 
 def test_writes_under_the_file_limit_succeed(executor, ctx):

@@ -1,0 +1,104 @@
+"""Egress: no raw network, only fetches the worker makes for the tool, to declared
+hosts, with a size cap, listed in the signed result."""
+
+from __future__ import annotations
+
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from ledger.models import EvidenceEvent
+from tests.harness import Stack
+
+pytestmark = pytest.mark.integration
+
+
+def signed_result(stack: Stack, token: str, run_id: str) -> dict[str, Any]:
+    client = stack.client(token)
+    with client.plane.sessions() as session:
+        payload = session.scalar(
+            select(EvidenceEvent.payload).where(
+                EvidenceEvent.run_id == run_id,
+                EvidenceEvent.kind.in_(["ToolCallCompleted", "ToolCallFailed"]),
+            )
+        )
+    return payload["message"]["result"]
+
+
+@pytest.fixture
+def base(http_server: ThreadingHTTPServer) -> str:
+    return f"http://127.0.0.1:{http_server.server_address[1]}"
+
+
+def test_a_declared_host_is_fetched_and_the_fetch_is_signed(
+    stack: Stack, token: str, base: str
+) -> None:
+    client = stack.client(token)
+    view = client.call("fetcher", {"url": f"{base}/hello"}, wait=True)
+    assert view.status == "completed", view
+    assert view.nodes[0].result == {"status": 200, "body": "hello from the allowed host"}
+    result = signed_result(stack, token, view.run_id)
+    assert result["containment"] == "bwrap"
+    [fetch] = result["fetches"]
+    assert fetch["url"] == f"{base}/hello" and fetch["allowed"] is True and fetch["status"] == 200
+    assert fetch["bytes"] == len("hello from the allowed host")
+    assert client.verify_ledger(run_id=view.run_id).ok  # the receipt covers the fetch list
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:6379/", "http://localhost:5432/", "file:///etc/passwd", "gopher://x"]
+)
+def test_other_hosts_and_schemes_are_refused_and_recorded(
+    stack: Stack, token: str, url: str
+) -> None:
+    view = stack.client(token).call("fetcher", {"url": url}, wait=True)
+    node = view.nodes[0]
+    assert node.status == "failed"
+    assert node.error["code"] in ("policy_denied", "invalid_argument"), node.error
+    [fetch] = signed_result(stack, token, view.run_id)["fetches"]
+    assert fetch["allowed"] is False and fetch["url"] == url
+
+
+def test_a_response_over_the_cap_is_cut_off(stack: Stack, token: str, base: str) -> None:
+    view = stack.client(token).call("fetcher", {"url": f"{base}/big", "max_bytes": 1000}, wait=True)
+    assert view.nodes[0].error["code"] == "too_large"
+
+
+def test_redirects_are_not_followed_off_the_allowlist(stack: Stack, token: str, base: str) -> None:
+    view = stack.client(token).call("fetcher", {"url": f"{base}/redirect"}, wait=True)
+    assert view.status == "completed"
+    assert view.nodes[0].result["status"] == 302  # the tool sees the redirect; nothing followed it
+    [fetch] = signed_result(stack, token, view.run_id)["fetches"]
+    assert fetch["status"] == 302
+
+
+def test_a_tool_without_egress_gets_no_fetch(stack: Stack, token: str) -> None:
+    # the probe declares no egress: its sandbox has no network and no fetch channel
+    view = stack.client(token).call("probe", {"action": "connect_redis"}, wait=True)
+    assert view.nodes[0].result["outcome"] == "refused"
+    assert signed_result(stack, token, view.run_id)["fetches"] == []
+
+
+def test_policy_can_take_a_declared_host_away(stack: Stack, token: str, base: str) -> None:
+    # tests/fixtures/policy/constraints.json: no egress for confidential calls of fetcher
+    view = stack.client(token).call(
+        "fetcher", {"url": f"{base}/hello"}, classification="confidential", wait=True
+    )
+    assert view.nodes[0].error["code"] == "policy_denied"
+    [fetch] = signed_result(stack, token, view.run_id)["fetches"]
+    assert fetch["allowed"] is False
+
+
+def test_policy_lowers_a_tools_limits(stack: Stack, token: str) -> None:
+    client = stack.client(token)
+    slow = client.call("sleepy", {"seconds": 3}, classification="confidential", wait=True)
+    assert slow.nodes[0].error["code"] == "timeout"  # 1 s by policy instead of the declared 8 s
+    with client.plane.sessions() as session:
+        from ledger.models import Node
+
+        envelope = session.scalar(select(Node.envelope).where(Node.run_id == slow.run_id))
+    assert envelope["envelope"]["limits"]["timeout_s"] == 1
+    assert envelope["envelope"]["limits"]["memory_mb"] == 4096  # above the declared 512: ignored
+    assert client.call("sleepy", {"seconds": 2}, wait=True).status == "completed"
