@@ -21,7 +21,7 @@ from control.errors import (
 )
 from control.output import err
 from toolplane.canonical import CanonicalJSONError, parse_json_strict
-from toolplane.errors import ToolplaneError
+from toolplane.errors import ToolplaneError, first_problem
 from toolplane.settings import Settings
 
 __all__ = ["exit_for", "handled", "parse_args", "load_settings", "setup_logging"]
@@ -33,9 +33,8 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as e:
-        first = e.errors()[0]
-        field = "TOOLPLANE_" + ".".join(str(p) for p in first["loc"]).upper()
-        raise UsageError(first["msg"], field=field) from e
+        field, rule = first_problem(e, where="settings")
+        raise UsageError(rule, field="TOOLPLANE_" + field.upper()) from e
 
 
 def handled(func: F) -> F:

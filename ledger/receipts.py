@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from toolplane.canonical import digest
-from toolplane.errors import CanonicalJSONError, SignatureError
+from toolplane.errors import CanonicalJSONError, SignatureError, first_problem
 from toolplane.messages import ResultMessage, ms_to_datetime, signed_bytes
 from toolplane.signing import KeyRing
 
@@ -28,9 +28,8 @@ def check_result_message(raw: Any, keys: KeyRing) -> ResultMessage:
     try:
         message = ResultMessage.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "message"
-        raise ReceiptProblem(f"malformed result message: {where}: {first['msg']}") from e
+        field, rule = first_problem(e, where="message")
+        raise ReceiptProblem(f"malformed result message: {field}: {rule}") from e
     result, receipt = message.result, message.receipt
     try:
         keys.verify(

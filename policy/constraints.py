@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from policy.errors import BundleError
+from toolplane.errors import first_problem
 
 FILE = "constraints.json"
 LIMIT_FIELDS = (
@@ -104,8 +105,6 @@ def load_constraints(bundle: Path) -> ConstraintSet:
     try:
         parsed = _File.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as e:
-        first = e.errors()[0] if isinstance(e, ValidationError) else None
-        where = ".".join(str(p) for p in first["loc"]) if first else ""
-        message = f"{where}: {first['msg']}" if first else str(e)
+        message = ": ".join(first_problem(e)) if isinstance(e, ValidationError) else str(e)
         raise BundleError(f"{FILE}: {message}", path=bundle) from e
     return ConstraintSet(tuple(parsed.rules))

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from sandbox_tasks.errors import EnvelopeRefused
 from toolplane.canonical import digest
-from toolplane.errors import CanonicalJSONError, SignatureError
+from toolplane.errors import CanonicalJSONError, SignatureError, first_problem
 from toolplane.messages import SignedEnvelope, ms_to_datetime, signed_bytes
 from toolplane.signing import KeyRing
 
@@ -26,11 +26,8 @@ def verify_envelope(raw: Any, *, tool: str, keys: KeyRing, now_ms: int) -> Signe
     try:
         signed = SignedEnvelope.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "envelope"
-        raise EnvelopeRefused(
-            "envelope_invalid", f"malformed envelope: {where}: {first['msg']}"
-        ) from e
+        field, rule = first_problem(e, where="envelope")
+        raise EnvelopeRefused("envelope_invalid", f"malformed envelope: {field}: {rule}") from e
     envelope = signed.envelope
     try:
         keys.verify(

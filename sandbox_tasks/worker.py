@@ -26,6 +26,7 @@ from sandbox_tasks.receipts import build_result, sign_manifest, sign_result
 from sandbox_tasks.registry import ToolContext, ToolSpec, constrained
 from toolplane.canonical import CanonicalJSONError
 from toolplane.canonical import digest as canonical_digest
+from toolplane.errors import first_problem
 from toolplane.messages import ToolResult, now_ms
 from toolplane.signing import KeyRing, Signer
 
@@ -55,12 +56,6 @@ class WorkerDeps:
     executor: Executor
     context: ToolContext
     worker_name: str
-
-
-def _validation_message(e: ValidationError) -> str:
-    first = e.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "args"
-    return f"{field}: {first['msg']}"
 
 
 def received_digest(raw: Any) -> str | None:
@@ -114,7 +109,10 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
     try:
         args = spec.args_model.model_validate(envelope.args)
     except ValidationError as e:
-        outcome_result, outcome_error = None, ("invalid_argument", _validation_message(e))
+        outcome_result, outcome_error = (
+            None,
+            ("invalid_argument", ": ".join(first_problem(e, where="args"))),
+        )
         fetched: list[dict[str, Any]] = []
     else:
         log.info("job.start job=%s containment=%s", envelope.job_id, deps.executor.containment)

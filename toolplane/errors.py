@@ -16,6 +16,17 @@ message can name the field, the run or the key that was at fault.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+
+def first_problem(error: ValidationError, *, where: str = "value") -> tuple[str, str]:
+    """The field (a dotted path, ``where`` at the top) and the rule of the first problem."""
+    first = error.errors()[0]
+    return ".".join(str(p) for p in first["loc"]) or where, str(first["msg"])
+
 
 class ToolplaneError(Exception):
     """Root of every error that toolplane raises on purpose."""
