@@ -27,7 +27,15 @@ from ledger.store import append_events
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 TOKEN_PREFIX = "tp_"  # noqa: S105 - a public prefix, not a secret
 
-__all__ = ["Identity", "Role", "authenticate", "create_tenant", "issue_token"]
+__all__ = [
+    "SUBMITTERS",
+    "Identity",
+    "Role",
+    "authenticate",
+    "create_tenant",
+    "issue_token",
+    "require_role",
+]
 
 
 class Role(StrEnum):
@@ -100,6 +108,16 @@ def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
         [NewEvent("TenantCreated", {"tenant_id": tenant.id, "name": name}, tenant_id=tenant.id)],
     )
     return tenant, token
+
+
+SUBMITTERS = frozenset({Role.SUBMITTER, Role.ADMIN})
+
+
+def require_role(identity: Identity, allowed: frozenset[Role], action: str) -> None:
+    """Refuse ``action`` unless the principal has one of the ``allowed`` roles."""
+    if identity.role not in allowed:
+        needed = " or ".join(sorted(r.value for r in allowed))
+        raise AuthError(f"the {identity.role.value} role cannot {action} (needs {needed})")
 
 
 def authenticate(session: Session, token: str | None) -> Identity:

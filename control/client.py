@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from control.auth import Identity, authenticate
+from control.auth import SUBMITTERS, Identity, authenticate, require_role
 from control.dispatch import publish_pending
 from control.errors import ControlError
 from control.intake import CallRequest, submit_call
@@ -63,6 +63,7 @@ class Client:
         idempotency_key: str | None = None,
     ) -> str:
         """Submit one tool call and return its run id (decided and, if allowed, published)."""
+        require_role(self.identity, SUBMITTERS, "submit calls")  # an auditor changes nothing
         request = CallRequest(
             tool=tool,
             args=args,

@@ -207,3 +207,50 @@ def test_commands_need_a_valid_token(stack: Stack) -> None:
         done = stack.cli("runs", "list", token=token)
         assert done.returncode == 1
         assert done.stderr.startswith("error: ") and "TOOLPLANE_TOKEN" in done.stderr
+
+
+def test_roles_an_auditor_reads_and_verifies_and_changes_nothing(stack: Stack, token: str) -> None:
+    tenant = json.loads(stack.cli("runs", "list", "--json", token=token).stdout or "[]")
+    assert tenant == []
+    name = stack.client(token).identity.tenant_name
+    issued = {}
+    for principal, role in (("dana", "submitter"), ("audrey", "auditor")):
+        done = stack.cli(
+            "token",
+            "issue",
+            "--tenant",
+            name,
+            "--principal",
+            principal,
+            "--role",
+            role,
+            "--json",
+            token=token,
+        )
+        assert done.returncode == 0, done.stderr
+        issued[role] = json.loads(done.stdout)["token"]
+    ran = stack.cli(
+        "call", "search_docs", "--arg", "query=cedar", "--wait", token=issued["submitter"]
+    )
+    assert ran.returncode == 0, ran.stderr
+    refused = stack.cli("call", "search_docs", "--arg", "query=cedar", token=issued["auditor"])
+    assert refused.returncode == 1
+    assert (
+        refused.stderr.strip()
+        == "error: the auditor role cannot submit calls (needs admin or submitter)"
+    )
+    assert stack.cli("runs", "list", token=issued["auditor"]).returncode == 0
+    assert stack.cli("ledger", "verify", token=issued["auditor"]).returncode == 0
+    # only an admin issues tokens
+    again = stack.cli(
+        "token",
+        "issue",
+        "--tenant",
+        name,
+        "--principal",
+        "eve",
+        "--role",
+        "admin",
+        token=issued["submitter"],
+    )
+    assert again.returncode == 1 and "admin role" in again.stderr
