@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             sides.bare_one()
             sides.governed_one()
         pids = {
-            "control": _pid(stack, "control"),
-            "worker-read_repo_file": _pid(stack, "worker-read_repo_file"),
+            "control": stack.pid("control"),
+            "worker-read_repo_file": stack.pid("worker-read_repo_file"),
             "bare-worker": bare_worker.pid,
         }
         with Progress(
@@ -347,13 +347,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     console.print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')}")
     return 0
-
-
-def _pid(stack: Any, name: str) -> int:
-    for entry in json.loads((stack.home / "run" / "processes.json").read_text()):
-        if entry["name"] == name:
-            return int(entry["pid"])
-    raise KeyError(name)
 
 
 if __name__ == "__main__":

@@ -78,21 +78,17 @@ def _lock_node(
 ) -> tuple[Node, Run] | None:
     if not run_id or not node_id:
         return None
-    found = session.execute(
-        select(Node, Run)
-        .join(Run, Run.id == Node.run_id)
-        .where(Node.run_id == run_id, Node.node_id == node_id)
-        .with_for_update()
-    ).one_or_none()
-    return None if found is None else (found[0], found[1])
+    return _lock(session, Node.run_id == run_id, Node.node_id == node_id)
 
 
 def _lock_by_envelope(session: Session, envelope_sha256: str) -> tuple[Node, Run] | None:
+    return _lock(session, Node.envelope_sha256 == envelope_sha256)
+
+
+def _lock(session: Session, *where: Any) -> tuple[Node, Run] | None:
+    """Lock a node and its run (in one statement) for the settling of a result."""
     found = session.execute(
-        select(Node, Run)
-        .join(Run, Run.id == Node.run_id)
-        .where(Node.envelope_sha256 == envelope_sha256)
-        .with_for_update()
+        select(Node, Run).join(Run, Run.id == Node.run_id).where(*where).with_for_update()
     ).first()
     return None if found is None else (found[0], found[1])
 

@@ -24,7 +24,6 @@ import logging
 import os
 import select
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -33,12 +32,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from sandbox_tasks import egress
+from sandbox_tasks import egress, frames
 from sandbox_tasks.cgroups import PidsCgroup, create_pids_cgroup
 from sandbox_tasks.executor import Outcome
 from sandbox_tasks.registry import ToolContext, ToolSpec
-from sandbox_tasks.runner import MAX_FRAME, SANDBOX_TMP
-from toolplane.canonical import CanonicalJSONError, canonical_json, parse_json_strict
+from sandbox_tasks.runner import SANDBOX_TMP
+from toolplane.canonical import CanonicalJSONError
 
 log = logging.getLogger("toolplane.sandbox")
 
@@ -233,43 +232,36 @@ class BwrapExecutor:
         if timeout <= 0:
             raise TimeoutError
         deadline = time.monotonic() + timeout
-        header = self._read_exact(proc.stdout.fileno(), 4, deadline)
+        header = self._read_exact(proc.stdout.fileno(), frames.HEADER, deadline)
         if header is None:
             raise TimeoutError
-        (size,) = struct.unpack(">I", header)
-        if size > MAX_FRAME:
-            raise EOFError
+        try:
+            size = frames.body_size(header)
+        except frames.FrameError as e:
+            raise EOFError from e
         body = self._read_exact(proc.stdout.fileno(), size, deadline)
         if body is None:
             raise TimeoutError
-        return parse_json_strict(body)
+        return frames.decode(body)
 
     # -- a call ----------------------------------------------------------------------
     def run(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext) -> Outcome:
         proc = self._runner()
         assert proc.stdin is not None
-        body = canonical_json(
-            {
-                "args": args.model_dump(mode="json"),
-                "limits": spec.limits.as_dict(),  # as policy lowered them for this call
-            }
-        )
+        request = {
+            "args": args.model_dump(mode="json"),
+            "limits": spec.limits.as_dict(),  # as policy lowered them for this call
+        }
         deadline = time.monotonic() + spec.limits.timeout_s + 1.0
         fetches: list[dict[str, Any]] = []
         try:
-            proc.stdin.write(struct.pack(">I", len(body)) + body)
+            proc.stdin.write(frames.encode(request))
             reply = self._read(proc, deadline - time.monotonic())
             while isinstance(reply, dict) and isinstance(reply.get("fetch"), dict):
                 request = reply["fetch"]
-                answer, record = egress.fetch(
-                    egress.FetchRequest(
-                        str(request.get("url", "")), int(request.get("max_bytes", 0))
-                    ),
-                    allowed=spec.egress,
-                )
+                answer, record = egress.serve(request, allowed=spec.egress)
                 fetches.append(record)
-                answer_body = canonical_json(answer)
-                proc.stdin.write(struct.pack(">I", len(answer_body)) + answer_body)
+                proc.stdin.write(frames.encode(answer))
                 reply = self._read(proc, deadline - time.monotonic())
         except TimeoutError:
             self._stop()

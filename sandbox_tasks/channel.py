@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import base64
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sandbox_tasks import frames
 from sandbox_tasks.errors import ToolFailure
-from toolplane.canonical import canonical_json, parse_json_strict
-
-MAX_FRAME = 8 * 1024 * 1024
 
 __all__ = ["FetchResponse", "Fetcher", "child_fetch", "recv_frame", "send_frame"]
 
@@ -26,8 +23,7 @@ class FetchResponse:
 
 
 def send_frame(sock: socket.socket, value: Any) -> None:
-    body = canonical_json(value)
-    sock.sendall(struct.pack(">I", len(body)) + body)
+    sock.sendall(frames.encode(value))
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
@@ -42,14 +38,15 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
 
 
 def recv_frame(sock: socket.socket) -> Any | None:
-    header = _recv_exact(sock, 4)
+    header = _recv_exact(sock, frames.HEADER)
     if header is None:
         return None
-    (size,) = struct.unpack(">I", header)
-    if size > MAX_FRAME:
+    try:
+        size = frames.body_size(header)
+    except frames.FrameError:
         return None
     body = _recv_exact(sock, size)
-    return None if body is None else parse_json_strict(body)
+    return None if body is None else frames.decode(body)
 
 
 def child_fetch(sock: socket.socket) -> Callable[..., FetchResponse]:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 MAX_FETCH_BYTES = 1_000_000
 FETCH_TIMEOUT_S = 5.0
 
-__all__ = ["FetchRequest", "fetch", "host_port"]
+__all__ = ["FetchRequest", "fetch", "host_port", "serve"]
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -78,3 +78,20 @@ def fetch(
     record.update(status=status, bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
     answer = {"ok": True, "status": status, "body": base64.b64encode(body).decode("ascii")}
     return answer, record
+
+
+def serve(request: Any, *, allowed: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Answer a fetch request that came from inside a sandbox (so: untrusted shape)."""
+    url = request.get("url") if isinstance(request, dict) else None
+    max_bytes = request.get("max_bytes", MAX_FETCH_BYTES) if isinstance(request, dict) else None
+    if (
+        not isinstance(url, str)
+        or not 0 < len(url) <= 2000
+        or isinstance(max_bytes, bool)
+        or not isinstance(max_bytes, int)
+        or not 0 < max_bytes <= MAX_FETCH_BYTES
+        or host_port(url) is None
+    ):
+        record = {"url": str(url)[:2000], "allowed": False, "error": "malformed fetch request"}
+        return {"ok": False, "code": "invalid_argument", "message": record["error"]}, record
+    return fetch(FetchRequest(url, max_bytes), allowed=allowed)

@@ -117,12 +117,7 @@ class ForkExecutor:
         if fetcher is None:  # every tool may ask; only declared, policy-allowed hosts answer
 
             def fetcher(request: dict[str, Any]) -> dict[str, Any]:
-                answer, record = egress.fetch(
-                    egress.FetchRequest(
-                        str(request.get("url", "")), int(request.get("max_bytes", 0))
-                    ),
-                    allowed=spec.egress,
-                )
+                answer, record = egress.serve(request, allowed=spec.egress)
                 fetches.append(record)
                 return answer
 

@@ -6,45 +6,38 @@ an empty environment, no keys). It reads framed requests on stdin and answers
 on stdout; each call runs in a forked child with the tool's rlimits, through
 the same code as the plain fork executor.
 
-Frame: 4-byte big-endian length, then RFC 8785 JSON.
+Frames: see ``sandbox_tasks.frames``.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
+from sandbox_tasks import frames
 from sandbox_tasks.executor import ForkExecutor
 from sandbox_tasks.registry import ToolContext, constrained, load_tools
-from toolplane.canonical import canonical_json, parse_json_strict
 
-MAX_FRAME = 64 * 1024 * 1024
 SANDBOX_TMP = Path("/tmp")  # noqa: S108 - the sandbox's own private tmpfs
 
 __all__ = ["read_frame", "write_frame", "main"]
 
 
 def read_frame(stream: BinaryIO) -> Any | None:
-    header = stream.read(4)
-    if len(header) < 4:
+    header = stream.read(frames.HEADER)
+    if len(header) < frames.HEADER:
         return None
-    (size,) = struct.unpack(">I", header)
-    if size > MAX_FRAME:
-        raise ValueError(f"frame of {size} bytes")
+    size = frames.body_size(header)
     body = stream.read(size)
-    if len(body) < size:
-        return None
-    return parse_json_strict(body)
+    return None if len(body) < size else frames.decode(body)
 
 
 def write_frame(stream: BinaryIO, value: Any) -> None:
-    body = canonical_json(value)
-    stream.write(struct.pack(">I", len(body)) + body)
+    stream.write(frames.encode(value))
     stream.flush()
 
 

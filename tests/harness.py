@@ -177,11 +177,15 @@ class Stack:
         assert done.returncode == 0, done.stderr
         return str(json.loads(done.stdout)["token"])
 
-    def worker_pid(self, tool: str) -> int:
+    def pid(self, name: str) -> int:
+        """The pid of one of the stack's processes (``control``, ``worker-<tool>``)."""
         for entry in json.loads((self.home / "run" / "processes.json").read_text()):
-            if entry["name"] == f"worker-{tool}":
+            if entry["name"] == name:
                 return int(entry["pid"])
-        raise KeyError(tool)
+        raise KeyError(name)
+
+    def worker_pid(self, tool: str) -> int:
+        return self.pid(f"worker-{tool}")
 
     def log(self, name: str) -> str:
         return (self.home / "logs" / f"{name}.log").read_text(errors="replace")
