@@ -12,14 +12,15 @@ import re
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from control.errors import AuthError, UsageError
+from control.errors import AuthError, NotFound, UsageError
 from ledger.chain import NewEvent
 from ledger.models import ApiToken, Principal, Tenant
 from ledger.store import append_events
@@ -28,13 +29,18 @@ TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 TOKEN_PREFIX = "tp_"  # noqa: S105 - a public prefix, not a secret
 
 __all__ = [
+    "APPROVERS",
+    "ADMINS",
     "SUBMITTERS",
     "Identity",
+    "IssuedToken",
     "Role",
     "authenticate",
     "create_tenant",
     "issue_token",
+    "list_tokens",
     "require_role",
+    "revoke_token",
 ]
 
 
@@ -46,7 +52,7 @@ class Role(StrEnum):
     AUDITOR = "auditor"
     """Reads runs and verifies the ledger; changes nothing."""
     ADMIN = "admin"
-    """Everything in its tenant, including issuing tokens."""
+    """Everything in its tenant (tokens, freezes, submitting) except approving calls."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,16 @@ class Identity:
     principal_id: str
     principal: str
     role: Role
+    operator: bool = False  # an admin of an operator tenant may freeze every tenant
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token_id: str
+    token: str  # shown once
+    principal: str
+    role: Role
+    expires_at: datetime | None
 
 
 def _hash(token: str) -> str:
@@ -66,7 +82,15 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
-def issue_token(session: Session, *, tenant_id: str, principal: str, role: Role) -> str:
+def issue_token(
+    session: Session,
+    *,
+    tenant_id: str,
+    principal: str,
+    role: Role,
+    expires_in_s: int | None = None,
+    issued_by: str | None = None,
+) -> IssuedToken:
     """Create (or reuse) the principal and return a new token for it (shown once)."""
     now = datetime.now(UTC)
     row = session.scalar(
@@ -81,13 +105,96 @@ def issue_token(session: Session, *, tenant_id: str, principal: str, role: Role)
     elif row.role != role.value:
         raise UsageError(f"principal already exists with role {row.role}", field="--role")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    expires_at = None if expires_in_s is None else now + timedelta(seconds=expires_in_s)
+    token_id = _new_id("tk")
     session.add(
-        ApiToken(id=_new_id("tk"), principal_id=row.id, token_sha256=_hash(token), created_at=now)
+        ApiToken(
+            id=token_id,
+            principal_id=row.id,
+            token_sha256=_hash(token),
+            created_at=now,
+            expires_at=expires_at,
+        )
     )
-    return token
+    session.flush()
+    append_events(
+        session,
+        [
+            NewEvent(
+                "TokenIssued",
+                {
+                    "token_id": token_id,
+                    "principal": principal,
+                    "role": role.value,
+                    "expires_at": None if expires_at is None else expires_at.isoformat(),
+                    "issued_by": issued_by,
+                },
+                tenant_id=tenant_id,
+            )
+        ],
+    )
+    return IssuedToken(token_id, token, principal, role, expires_at)
 
 
-def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
+def list_tokens(session: Session, identity: Identity) -> list[dict[str, Any]]:
+    """Every token of the caller's tenant (never the secrets: those are not kept)."""
+    rows = session.execute(
+        select(ApiToken, Principal)
+        .join(Principal, ApiToken.principal_id == Principal.id)
+        .where(Principal.tenant_id == identity.tenant_id)
+        .order_by(ApiToken.created_at)
+    ).all()
+    now = datetime.now(UTC)
+    out = []
+    for token, principal in rows:
+        if token.revoked_at is not None:
+            state = "revoked"
+        elif token.expires_at is not None and token.expires_at <= now:
+            state = "expired"
+        else:
+            state = "active"
+        out.append(
+            {
+                "token_id": token.id,
+                "principal": principal.name,
+                "role": principal.role,
+                "created_at": token.created_at.isoformat(),
+                "expires_at": None if token.expires_at is None else token.expires_at.isoformat(),
+                "revoked_at": None if token.revoked_at is None else token.revoked_at.isoformat(),
+                "state": state,
+            }
+        )
+    return out
+
+
+def revoke_token(session: Session, identity: Identity, token_id: str) -> None:
+    """Revoke a token of the caller's tenant; another tenant's token is not found."""
+    require_role(identity, ADMINS, "revoke tokens")
+    found = session.execute(
+        select(ApiToken, Principal)
+        .join(Principal, ApiToken.principal_id == Principal.id)
+        .where(ApiToken.id == token_id, Principal.tenant_id == identity.tenant_id)
+        .with_for_update(of=ApiToken)
+    ).one_or_none()
+    if found is None:
+        raise NotFound("token", token_id)
+    token, principal = found
+    if token.revoked_at is not None:
+        raise UsageError(f"token {token_id!r} is already revoked", field="TOKEN_ID")
+    token.revoked_at = datetime.now(UTC)
+    append_events(
+        session,
+        [
+            NewEvent(
+                "TokenRevoked",
+                {"token_id": token_id, "principal": principal.name, "by": identity.principal},
+                tenant_id=identity.tenant_id,
+            )
+        ],
+    )
+
+
+def create_tenant(session: Session, name: str, *, operator: bool = False) -> tuple[Tenant, str]:
     """Create a tenant and its first admin; returns the tenant and the admin's token."""
     if not TENANT_NAME.match(name):
         raise UsageError(
@@ -96,21 +203,29 @@ def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
         )
     if session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
         raise UsageError(f"tenant {name!r} already exists", field="NAME")
-    tenant = Tenant(id=_new_id("tn"), name=name, created_at=datetime.now(UTC))
+    tenant = Tenant(id=_new_id("tn"), name=name, created_at=datetime.now(UTC), operator=operator)
     session.add(tenant)
     try:
         session.flush()
     except IntegrityError as e:
         raise UsageError(f"tenant {name!r} already exists", field="NAME") from e
-    token = issue_token(session, tenant_id=tenant.id, principal="admin", role=Role.ADMIN)
     append_events(
         session,
-        [NewEvent("TenantCreated", {"tenant_id": tenant.id, "name": name}, tenant_id=tenant.id)],
+        [
+            NewEvent(
+                "TenantCreated",
+                {"tenant_id": tenant.id, "name": name, "operator": operator},
+                tenant_id=tenant.id,
+            )
+        ],
     )
-    return tenant, token
+    issued = issue_token(session, tenant_id=tenant.id, principal="admin", role=Role.ADMIN)
+    return tenant, issued.token
 
 
 SUBMITTERS = frozenset({Role.SUBMITTER, Role.ADMIN})
+APPROVERS = frozenset({Role.APPROVER})
+ADMINS = frozenset({Role.ADMIN})
 
 
 def require_role(identity: Identity, allowed: frozenset[Role], action: str) -> None:
@@ -143,4 +258,5 @@ def authenticate(session: Session, token: str | None) -> Identity:
         principal_id=principal.id,
         principal=principal.name,
         role=Role(principal.role),
+        operator=bool(tenant.operator),
     )

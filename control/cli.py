@@ -12,9 +12,29 @@ from typing import Annotated
 
 import typer
 
-from control.cli_support import exit_for, handled, load_settings, parse_args, setup_logging
-from control.errors import EXIT_DENIED, EXIT_ERROR, EXIT_OK, EXIT_USAGE, UsageError
-from control.output import console, err, print_json, print_run, print_runs
+from control.cli_governance import approve, policy_app, reject, token_app
+from control.cli_support import (
+    JsonOpt,
+    exit_for,
+    handled,
+    load_settings,
+    parse_args,
+    setup_logging,
+)
+from control.cli_support import (
+    client as _client,
+)
+from control.cli_support import (
+    plane as _plane,
+)
+from control.errors import (
+    EXIT_DENIED,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+)
+from control.output import console, err, print_awaiting, print_json, print_run, print_runs
 from toolplane.errors import ToolplaneError
 
 __all__ = ["app", "main", "parse_args"]
@@ -28,33 +48,20 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Signing keys of control and the tools.", no_args_is_help=True)
 tenant_app = typer.Typer(help="Tenants.", no_args_is_help=True)
-token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 runs_app = typer.Typer(help="Runs of your tenant.", no_args_is_help=True)
 ledger_app = typer.Typer(help="The evidence ledger.", no_args_is_help=True)
-policy_app = typer.Typer(help="Policy bundles and decisions.", no_args_is_help=True)
 for sub, name in (
     (keys_app, "keys"),
     (tenant_app, "tenant"),
-    (token_app, "token"),
     (runs_app, "runs"),
     (ledger_app, "ledger"),
-    (policy_app, "policy"),
 ):
     app.add_typer(sub, name=name)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
-
-def _plane():  # type: ignore[no-untyped-def]
-    from control.runtime import ControlPlane
-
-    return ControlPlane.from_settings(load_settings())
-
-
-def _client():  # type: ignore[no-untyped-def]
-    from control.client import Client
-
-    return Client.from_env(load_settings())
+app.add_typer(token_app, name="token")
+app.add_typer(policy_app, name="policy")
+app.command()(approve)
+app.command()(reject)
 
 
 # -- processes -------------------------------------------------------------------
@@ -258,13 +265,22 @@ def keys_list(json_: JsonOpt = False) -> None:
 
 @tenant_app.command("create")
 @handled
-def tenant_create(name: str, json_: JsonOpt = False) -> None:
-    """Create a tenant and print its first admin token (shown once)."""
+def tenant_create(
+    name: str,
+    operator: Annotated[
+        bool, typer.Option("--operator", help="Its admins may freeze every tenant.")
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Create a tenant and print its first admin token (shown once).
+
+    Needs the database (run where control runs); every other command needs a token.
+    """
     from control.auth import create_tenant
 
     plane = _plane()
     with plane.sessions() as session:
-        tenant, token = create_tenant(session, name)
+        tenant, token = create_tenant(session, name, operator=operator)
         session.commit()
     if json_:
         print_json(
@@ -272,46 +288,6 @@ def tenant_create(name: str, json_: JsonOpt = False) -> None:
         )
     else:
         console.print(f"tenant {tenant.name} ({tenant.id}) created; admin token (shown once):")
-        console.print(token)
-
-
-@token_app.command("issue")
-@handled
-def token_issue(
-    tenant: Annotated[str, typer.Option(help="Tenant name (must be your own).")],
-    principal: Annotated[str, typer.Option(help="Principal name.")],
-    role: Annotated[str, typer.Option(help="submitter, approver, auditor or admin.")],
-    json_: JsonOpt = False,
-) -> None:
-    """Issue a token for a principal of your tenant (needs an admin token)."""
-    from control.auth import Role, authenticate, issue_token
-    from control.errors import AuthError, NotFound
-
-    try:
-        role_value = Role(role)
-    except ValueError:
-        raise UsageError(
-            f"must be one of {', '.join(r.value for r in Role)}", field="--role"
-        ) from None
-    if not (0 < len(principal) <= 200) or not principal.isprintable():
-        raise UsageError("must be 1-200 printable characters", field="--principal")
-    settings = load_settings()
-    plane = _plane()
-    with plane.sessions() as session:
-        identity = authenticate(
-            session, settings.token.get_secret_value() if settings.token else None
-        )
-        if identity.tenant_name != tenant:
-            raise NotFound("tenant", tenant)
-        if identity.role != Role.ADMIN:
-            raise AuthError("issuing tokens needs the admin role")
-        token = issue_token(
-            session, tenant_id=identity.tenant_id, principal=principal, role=role_value
-        )
-        session.commit()
-    if json_:
-        print_json({"tenant": tenant, "principal": principal, "role": role, "token": token})
-    else:
         console.print(token)
 
 
@@ -328,11 +304,18 @@ def call(
     env: Annotated[str | None, typer.Option("--env", help="Environment (default: dev).")] = None,
     classification: Annotated[str, typer.Option(help="Data classification.")] = "internal",
     idempotency_key: Annotated[str | None, typer.Option(help="Same key, same run.")] = None,
+    on_behalf_of: Annotated[
+        str | None, typer.Option(help="The agent or end user you act for (goes to policy).")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait.", min=0.1)] = 60.0,
     json_: JsonOpt = False,
 ) -> None:
-    """Call one tool under policy; with --wait, exit with the run's status code."""
+    """Call one tool under policy; with --wait, exit with the run's status code.
+
+    A call that needs an approval waits for it (with --wait, up to --timeout) and
+    exits with 5 while it still waits.
+    """
     client = _client()
     view = client.call(
         tool,
@@ -340,8 +323,10 @@ def call(
         environment=env,
         classification=classification,
         idempotency_key=idempotency_key,
+        on_behalf_of=on_behalf_of,
         wait=wait,
         timeout=timeout,
+        on_waiting=_tell_waiting,
     )
     if json_:
         print_json(view.as_dict())
@@ -353,15 +338,30 @@ def call(
     raise typer.Exit(code)
 
 
+def _tell_waiting(waiting: list[dict]) -> None:  # type: ignore[type-arg]
+    for item in waiting:
+        err.print(
+            f"waiting: {item['node_id']} needs an approval by {item['who']} "
+            f"(policies: {', '.join(item['policies'])}; expires {item['expires_at'][:19]}Z)",
+            markup=False,
+        )
+
+
 @runs_app.command("list")
 @handled
 def runs_list(
-    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50, json_: JsonOpt = False
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    awaiting_approval: Annotated[
+        bool, typer.Option("--awaiting-approval", help="Only runs that wait for an approval.")
+    ] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Your tenant's most recent runs."""
-    views = _client().runs(limit=limit)
+    views = _client().runs(limit=limit, awaiting_approval=awaiting_approval)
     if json_:
         print_json([v.as_dict() for v in views])
+    elif awaiting_approval:
+        print_awaiting(views)
     else:
         print_runs(views)
 
@@ -401,39 +401,6 @@ def ledger_verify(
                 f"  event {b.event_id} ({b.chain_id} #{b.seq}, {b.kind}): {b.problem}", markup=False
             )
     raise typer.Exit(EXIT_OK if report.ok else EXIT_ERROR)
-
-
-@policy_app.command("explain")
-@handled
-def policy_explain(
-    tool: Annotated[str, typer.Option()],
-    env: Annotated[str, typer.Option("--env")] = "dev",
-    classification: Annotated[str, typer.Option()] = "internal",
-    principal: Annotated[str, typer.Option()] = "anyone",
-    role: Annotated[str, typer.Option()] = "submitter",
-    json_: JsonOpt = False,
-) -> None:
-    """Show how the policy bundle decides a call, and which policies decided it."""
-    from policy.bundle import load_bundle
-    from policy.engine import PolicyEngine, PolicyRequest
-
-    engine = PolicyEngine(load_bundle(load_settings().bundle_dir))
-    decision = engine.decide(
-        PolicyRequest(
-            tenant="explain",
-            principal=principal,
-            role=role,
-            tool=tool,
-            environment=env,
-            classification=classification,
-        )
-    )
-    if json_:
-        print_json(decision.as_evidence())
-    else:
-        console.print(f"{'ALLOW' if decision.allowed else 'DENY'}: {decision.reason}", markup=False)
-        console.print(f"bundle {decision.bundle_version[:16]}…", style="dim")
-    raise typer.Exit(EXIT_OK if decision.allowed else EXIT_DENIED)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -24,9 +24,34 @@ from toolplane.canonical import CanonicalJSONError, parse_json_strict
 from toolplane.errors import ToolplaneError, first_problem
 from toolplane.settings import Settings
 
-__all__ = ["exit_for", "handled", "parse_args", "load_settings", "setup_logging"]
+__all__ = [
+    "JsonOpt",
+    "client",
+    "exit_for",
+    "handled",
+    "load_settings",
+    "parse_args",
+    "plane",
+    "setup_logging",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def plane():  # type: ignore[no-untyped-def]
+    """The control plane of these settings (for commands that need the database)."""
+    from control.runtime import ControlPlane
+
+    return ControlPlane.from_settings(load_settings())
+
+
+def client():  # type: ignore[no-untyped-def]
+    """A client authenticated by TOOLPLANE_TOKEN."""
+    from control.client import Client
+
+    return Client.from_env(load_settings())
 
 
 def load_settings() -> Settings:

@@ -10,22 +10,38 @@ print(run.status, run.nodes[0].result["sha256"])
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
 
-from control.auth import SUBMITTERS, Identity, authenticate, require_role
+from control.approvals import Decided, decide_approval, waiting_for
+from control.auth import (
+    ADMINS,
+    SUBMITTERS,
+    Identity,
+    IssuedToken,
+    Role,
+    authenticate,
+    issue_token,
+    list_tokens,
+    require_role,
+    revoke_token,
+)
 from control.dispatch import publish_pending
 from control.errors import ControlError
+from control.freeze import freeze, list_freezes, unfreeze
 from control.intake import CallRequest, submit_call
 from control.runs import RunView, get_run, list_runs
 from control.runtime import ControlPlane
-from control.states import TERMINAL_RUN
+from control.states import TERMINAL_RUN, RunStatus
 from ledger.models import Run
 from ledger.verify import VerifyReport, verify_ledger
 from toolplane.settings import Settings
 
 __all__ = ["Client", "WaitTimeout"]
+
+IDENTITY_TTL_S = 5.0
 
 
 class WaitTimeout(ControlError):
@@ -39,6 +55,7 @@ class Client:
         self.plane = plane
         self._token = token
         self._identity: Identity | None = None
+        self._identity_at = 0.0
 
     @classmethod
     def from_env(cls, settings: Settings | None = None) -> Client:
@@ -48,9 +65,11 @@ class Client:
 
     @property
     def identity(self) -> Identity:
-        if self._identity is None:
+        """Who the token names; checked again every few seconds (revocation, expiry)."""
+        if self._identity is None or time.monotonic() - self._identity_at > IDENTITY_TTL_S:
             with self.plane.sessions() as session:
                 self._identity = authenticate(session, self._token)
+            self._identity_at = time.monotonic()
         return self._identity
 
     def submit(
@@ -61,6 +80,7 @@ class Client:
         environment: str | None = None,
         classification: str = "internal",
         idempotency_key: str | None = None,
+        on_behalf_of: str | None = None,
     ) -> str:
         """Submit one tool call and return its run id (decided and, if allowed, published)."""
         require_role(self.identity, SUBMITTERS, "submit calls")  # an auditor changes nothing
@@ -70,16 +90,11 @@ class Client:
             environment=environment or self.plane.settings.environment,
             classification=classification,
             idempotency_key=idempotency_key,
+            on_behalf_of=on_behalf_of,
         )
         with self.plane.sessions() as session:
             submitted = submit_call(
-                session,
-                identity=self.identity,
-                request=request,
-                engine=self.plane.policy,
-                signer=self.plane.signer,
-                visibility_timeout=self.plane.settings.visibility_timeout,
-                manifests=self.plane.manifest,
+                session, identity=self.identity, request=request, gov=self.plane.governance()
             )
         if submitted.outbox_ids:
             publish_pending(self.plane.sessions, self.plane.publisher, ids=submitted.outbox_ids)
@@ -93,45 +108,141 @@ class Client:
         environment: str | None = None,
         classification: str = "internal",
         idempotency_key: str | None = None,
+        on_behalf_of: str | None = None,
         wait: bool = False,
         timeout: float = 60.0,
+        on_waiting: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> RunView:
-        """Submit one tool call; with ``wait``, return once the run has ended."""
+        """Submit one tool call; with ``wait``, return once the run has ended.
+
+        A run that waits for an approval is waited for too (``on_waiting`` hears
+        once for whom); if it still waits at the timeout, it is returned as it is.
+        """
         run_id = self.submit(
             tool,
             args,
             environment=environment,
             classification=classification,
             idempotency_key=idempotency_key,
+            on_behalf_of=on_behalf_of,
         )
         if wait:
-            return self.wait(run_id, timeout=timeout)
+            return self.wait(run_id, timeout=timeout, on_waiting=on_waiting)
         return self.run(run_id)
 
     def run(self, run_id: str) -> RunView:
         with self.plane.sessions() as session:
             return get_run(session, self.identity, run_id)
 
-    def runs(self, *, limit: int = 50) -> list[RunView]:
+    def runs(self, *, limit: int = 50, awaiting_approval: bool = False) -> list[RunView]:
         with self.plane.sessions() as session:
-            return list_runs(session, self.identity, limit=limit)
+            return list_runs(
+                session, self.identity, limit=limit, awaiting_approval=awaiting_approval
+            )
 
-    def wait(self, run_id: str, *, timeout: float = 60.0, poll_s: float = 0.002) -> RunView:
+    def wait(
+        self,
+        run_id: str,
+        *,
+        timeout: float = 60.0,
+        poll_s: float = 0.002,
+        on_waiting: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> RunView:
         """Poll the run's status (cheaply) until it ends; then read it whole."""
         deadline = time.monotonic() + timeout
         delay = poll_s
         identity = self.identity
+        told = False
         while True:
             with self.plane.sessions() as session:
                 status = session.scalar(
                     select(Run.status).where(Run.id == run_id, Run.tenant_id == identity.tenant_id)
                 )
+                if status == RunStatus.AWAITING_APPROVAL and not told:
+                    told = True
+                    if on_waiting is not None:
+                        on_waiting(waiting_for(session, run_id))
             if status is None or status in TERMINAL_RUN:
                 return self.run(run_id)  # raises NotFound for another tenant's run
             if time.monotonic() >= deadline:
+                if status == RunStatus.AWAITING_APPROVAL:
+                    return self.run(run_id)
                 raise WaitTimeout(run_id, timeout)
             time.sleep(delay)
-            delay = min(delay * 1.2, 0.05)
+            delay = min(delay * 1.2, 0.05 if status != RunStatus.AWAITING_APPROVAL else 0.5)
+
+    # -- approvals -------------------------------------------------------------------
+    def approve(self, run_id: str, node_id: str, *, reason: str | None = None) -> Decided:
+        """Approve a waiting call (approver role, not its submitter) and dispatch it."""
+        return self._decide(run_id, node_id, grant=True, reason=reason)
+
+    def reject(self, run_id: str, node_id: str, *, reason: str) -> Decided:
+        return self._decide(run_id, node_id, grant=False, reason=reason)
+
+    def _decide(self, run_id: str, node_id: str, *, grant: bool, reason: str | None) -> Decided:
+        with self.plane.sessions() as session:
+            decided = decide_approval(
+                session,
+                self.identity,
+                self.plane.governance(),
+                run_id=run_id,
+                node_id=node_id,
+                grant=grant,
+                reason=reason,
+            )
+        if decided.outbox_ids:
+            publish_pending(self.plane.sessions, self.plane.publisher, ids=decided.outbox_ids)
+        return decided
+
+    # -- tokens and the kill switch ----------------------------------------------------
+    def issue_token(
+        self, principal: str, role: Role, *, expires_in_s: int | None = None
+    ) -> IssuedToken:
+        require_role(self.identity, ADMINS, "issue tokens")
+        with self.plane.sessions() as session:
+            issued = issue_token(
+                session,
+                tenant_id=self.identity.tenant_id,
+                principal=principal,
+                role=role,
+                expires_in_s=expires_in_s,
+                issued_by=self.identity.principal,
+            )
+            session.commit()
+        return issued
+
+    def tokens(self) -> list[dict[str, Any]]:
+        require_role(self.identity, ADMINS, "list tokens")
+        with self.plane.sessions() as session:
+            return list_tokens(session, self.identity)
+
+    def revoke_token(self, token_id: str) -> None:
+        with self.plane.sessions() as session:
+            revoke_token(session, self.identity, token_id)
+            session.commit()
+
+    def freeze(self, *, everything: bool = False, reason: str) -> None:
+        """Deny every new dispatch of this tenant (or, for an operator, of all) at once."""
+        with self.plane.sessions() as session:
+            freeze(session, self.identity, everything=everything, reason=reason)
+            session.commit()
+
+    def unfreeze(self, *, everything: bool = False, reason: str = "") -> None:
+        with self.plane.sessions() as session:
+            unfreeze(session, self.identity, everything=everything, reason=reason)
+            session.commit()
+
+    def freezes(self) -> list[dict[str, Any]]:
+        with self.plane.sessions() as session:
+            return [
+                {
+                    "scope": "all" if f.scope == "*" else "tenant",
+                    "by": f.frozen_by,
+                    "reason": f.reason,
+                    "frozen_at": f.frozen_at.isoformat(),
+                }
+                for f in list_freezes(session, self.identity)
+            ]
 
     def wait_all(
         self, run_ids: list[str], *, timeout: float = 120.0, poll_s: float = 0.02

@@ -69,6 +69,7 @@ def sign_envelope(
     policy_version: str,
     ttl_s: int,
     approval_id: str | None = None,
+    on_behalf_of: str | None = None,
     limits: dict[str, int | float] | None = None,
     egress: list[str] | None = None,
 ) -> SignedEnvelope:
@@ -80,6 +81,7 @@ def sign_envelope(
         attempt=attempt,
         tenant=tenant,
         principal=principal,
+        on_behalf_of=on_behalf_of,
         tool=tool,
         audience=celeryconfig.tool_queue(tool),
         args=args,

@@ -9,6 +9,7 @@ duplicate of an already settled attempt, logged and ignored.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -25,12 +26,12 @@ from ledger.receipts import ReceiptProblem, check_result_message
 from ledger.store import append_events
 from toolplane.canonical import CanonicalJSONError, check_json_value, contains_nul, digest
 from toolplane.errors import SignatureError
-from toolplane.messages import ResultMessage, SignedManifest, ms_to_datetime
+from toolplane.messages import ResultMessage, SignedManifest, job_id_for, ms_to_datetime
 from toolplane.signing import KeyRing
 
 log = logging.getLogger("toolplane.ingest")
 
-__all__ = ["Outcome", "ingest_result", "register_manifest"]
+__all__ = ["Outcome", "Settle", "ingest_result", "register_manifest"]
 
 
 class Outcome(StrEnum):
@@ -105,8 +106,23 @@ def _settle_run(run: Run, node: Node, events: list[NewEvent], now: datetime) -> 
     )
 
 
-def ingest_result(session: Session, raw: Any, keys: KeyRing) -> Outcome:
-    """Ingest one message from the ``results`` queue. Commits."""
+Settle = Callable[[str, str, int | None], None]
+"""Settle a job's entitlement reservation: (tenant id, job id, charged ms or None for all)."""
+
+
+def _no_settle(tenant_id: str, job_id: str, charged_ms: int | None) -> None:
+    return None
+
+
+def ingest_result(
+    session: Session, raw: Any, keys: KeyRing, settle: Settle = _no_settle
+) -> Outcome:
+    """Ingest one message from the ``results`` queue. Commits.
+
+    ``settle`` is told how much tool time each settled job used (its verified
+    duration; nothing when it failed or was refused; all it reserved when its
+    receipt is invalid), before the commit, and is idempotent per job.
+    """
     now = datetime.now(UTC)
     run_id, node_id, attempt = _claimed(raw)
     locked = _lock_node(session, run_id, node_id)
@@ -129,6 +145,7 @@ def ingest_result(session: Session, raw: Any, keys: KeyRing) -> Outcome:
         )
         if locked and locked[0].status == NodeStatus.QUEUED and attempt == locked[0].attempt:
             node, run = locked
+            settle(run.tenant_id, job_id_for(run.id, node.node_id, node.attempt), None)
             node.status = NodeStatus.REJECTED
             node.error = {"code": "receipt_invalid", "message": problem}
             node.updated_at = now
@@ -171,6 +188,7 @@ def ingest_result(session: Session, raw: Any, keys: KeyRing) -> Outcome:
         )
         if bound and locked and locked[0].status == NodeStatus.QUEUED and code != "replay":
             node, run = locked
+            settle(run.tenant_id, job_id_for(run.id, node.node_id, node.attempt), 0)
             node.status = NodeStatus.FAILED
             node.error = result.error.model_dump() if result.error else None
             node.receipt = message.receipt.model_dump()
@@ -187,6 +205,11 @@ def ingest_result(session: Session, raw: Any, keys: KeyRing) -> Outcome:
         log.info("result.duplicate run=%s node=%s attempt=%s", run.id, node.node_id, result.attempt)
         session.rollback()
         return Outcome.DUPLICATE
+    settle(
+        run.tenant_id,
+        job_id_for(run.id, node.node_id, node.attempt),
+        result.duration_ms if result.ok else 0,
+    )
     node.status = NodeStatus.COMPLETED if result.ok else NodeStatus.FAILED
     node.result = result.result
     node.result_sha256 = result.result_sha256

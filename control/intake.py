@@ -1,15 +1,19 @@
 """Run intake: validate a call, decide it under policy, and stage its job.
 
 Everything in one transaction: the run, its node, the policy decision and its
-evidence, and (when allowed) the signed envelope in the outbox.
+evidence, and then one of: a denial; an approval request (the node waits); or
+a dispatch, which checks the freeze and the tenant's entitlements before it
+signs the envelope into the outbox. The entitlement reservation in Redis is
+cancelled if the transaction does not commit.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from jsonschema import Draft202012Validator, validators
@@ -18,13 +22,17 @@ from sqlalchemy.orm import Session
 
 from control.auth import Identity
 from control.dispatch import envelope_ttl_s, sign_envelope, stage_job
-from control.errors import UsageError
+from control.entitlements import EntitlementStore, reserve_ms_for
+from control.errors import ServiceUnavailable, UsageError
+from control.freeze import active_freeze
 from control.states import NodeStatus, RunStatus
 from ledger.chain import NewEvent
-from ledger.models import Node, Run, ToolManifest
+from ledger.models import Approval, Node, Run, ToolManifest
 from ledger.store import append_events
-from policy.engine import PolicyEngine, PolicyRequest
+from policy.constraints import Constraints
+from policy.engine import Decision, PolicyEngine, PolicyRequest
 from toolplane.canonical import CanonicalJSONError, check_json_value, contains_nul, digest
+from toolplane.messages import job_id_for
 from toolplane.signing import Signer
 
 NAME_RULE = "1-40 characters of a-z, 0-9, '-' or '_'"
@@ -37,7 +45,18 @@ StrictValidator = validators.extend(
     ),
 )
 
-__all__ = ["CallRequest", "Submitted", "submit_call"]
+__all__ = [
+    "CallRequest",
+    "Governance",
+    "Submitted",
+    "commit_dispatch",
+    "deny_node",
+    "dispatch_node",
+    "submit_call",
+]
+
+
+log = logging.getLogger("toolplane.intake")
 
 
 @dataclass(frozen=True)
@@ -47,6 +66,7 @@ class CallRequest:
     environment: str = "dev"
     classification: str = "internal"
     idempotency_key: str | None = None
+    on_behalf_of: str | None = None  # the agent or end user the principal acts for
 
 
 @dataclass(frozen=True)
@@ -54,6 +74,25 @@ class Submitted:
     run_id: str
     outbox_ids: tuple[int, ...]
     created: bool  # False when the idempotency key returned an existing run
+
+
+@dataclass(frozen=True)
+class Governance:
+    """What deciding and dispatching a call needs besides the database session."""
+
+    engine: PolicyEngine
+    signer: Signer
+    visibility_timeout: int
+    manifests: Callable[[Session, str], dict[str, Any] | None]
+    entitlements: Callable[[], EntitlementStore | None]  # None where no Redis is configured
+
+
+@dataclass
+class Dispatched:
+    """What one dispatch step left to do after the commit (or to undo if it fails)."""
+
+    outbox_ids: list[int]
+    reserved: list[tuple[str, str]]  # (tenant id, job id) reserved in the entitlement store
 
 
 def _check_label(value: str, field: str) -> None:
@@ -88,19 +127,226 @@ def validate_args(manifest: dict[str, Any], args: dict[str, Any]) -> None:
     raise UsageError(error.message, field=f"--arg {field}")
 
 
-def submit_call(
+def _check_on_behalf_of(value: str | None) -> None:
+    if value is not None and (not 0 < len(value) <= 200 or not value.isprintable()):
+        raise UsageError("must be 1-200 printable characters", field="--on-behalf-of")
+
+
+def deny_node(
+    node: Node, run: Run, code: str, message: str, events: list[NewEvent], now: datetime
+) -> None:
+    node.status = NodeStatus.DENIED
+    node.error = {"code": code, "message": message}
+    node.updated_at = now
+    run.status = RunStatus.DENIED
+    run.updated_at = now
+    events.append(
+        NewEvent("RunFailed", {"run_id": run.id, "status": "denied"}, run.tenant_id, run.id)
+    )
+
+
+def dispatch_node(
+    session: Session,
+    gov: Governance,
+    *,
+    run: Run,
+    node: Node,
+    tenant_name: str,
+    principal: str,
+    decision_id: str,
+    constraints: Constraints | None,
+    approval_id: str | None,
+    events: list[NewEvent],
+    done: Dispatched,
+) -> bool:
+    """Freeze, entitlements, then sign and stage the node's job; False if it was denied.
+
+    Runs inside the caller's transaction (the caller commits, and cancels
+    ``done.reserved`` if the commit fails).
+    """
+    now = datetime.now(UTC)
+
+    def event(kind: str, payload: dict[str, Any]) -> NewEvent:
+        return NewEvent(kind, payload, tenant_id=run.tenant_id, run_id=run.id)
+
+    frozen = active_freeze(session, run.tenant_id)
+    if frozen is not None:
+        where = "every tenant" if frozen.scope == "*" else "this tenant"
+        message = f"dispatch is frozen for {where} by {frozen.frozen_by}: {frozen.reason}"
+        events.append(
+            event(
+                "ToolDenied",
+                {
+                    "node_id": node.node_id,
+                    "tool": node.tool,
+                    "decision_id": decision_id,
+                    "reason": message,
+                    "frozen": frozen.scope,
+                },
+            )
+        )
+        deny_node(node, run, "policy_denied", message, events, now)
+        return False
+    manifest = gov.manifests(session, node.tool)
+    if manifest is None:
+        raise UsageError(f"tool {node.tool!r} is no longer registered", field="TOOL")
+    timeout_s = float(manifest["limits"]["timeout_s"])
+    if constraints is not None and "timeout_s" in constraints.limits:
+        timeout_s = min(timeout_s, float(constraints.limits["timeout_s"]))
+    ttl = envelope_ttl_s(visibility_timeout=gov.visibility_timeout, tool_timeout_s=timeout_s)
+    attempt = node.attempt + 1
+    job_id = job_id_for(run.id, node.node_id, attempt)
+    planned = gov.engine.bundle.plans.for_tenant(tenant_name)
+    if planned is not None:
+        plan_name, plan = planned
+        store = gov.entitlements()
+        if store is None:
+            raise ServiceUnavailable(
+                "entitlement store",
+                f"tenant {tenant_name!r} has the plan {plan_name!r}, and enforcing it needs "
+                "Redis: set TOOLPLANE_REDIS_URL (or use a Redis broker)",
+            )
+        exceeded = store.reserve(
+            tenant_id=run.tenant_id,
+            plan=plan,
+            tool=node.tool,
+            job_id=job_id,
+            run_id=run.id,
+            reserve_ms=reserve_ms_for(timeout_s),
+            stale_s=ttl,
+        )
+        if exceeded is not None:
+            events.append(
+                event(
+                    "EntitlementDenied",
+                    {"node_id": node.node_id, "tool": node.tool, "plan": plan_name}
+                    | exceeded.as_dict(),
+                )
+            )
+            deny_node(node, run, "entitlement_exceeded", exceeded.message, events, now)
+            return False
+        done.reserved.append((run.tenant_id, job_id))
+    signed = sign_envelope(
+        signer=gov.signer,
+        run_id=run.id,
+        node_id=node.node_id,
+        attempt=attempt,
+        tenant=run.tenant_id,
+        principal=principal,
+        on_behalf_of=run.on_behalf_of,
+        tool=node.tool,
+        args=node.args,
+        decision_id=decision_id,
+        policy_version=gov.engine.version,
+        approval_id=approval_id,
+        ttl_s=ttl,
+        limits=constraints.limits if constraints else None,
+        egress=(
+            list(constraints.egress)
+            if constraints is not None and constraints.egress is not None
+            else None
+        ),
+    )
+    node.attempt = attempt
+    node.status = NodeStatus.QUEUED
+    node.envelope = signed.model_dump(mode="json")
+    node.envelope_sha256 = signed.digest
+    node.updated_at = now
+    run.status = RunStatus.RUNNING
+    run.updated_at = now
+    outbox = stage_job(session, signed)
+    events.append(
+        event(
+            "ToolCallDispatched",
+            {
+                "node_id": node.node_id,
+                "attempt": attempt,
+                "job_id": signed.envelope.job_id,
+                "tool": node.tool,
+                "approval_id": approval_id,
+                "envelope_sha256": signed.digest,
+                "envelope": signed.model_dump(mode="json"),
+            },
+        )
+    )
+    session.flush()
+    done.outbox_ids.append(outbox.id)
+    return True
+
+
+def commit_dispatch(session: Session, gov: Governance, done: Dispatched) -> None:
+    """Commit; if that fails, give back what the dispatch reserved."""
+    try:
+        session.commit()
+    except BaseException:
+        session.rollback()
+        store = gov.entitlements() if done.reserved else None
+        for tenant_id, job_id in done.reserved:
+            try:
+                assert store is not None
+                store.cancel(tenant_id=tenant_id, job_id=job_id)
+            except Exception:  # the reservation stays: it errs towards refusing
+                log.warning("entitlement.cancel_failed job=%s", job_id, exc_info=True)
+        raise
+
+
+def _request_approval(
     session: Session,
     *,
     identity: Identity,
-    request: CallRequest,
-    engine: PolicyEngine,
-    signer: Signer,
-    visibility_timeout: int,
-    manifests: Callable[[Session, str], dict[str, Any] | None],
+    run: Run,
+    node: Node,
+    decision: Decision,
+    events: list[NewEvent],
+) -> Approval:
+    now = datetime.now(UTC)
+    assert decision.approval_ttl_s is not None
+    approval = Approval(
+        id=f"ap_{uuid.uuid4().hex[:24]}",
+        tenant_id=run.tenant_id,
+        run_id=run.id,
+        node_id=node.node_id,
+        tool=node.tool,
+        args_sha256=node.args_sha256,
+        policy_version=decision.bundle_version,
+        decision_id=decision.decision_id,
+        policies=list(decision.policies),
+        requested_by=identity.principal_id,
+        requested_at=now,
+        expires_at=now + timedelta(seconds=decision.approval_ttl_s),
+        status="pending",
+    )
+    session.add(approval)
+    node.status = NodeStatus.AWAITING_APPROVAL
+    run.status = RunStatus.AWAITING_APPROVAL
+    events.append(
+        NewEvent(
+            "ApprovalRequested",
+            {
+                "approval_id": approval.id,
+                "node_id": node.node_id,
+                "tool": node.tool,
+                "args_sha256": node.args_sha256,
+                "policy_version": decision.bundle_version,
+                "decision_id": decision.decision_id,
+                "policies": list(decision.policies),
+                "requested_by": identity.principal,
+                "expires_at": approval.expires_at.isoformat(),
+            },
+            tenant_id=run.tenant_id,
+            run_id=run.id,
+        )
+    )
+    return approval
+
+
+def submit_call(
+    session: Session, *, identity: Identity, request: CallRequest, gov: Governance
 ) -> Submitted:
     """Record, decide and (if allowed) stage one tool call. Commits."""
     _check_label(request.environment, "--env")
     _check_label(request.classification, "--classification")
+    _check_on_behalf_of(request.on_behalf_of)
     if request.idempotency_key is not None:
         existing = session.scalar(
             select(Run).where(
@@ -109,7 +355,7 @@ def submit_call(
         )
         if existing is not None:
             return Submitted(existing.id, (), created=False)
-    manifest = manifests(session, request.tool)
+    manifest = gov.manifests(session, request.tool)
     if manifest is None:
         known = ", ".join(session.scalars(select(ToolManifest.tool).order_by(ToolManifest.tool)))
         raise UsageError(f"unknown tool {request.tool!r} (known: {known or 'none'})", field="TOOL")
@@ -128,6 +374,7 @@ def submit_call(
         environment=request.environment,
         classification=request.classification,
         idempotency_key=request.idempotency_key,
+        on_behalf_of=request.on_behalf_of,
         created_at=now,
         updated_at=now,
     )
@@ -145,7 +392,7 @@ def submit_call(
     session.add(run)
     session.flush()
     session.add(node)
-    decision = engine.decide(
+    decision = gov.engine.decide(
         PolicyRequest(
             tenant=identity.tenant_id,
             principal=identity.principal,
@@ -153,6 +400,8 @@ def submit_call(
             tool=request.tool,
             environment=request.environment,
             classification=request.classification,
+            args=request.args,
+            on_behalf_of=request.on_behalf_of,
         )
     )
 
@@ -167,6 +416,7 @@ def submit_call(
                 "workflow": "call",
                 "principal": identity.principal,
                 "role": identity.role.value,
+                "on_behalf_of": request.on_behalf_of,
                 "environment": request.environment,
                 "classification": request.classification,
                 "idempotency_key": request.idempotency_key,
@@ -175,11 +425,28 @@ def submit_call(
         ),
         event("PolicyDecision", {"node_id": node_id, **decision.as_evidence()}),
     ]
-    outbox_ids: tuple[int, ...] = ()
-    if not decision.allowed:
-        node.status = NodeStatus.DENIED
-        node.error = {"code": "policy_denied", "message": decision.reason}
-        run.status = RunStatus.DENIED
+    done = Dispatched([], [])
+    if decision.needs_approval:
+        frozen = active_freeze(session, identity.tenant_id)
+        if frozen is None:
+            _request_approval(
+                session, identity=identity, run=run, node=node, decision=decision, events=events
+            )
+        else:  # nothing new while frozen, not even a request for approval
+            dispatch_node(
+                session,
+                gov,
+                run=run,
+                node=node,
+                tenant_name=identity.tenant_name,
+                principal=identity.principal,
+                decision_id=decision.decision_id,
+                constraints=None,
+                approval_id=None,
+                events=events,
+                done=done,
+            )
+    elif not decision.allowed:
         events.append(
             event(
                 "ToolDenied",
@@ -191,51 +458,21 @@ def submit_call(
                 },
             )
         )
-        events.append(event("RunFailed", {"run_id": run_id, "status": RunStatus.DENIED.value}))
+        deny_node(node, run, "policy_denied", decision.reason, events, now)
     else:
-        ttl = envelope_ttl_s(
-            visibility_timeout=visibility_timeout,
-            tool_timeout_s=float(manifest["limits"]["timeout_s"]),
-        )
-        signed = sign_envelope(
-            signer=signer,
-            run_id=run_id,
-            node_id=node_id,
-            attempt=1,
-            tenant=identity.tenant_id,
+        dispatch_node(
+            session,
+            gov,
+            run=run,
+            node=node,
+            tenant_name=identity.tenant_name,
             principal=identity.principal,
-            tool=request.tool,
-            args=request.args,
             decision_id=decision.decision_id,
-            policy_version=decision.bundle_version,
-            ttl_s=ttl,
-            limits=decision.constraints.limits if decision.constraints else None,
-            egress=(
-                list(decision.constraints.egress)
-                if decision.constraints and decision.constraints.egress is not None
-                else None
-            ),
+            constraints=decision.constraints,
+            approval_id=None,
+            events=events,
+            done=done,
         )
-        node.attempt = 1
-        node.status = NodeStatus.QUEUED
-        node.envelope = signed.model_dump(mode="json")
-        node.envelope_sha256 = signed.digest
-        outbox = stage_job(session, signed)
-        events.append(
-            event(
-                "ToolCallDispatched",
-                {
-                    "node_id": node_id,
-                    "attempt": 1,
-                    "job_id": signed.envelope.job_id,
-                    "tool": request.tool,
-                    "envelope_sha256": signed.digest,
-                    "envelope": signed.model_dump(mode="json"),
-                },
-            )
-        )
-        session.flush()
-        outbox_ids = (outbox.id,)
     append_events(session, events)
-    session.commit()
-    return Submitted(run_id, outbox_ids, created=True)
+    commit_dispatch(session, gov, done)
+    return Submitted(run_id, tuple(done.outbox_ids), created=True)

@@ -8,10 +8,20 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from control.runs import NodeView, RunView
 
-__all__ = ["console", "err", "print_json", "print_run", "summarize"]
+__all__ = [
+    "console",
+    "err",
+    "print_awaiting",
+    "print_json",
+    "print_run",
+    "print_runs",
+    "summarize",
+    "waiting_line",
+]
 
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -48,8 +58,49 @@ def print_run(view: RunView) -> None:
     )
     for node in view.nodes:
         key = (node.receipt or {}).get("key_id", "-")
-        console.print(f"  {node.node_id}: {node.status} — {summarize(node)}")
-        console.print(f"    receipt {key}", style="dim")
+        if node.status == "awaiting_approval" and node.approval:
+            line = (
+                f"  {node.node_id}: awaiting_approval — {waiting_line(node.approval)}; "
+                f"policies: {', '.join(node.approval['policies'])}"
+            )
+            console.print(line, markup=False)
+            continue
+        console.print(f"  {node.node_id}: {node.status} — {summarize(node)}", markup=False)
+        if node.approval and node.approval["status"] == "granted":
+            console.print(
+                f"    approved by {node.approval['decided_by']} ({node.approval['approval_id']})",
+                style="dim",
+                markup=False,
+            )
+        console.print(f"    receipt {key}", style="dim", markup=False)
+
+
+def waiting_line(approval: dict[str, Any]) -> str:
+    """For whom a call waits, in words."""
+    return (
+        f"waits for a principal with the approver role other than {approval['requested_by']}"
+        f" (approval {approval['approval_id']}, expires {approval['expires_at'][:19]}Z)"
+    )
+
+
+def print_awaiting(views: list[RunView]) -> None:
+    """Runs waiting for approval: what each call would do, who asked, and until when."""
+    table = Table("run", "node", "tool", "args", "submitter", "policies", "expires")
+    for view in views:
+        for node in view.nodes:
+            if node.status != "awaiting_approval" or not node.approval:
+                continue
+            cells = (
+                view.run_id,
+                node.node_id,
+                node.tool,
+                json.dumps(node.args, sort_keys=True)[:80],
+                node.approval["requested_by"],
+                ", ".join(node.approval["policies"]),
+                node.approval["expires_at"][:19] + "Z",
+            )
+            table.add_row(*(Text(c) for c in cells))  # never markup: args are anyone's
+    console.print(table)
 
 
 def print_runs(views: list[RunView]) -> None:

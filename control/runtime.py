@@ -6,9 +6,11 @@ Built once per process (CLI command, client, control process) and passed down.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import UTC, datetime
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -20,13 +22,17 @@ from sqlalchemy.orm import Session, sessionmaker
 import celeryconfig
 from control.dispatch import CeleryPublisher
 from control.embedded import find_embedded
+from control.entitlements import EntitlementStore
 from control.errors import ServiceUnavailable
+from control.intake import Governance
 from ledger.chain import NewEvent
 from ledger.db import make_engine, make_sessionmaker
 from ledger.models import PolicyVersion, SigningKey, ToolManifest
 from ledger.store import append_events
-from policy.bundle import load_bundle
+from policy.bundle import PolicyBundle, bundle_files, load_bundle
 from policy.engine import PolicyEngine
+from policy.errors import BundleError
+from toolplane.canonical import digest
 from toolplane.keystore import KeyStore
 from toolplane.settings import Settings
 from toolplane.signing import KeyRing, PublicKey, Signer, b64decode
@@ -35,6 +41,8 @@ log = logging.getLogger("toolplane.control")
 
 KEYRING_TTL_S = 30.0
 MANIFEST_TTL_S = 10.0
+POLICY_CHECK_S = 1.0  # how often the bundle directory is looked at for a new version
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 __all__ = ["ControlPlane", "resolve_urls"]
 
@@ -70,6 +78,10 @@ class ControlPlane:
         self._keyring: KeyRing | None = None
         self._keyring_at = 0.0
         self._manifests: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._policy: PolicyEngine | None = None
+        self._policy_checked = 0.0
+        self._policy_refused: set[str] = set()
+        self._policy_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ControlPlane:
@@ -109,9 +121,73 @@ class ControlPlane:
     def signer(self) -> Signer:
         return self.keystore.signer("control")
 
-    @cached_property
+    @property
     def policy(self) -> PolicyEngine:
-        bundle = load_bundle(self.settings.bundle_dir)
+        """The engine of the bundle in POLICY_DIR, reloaded when its files change.
+
+        A new version is loaded, recorded (PolicyVersionLoaded) and used from the
+        next decision on, without restarting anything. A version that fails to
+        load is refused (PolicyBundleRefused) and the running one stays.
+        """
+        now = time.monotonic()
+        if self._policy is not None and now - self._policy_checked < POLICY_CHECK_S:
+            return self._policy
+        with self._policy_lock:
+            if self._policy is None or time.monotonic() - self._policy_checked >= POLICY_CHECK_S:
+                self._reload_policy()
+                self._policy_checked = time.monotonic()
+        assert self._policy is not None
+        return self._policy
+
+    def _reload_policy(self) -> None:
+        path = self.settings.bundle_dir
+        if self._policy is not None:
+            try:
+                if digest(bundle_files(path)) == self._policy.version:
+                    return
+            except OSError:
+                pass  # let load_bundle say what is wrong
+        try:
+            bundle = load_bundle(path)
+        except BundleError as e:
+            if self._policy is None:
+                raise
+            self._refuse_policy(path, e)
+            return
+        if self._policy is not None and bundle.version == self._policy.version:
+            return
+        self._record_policy(bundle)
+        if self._policy is not None:
+            log.info("policy.reloaded version=%s", bundle.version[:16])
+        self._policy = PolicyEngine(bundle)
+
+    def _refuse_policy(self, path: Path, error: BundleError) -> None:
+        try:
+            attempted = digest(bundle_files(path))
+        except OSError:
+            attempted = "unreadable"
+        if attempted in self._policy_refused:
+            return
+        self._policy_refused.add(attempted)
+        log.error("policy.refused version=%s problem=%s", attempted[:16], error)
+        with self.sessions() as session:
+            append_events(
+                session,
+                [
+                    NewEvent(
+                        "PolicyBundleRefused",
+                        {
+                            "attempted_version": attempted,
+                            "path": str(path),
+                            "problem": str(error),
+                            "running_version": self._policy.version if self._policy else None,
+                        },
+                    )
+                ],
+            )
+            session.commit()
+
+    def _record_policy(self, bundle: PolicyBundle) -> None:
         with self.sessions() as session:
             inserted = session.execute(
                 pg_insert(PolicyVersion)
@@ -134,13 +210,42 @@ class ControlPlane:
                                 "version": bundle.version,
                                 "path": str(bundle.path),
                                 "files": bundle.files,
-                                "policies": sorted(bundle.policy_names.values()),
+                                "policies": sorted(bundle.policies),
+                                "log_only": sorted(
+                                    p.id for p in bundle.policies.values() if p.mode == "log_only"
+                                ),
+                                "plans": {
+                                    name: plan.as_dict()
+                                    for name, plan in bundle.plans.plans.items()
+                                },
                             },
                         )
                     ],
                 )
             session.commit()
-        return PolicyEngine(bundle)
+
+    # -- entitlements ----------------------------------------------------------------
+    @property
+    def redis_url(self) -> str | None:
+        url = self.settings.redis_url or self.broker_url
+        return url if url.startswith(REDIS_SCHEMES) else None
+
+    @cached_property
+    def _entitlements(self) -> EntitlementStore | None:
+        url = self.redis_url
+        return None if url is None else EntitlementStore.from_url(url)
+
+    def entitlements(self) -> EntitlementStore | None:
+        return self._entitlements
+
+    def governance(self) -> Governance:
+        return Governance(
+            engine=self.policy,
+            signer=self.signer,
+            visibility_timeout=self.settings.visibility_timeout,
+            manifests=self.manifest,
+            entitlements=self.entitlements,
+        )
 
     # -- tool manifests ------------------------------------------------------------
     def manifest(self, session: Session, tool: str) -> dict[str, Any] | None:

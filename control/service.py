@@ -1,4 +1,5 @@
-"""The control process: results ingest, manifest registration and the outbox relay.
+"""The control process: results ingest, manifest registration, the outbox relay,
+and the expiry of approval requests that nobody answered.
 
 Runs as a Celery worker consuming only the ``results`` queue. A database error
 while ingesting retries the message (published again before the old one is
@@ -15,6 +16,7 @@ from celery import Celery, Task, signals
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 import celeryconfig
+from control.approvals import expire_approvals
 from control.dispatch import publish_pending
 from control.ingest import ingest_result, register_manifest
 from control.runtime import ControlPlane
@@ -36,11 +38,22 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
     app = plane.celery
     app.conf.task_default_queue = celeryconfig.RESULTS_QUEUE
 
+    def settle(tenant_id: str, job_id: str, charged_ms: int | None) -> None:
+        store = plane.entitlements()
+        if store is None:
+            return
+        try:
+            store.settle(tenant_id=tenant_id, job_id=job_id, charged_ms=charged_ms)
+        except Exception:  # the reservation stays charged: errs towards refusing, never over
+            log.warning("entitlement.settle_failed job=%s", job_id, exc_info=True)
+
     @app.task(name=celeryconfig.INGEST_TASK, bind=True, acks_late=True, max_retries=None)
     def ingest(self: Task, *args: Any, **kwargs: Any) -> str:
         try:
             with plane.sessions() as session:
-                return ingest_result(session, _only_arg(args, kwargs), plane.keyring()).value
+                return ingest_result(
+                    session, _only_arg(args, kwargs), plane.keyring(), settle
+                ).value
         except (OperationalError, InterfaceError) as e:
             delay = min(2 ** min(self.request.retries, 5), 30)
             log.warning("ingest.retry in=%ss error=%s", delay, str(e).splitlines()[0])
@@ -67,6 +80,13 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
                     log.warning("outbox.relayed count=%s", sent)
             except Exception:  # a loop boundary: log and go on
                 log.exception("outbox.relay_failed")
+            try:
+                with plane.sessions() as session:
+                    expired = expire_approvals(session)
+                if expired:
+                    log.warning("approvals.expired count=%s", expired)
+            except Exception:
+                log.exception("approvals.expiry_failed")
 
     @signals.worker_ready.connect(weak=False)
     def start_relay(sender: Any = None, **_: Any) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -20,9 +21,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "ApiToken",
+    "Approval",
     "Base",
     "ChainHead",
     "EvidenceEvent",
+    "Freeze",
     "Node",
     "OutboxMessage",
     "PolicyVersion",
@@ -46,6 +49,7 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(TZ)
+    operator: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
 
 
 class Principal(Base):
@@ -82,6 +86,7 @@ class Run(Base):
     environment: Mapped[str] = mapped_column(String(40))
     classification: Mapped[str] = mapped_column(String(40))
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    on_behalf_of: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(TZ)
     updated_at: Mapped[datetime] = mapped_column(TZ)
 
@@ -121,6 +126,43 @@ class OutboxMessage(Base):
     created_at: Mapped[datetime] = mapped_column(TZ)
     published_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
     publish_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Approval(Base):
+    """A request for a human decision on one call, bound to its exact arguments and policy."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (
+        UniqueConstraint("run_id", "node_id"),
+        Index("ix_approvals_tenant_status", "tenant_id", "status"),
+    )
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    node_id: Mapped[str] = mapped_column(String(100))
+    tool: Mapped[str] = mapped_column(String(63))
+    args_sha256: Mapped[str] = mapped_column(String(64))
+    policy_version: Mapped[str] = mapped_column(String(64))
+    decision_id: Mapped[str] = mapped_column(String(40))
+    policies: Mapped[list[str]] = mapped_column(Json)
+    requested_by: Mapped[str] = mapped_column(ForeignKey("principals.id"))
+    requested_at: Mapped[datetime] = mapped_column(TZ)
+    expires_at: Mapped[datetime] = mapped_column(TZ)
+    status: Mapped[str] = mapped_column(String(20))  # pending, granted, rejected, expired
+    decided_by: Mapped[str | None] = mapped_column(ForeignKey("principals.id"), nullable=True)
+    decided_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    used_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+
+
+class Freeze(Base):
+    """A kill switch in force: no new dispatch for the tenant (or for all, scope ``*``)."""
+
+    __tablename__ = "freezes"
+    scope: Mapped[str] = mapped_column(String(40), primary_key=True)
+    frozen_by: Mapped[str] = mapped_column(String(250))
+    reason: Mapped[str] = mapped_column(Text)
+    frozen_at: Mapped[datetime] = mapped_column(TZ)
 
 
 class SigningKey(Base):

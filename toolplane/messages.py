@@ -72,6 +72,7 @@ class Envelope(_Strict):
     attempt: int = Field(ge=1, le=1000)
     tenant: str = Field(min_length=1, max_length=100)
     principal: str = Field(min_length=1, max_length=200)
+    on_behalf_of: str | None = Field(default=None, max_length=200)  # agent or end user
     tool: str = Field(min_length=1, max_length=63)
     audience: str = Field(min_length=1, max_length=80)  # the queue: tool.<name>
     args: dict[str, Any]

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
 
     broker_url: str | None = Field(default=None, description="kombu broker URL; embedded if unset")
     database_url: str | None = Field(default=None, description="PostgreSQL URL; embedded if unset")
+    redis_url: str | None = Field(
+        default=None, description="Redis for entitlements; defaults to a Redis broker's URL"
+    )
     home: Path = Field(default=Path(".toolplane"), description="keys and embedded data")
     policy_dir: Path | None = Field(default=None, description="Cedar policy bundle directory")
     repo_root: Path = Field(default=Path("examples/repo"), description="read_repo_file's root")

@@ -1,0 +1,292 @@
+"""Approvals: a human decision on one call, bound to exactly that call.
+
+An approval is requested when the policy decision is ``approval_required``. It
+binds the tenant, run, node, tool, the SHA-256 of the arguments and the policy
+bundle's version; it is decided once, by a principal with the approver role who
+is not the submitter, before it expires; and a granted approval is used by
+exactly one dispatch, whose envelope (and so whose receipt) carries its id.
+An approval whose call changed (arguments, tool) or whose policy changed since
+it was requested is refused, and the call is denied: submit it again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from control.auth import APPROVERS, Identity, require_role
+from control.errors import AuthError, NotFound, UsageError
+from control.intake import Dispatched, Governance, commit_dispatch, deny_node, dispatch_node
+from control.states import NodeStatus
+from ledger.chain import NewEvent
+from ledger.models import Approval, Node, Principal, Run
+from ledger.store import append_events
+from toolplane.canonical import digest
+
+__all__ = [
+    "ApprovalRefused",
+    "Decided",
+    "decide_approval",
+    "expire_approvals",
+    "use_approval",
+    "waiting_for",
+]
+
+
+class ApprovalRefused(UsageError):
+    """An approval that cannot be used for this call (spent, expired, or bound elsewhere)."""
+
+
+@dataclass(frozen=True)
+class Decided:
+    run_id: str
+    node_id: str
+    approval_id: str
+    status: str  # granted, rejected, expired or refused
+    outbox_ids: tuple[int, ...]
+    message: str
+
+
+def binding_problem(approval: Approval, run: Run, node: Node, policy_version: str) -> str | None:
+    """Why ``approval`` does not cover this exact call under this policy, or None."""
+    if approval.tenant_id != run.tenant_id:
+        return "the approval belongs to another tenant"
+    if (approval.run_id, approval.node_id) != (run.id, node.node_id):
+        return "the approval was given for another call"
+    if approval.tool != node.tool:
+        return "the call's tool changed since the approval was requested"
+    if approval.args_sha256 != node.args_sha256 or digest(node.args) != approval.args_sha256:
+        return "the call's arguments changed since the approval was requested"
+    if approval.policy_version != policy_version:
+        return (
+            f"the policy changed since the approval was requested "
+            f"({approval.policy_version[:12]}… -> {policy_version[:12]}…): submit the call again"
+        )
+    return None
+
+
+def use_approval(
+    session: Session, approval_id: str, *, run: Run, node: Node, policy_version: str
+) -> Approval:
+    """Spend a granted approval on this call, once; ApprovalRefused otherwise."""
+    approval = session.scalar(select(Approval).where(Approval.id == approval_id).with_for_update())
+    if approval is None or approval.tenant_id != run.tenant_id:
+        raise NotFound("approval", approval_id)
+    if approval.status != "granted":
+        raise ApprovalRefused(f"approval {approval_id} is {approval.status}, not granted")
+    if approval.used_at is not None:
+        raise ApprovalRefused(f"approval {approval_id} was already used at {approval.used_at}")
+    problem = binding_problem(approval, run, node, policy_version)
+    if problem is not None:
+        raise ApprovalRefused(f"approval {approval_id}: {problem}")
+    if approval.expires_at <= datetime.now(UTC):
+        raise ApprovalRefused(f"approval {approval_id} expired at {approval.expires_at}")
+    approval.used_at = datetime.now(UTC)
+    return approval
+
+
+def _locked(session: Session, identity: Identity, run_id: str, node_id: str) -> tuple[Run, Node]:
+    found = session.execute(
+        select(Run, Node)
+        .join(Node, Node.run_id == Run.id)
+        .where(Run.id == run_id, Node.node_id == node_id, Run.tenant_id == identity.tenant_id)
+        .with_for_update()
+    ).first()
+    if found is None:  # another tenant's run is as if it did not exist
+        raise NotFound("node", f"{run_id}/{node_id}")
+    return found[0], found[1]
+
+
+def _close(
+    session: Session,
+    *,
+    approval: Approval,
+    run: Run,
+    node: Node,
+    status: str,
+    kind: str,
+    message: str,
+    identity: Identity | None,
+    events: list[NewEvent],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    now = datetime.now(UTC)
+    approval.status = status
+    approval.decided_at = now
+    approval.decided_by = identity.principal_id if identity else None
+    approval.reason = message
+    events.append(
+        NewEvent(
+            kind,
+            {
+                "approval_id": approval.id,
+                "node_id": node.node_id,
+                "by": identity.principal if identity else None,
+                "status": status,
+                "reason": message,
+            }
+            | (extra or {}),
+            tenant_id=run.tenant_id,
+            run_id=run.id,
+        )
+    )
+    deny_node(node, run, "approval_rejected", message, events, now)
+
+
+def decide_approval(
+    session: Session,
+    identity: Identity,
+    gov: Governance,
+    *,
+    run_id: str,
+    node_id: str,
+    grant: bool,
+    reason: str | None,
+) -> Decided:
+    """Approve (and dispatch) or reject one waiting call. Commits."""
+    require_role(identity, APPROVERS, "approve or reject calls")
+    if not grant and not (reason and reason.strip()):
+        raise UsageError("a rejection needs a reason (it is evidence)", field="--reason")
+    run, node = _locked(session, identity, run_id, node_id)
+    approval = session.scalar(
+        select(Approval)
+        .where(Approval.run_id == run.id, Approval.node_id == node.node_id)
+        .with_for_update()
+    )
+    if approval is None or node.status != NodeStatus.AWAITING_APPROVAL:
+        raise UsageError(
+            f"{run_id}/{node_id} is not awaiting approval (it is {node.status})", field="NODE"
+        )
+    if approval.status != "pending":
+        raise ApprovalRefused(f"approval {approval.id} was already {approval.status}")
+    if approval.requested_by == identity.principal_id:
+        raise AuthError("the submitter of a call cannot approve or reject it")
+    events: list[NewEvent] = []
+    now = datetime.now(UTC)
+
+    def finish(status: str, kind: str, message: str, **extra: Any) -> Decided:
+        _close(
+            session,
+            approval=approval,
+            run=run,
+            node=node,
+            status=status,
+            kind=kind,
+            message=message,
+            identity=identity,
+            events=events,
+            extra=extra,
+        )
+        append_events(session, events)
+        session.commit()
+        return Decided(run.id, node.node_id, approval.id, status, (), message)
+
+    if approval.expires_at <= now:
+        return finish(
+            "expired", "ApprovalExpired", f"the approval request expired at {approval.expires_at}"
+        )
+    if not grant:
+        return finish("rejected", "ApprovalRejected", str(reason))
+    engine = gov.engine
+    problem = binding_problem(approval, run, node, engine.version)
+    if problem is not None:
+        return finish("refused", "ApprovalRejected", problem, refused=True)
+
+    approval.status = "granted"
+    approval.decided_at = now
+    approval.decided_by = identity.principal_id
+    approval.reason = reason
+    use_approval(session, approval.id, run=run, node=node, policy_version=engine.version)
+    events.append(
+        NewEvent(
+            "ApprovalGranted",
+            {
+                "approval_id": approval.id,
+                "node_id": node.node_id,
+                "by": identity.principal,
+                "reason": reason,
+                "args_sha256": approval.args_sha256,
+                "policy_version": approval.policy_version,
+            },
+            tenant_id=run.tenant_id,
+            run_id=run.id,
+        )
+    )
+    submitter = session.get(Principal, approval.requested_by)
+    done = Dispatched([], [])
+    dispatched = dispatch_node(
+        session,
+        gov,
+        run=run,
+        node=node,
+        tenant_name=identity.tenant_name,
+        principal=submitter.name if submitter else identity.principal,
+        decision_id=approval.decision_id,
+        constraints=engine.bundle.constraints.for_call(
+            tool=node.tool, environment=run.environment, classification=run.classification
+        ),
+        approval_id=approval.id,
+        events=events,
+        done=done,
+    )
+    append_events(session, events)
+    commit_dispatch(session, gov, done)
+    message = "dispatched" if dispatched else str((node.error or {}).get("message"))
+    return Decided(run.id, node.node_id, approval.id, "granted", tuple(done.outbox_ids), message)
+
+
+def expire_approvals(session: Session, *, limit: int = 100) -> int:
+    """Deny every call whose approval request lapsed unanswered. Commits; returns how many."""
+    now = datetime.now(UTC)
+    rows = session.execute(
+        select(Approval, Run, Node)
+        .join(Run, Run.id == Approval.run_id)
+        .join(Node, (Node.run_id == Approval.run_id) & (Node.node_id == Approval.node_id))
+        .where(Approval.status == "pending", Approval.expires_at <= now)
+        .order_by(Approval.expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    events: list[NewEvent] = []
+    for approval, run, node in rows:
+        if node.status != NodeStatus.AWAITING_APPROVAL:
+            continue
+        _close(
+            session,
+            approval=approval,
+            run=run,
+            node=node,
+            status="expired",
+            kind="ApprovalExpired",
+            message=f"the approval request expired unanswered at {approval.expires_at}",
+            identity=None,
+            events=events,
+        )
+    if events:
+        append_events(session, events)
+    session.commit()
+    return len(rows)
+
+
+def waiting_for(session: Session, run_id: str) -> list[dict[str, Any]]:
+    """Who a run waits for: each pending approval, its submitter and expiry."""
+    rows = session.execute(
+        select(Approval, Principal)
+        .join(Principal, Principal.id == Approval.requested_by)
+        .where(Approval.run_id == run_id, Approval.status == "pending")
+    ).all()
+    return [
+        {
+            "approval_id": a.id,
+            "node_id": a.node_id,
+            "submitter": p.name,
+            "policies": a.policies,
+            "expires_at": a.expires_at.isoformat(),
+            "who": f"a principal with the approver role other than {p.name}",
+        }
+        for a, p in rows
+    ]

@@ -1,0 +1,104 @@
+"""The kill switch: freeze one tenant, or every tenant, so that nothing new dispatches.
+
+A freeze is a row in ``freezes`` (scope: a tenant id, or ``*`` for all) plus
+its evidence. Intake and approval hold a shared advisory lock on the scopes
+they dispatch under for the length of their transaction; freezing takes the
+same lock exclusively, so once ``policy freeze`` returns, no dispatch that
+began before it can still commit, and every later one sees the freeze.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, select, text
+from sqlalchemy.orm import Session
+
+from control.auth import ADMINS, Identity, require_role
+from control.errors import AuthError, UsageError
+from ledger.chain import NewEvent
+from ledger.models import Freeze
+from ledger.store import append_events
+
+ALL = "*"
+
+__all__ = ["ALL", "active_freeze", "freeze", "list_freezes", "unfreeze"]
+
+
+def _lock(session: Session, scope: str, *, shared: bool) -> None:
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    session.execute(
+        text(f"SELECT {function}(hashtext(:key))"), {"key": f"toolplane.freeze.{scope}"}
+    )
+
+
+def active_freeze(session: Session, tenant_id: str) -> Freeze | None:
+    """The freeze that stops this tenant's dispatches, if any (takes the shared locks)."""
+    _lock(session, ALL, shared=True)
+    _lock(session, tenant_id, shared=True)
+    return session.scalars(
+        select(Freeze).where(Freeze.scope.in_([ALL, tenant_id])).order_by(Freeze.scope)
+    ).first()
+
+
+def _scope(identity: Identity, everything: bool) -> str:
+    require_role(identity, ADMINS, "freeze or unfreeze dispatches")
+    if everything and not identity.operator:
+        raise AuthError("freezing every tenant needs an admin of an operator tenant")
+    return ALL if everything else identity.tenant_id
+
+
+def freeze(session: Session, identity: Identity, *, everything: bool, reason: str) -> Freeze:
+    """Stop every new dispatch of the caller's tenant (or of all). Does not commit."""
+    if not reason.strip():
+        raise UsageError("say why (it is evidence)", field="--reason")
+    scope = _scope(identity, everything)
+    _lock(session, scope, shared=False)
+    if session.get(Freeze, scope) is not None:
+        raise UsageError("already frozen", field="--all" if everything else "tenant")
+    row = Freeze(
+        scope=scope,
+        frozen_by=f"{identity.tenant_name}/{identity.principal}",
+        reason=reason,
+        frozen_at=datetime.now(UTC),
+    )
+    session.add(row)
+    session.flush()
+    append_events(
+        session,
+        [
+            NewEvent(
+                "PolicyFrozen",
+                {"scope": scope, "by": row.frozen_by, "reason": reason},
+                tenant_id=None if scope == ALL else identity.tenant_id,
+            )
+        ],
+    )
+    return row
+
+
+def unfreeze(session: Session, identity: Identity, *, everything: bool, reason: str) -> None:
+    """Lift the caller's tenant's freeze (or the global one). Does not commit."""
+    scope = _scope(identity, everything)
+    _lock(session, scope, shared=False)
+    if session.execute(delete(Freeze).where(Freeze.scope == scope)).rowcount == 0:
+        raise UsageError("not frozen", field="--all" if everything else "tenant")
+    append_events(
+        session,
+        [
+            NewEvent(
+                "PolicyUnfrozen",
+                {
+                    "scope": scope,
+                    "by": f"{identity.tenant_name}/{identity.principal}",
+                    "reason": reason,
+                },
+                tenant_id=None if scope == ALL else identity.tenant_id,
+            )
+        ],
+    )
+
+
+def list_freezes(session: Session, identity: Identity) -> list[Freeze]:
+    """The freezes that apply to the caller's tenant."""
+    return list(session.scalars(select(Freeze).where(Freeze.scope.in_([ALL, identity.tenant_id]))))
