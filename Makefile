@@ -20,6 +20,7 @@ test: install
 check: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m control.cli policy test policy/bundles/default
 
 demo: install
 	$(PY) -m control.demo

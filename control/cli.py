@@ -60,8 +60,6 @@ for sub, name in (
 
 app.add_typer(token_app, name="token")
 app.add_typer(policy_app, name="policy")
-app.command()(approve)
-app.command()(reject)
 
 
 # -- processes -------------------------------------------------------------------
@@ -401,6 +399,10 @@ def ledger_verify(
                 f"  event {b.event_id} ({b.chain_id} #{b.seq}, {b.kind}): {b.problem}", markup=False
             )
     raise typer.Exit(EXIT_OK if report.ok else EXIT_ERROR)
+
+
+app.command()(approve)
+app.command()(reject)
 
 
 def main() -> None:

@@ -254,7 +254,7 @@ def policy_freeze(
 @policy_app.command("unfreeze")
 @handled
 def policy_unfreeze(
-    reason: Annotated[str, typer.Option(help="Why (recorded as evidence).")] = "",
+    reason: Annotated[str, typer.Option(help="Why (recorded as evidence).")],
     all_: Annotated[bool, typer.Option("--all", help="Lift the freeze of every tenant.")] = False,
     json_: JsonOpt = False,
 ) -> None:

@@ -227,7 +227,7 @@ class Client:
             freeze(session, self.identity, everything=everything, reason=reason)
             session.commit()
 
-    def unfreeze(self, *, everything: bool = False, reason: str = "") -> None:
+    def unfreeze(self, *, everything: bool = False, reason: str) -> None:
         with self.plane.sessions() as session:
             unfreeze(session, self.identity, everything=everything, reason=reason)
             session.commit()

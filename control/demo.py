@@ -53,6 +53,8 @@ def node_of(run: dict[str, Any]) -> NodeView:
         result_sha256=n["result_sha256"],
         receipt=n["receipt"],
         error=n["error"],
+        args=n.get("args") or {},
+        approval=n.get("approval"),
     )
 
 
@@ -98,6 +100,7 @@ def main() -> int:
             console.print(f"  {mark} {tool:<15} {node.status:<10} {summarize(node)}")
             console.print(f"      run {run['run_id']}  receipt {key}", style="dim")
             ok = ok and run["status"] == "completed"
+        ok = approval_flow(env, tenant) and ok
         verify = run_cli("ledger", "verify", "--json", env=env, check=False)
         report = json.loads(verify.stdout) if verify.stdout.strip() else {"ok": False, "broken": []}
         verdict = "[green]ok[/green]" if report["ok"] else "[red]BROKEN[/red]"
@@ -115,6 +118,76 @@ def main() -> int:
     verdict = "[green]passed[/green]" if ok else "[red]FAILED[/red]"
     console.print(f"demo {verdict} in {time.monotonic() - started:.1f}s")
     return 0 if ok else 1
+
+
+def approval_flow(env: dict[str, str], tenant: str) -> bool:
+    """A prod read outside src/ waits for an approval by someone other than its submitter."""
+    console.print("[bold]approval[/bold]: a prod read of README.md needs a second person")
+    tokens = {}
+    for principal, role in (("agent-runner", "submitter"), ("reviewer", "approver")):
+        issued = run_cli(
+            "token",
+            "issue",
+            "--tenant",
+            tenant,
+            "--principal",
+            principal,
+            "--role",
+            role,
+            "--expires-in",
+            "1h",
+            "--json",
+            env=env,
+        )
+        tokens[principal] = json.loads(issued.stdout)["token"]
+    submitter = dict(env, TOOLPLANE_TOKEN=tokens["agent-runner"])
+    approver = dict(env, TOOLPLANE_TOKEN=tokens["reviewer"])
+    waiting = run_cli(
+        "call",
+        "read_repo_file",
+        "--arg",
+        "path=README.md",
+        "--env",
+        "prod",
+        "--on-behalf-of",
+        "user:demo",
+        "--json",
+        env=submitter,
+        check=False,
+    )
+    if waiting.returncode != 5:
+        err.print(f"  expected to wait (exit 5), got {waiting.returncode}: {waiting.stderr}")
+        return False
+    run_id = json.loads(waiting.stdout)["run_id"]
+    console.print(f"  [yellow]…[/yellow] {run_id} awaiting_approval (exit 5)")
+    self_approval = run_cli("approve", run_id, "read_repo_file", env=submitter, check=False)
+    console.print(
+        f"  [green]✓[/green] the submitter may not approve: {self_approval.stderr.strip()}"
+    )
+    approved = run_cli(
+        "approve",
+        run_id,
+        "read_repo_file",
+        "--reason",
+        "demo",
+        "--json",
+        env=approver,
+        check=False,
+    )
+    if approved.returncode != 0:
+        err.print(f"  approve failed: {approved.stderr.strip()}", markup=False)
+        return False
+    done = run_cli("runs", "show", run_id, "--json", env=submitter)
+    for _ in range(100):
+        if json.loads(done.stdout)["status"] != "running":
+            break
+        time.sleep(0.1)
+        done = run_cli("runs", "show", run_id, "--json", env=submitter)
+    node = node_of(json.loads(done.stdout))
+    mark = "[green]✓[/green]" if node.status == "completed" else "[red]✗[/red]"
+    approval_id = (node.approval or {}).get("approval_id")
+    console.print(f"  {mark} approved by reviewer ({approval_id}): {summarize(node)}")
+    return node.status == "completed" and self_approval.returncode != 0
 
 
 if __name__ == "__main__":

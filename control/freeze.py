@@ -79,6 +79,8 @@ def freeze(session: Session, identity: Identity, *, everything: bool, reason: st
 
 def unfreeze(session: Session, identity: Identity, *, everything: bool, reason: str) -> None:
     """Lift the caller's tenant's freeze (or the global one). Does not commit."""
+    if not reason.strip():
+        raise UsageError("say why (it is evidence)", field="--reason")
     scope = _scope(identity, everything)
     _lock(session, scope, shared=False)
     if session.execute(delete(Freeze).where(Freeze.scope == scope)).rowcount == 0:

@@ -8,7 +8,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from control.runs import NodeView, RunView
 
@@ -85,22 +84,27 @@ def waiting_line(approval: dict[str, Any]) -> str:
 
 def print_awaiting(views: list[RunView]) -> None:
     """Runs waiting for approval: what each call would do, who asked, and until when."""
-    table = Table("run", "node", "tool", "args", "submitter", "policies", "expires")
+    lines = 0
     for view in views:
         for node in view.nodes:
             if node.status != "awaiting_approval" or not node.approval:
                 continue
-            cells = (
-                view.run_id,
-                node.node_id,
-                node.tool,
-                json.dumps(node.args, sort_keys=True)[:80],
-                node.approval["requested_by"],
-                ", ".join(node.approval["policies"]),
-                node.approval["expires_at"][:19] + "Z",
+            lines += 1
+            console.print(
+                f"{view.run_id} {node.node_id}: {node.tool} "
+                f"{json.dumps(node.args, sort_keys=True)[:200]}",
+                markup=False,
             )
-            table.add_row(*(Text(c) for c in cells))  # never markup: args are anyone's
-    console.print(table)
+            console.print(
+                f"    submitted by {node.approval['requested_by']}"
+                + (f" for {view.on_behalf_of}" if view.on_behalf_of else "")
+                + f" in {view.environment}/{view.classification}; "
+                f"policies: {', '.join(node.approval['policies'])}; "
+                f"expires {node.approval['expires_at'][:19]}Z",
+                markup=False,
+            )
+    if not lines:
+        console.print("no call waits for an approval")
 
 
 def print_runs(views: list[RunView]) -> None:

@@ -20,6 +20,7 @@ EVIDENCE_KINDS = frozenset(
         "ApprovalRequested",
         "ApprovalGranted",
         "ApprovalRejected",
+        "ApprovalExpired",
         "ToolCallPlanned",
         "ToolCallDispatched",
         "ToolCallCompleted",
@@ -32,8 +33,13 @@ EVIDENCE_KINDS = frozenset(
         "RunCancelled",
         # Operations on the ledger itself.
         "PolicyVersionLoaded",
+        "PolicyBundleRefused",
+        "PolicyFrozen",
+        "PolicyUnfrozen",
         "ToolRegistered",
         "TenantCreated",
+        "TokenIssued",
+        "TokenRevoked",
     }
 )
 

@@ -38,7 +38,8 @@ def cedar_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
     """The call's arguments as Cedar sees them, and their lengths.
 
     Top-level strings, booleans and integers pass as they are; lists of them as
-    sets. Anything else (floats, objects, mixed lists) is left out of ``args``:
+    sets (Cedar sets may mix those types). Anything else (floats, null, objects,
+    lists holding any of them) is left out of ``args``:
     a record could smuggle Cedar's ``__entity``/``__extn`` escapes. Every
     string's and list's length is in the lengths, whatever it holds.
     """

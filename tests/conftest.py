@@ -54,3 +54,15 @@ def stack(
 def token(stack: Stack) -> str:
     """The admin token of a fresh tenant."""
     return stack.tenant()
+
+
+@pytest.fixture(autouse=True)
+def _release_clients(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Close the database pools of the clients a test made (the server has 100 slots)."""
+    yield
+    if "stack" not in request.fixturenames:
+        return
+    stack = request.getfixturevalue("stack")
+    for client in stack.clients:
+        client.plane.engine.dispose()
+    stack.clients.clear()
