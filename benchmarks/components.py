@@ -102,7 +102,9 @@ def containment_overhead(settings: Any) -> dict[str, float]:
 def run_all(client: Any, *, progress: Progress) -> dict[str, Any]:
     task = progress.add_task("components", total=7)
     plane, out = client.plane, {}
-    request = PolicyRequest("t", "p", "submitter", "read_repo_file", "dev", "internal")
+    request = PolicyRequest(
+        "t", "p", "submitter", "read_repo_file", "dev", "internal", args={"path": "src/a.py"}
+    )
     out["policy_decision_us"] = per_call_us(lambda: plane.policy.decide(request))
     progress.advance(task)
 

@@ -426,40 +426,13 @@ def submit_call(
         event("PolicyDecision", {"node_id": node_id, **decision.as_evidence()}),
     ]
     done = Dispatched([], [])
-    if decision.needs_approval:
-        frozen = active_freeze(session, identity.tenant_id)
-        if frozen is None:
-            _request_approval(
-                session, identity=identity, run=run, node=node, decision=decision, events=events
-            )
-        else:  # nothing new while frozen, not even a request for approval
-            dispatch_node(
-                session,
-                gov,
-                run=run,
-                node=node,
-                tenant_name=identity.tenant_name,
-                principal=identity.principal,
-                decision_id=decision.decision_id,
-                constraints=None,
-                approval_id=None,
-                events=events,
-                done=done,
-            )
-    elif not decision.allowed:
-        events.append(
-            event(
-                "ToolDenied",
-                {
-                    "node_id": node_id,
-                    "tool": request.tool,
-                    "decision_id": decision.decision_id,
-                    "reason": decision.reason,
-                },
-            )
+    if decision.needs_approval and active_freeze(session, identity.tenant_id) is None:
+        _request_approval(
+            session, identity=identity, run=run, node=node, decision=decision, events=events
         )
-        deny_node(node, run, "policy_denied", decision.reason, events, now)
-    else:
+    elif decision.allowed or decision.needs_approval:
+        # Allowed, or waiting for an approval under a freeze: dispatch_node checks the
+        # freeze first, so a frozen tenant gets nothing new, not even an approval request.
         dispatch_node(
             session,
             gov,
@@ -473,6 +446,19 @@ def submit_call(
             events=events,
             done=done,
         )
+    else:
+        events.append(
+            event(
+                "ToolDenied",
+                {
+                    "node_id": node_id,
+                    "tool": request.tool,
+                    "decision_id": decision.decision_id,
+                    "reason": decision.reason,
+                },
+            )
+        )
+        deny_node(node, run, "policy_denied", decision.reason, events, now)
     append_events(session, events)
     commit_dispatch(session, gov, done)
     return Submitted(run_id, tuple(done.outbox_ids), created=True)

@@ -77,7 +77,7 @@ class PolicyBundle:
     policies: dict[str, PolicyInfo]  # @id -> what the annotations say
     files: dict[str, str]  # relative name -> sha256 of its bytes
     enforced: PolicySubset  # every policy not in log-only mode
-    observed: PolicySubset  # every policy, log-only ones included
+    log_only: PolicySubset  # only the log-only policies
     unapproved: PolicySubset  # enforced, without the approval forbids
     schema: cedarpy.Schema
     constraints: ConstraintSet
@@ -190,7 +190,7 @@ def load_bundle(path: Path) -> PolicyBundle:
         policies=infos,
         files=files,
         enforced=_subset(static, enforced, path),
-        observed=_subset(static, list(by_cedar_id), path),
+        log_only=_subset(static, [c for c, i in by_cedar_id.items() if i.mode == "log_only"], path),
         unapproved=_subset(
             static, [c for c in enforced if by_cedar_id[c].approval_s is None], path
         ),

@@ -184,6 +184,37 @@ class PolicyEngine:
         policies = tuple(subset.names.get(p, p) for p in result.diagnostics.reasons)
         return _Eval(bool(result.allowed) and not errors, policies, tuple(errors))
 
+    def _would(
+        self,
+        bundle: PolicyBundle,
+        outcome: str,
+        enforced: _Eval,
+        request: dict[str, Any],
+        entities: list[Any],
+    ) -> dict[str, Any]:
+        """What the decision would be with the log-only policies enforced too.
+
+        Only the log-only policies are evaluated; Cedar's rule (a matching forbid
+        denies; else a matching permit allows; else deny) combines them with the
+        enforced result, so the whole bundle is not evaluated twice.
+        """
+        seen = self._evaluate(bundle.log_only, request, entities)
+        forbids = [p for p in seen.policies if bundle.policies[p].effect == "forbid"]
+        if seen.errors or forbids:
+            would = DENY  # an erring policy, once enforced, denies too
+        elif outcome in (ALLOW, APPROVAL):
+            would = outcome
+        elif enforced.policies or enforced.errors:
+            would = DENY  # an enforced forbid (or error) stands
+        else:
+            would = ALLOW if seen.policies else DENY  # a log-only permit would allow
+        return {
+            "decision": would,
+            "policies": list(seen.policies),
+            "differs": would != outcome,
+            "errors": list(seen.errors),
+        }
+
     def decide(self, request: PolicyRequest) -> Decision:
         decision_id = str(uuid.uuid4())
         bundle = self.bundle
@@ -206,21 +237,7 @@ class PolicyEngine:
                     outcome, approval_ttl_s = APPROVAL, bundle.approval_s(approvers)
             log_only = None
             if bundle.has_log_only:
-                observed = self._evaluate(bundle.observed, cedar_request, entities)
-                would = ALLOW if observed.allowed else DENY
-                if would == DENY and outcome == APPROVAL and not observed.errors:
-                    only_approvals = all(
-                        bundle.policies[p].approval_s is not None for p in observed.policies
-                    )
-                    would = APPROVAL if only_approvals else DENY
-                log_only = {
-                    "decision": would,
-                    "policies": [
-                        p for p in observed.policies if bundle.policies[p].mode == "log_only"
-                    ],
-                    "differs": would != outcome,
-                    "errors": list(observed.errors),
-                }
+                log_only = self._would(bundle, outcome, enforced, cedar_request, entities)
         except Exception as e:  # fail closed: any error is a denial
             return Decision(
                 decision_id=decision_id,

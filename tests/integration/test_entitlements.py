@@ -128,6 +128,14 @@ def test_a_reservation_left_by_a_crash_lapses_from_the_queue_cap(services, prefi
     assert store.reserve(job_id="next", run_id="r2", **kw) is None
 
 
+def plan_bundle(stack: Stack, token: str, tmp_path, name: str, plan: dict) -> Any:
+    """A copy of the stack's bundle that puts the token's tenant on ``plan``."""
+    tenant = stack.client(token).identity.tenant_name
+    return bundle_with(
+        stack, tmp_path, entitlements={"plans": {name: plan}, "tenants": {tenant: name}}
+    )
+
+
 # -- through intake, from several processes -----------------------------------------------
 
 
@@ -179,12 +187,7 @@ def test_concurrent_submissions_never_exceed_the_rate_limit(stack: Stack, token,
 
 
 def test_a_refused_call_exits_3_and_names_the_limit(stack: Stack, token, tmp_path):
-    name = stack.client(token).identity.tenant_name
-    bundle = bundle_with(
-        stack,
-        tmp_path,
-        entitlements={"plans": {"one": {"daily_calls": 1}}, "tenants": {name: "one"}},
-    )
+    bundle = plan_bundle(stack, token, tmp_path, "one", {"daily_calls": 1})
     env = dict(stack.env, TOOLPLANE_POLICY_DIR=str(bundle), TOOLPLANE_TOKEN=token)
     first = _cli(stack, env, "call", "search_docs", "--arg", "query=a", "--wait")
     assert first.returncode == 0, first.stderr
@@ -218,12 +221,7 @@ def _cli(stack: Stack, env: dict, *args: str):
 
 
 def test_budget_is_reserved_at_dispatch_and_settled_from_receipts(stack: Stack, token, tmp_path):
-    name = stack.client(token).identity.tenant_name
-    bundle = bundle_with(
-        stack,
-        tmp_path,
-        entitlements={"plans": {"b": {"daily_tool_seconds": 20}}, "tenants": {name: "b"}},
-    )
+    bundle = plan_bundle(stack, token, tmp_path, "b", {"daily_tool_seconds": 20})
     client = client_on(stack, token, bundle)
     store = client.plane.entitlements()
     tenant_id = client.identity.tenant_id
@@ -252,12 +250,7 @@ def test_budget_is_reserved_at_dispatch_and_settled_from_receipts(stack: Stack, 
 
 
 def test_queue_cap_keeps_one_tenant_from_flooding_a_tool(stack: Stack, token, tmp_path):
-    name = stack.client(token).identity.tenant_name
-    bundle = bundle_with(
-        stack,
-        tmp_path,
-        entitlements={"plans": {"q": {"queued_per_tool": 1}}, "tenants": {name: "q"}},
-    )
+    bundle = plan_bundle(stack, token, tmp_path, "q", {"queued_per_tool": 1})
     client = client_on(stack, token, bundle)
     busy = client.submit("sleepy", {"seconds": 1.5, "tag": "cap-1"})
     flood = client.call("sleepy", {"seconds": 0, "tag": "cap-2"})
@@ -274,12 +267,7 @@ def test_queue_cap_keeps_one_tenant_from_flooding_a_tool(stack: Stack, token, tm
 
 
 def test_a_plan_without_redis_is_refused_clearly(stack: Stack, token, tmp_path):
-    name = stack.client(token).identity.tenant_name
-    bundle = bundle_with(
-        stack,
-        tmp_path,
-        entitlements={"plans": {"p": {"daily_calls": 5}}, "tenants": {name: "p"}},
-    )
+    bundle = plan_bundle(stack, token, tmp_path, "p", {"daily_calls": 5})
     client = client_on(stack, token, bundle)
     client.plane.__dict__["_entitlements"] = None  # as with a RabbitMQ broker and no REDIS_URL
     before = len(client.runs(limit=1000))
@@ -289,12 +277,7 @@ def test_a_plan_without_redis_is_refused_clearly(stack: Stack, token, tmp_path):
 
 
 def test_redis_down_fails_closed(stack: Stack, token, tmp_path):
-    name = stack.client(token).identity.tenant_name
-    bundle = bundle_with(
-        stack,
-        tmp_path,
-        entitlements={"plans": {"p": {"daily_calls": 5}}, "tenants": {name: "p"}},
-    )
+    bundle = plan_bundle(stack, token, tmp_path, "p", {"daily_calls": 5})
     settings = stack.settings(token).model_copy(
         update={"policy_dir": bundle, "redis_url": "redis://127.0.0.1:1/0"}
     )
