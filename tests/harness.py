@@ -132,6 +132,7 @@ class Stack:
     env: dict[str, str]
     processes: list[dict[str, Any]] = field(default_factory=list)
     clients: list[Any] = field(default_factory=list)
+    _sessions: Any = None
 
     def cli(
         self, *args: str, token: str | None = None, timeout: float = 90
@@ -171,11 +172,19 @@ class Stack:
         return client
 
     def tenant(self, name: str | None = None) -> str:
-        """A new tenant; returns its admin token."""
+        """A new tenant; returns its admin token (in process: `tenant create` has its own tests,
+        and a CLI process per test costs seconds)."""
+        from control.auth import create_tenant
+
         name = name or f"t-{secrets.token_hex(4)}"
-        done = self.cli("tenant", "create", name, "--json")
-        assert done.returncode == 0, done.stderr
-        return str(json.loads(done.stdout)["token"])
+        if self._sessions is None:
+            from ledger.db import make_engine, make_sessionmaker
+
+            self._sessions = make_sessionmaker(make_engine(self.env["TOOLPLANE_DATABASE_URL"]))
+        with self._sessions() as session:
+            _, token = create_tenant(session, name)
+            session.commit()
+        return token
 
     def pid(self, name: str) -> int:
         """The pid of one of the stack's processes (``control``, ``worker-<tool>``)."""
@@ -300,6 +309,8 @@ def stop_stack(stack: Stack) -> None:
     stop_processes(stack.home)
     for client in stack.clients:
         client.plane.engine.dispose()
+    if stack._sessions is not None:
+        stack._sessions.kw["bind"].dispose()
 
 
 def wait_for(predicate: Any, *, timeout: float = 30, interval: float = 0.1, what: str = "") -> Any:
