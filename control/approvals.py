@@ -19,8 +19,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from control.auth import APPROVERS, Identity, require_role
-from control.errors import AuthError, NotFound, UsageError
-from control.intake import Dispatched, Governance, commit_dispatch, deny_node, dispatch_node
+from control.errors import AuthError, NotFound, UsageError, require_text
+from control.intake import Governance, deny_node, dispatch_node, dispatching
 from control.states import NodeStatus
 from ledger.chain import NewEvent
 from ledger.models import Approval, Node, Principal, Run
@@ -151,6 +151,8 @@ def decide_approval(
     require_role(identity, APPROVERS, "approve or reject calls")
     if not grant and not (reason and reason.strip()):
         raise UsageError("a rejection needs a reason (it is evidence)", field="--reason")
+    if reason is not None:
+        require_text(reason, field="--reason")
     run, node = _locked(session, identity, run_id, node_id)
     approval = session.scalar(
         select(Approval)
@@ -165,6 +167,12 @@ def decide_approval(
         raise ApprovalRefused(f"approval {approval.id} was already {approval.status}")
     if approval.requested_by == identity.principal_id:
         raise AuthError("the submitter of a call cannot approve or reject it")
+    if identity.token_issued_by == approval.requested_by:
+        # An admin who submitted could mint a token for an approver and approve as them.
+        raise AuthError(
+            "this token was issued by the call's submitter; a decision on the call needs "
+            "a token its submitter did not issue"
+        )
     events: list[NewEvent] = []
     now = datetime.now(UTC)
 
@@ -208,6 +216,7 @@ def decide_approval(
                 "approval_id": approval.id,
                 "node_id": node.node_id,
                 "by": identity.principal,
+                "token_id": identity.token_id,
                 "reason": reason,
                 "args_sha256": approval.args_sha256,
                 "policy_version": approval.policy_version,
@@ -217,24 +226,23 @@ def decide_approval(
         )
     )
     submitter = session.get(Principal, approval.requested_by)
-    done = Dispatched([], [])
-    dispatched = dispatch_node(
-        session,
-        gov,
-        run=run,
-        node=node,
-        tenant_name=identity.tenant_name,
-        principal=submitter.name if submitter else identity.principal,
-        decision_id=approval.decision_id,
-        constraints=engine.bundle.constraints.for_call(
-            tool=node.tool, environment=run.environment, classification=run.classification
-        ),
-        approval_id=approval.id,
-        events=events,
-        done=done,
-    )
-    append_events(session, events)
-    commit_dispatch(session, gov, done)
+    with dispatching(session, gov) as done:
+        dispatched = dispatch_node(
+            session,
+            gov,
+            run=run,
+            node=node,
+            tenant_name=identity.tenant_name,
+            principal=submitter.name if submitter else identity.principal,
+            decision_id=approval.decision_id,
+            constraints=engine.bundle.constraints.for_call(
+                tool=node.tool, environment=run.environment, classification=run.classification
+            ),
+            approval_id=approval.id,
+            events=events,
+            done=done,
+        )
+        append_events(session, events)
     message = "dispatched" if dispatched else str((node.error or {}).get("message"))
     return Decided(run.id, node.node_id, approval.id, "granted", tuple(done.outbox_ids), message)
 
@@ -272,12 +280,16 @@ def expire_approvals(session: Session, *, limit: int = 100) -> int:
     return len(rows)
 
 
-def waiting_for(session: Session, run_id: str) -> list[dict[str, Any]]:
-    """Who a run waits for: each pending approval, its submitter and expiry."""
+def waiting_for(session: Session, tenant_id: str, run_id: str) -> list[dict[str, Any]]:
+    """Who a run of this tenant waits for: each pending approval, its submitter and expiry."""
     rows = session.execute(
         select(Approval, Principal)
         .join(Principal, Principal.id == Approval.requested_by)
-        .where(Approval.run_id == run_id, Approval.status == "pending")
+        .where(
+            Approval.run_id == run_id,
+            Approval.tenant_id == tenant_id,
+            Approval.status == "pending",
+        )
     ).all()
     return [
         {

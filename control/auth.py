@@ -26,6 +26,7 @@ from ledger.models import ApiToken, Principal, Tenant
 from ledger.store import append_events
 
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MAX_TOKEN_LIFETIME_S = 3650 * 86400
 TOKEN_PREFIX = "tp_"  # noqa: S105 - a public prefix, not a secret
 
 __all__ = [
@@ -63,6 +64,8 @@ class Identity:
     principal: str
     role: Role
     operator: bool = False  # an admin of an operator tenant may freeze every tenant
+    token_id: str = ""
+    token_issued_by: str | None = None  # principal id of whoever issued this token
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,11 @@ def issue_token(
     principal: str,
     role: Role,
     expires_in_s: int | None = None,
-    issued_by: str | None = None,
+    issued_by: Identity | None = None,
 ) -> IssuedToken:
     """Create (or reuse) the principal and return a new token for it (shown once)."""
+    if expires_in_s is not None and not 0 < expires_in_s <= MAX_TOKEN_LIFETIME_S:
+        raise UsageError("a token lives at most 3650d", field="--expires-in")
     now = datetime.now(UTC)
     row = session.scalar(
         select(Principal).where(Principal.tenant_id == tenant_id, Principal.name == principal)
@@ -114,6 +119,7 @@ def issue_token(
             token_sha256=_hash(token),
             created_at=now,
             expires_at=expires_at,
+            issued_by=issued_by.principal_id if issued_by else None,
         )
     )
     session.flush()
@@ -127,7 +133,7 @@ def issue_token(
                     "principal": principal,
                     "role": role.value,
                     "expires_at": None if expires_at is None else expires_at.isoformat(),
-                    "issued_by": issued_by,
+                    "issued_by": issued_by.principal if issued_by else None,
                 },
                 tenant_id=tenant_id,
             )
@@ -259,4 +265,6 @@ def authenticate(session: Session, token: str | None) -> Identity:
         principal=principal.name,
         role=Role(principal.role),
         operator=bool(tenant.operator),
+        token_id=api_token.id,
+        token_issued_by=api_token.issued_by,
     )

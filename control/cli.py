@@ -34,7 +34,15 @@ from control.errors import (
     EXIT_USAGE,
     UsageError,
 )
-from control.output import console, err, print_awaiting, print_json, print_run, print_runs
+from control.output import (
+    console,
+    err,
+    print_awaiting,
+    print_json,
+    print_run,
+    print_runs,
+    safe,
+)
 from toolplane.errors import ToolplaneError
 
 __all__ = ["app", "main", "parse_args"]
@@ -332,15 +340,17 @@ def call(
         print_run(view)
     code = exit_for(view)
     if code == EXIT_DENIED and not json_:
-        err.print(f"denied: {view.nodes[0].error['message']}", markup=False)
+        err.print(safe(f"denied: {view.nodes[0].error['message']}"), markup=False)
     raise typer.Exit(code)
 
 
 def _tell_waiting(waiting: list[dict]) -> None:  # type: ignore[type-arg]
     for item in waiting:
         err.print(
-            f"waiting: {item['node_id']} needs an approval by {item['who']} "
-            f"(policies: {', '.join(item['policies'])}; expires {item['expires_at'][:19]}Z)",
+            safe(
+                f"waiting: {item['node_id']} needs an approval by {item['who']} "
+                f"(policies: {', '.join(item['policies'])}; expires {item['expires_at'][:19]}Z)"
+            ),
             markup=False,
         )
 

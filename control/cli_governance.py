@@ -17,7 +17,7 @@ from control.cli_support import (
     client as _client,
 )
 from control.errors import EXIT_AWAITING_APPROVAL, EXIT_DENIED, EXIT_ERROR, EXIT_OK, UsageError
-from control.output import console, err, print_json, print_run
+from control.output import console, err, print_json, print_run, safe
 
 __all__ = ["approve", "policy_app", "reject", "token_app"]
 
@@ -115,7 +115,8 @@ def _decided(run: str, json_: bool, decided) -> None:  # type: ignore[no-untyped
         print_json({"approval": decided.__dict__, "run": view.as_dict()})
     else:
         console.print(
-            f"approval {decided.approval_id}: {decided.status} — {decided.message}", markup=False
+            safe(f"approval {decided.approval_id}: {decided.status} — {decided.message}"),
+            markup=False,
         )
         print_run(view)
     raise typer.Exit(exit_for(view))
@@ -289,4 +290,4 @@ def policy_status(json_: JsonOpt = False) -> None:
         console.print(f"  {pid}" + ("  (log-only)" if mode == "log_only" else ""), markup=False)
     console.print(f"plan: {status['plan'] or 'unlimited'}", markup=False)
     for f in status["freezes"]:
-        console.print(f"FROZEN ({f['scope']}) by {f['by']}: {f['reason']}", markup=False)
+        console.print(safe(f"FROZEN ({f['scope']}) by {f['by']}: {f['reason']}"), markup=False)

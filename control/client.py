@@ -161,7 +161,7 @@ class Client:
                 if status == RunStatus.AWAITING_APPROVAL and not told:
                     told = True
                     if on_waiting is not None:
-                        on_waiting(waiting_for(session, run_id))
+                        on_waiting(waiting_for(session, identity.tenant_id, run_id))
             if status is None or status in TERMINAL_RUN:
                 return self.run(run_id)  # raises NotFound for another tenant's run
             if time.monotonic() >= deadline:
@@ -206,7 +206,7 @@ class Client:
                 principal=principal,
                 role=role,
                 expires_in_s=expires_in_s,
-                issued_by=self.identity.principal,
+                issued_by=self.identity,
             )
             session.commit()
         return issued
@@ -237,7 +237,9 @@ class Client:
             return [
                 {
                     "scope": "all" if f.scope == "*" else "tenant",
-                    "by": f.frozen_by,
+                    "by": f.frozen_by
+                    if f.scope != "*" or self.identity.operator
+                    else "an operator",
                     "reason": f.reason,
                     "frozen_at": f.frozen_at.isoformat(),
                 }

@@ -51,3 +51,12 @@ class ServiceUnavailable(ControlError):
     def __init__(self, service: str, message: str) -> None:
         super().__init__(f"{service} unavailable: {message}")
         self.service = service
+
+
+def require_text(value: str, *, field: str, max_chars: int = 1000) -> str:
+    """A reason or label from a person: 1..max_chars printable characters (no escapes)."""
+    if not value.strip() or len(value) > max_chars or not value.isprintable():
+        raise UsageError(
+            f"must be 1-{max_chars} printable characters (no control characters)", field=field
+        )
+    return value

@@ -15,7 +15,7 @@ from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
 
 from control.auth import ADMINS, Identity, require_role
-from control.errors import AuthError, UsageError
+from control.errors import AuthError, UsageError, require_text
 from ledger.chain import NewEvent
 from ledger.models import Freeze
 from ledger.store import append_events
@@ -50,8 +50,7 @@ def _scope(identity: Identity, everything: bool) -> str:
 
 def freeze(session: Session, identity: Identity, *, everything: bool, reason: str) -> Freeze:
     """Stop every new dispatch of the caller's tenant (or of all). Does not commit."""
-    if not reason.strip():
-        raise UsageError("say why (it is evidence)", field="--reason")
+    require_text(reason, field="--reason")
     scope = _scope(identity, everything)
     _lock(session, scope, shared=False)
     if session.get(Freeze, scope) is not None:
@@ -79,8 +78,7 @@ def freeze(session: Session, identity: Identity, *, everything: bool, reason: st
 
 def unfreeze(session: Session, identity: Identity, *, everything: bool, reason: str) -> None:
     """Lift the caller's tenant's freeze (or the global one). Does not commit."""
-    if not reason.strip():
-        raise UsageError("say why (it is evidence)", field="--reason")
+    require_text(reason, field="--reason")
     scope = _scope(identity, everything)
     _lock(session, scope, shared=False)
     if session.execute(delete(Freeze).where(Freeze.scope == scope)).rowcount == 0:

@@ -120,8 +120,9 @@ def ingest_result(
     """Ingest one message from the ``results`` queue. Commits.
 
     ``settle`` is told how much tool time each settled job used (its verified
-    duration; nothing when it failed or was refused; all it reserved when its
-    receipt is invalid), before the commit, and is idempotent per job.
+    duration when it completed or hit its time limit; nothing when it otherwise
+    failed or was refused; all it reserved when its receipt is invalid), before
+    the commit, and is idempotent per job.
     """
     now = datetime.now(UTC)
     run_id, node_id, attempt = _claimed(raw)
@@ -205,10 +206,12 @@ def ingest_result(
         log.info("result.duplicate run=%s node=%s attempt=%s", run.id, node.node_id, result.attempt)
         session.rollback()
         return Outcome.DUPLICATE
+    # A failure is refunded, except a call cut off at its time limit: it spent that time.
+    timed_out = result.error is not None and result.error.code == "timeout"
     settle(
         run.tenant_id,
         job_id_for(run.id, node.node_id, node.attempt),
-        result.duration_ms if result.ok else 0,
+        result.duration_ms if result.ok or timed_out else 0,
     )
     node.status = NodeStatus.COMPLETED if result.ok else NodeStatus.FAILED
     node.result = result.result

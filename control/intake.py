@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from jsonschema import Draft202012Validator, validators
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from control.auth import Identity
@@ -49,7 +51,7 @@ __all__ = [
     "CallRequest",
     "Governance",
     "Submitted",
-    "commit_dispatch",
+    "dispatching",
     "deny_node",
     "dispatch_node",
     "submit_call",
@@ -171,8 +173,10 @@ def dispatch_node(
 
     frozen = active_freeze(session, run.tenant_id)
     if frozen is not None:
-        where = "every tenant" if frozen.scope == "*" else "this tenant"
-        message = f"dispatch is frozen for {where} by {frozen.frozen_by}: {frozen.reason}"
+        if frozen.scope == "*":  # another tenant's names are not this tenant's business
+            message = f"dispatch is frozen for every tenant by an operator: {frozen.reason}"
+        else:
+            message = f"dispatch is frozen for this tenant by {frozen.frozen_by}: {frozen.reason}"
         events.append(
             event(
                 "ToolDenied",
@@ -274,20 +278,43 @@ def dispatch_node(
     return True
 
 
-def commit_dispatch(session: Session, gov: Governance, done: Dispatched) -> None:
-    """Commit; if that fails, give back what the dispatch reserved."""
+@contextmanager
+def dispatching(session: Session, gov: Governance) -> Iterator[Dispatched]:
+    """The transaction of one or more dispatches; commits at the end.
+
+    If anything fails before the commit, or the commit is refused, the
+    entitlement reservations made inside are cancelled. If the connection is lost
+    during the commit, whether it committed is unknown: the reservations stay (a
+    call may be counted without running; none runs uncounted).
+    """
+    done = Dispatched([], [])
     try:
-        session.commit()
+        yield done
     except BaseException:
         session.rollback()
-        store = gov.entitlements() if done.reserved else None
-        for tenant_id, job_id in done.reserved:
-            try:
-                assert store is not None
-                store.cancel(tenant_id=tenant_id, job_id=job_id)
-            except Exception:  # the reservation stays: it errs towards refusing
-                log.warning("entitlement.cancel_failed job=%s", job_id, exc_info=True)
+        _cancel(gov, done)
         raise
+    try:
+        session.commit()
+    except (OperationalError, InterfaceError):
+        session.rollback()
+        raise
+    except BaseException:
+        session.rollback()
+        _cancel(gov, done)
+        raise
+
+
+def _cancel(gov: Governance, done: Dispatched) -> None:
+    if not done.reserved:
+        return
+    store = gov.entitlements()
+    for tenant_id, job_id in done.reserved:
+        try:
+            assert store is not None
+            store.cancel(tenant_id=tenant_id, job_id=job_id)
+        except Exception:  # the reservation stays: it errs towards refusing
+            log.warning("entitlement.cancel_failed job=%s", job_id, exc_info=True)
 
 
 def _request_approval(
@@ -425,40 +452,39 @@ def submit_call(
         ),
         event("PolicyDecision", {"node_id": node_id, **decision.as_evidence()}),
     ]
-    done = Dispatched([], [])
-    if decision.needs_approval and active_freeze(session, identity.tenant_id) is None:
-        _request_approval(
-            session, identity=identity, run=run, node=node, decision=decision, events=events
-        )
-    elif decision.allowed or decision.needs_approval:
-        # Allowed, or waiting for an approval under a freeze: dispatch_node checks the
-        # freeze first, so a frozen tenant gets nothing new, not even an approval request.
-        dispatch_node(
-            session,
-            gov,
-            run=run,
-            node=node,
-            tenant_name=identity.tenant_name,
-            principal=identity.principal,
-            decision_id=decision.decision_id,
-            constraints=decision.constraints,
-            approval_id=None,
-            events=events,
-            done=done,
-        )
-    else:
-        events.append(
-            event(
-                "ToolDenied",
-                {
-                    "node_id": node_id,
-                    "tool": request.tool,
-                    "decision_id": decision.decision_id,
-                    "reason": decision.reason,
-                },
+    with dispatching(session, gov) as done:
+        if decision.needs_approval and active_freeze(session, identity.tenant_id) is None:
+            _request_approval(
+                session, identity=identity, run=run, node=node, decision=decision, events=events
             )
-        )
-        deny_node(node, run, "policy_denied", decision.reason, events, now)
-    append_events(session, events)
-    commit_dispatch(session, gov, done)
+        elif decision.allowed or decision.needs_approval:
+            # Allowed, or waiting for an approval under a freeze: dispatch_node checks the
+            # freeze first, so a frozen tenant gets nothing new, not even an approval request.
+            dispatch_node(
+                session,
+                gov,
+                run=run,
+                node=node,
+                tenant_name=identity.tenant_name,
+                principal=identity.principal,
+                decision_id=decision.decision_id,
+                constraints=decision.constraints,
+                approval_id=None,
+                events=events,
+                done=done,
+            )
+        else:
+            events.append(
+                event(
+                    "ToolDenied",
+                    {
+                        "node_id": node_id,
+                        "tool": request.tool,
+                        "decision_id": decision.decision_id,
+                        "reason": decision.reason,
+                    },
+                )
+            )
+            deny_node(node, run, "policy_denied", decision.reason, events, now)
+        append_events(session, events)
     return Submitted(run_id, tuple(done.outbox_ids), created=True)

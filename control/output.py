@@ -18,12 +18,21 @@ __all__ = [
     "print_json",
     "print_run",
     "print_runs",
+    "safe",
     "summarize",
     "waiting_line",
 ]
 
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def safe(text: object) -> str:
+    """Text for a terminal: control characters (ESC and the like) shown escaped, never sent.
+
+    Results, error messages, arguments and reasons come from tools and people;
+    a terminal must not interpret what they contain."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
 
 
 def print_json(value: Any) -> None:
@@ -62,12 +71,15 @@ def print_run(view: RunView) -> None:
                 f"  {node.node_id}: awaiting_approval — {waiting_line(node.approval)}; "
                 f"policies: {', '.join(node.approval['policies'])}"
             )
-            console.print(line, markup=False)
+            console.print(safe(line), markup=False)
             continue
-        console.print(f"  {node.node_id}: {node.status} — {summarize(node)}", markup=False)
+        console.print(safe(f"  {node.node_id}: {node.status} — {summarize(node)}"), markup=False)
         if node.approval and node.approval["status"] == "granted":
             console.print(
-                f"    approved by {node.approval['decided_by']} ({node.approval['approval_id']})",
+                safe(
+                    f"    approved by {node.approval['decided_by']}"
+                    f" ({node.approval['approval_id']})"
+                ),
                 style="dim",
                 markup=False,
             )
@@ -91,16 +103,20 @@ def print_awaiting(views: list[RunView]) -> None:
                 continue
             lines += 1
             console.print(
-                f"{view.run_id} {node.node_id}: {node.tool} "
-                f"{json.dumps(node.args, sort_keys=True)[:200]}",
+                safe(
+                    f"{view.run_id} {node.node_id}: {node.tool} "
+                    f"{json.dumps(node.args, sort_keys=True)[:200]}"
+                ),
                 markup=False,
             )
             console.print(
-                f"    submitted by {node.approval['requested_by']}"
-                + (f" for {view.on_behalf_of}" if view.on_behalf_of else "")
-                + f" in {view.environment}/{view.classification}; "
-                f"policies: {', '.join(node.approval['policies'])}; "
-                f"expires {node.approval['expires_at'][:19]}Z",
+                safe(
+                    f"    submitted by {node.approval['requested_by']}"
+                    + (f" for {view.on_behalf_of}" if view.on_behalf_of else "")
+                    + f" in {view.environment}/{view.classification}; "
+                    f"policies: {', '.join(node.approval['policies'])}; "
+                    f"expires {node.approval['expires_at'][:19]}Z"
+                ),
                 markup=False,
             )
     if not lines:

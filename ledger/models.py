@@ -70,6 +70,7 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(TZ)
     expires_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+    issued_by: Mapped[str | None] = mapped_column(String(40), nullable=True)  # a principal id
 
 
 class Run(Base):

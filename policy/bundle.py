@@ -182,6 +182,13 @@ def load_bundle(path: Path) -> PolicyBundle:
         raise BundleError(f"cannot parse schema: {e}", path=path) from e
 
     enforced = [c for c, i in by_cedar_id.items() if i.mode == "enforce"]
+    constraints, plans = load_constraints(path), load_plans(path)
+    try:
+        unchanged = bundle_files(path) == files
+    except OSError:
+        unchanged = False
+    if not unchanged:  # the version must name exactly the files that were loaded
+        raise BundleError("the bundle changed while it was being loaded", path=path)
     return PolicyBundle(
         path=path,
         version=version,
@@ -195,8 +202,8 @@ def load_bundle(path: Path) -> PolicyBundle:
             static, [c for c in enforced if by_cedar_id[c].approval_s is None], path
         ),
         schema=schema,
-        constraints=load_constraints(path),
-        plans=load_plans(path),
+        constraints=constraints,
+        plans=plans,
     )
 
 

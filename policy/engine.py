@@ -195,19 +195,35 @@ class PolicyEngine:
         """What the decision would be with the log-only policies enforced too.
 
         Only the log-only policies are evaluated; Cedar's rule (a matching forbid
-        denies; else a matching permit allows; else deny) combines them with the
-        enforced result, so the whole bundle is not evaluated twice.
+        denies; else a matching permit allows; else deny) and the approval rule
+        combine them with the enforced result, so the whole bundle is not
+        evaluated twice. Unlike Cedar, which skips a policy that errs, this engine
+        denies on any error, and the would-be decision says the same.
         """
         seen = self._evaluate(bundle.log_only, request, entities)
+
+        def approval_only(ids: list[str] | tuple[str, ...]) -> bool:
+            return bool(ids) and all(bundle.policies[p].approval_s is not None for p in ids)
+
         forbids = [p for p in seen.policies if bundle.policies[p].effect == "forbid"]
-        if seen.errors or forbids:
-            would = DENY  # an erring policy, once enforced, denies too
+        permits = [p for p in seen.policies if bundle.policies[p].effect == "permit"]
+        if seen.errors:
+            would = DENY  # an erring policy, once enforced, makes this engine deny
+        elif forbids:
+            # A log-only "@approval" forbid over a call that would otherwise run (or wait
+            # anyway) makes it wait; any other log-only forbid denies it.
+            lifted = outcome in (ALLOW, APPROVAL) and approval_only(forbids)
+            would = APPROVAL if lifted else DENY
         elif outcome in (ALLOW, APPROVAL):
             would = outcome
-        elif enforced.policies or enforced.errors:
-            would = DENY  # an enforced forbid (or error) stands
+        elif enforced.errors:
+            would = DENY
+        elif enforced.policies:
+            # Only approval forbids deny, and nothing enforced permits: a log-only
+            # permit would make the call wait for an approval.
+            would = APPROVAL if permits and approval_only(enforced.policies) else DENY
         else:
-            would = ALLOW if seen.policies else DENY  # a log-only permit would allow
+            would = ALLOW if permits else DENY  # a log-only permit would allow
         return {
             "decision": would,
             "policies": list(seen.policies),

@@ -289,3 +289,40 @@ def test_redis_down_fails_closed(stack: Stack, token, tmp_path):
     with pytest.raises(ServiceUnavailable, match="entitlement store"):
         client.call("search_docs", {"query": "x"})
     assert len(client.runs(limit=1000)) == before
+
+
+def test_a_call_cut_off_at_its_time_limit_is_charged(stack: Stack, token, tmp_path):
+    bundle = plan_bundle(stack, token, tmp_path, "b", {"daily_tool_seconds": 100})
+    client = client_on(stack, token, bundle)
+    store = client.plane.entitlements()
+    tenant_id = client.identity.tenant_id
+    # The test bundle lowers sleepy's limit to 1 s for confidential data.
+    view = client.call(
+        "sleepy",
+        {"seconds": 5, "tag": "cut"},
+        classification="confidential",
+        wait=True,
+        timeout=60,
+    )
+    assert view.nodes[0].error["code"] == "timeout"
+    wait_for(lambda: store.usage(tenant_id)["reservations"] == 0, what="settled")
+    assert 0.9 <= store.usage(tenant_id)["tool_seconds"] < 5
+
+
+def test_a_dispatch_that_fails_before_commit_gives_its_reservation_back(
+    stack: Stack, token, tmp_path, monkeypatch
+):
+    import control.intake
+
+    bundle = plan_bundle(stack, token, tmp_path, "p", {"daily_calls": 5})
+    client = client_on(stack, token, bundle)
+    tenant_id = client.identity.tenant_id
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("outbox unavailable")
+
+    monkeypatch.setattr(control.intake, "stage_job", broken)
+    with pytest.raises(RuntimeError, match="outbox unavailable"):
+        client.call("search_docs", {"query": "x"})
+    usage = client.plane.entitlements().usage(tenant_id)
+    assert usage == {"daily_calls": 0, "tool_seconds": 0.0, "reservations": 0}

@@ -16,7 +16,7 @@ from control.auth import Role
 from control.errors import AuthError, NotFound, UsageError
 from control.freeze import active_freeze, freeze
 from ledger.models import Approval, Node, Principal, Run
-from tests.harness import Stack, wait_for
+from tests.harness import REPO, Stack, wait_for
 from tests.integration.govern import (
     bundle_with,
     client_on,
@@ -539,9 +539,11 @@ def test_policy_explain_and_test_commands(stack: Stack, tmp_path: Path) -> None:
         "APPROVAL_REQUIRED: needs an approval under prod-repo-reads-outside-src-need-approval"
     )
     assert "log-only: would deny under prod-calls-name-an-end-user" in explained.stdout
-    passed = stack.cli("policy", "test")
+    passed = stack.cli("policy", "test", str(REPO / "policy" / "bundles" / "default"))
     assert passed.returncode == 0, passed.stdout
     assert "0 failed: passed" in passed.stdout
+    none = stack.cli("policy", "test")  # the stack's bundle carries no tests
+    assert none.returncode == 1 and "no policy tests" in none.stderr
     bundle = bundle_with(stack, tmp_path)
     (bundle / "tests" / "wrong.json").write_text(
         json.dumps(
@@ -560,3 +562,52 @@ def test_policy_explain_and_test_commands(stack: Stack, tmp_path: Path) -> None:
     assert failed.returncode == 1
     assert "FAIL tests/wrong.json: restricted search is allowed" in failed.stdout
     assert "expected allow, got deny" in failed.stdout
+
+
+# -- review findings -------------------------------------------------------------------------
+
+
+def test_a_submitter_cannot_approve_through_a_token_it_minted(stack: Stack, team) -> None:
+    admin, bob = team["admin"], team["bob"]
+    view = waiting_call(admin)  # an admin may submit
+    minted = stack.client(
+        admin.issue_token("bob", Role.APPROVER).token
+    )  # bob's name, admin's token
+    with pytest.raises(AuthError, match="issued by the call's submitter"):
+        minted.approve(view.run_id, "read_repo_file")
+    with pytest.raises(AuthError, match="issued by the call's submitter"):
+        bob.approve(view.run_id, "read_repo_file")  # bob's own token came from the admin too
+    second = stack.client(admin.issue_token("second-admin", Role.ADMIN).token)
+    dana = stack.client(second.issue_token("dana", Role.APPROVER).token)
+    decided = dana.approve(view.run_id, "read_repo_file", reason="four eyes")
+    assert decided.status == "granted"
+    granted = dict(evidence(admin, view.run_id))["ApprovalGranted"]
+    assert granted["by"] == "dana" and granted["token_id"] == dana.identity.token_id
+    issued = {e["principal"]: e["issued_by"] for e in tenant_evidence(admin, "TokenIssued")}
+    assert issued["dana"] == "second-admin"  # who vouched for the approver is evidence
+
+
+def test_reasons_and_lifetimes_are_checked(stack: Stack, team) -> None:
+    view = waiting_call(team["alice"])
+    bad = stack.cli(
+        "reject", view.run_id, "read_repo_file", "--reason", "ok\x1b[2J", token=team["bob"]._token
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: --reason: must be 1-1000 printable characters")
+    name = team["admin"].identity.tenant_name
+    forever = stack.cli(
+        "token",
+        "issue",
+        "--tenant",
+        name,
+        "--principal",
+        "x",
+        "--role",
+        "submitter",
+        "--expires-in",
+        "9999999d",
+        token=team["admin"]._token,
+    )
+    assert forever.returncode == 2
+    assert forever.stderr.strip() == "error: --expires-in: a token lives at most 3650d"
+    assert team["alice"].run(view.run_id).status == "awaiting_approval"

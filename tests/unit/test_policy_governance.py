@@ -340,3 +340,56 @@ def test_a_bundle_without_tests_cannot_pass(bundle):
     shutil.rmtree(bundle / "tests")
     with pytest.raises(BundleError, match="no policy tests"):
         load_cases(bundle)
+
+
+# -- review findings -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["src/../README.md", "docs/../x", "./README.md", "src/./a", "src//a", "/etc/passwd", ".."],
+)
+def test_unplain_paths_cannot_dodge_path_rules(engine, path):
+    decision = engine.decide(req("read_repo_file", {"path": path}, "prod"))
+    assert decision.outcome == "deny"
+    assert "plain-paths-only" in decision.policies
+
+
+def test_would_be_decisions_follow_the_approval_rule(bundle):
+    add(
+        bundle,
+        '@id("observe-gate")\n@mode("log_only")\n@approval("1h")\n'
+        'forbid (principal, action, resource == Toolplane::Tool::"search_docs");\n'
+        '@id("maybe-echo")\n@mode("log_only")\n'
+        'permit (principal, action, resource == Toolplane::Tool::"echo");\n'
+        '@id("echo-gate")\n@approval("1h")\n'
+        'forbid (principal, action, resource == Toolplane::Tool::"echo");\n',
+    )
+    engine = PolicyEngine(load_bundle(bundle))
+    gated = engine.decide(req("search_docs", {"query": "x"}))
+    assert gated.outcome == "allow"
+    assert gated.log_only["decision"] == "approval_required"  # not "deny"
+    lifted = engine.decide(req("echo", {}))
+    assert lifted.outcome == "deny"  # only the approval forbid matches, but nothing permits
+    assert lifted.log_only["decision"] == "approval_required"  # the log-only permit would
+
+
+def test_a_bundle_that_changes_while_loading_is_refused(bundle, monkeypatch):
+    import policy.bundle as module
+
+    original = module.load_plans
+
+    def edit_midway(path):
+        (path / "policies.cedar").write_text((path / "policies.cedar").read_text() + "\n// x\n")
+        return original(path)
+
+    monkeypatch.setattr(module, "load_plans", edit_midway)
+    with pytest.raises(BundleError, match="changed while it was being loaded"):
+        load_bundle(bundle)
+
+
+def test_terminal_output_never_carries_control_characters():
+    from control.output import safe
+
+    assert safe("ok\x1b[2J\x07 done\n") == "ok\\x1b[2J\\x07 done\\n"
+    assert safe("naïve — fine") == "naïve — fine"

@@ -1,4 +1,4 @@
-"""Governance: approvals, freezes, operator tenants, the end user a run acts for.
+"""Governance: approvals, freezes, operator tenants, token issuers, the end user a run acts for.
 
 Revision ID: 0003
 Revises: 0002
@@ -22,6 +22,7 @@ def upgrade() -> None:
         "tenants", sa.Column("operator", sa.Boolean(), nullable=False, server_default="false")
     )
     op.add_column("runs", sa.Column("on_behalf_of", sa.String(200), nullable=True))
+    op.add_column("api_tokens", sa.Column("issued_by", sa.String(40), nullable=True))
     op.create_table(
         "approvals",
         sa.Column("id", sa.String(40), primary_key=True),
@@ -57,5 +58,6 @@ def downgrade() -> None:
     op.drop_table("freezes")
     op.drop_index("ix_approvals_tenant_status", table_name="approvals")
     op.drop_table("approvals")
+    op.drop_column("api_tokens", "issued_by")
     op.drop_column("runs", "on_behalf_of")
     op.drop_column("tenants", "operator")
