@@ -16,7 +16,14 @@ from control.cli_support import (
 from control.cli_support import (
     client as _client,
 )
-from control.errors import EXIT_AWAITING_APPROVAL, EXIT_DENIED, EXIT_ERROR, EXIT_OK, UsageError
+from control.errors import (
+    EXIT_AWAITING_APPROVAL,
+    EXIT_DENIED,
+    EXIT_ERROR,
+    EXIT_OK,
+    UsageError,
+    require_text,
+)
 from control.output import console, err, print_json, print_run, safe
 
 __all__ = ["approve", "policy_app", "reject", "token_app"]
@@ -52,8 +59,7 @@ def token_issue(
         raise UsageError(
             f"must be one of {', '.join(r.value for r in Role)}", field="--role"
         ) from None
-    if not (0 < len(principal) <= 200) or not principal.isprintable():
-        raise UsageError("must be 1-200 printable characters", field="--principal")
+    require_text(principal, field="--principal", max_chars=200)
     expires_in_s = None
     if expires_in is not None:
         try:

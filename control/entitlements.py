@@ -204,7 +204,7 @@ class EntitlementStore:
         return bool(self._settle(args=[self._tenant(tenant_id), job_id, "cancel", 0]))
 
     def usage(self, tenant_id: str) -> dict[str, Any]:
-        """Where the tenant stands today (for `toolplane` output and tests)."""
+        """Where the tenant stands today: calls, tool-seconds used or reserved, reservations."""
         p = self._tenant(tenant_id)
         seconds, _ = self.client.time()
         day = seconds // 86400

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from control.auth import Identity
 from control.dispatch import envelope_ttl_s, sign_envelope, stage_job
 from control.entitlements import EntitlementStore, reserve_ms_for
-from control.errors import ServiceUnavailable, UsageError
+from control.errors import ServiceUnavailable, UsageError, require_text
 from control.freeze import active_freeze
 from control.states import NodeStatus, RunStatus
 from ledger.chain import NewEvent
@@ -52,6 +52,7 @@ __all__ = [
     "Governance",
     "Submitted",
     "dispatching",
+    "deny_by_policy",
     "deny_node",
     "dispatch_node",
     "submit_call",
@@ -86,7 +87,7 @@ class Governance:
     signer: Signer
     visibility_timeout: int
     manifests: Callable[[Session, str], dict[str, Any] | None]
-    entitlements: Callable[[], EntitlementStore | None]  # None where no Redis is configured
+    entitlements: EntitlementStore | None  # None where no Redis is configured
 
 
 @dataclass
@@ -129,11 +130,6 @@ def validate_args(manifest: dict[str, Any], args: dict[str, Any]) -> None:
     raise UsageError(error.message, field=f"--arg {field}")
 
 
-def _check_on_behalf_of(value: str | None) -> None:
-    if value is not None and (not 0 < len(value) <= 200 or not value.isprintable()):
-        raise UsageError("must be 1-200 printable characters", field="--on-behalf-of")
-
-
 def deny_node(
     node: Node, run: Run, code: str, message: str, events: list[NewEvent], now: datetime
 ) -> None:
@@ -145,6 +141,34 @@ def deny_node(
     events.append(
         NewEvent("RunFailed", {"run_id": run.id, "status": "denied"}, run.tenant_id, run.id)
     )
+
+
+def deny_by_policy(
+    node: Node,
+    run: Run,
+    *,
+    decision_id: str,
+    reason: str,
+    events: list[NewEvent],
+    now: datetime,
+    **extra: Any,
+) -> None:
+    """ToolDenied, then the node and its run denied (policy_denied)."""
+    events.append(
+        NewEvent(
+            "ToolDenied",
+            {
+                "node_id": node.node_id,
+                "tool": node.tool,
+                "decision_id": decision_id,
+                "reason": reason,
+            }
+            | extra,
+            tenant_id=run.tenant_id,
+            run_id=run.id,
+        )
+    )
+    deny_node(node, run, "policy_denied", reason, events, now)
 
 
 def dispatch_node(
@@ -177,19 +201,15 @@ def dispatch_node(
             message = f"dispatch is frozen for every tenant by an operator: {frozen.reason}"
         else:
             message = f"dispatch is frozen for this tenant by {frozen.frozen_by}: {frozen.reason}"
-        events.append(
-            event(
-                "ToolDenied",
-                {
-                    "node_id": node.node_id,
-                    "tool": node.tool,
-                    "decision_id": decision_id,
-                    "reason": message,
-                    "frozen": frozen.scope,
-                },
-            )
+        deny_by_policy(
+            node,
+            run,
+            decision_id=decision_id,
+            reason=message,
+            events=events,
+            now=now,
+            frozen=frozen.scope,
         )
-        deny_node(node, run, "policy_denied", message, events, now)
         return False
     manifest = gov.manifests(session, node.tool)
     if manifest is None:
@@ -203,7 +223,7 @@ def dispatch_node(
     planned = gov.engine.bundle.plans.for_tenant(tenant_name)
     if planned is not None:
         plan_name, plan = planned
-        store = gov.entitlements()
+        store = gov.entitlements
         if store is None:
             raise ServiceUnavailable(
                 "entitlement store",
@@ -308,7 +328,7 @@ def dispatching(session: Session, gov: Governance) -> Iterator[Dispatched]:
 def _cancel(gov: Governance, done: Dispatched) -> None:
     if not done.reserved:
         return
-    store = gov.entitlements()
+    store = gov.entitlements
     for tenant_id, job_id in done.reserved:
         try:
             assert store is not None
@@ -373,7 +393,8 @@ def submit_call(
     """Record, decide and (if allowed) stage one tool call. Commits."""
     _check_label(request.environment, "--env")
     _check_label(request.classification, "--classification")
-    _check_on_behalf_of(request.on_behalf_of)
+    if request.on_behalf_of is not None:
+        require_text(request.on_behalf_of, field="--on-behalf-of", max_chars=200)
     if request.idempotency_key is not None:
         existing = session.scalar(
             select(Run).where(
@@ -474,17 +495,13 @@ def submit_call(
                 done=done,
             )
         else:
-            events.append(
-                event(
-                    "ToolDenied",
-                    {
-                        "node_id": node_id,
-                        "tool": request.tool,
-                        "decision_id": decision.decision_id,
-                        "reason": decision.reason,
-                    },
-                )
+            deny_by_policy(
+                node,
+                run,
+                decision_id=decision.decision_id,
+                reason=decision.reason,
+                events=events,
+                now=now,
             )
-            deny_node(node, run, "policy_denied", decision.reason, events, now)
         append_events(session, events)
     return Submitted(run_id, tuple(done.outbox_ids), created=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session, aliased
 
 from control.auth import Identity
 from control.errors import NotFound
@@ -72,43 +72,39 @@ class RunView:
         }
 
 
-def _approval(approval: Approval | None, names: dict[str, str]) -> dict[str, Any] | None:
-    if approval is None:
-        return None
+def _approval(approval: Approval, requested_by: str, decided_by: str | None) -> dict[str, Any]:
     return {
         "approval_id": approval.id,
         "status": approval.status,
-        "requested_by": names.get(approval.requested_by, approval.requested_by),
+        "requested_by": requested_by,
         "expires_at": approval.expires_at.isoformat(),
         "policies": approval.policies,
         "policy_version": approval.policy_version,
         "args_sha256": approval.args_sha256,
-        "decided_by": names.get(approval.decided_by or "", approval.decided_by),
+        "decided_by": decided_by,
         "reason": approval.reason,
     }
 
 
-def _views(session: Session, identity: Identity, runs: list[Run]) -> list[RunView]:
+def _views(session: Session, identity: Identity, runs: list[tuple[Run, str]]) -> list[RunView]:
+    """Views of runs (each with its submitter's name): one query for the nodes, one for
+    the approvals with their principals' names."""
     if not runs:
         return []
-    ids = [r.id for r in runs]
-    nodes: dict[str, list[Node]] = {r.id: [] for r in runs}
+    ids = [r.id for r, _ in runs]
+    nodes: dict[str, list[Node]] = {r.id: [] for r, _ in runs}
     for node in session.scalars(select(Node).where(Node.run_id.in_(ids)).order_by(Node.node_id)):
         nodes[node.run_id].append(node)
+    requester, decider = aliased(Principal), aliased(Principal)
     approvals = {
-        (a.run_id, a.node_id): a
-        for a in session.scalars(select(Approval).where(Approval.run_id.in_(ids)))
+        (a.run_id, a.node_id): _approval(a, requested_by, decided_by)
+        for a, requested_by, decided_by in session.execute(
+            select(Approval, requester.name, decider.name)
+            .join(requester, requester.id == Approval.requested_by)
+            .outerjoin(decider, decider.id == Approval.decided_by)
+            .where(Approval.run_id.in_(ids), Approval.tenant_id == identity.tenant_id)
+        )
     }
-    principal_ids = {r.principal_id for r in runs} | {
-        pid for a in approvals.values() for pid in (a.requested_by, a.decided_by) if pid
-    }
-    names = dict(
-        session.execute(
-            select(Principal.id, Principal.name).where(
-                Principal.id.in_(principal_ids), Principal.tenant_id == identity.tenant_id
-            )
-        ).all()
-    )
     return [
         RunView(
             run_id=run.id,
@@ -118,7 +114,7 @@ def _views(session: Session, identity: Identity, runs: list[Run]) -> list[RunVie
             environment=run.environment,
             classification=run.classification,
             created_at=run.created_at.isoformat(),
-            submitter=names.get(run.principal_id, ""),
+            submitter=submitter,
             on_behalf_of=run.on_behalf_of,
             nodes=tuple(
                 NodeView(
@@ -131,27 +127,35 @@ def _views(session: Session, identity: Identity, runs: list[Run]) -> list[RunVie
                     receipt=n.receipt,
                     error=n.error,
                     args=n.args,
-                    approval=_approval(approvals.get((run.id, n.node_id)), names),
+                    approval=approvals.get((run.id, n.node_id)),
                 )
                 for n in nodes[run.id]
             ),
         )
-        for run in runs
+        for run, submitter in runs
     ]
 
 
+def _with_submitter(identity: Identity) -> Select[tuple[Run, str]]:
+    return (
+        select(Run, Principal.name)
+        .join(Principal, Principal.id == Run.principal_id)
+        .where(Run.tenant_id == identity.tenant_id)
+    )
+
+
 def get_run(session: Session, identity: Identity, run_id: str) -> RunView:
-    run = session.scalar(select(Run).where(Run.id == run_id, Run.tenant_id == identity.tenant_id))
-    if run is None:
+    found = session.execute(_with_submitter(identity).where(Run.id == run_id)).first()
+    if found is None:
         raise NotFound("run", run_id)
-    return _views(session, identity, [run])[0]
+    return _views(session, identity, [(found[0], found[1])])[0]
 
 
 def list_runs(
     session: Session, identity: Identity, *, limit: int = 50, awaiting_approval: bool = False
 ) -> list[RunView]:
-    query = select(Run).where(Run.tenant_id == identity.tenant_id)
+    query = _with_submitter(identity)
     if awaiting_approval:
         query = query.where(Run.status == RunStatus.AWAITING_APPROVAL)
-    runs = list(session.scalars(query.order_by(Run.created_at.desc()).limit(limit)))
-    return _views(session, identity, runs)
+    rows = session.execute(query.order_by(Run.created_at.desc()).limit(limit)).all()
+    return _views(session, identity, [(run, name) for run, name in rows])

@@ -231,12 +231,10 @@ class ControlPlane:
         return url if url.startswith(REDIS_SCHEMES) else None
 
     @cached_property
-    def _entitlements(self) -> EntitlementStore | None:
+    def entitlements(self) -> EntitlementStore | None:
+        """The entitlement store, or None where no Redis is configured."""
         url = self.redis_url
         return None if url is None else EntitlementStore.from_url(url)
-
-    def entitlements(self) -> EntitlementStore | None:
-        return self._entitlements
 
     def governance(self) -> Governance:
         return Governance(

@@ -39,7 +39,7 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
     app.conf.task_default_queue = celeryconfig.RESULTS_QUEUE
 
     def settle(tenant_id: str, job_id: str, charged_ms: int | None) -> None:
-        store = plane.entitlements()
+        store = plane.entitlements
         if store is None:
             return
         try:

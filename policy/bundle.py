@@ -63,10 +63,6 @@ class PolicySubset:
     policy_set: cedarpy.PolicySet
     names: dict[str, str]
 
-    @property
-    def empty(self) -> bool:
-        return not self.names
-
 
 @dataclass(frozen=True)
 class PolicyBundle:
@@ -86,10 +82,6 @@ class PolicyBundle:
     @property
     def has_log_only(self) -> bool:
         return any(p.mode == "log_only" for p in self.policies.values())
-
-    @property
-    def has_approvals(self) -> bool:
-        return any(p.approval_s is not None for p in self.policies.values())
 
     def approval_s(self, ids: tuple[str, ...]) -> int:
         """How long an approval lifting the given forbids stays valid (the shortest)."""

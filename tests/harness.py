@@ -135,9 +135,14 @@ class Stack:
     _sessions: Any = None
 
     def cli(
-        self, *args: str, token: str | None = None, timeout: float = 90
+        self,
+        *args: str,
+        token: str | None = None,
+        timeout: float = 90,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        env = dict(self.env)
+        """Run ``toolplane`` against the stack (``env`` overrides its settings)."""
+        env = dict(self.env, **(env or {}))
         if token:
             env["TOOLPLANE_TOKEN"] = token
         return subprocess.run(
@@ -252,12 +257,9 @@ def make_env(
     for name in ("tests.cedar", "constraints.json"):
         shutil.copy(REPO / "tests" / "fixtures" / "policy" / name, policy / name)
     # The shipped bundle refuses "..", "." and absolute paths before any tool sees
-    # them (its own tests show that); the stack lets them through, so that the whole
-    # path tests read_repo_file's own defences against them too.
-    shipped = (policy / "policies.cedar").read_text()
-    start = shipped.index('@id("plain-paths-only")')
-    end = shipped.index("};", start) + 2
-    (policy / "policies.cedar").write_text(shipped[:start] + shipped[end:])
+    # them (safe-paths.cedar; its own tests show that); the stack leaves that file out, so
+    # that the whole path tests read_repo_file's own defences against them too.
+    (policy / "safe-paths.cedar").unlink()
     (policy / "tests" / "shipped.json").unlink()  # its cases expect the full bundle
     repo = home / "repo"
     shutil.copytree(REPO / "examples" / "repo", repo, dirs_exist_ok=True)

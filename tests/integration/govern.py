@@ -56,16 +56,19 @@ def evidence(client: Client, run_id: str) -> list[tuple[str, dict[str, Any]]]:
     return [(k, p) for k, p in rows]
 
 
-def tenant_evidence(client: Client, kind: str) -> list[dict[str, Any]]:
+def tenant_evidence(client: Client, kind: str, *, system: bool = False) -> list[dict[str, Any]]:
+    """Payloads of one kind from the client's tenant chain (or the system chain), in order."""
+    chain = (
+        EvidenceEvent.tenant_id.is_(None)
+        if system
+        else EvidenceEvent.tenant_id == client.identity.tenant_id
+    )
     with client.plane.sessions() as session:
         return list(
             session.scalars(
                 select(EvidenceEvent.payload)
-                .where(
-                    EvidenceEvent.tenant_id == client.identity.tenant_id,
-                    EvidenceEvent.kind == kind,
-                )
-                .order_by(EvidenceEvent.seq)
+                .where(chain, EvidenceEvent.kind == kind)
+                .order_by(EvidenceEvent.id)
             )
         )
 

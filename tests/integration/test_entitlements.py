@@ -188,10 +188,10 @@ def test_concurrent_submissions_never_exceed_the_rate_limit(stack: Stack, token,
 
 def test_a_refused_call_exits_3_and_names_the_limit(stack: Stack, token, tmp_path):
     bundle = plan_bundle(stack, token, tmp_path, "one", {"daily_calls": 1})
-    env = dict(stack.env, TOOLPLANE_POLICY_DIR=str(bundle), TOOLPLANE_TOKEN=token)
-    first = _cli(stack, env, "call", "search_docs", "--arg", "query=a", "--wait")
+    env = {"TOOLPLANE_POLICY_DIR": str(bundle)}
+    first = stack.cli("call", "search_docs", "--arg", "query=a", "--wait", token=token, env=env)
     assert first.returncode == 0, first.stderr
-    second = _cli(stack, env, "call", "search_docs", "--arg", "query=b", "--json")
+    second = stack.cli("call", "search_docs", "--arg", "query=b", "--json", token=token, env=env)
     assert second.returncode == 3
     run = json.loads(second.stdout)
     assert run["status"] == "denied"
@@ -199,31 +199,15 @@ def test_a_refused_call_exits_3_and_names_the_limit(stack: Stack, token, tmp_pat
         "code": "entitlement_exceeded",
         "message": "daily quota of 1 calls reached (1 today)",
     }
-    text = _cli(stack, env, "call", "search_docs", "--arg", "query=c")
+    text = stack.cli("call", "search_docs", "--arg", "query=c", token=token, env=env)
     assert text.returncode == 3
     assert "denied: daily quota of 1 calls reached (1 today)" in text.stderr
-
-
-def _cli(stack: Stack, env: dict, *args: str):
-    import subprocess
-    import sys
-
-    from tests.harness import REPO
-
-    return subprocess.run(
-        [sys.executable, "-m", "control.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        cwd=REPO,
-    )
 
 
 def test_budget_is_reserved_at_dispatch_and_settled_from_receipts(stack: Stack, token, tmp_path):
     bundle = plan_bundle(stack, token, tmp_path, "b", {"daily_tool_seconds": 20})
     client = client_on(stack, token, bundle)
-    store = client.plane.entitlements()
+    store = client.plane.entitlements
     tenant_id = client.identity.tenant_id
     # sleepy may run 8 s, so each call reserves 8 s: two fit in 20 s, a third does not.
     first = client.submit("sleepy", {"seconds": 1.0, "tag": "budget-1"})
@@ -269,7 +253,7 @@ def test_queue_cap_keeps_one_tenant_from_flooding_a_tool(stack: Stack, token, tm
 def test_a_plan_without_redis_is_refused_clearly(stack: Stack, token, tmp_path):
     bundle = plan_bundle(stack, token, tmp_path, "p", {"daily_calls": 5})
     client = client_on(stack, token, bundle)
-    client.plane.__dict__["_entitlements"] = None  # as with a RabbitMQ broker and no REDIS_URL
+    client.plane.__dict__["entitlements"] = None  # as with a RabbitMQ broker and no REDIS_URL
     before = len(client.runs(limit=1000))
     with pytest.raises(ServiceUnavailable, match="set TOOLPLANE_REDIS_URL"):
         client.call("search_docs", {"query": "x"})
@@ -294,7 +278,7 @@ def test_redis_down_fails_closed(stack: Stack, token, tmp_path):
 def test_a_call_cut_off_at_its_time_limit_is_charged(stack: Stack, token, tmp_path):
     bundle = plan_bundle(stack, token, tmp_path, "b", {"daily_tool_seconds": 100})
     client = client_on(stack, token, bundle)
-    store = client.plane.entitlements()
+    store = client.plane.entitlements
     tenant_id = client.identity.tenant_id
     # The test bundle lowers sleepy's limit to 1 s for confidential data.
     view = client.call(
@@ -324,5 +308,5 @@ def test_a_dispatch_that_fails_before_commit_gives_its_reservation_back(
     monkeypatch.setattr(control.intake, "stage_job", broken)
     with pytest.raises(RuntimeError, match="outbox unavailable"):
         client.call("search_docs", {"query": "x"})
-    usage = client.plane.entitlements().usage(tenant_id)
+    usage = client.plane.entitlements.usage(tenant_id)
     assert usage == {"daily_calls": 0, "tool_seconds": 0.0, "reservations": 0}

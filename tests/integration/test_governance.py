@@ -100,7 +100,14 @@ def test_tokens_are_revoked_at_once_and_only_in_their_tenant(stack: Stack, token
     assert kinds == [bot["token_id"]]
 
 
-def test_a_bad_expiry_names_the_option(stack: Stack, token: str) -> None:
+@pytest.mark.parametrize(
+    ("lifetime", "rule"),
+    [
+        ("forever", "'forever' is not a duration like 30m, 2h or 7d"),
+        ("9999999d", "a token lives at most 3650d"),
+    ],
+)
+def test_a_bad_expiry_names_the_option(stack: Stack, token: str, lifetime: str, rule: str) -> None:
     name = stack.client(token).identity.tenant_name
     done = stack.cli(
         "token",
@@ -112,11 +119,11 @@ def test_a_bad_expiry_names_the_option(stack: Stack, token: str) -> None:
         "--role",
         "submitter",
         "--expires-in",
-        "forever",
+        lifetime,
         token=token,
     )
     assert done.returncode == 2
-    assert done.stderr.startswith("error: --expires-in: 'forever' is not a duration")
+    assert done.stderr.strip() == f"error: --expires-in: {rule}"
 
 
 def test_only_admins_manage_tokens(team) -> None:
@@ -488,7 +495,7 @@ def test_a_new_bundle_takes_effect_and_a_broken_one_is_refused(stack: Stack, tea
     assert "no-search-today" in second.nodes[0].error["message"]
     new = alice.plane.policy.version
     assert new != old
-    loaded = [e["version"] for e in tenant_evidence_system(alice, "PolicyVersionLoaded")]
+    loaded = [e["version"] for e in tenant_evidence(alice, "PolicyVersionLoaded", system=True)]
     assert new in loaded
 
     (bundle / "extra.cedar").write_text('@id("broken")\npermit (principal action resource);\n')
@@ -496,22 +503,9 @@ def test_a_new_bundle_takes_effect_and_a_broken_one_is_refused(stack: Stack, tea
     third = alice.call("search_docs", {"query": "x"})
     assert third.status == "denied"  # the running bundle stays in force
     assert alice.plane.policy.version == new
-    refused = tenant_evidence_system(alice, "PolicyBundleRefused")
+    refused = tenant_evidence(alice, "PolicyBundleRefused", system=True)
     assert refused and refused[-1]["running_version"] == new
     assert "syntax error" in refused[-1]["problem"]
-
-
-def tenant_evidence_system(client, kind: str) -> list[dict]:
-    from ledger.models import EvidenceEvent
-
-    with client.plane.sessions() as session:
-        return list(
-            session.scalars(
-                select(EvidenceEvent.payload)
-                .where(EvidenceEvent.tenant_id.is_(None), EvidenceEvent.kind == kind)
-                .order_by(EvidenceEvent.id)
-            )
-        )
 
 
 def test_log_only_decisions_are_evidence(team) -> None:
@@ -592,27 +586,11 @@ def test_a_submitter_cannot_approve_through_a_token_it_minted(stack: Stack, team
     assert issued["dana"] == "second-admin"  # who vouched for the approver is evidence
 
 
-def test_reasons_and_lifetimes_are_checked(stack: Stack, team) -> None:
+def test_reasons_are_checked(stack: Stack, team) -> None:
     view = waiting_call(team["alice"])
     bad = stack.cli(
         "reject", view.run_id, "read_repo_file", "--reason", "ok\x1b[2J", token=team["bob"]._token
     )
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: --reason: must be 1-1000 printable characters")
-    name = team["admin"].identity.tenant_name
-    forever = stack.cli(
-        "token",
-        "issue",
-        "--tenant",
-        name,
-        "--principal",
-        "x",
-        "--role",
-        "submitter",
-        "--expires-in",
-        "9999999d",
-        token=team["admin"]._token,
-    )
-    assert forever.returncode == 2
-    assert forever.stderr.strip() == "error: --expires-in: a token lives at most 3650d"
     assert team["alice"].run(view.run_id).status == "awaiting_approval"

@@ -57,6 +57,7 @@ def test_version_is_sha256_hex_and_stable():
     assert first.version == second.version
     assert set(first.files) == {
         "policies.cedar",
+        "safe-paths.cedar",
         "schema.cedarschema",
         "entitlements.json",
         "tests/shipped.json",
@@ -250,7 +251,8 @@ def test_missing_schema_is_refused(bundle_copy):
 
 
 def test_bundle_without_policies_is_refused(bundle_copy):
-    (bundle_copy / "policies.cedar").unlink()
+    for policies in bundle_copy.glob("*.cedar"):
+        policies.unlink()
     with pytest.raises(BundleError, match="no \\*.cedar policy files"):
         load_bundle(bundle_copy)
 
