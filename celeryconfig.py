@@ -38,15 +38,23 @@ def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None
     return None
 
 
-def build_config(broker_url: str, *, visibility_timeout: int = 120) -> dict[str, Any]:
+RESTORE_INTERVAL_S = 2
+"""How often a consumer looks for messages whose visibility timeout passed (kombu's default
+sweep runs every 10 s x 10 = 100 s)."""
+
+
+def build_config(broker_url: str, *, visibility_timeout: int = 30) -> dict[str, Any]:
     """The Celery configuration of either plane for ``broker_url``."""
     return {
         "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
-            # A job held by a dead worker comes back after this many seconds;
-            # envelope expiry is set longer than this plus the tool's run time.
+            # On Redis, a job held by a dead worker comes back after this many seconds
+            # (plus at most one restore sweep); envelope expiry is set longer than this
+            # plus the tool's run time, and attempts are overdue only after expiry.
             "visibility_timeout": visibility_timeout,
+            "unacked_restore_interval": RESTORE_INTERVAL_S,
+            "unacked_restore_throttle": 1,
         },
         "result_backend": None,
         "task_ignore_result": True,

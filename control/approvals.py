@@ -20,15 +20,22 @@ from sqlalchemy.orm import Session
 
 from control.auth import APPROVERS, Identity, require_role
 from control.errors import AuthError, NotFound, UsageError, require_text
-from control.intake import Governance, deny_node, dispatch_node, dispatching
+from control.intake import (
+    Governance,
+    binding_problem,
+    deny_node,
+    dispatch_node,
+    dispatching,
+)
+from control.orchestrator import RunState, lock_run, settle_run
 from control.states import NodeStatus
 from ledger.chain import NewEvent
 from ledger.models import Approval, Node, Principal, Run
 from ledger.store import append_events
-from toolplane.canonical import digest
 
 __all__ = [
     "ApprovalRefused",
+    "binding_problem",
     "Decided",
     "decide_approval",
     "expire_approvals",
@@ -51,24 +58,6 @@ class Decided:
     message: str
 
 
-def binding_problem(approval: Approval, run: Run, node: Node, policy_version: str) -> str | None:
-    """Why ``approval`` does not cover this exact call under this policy, or None."""
-    if approval.tenant_id != run.tenant_id:
-        return "the approval belongs to another tenant"
-    if (approval.run_id, approval.node_id) != (run.id, node.node_id):
-        return "the approval was given for another call"
-    if approval.tool != node.tool:
-        return "the call's tool changed since the approval was requested"
-    if approval.args_sha256 != node.args_sha256 or digest(node.args) != approval.args_sha256:
-        return "the call's arguments changed since the approval was requested"
-    if approval.policy_version != policy_version:
-        return (
-            f"the policy changed since the approval was requested "
-            f"({approval.policy_version[:12]}… -> {policy_version[:12]}…): submit the call again"
-        )
-    return None
-
-
 def use_approval(
     session: Session, approval_id: str, *, run: Run, node: Node, policy_version: str
 ) -> Approval:
@@ -89,23 +78,21 @@ def use_approval(
     return approval
 
 
-def _locked(session: Session, identity: Identity, run_id: str, node_id: str) -> tuple[Run, Node]:
-    found = session.execute(
-        select(Run, Node)
-        .join(Node, Node.run_id == Run.id)
-        .where(Run.id == run_id, Node.node_id == node_id, Run.tenant_id == identity.tenant_id)
-        .with_for_update()
-    ).first()
-    if found is None:  # another tenant's run is as if it did not exist
+def _locked(
+    session: Session, identity: Identity, run_id: str, node_id: str
+) -> tuple[RunState, Node]:
+    state = lock_run(session, run_id, tenant_id=identity.tenant_id)
+    node = state.nodes.get(node_id) if state is not None else None
+    if state is None or node is None:  # another tenant's run is as if it did not exist
         raise NotFound("node", f"{run_id}/{node_id}")
-    return found[0], found[1]
+    return state, node
 
 
 def _close(
     session: Session,
     *,
     approval: Approval,
-    run: Run,
+    state: RunState,
     node: Node,
     status: str,
     kind: str,
@@ -115,6 +102,7 @@ def _close(
     extra: dict[str, Any] | None = None,
 ) -> None:
     now = datetime.now(UTC)
+    run = state.run
     approval.status = status
     approval.decided_at = now
     approval.decided_by = identity.principal_id if identity else None
@@ -134,7 +122,8 @@ def _close(
             run_id=run.id,
         )
     )
-    deny_node(node, run, "approval_rejected", message, events, now)
+    deny_node(node, "approval_rejected", message, now)
+    settle_run(session, state, events, now)
 
 
 def decide_approval(
@@ -153,7 +142,8 @@ def decide_approval(
         raise UsageError("a rejection needs a reason (it is evidence)", field="--reason")
     if reason is not None:
         require_text(reason, field="--reason")
-    run, node = _locked(session, identity, run_id, node_id)
+    state, node = _locked(session, identity, run_id, node_id)
+    run = state.run
     approval = session.scalar(
         select(Approval)
         .where(Approval.run_id == run.id, Approval.node_id == node.node_id)
@@ -180,7 +170,7 @@ def decide_approval(
         _close(
             session,
             approval=approval,
-            run=run,
+            state=state,
             node=node,
             status=status,
             kind=kind,
@@ -225,15 +215,13 @@ def decide_approval(
             run_id=run.id,
         )
     )
-    submitter = session.get(Principal, approval.requested_by)
     with dispatching(session, gov) as done:
         dispatched = dispatch_node(
             session,
             gov,
             run=run,
             node=node,
-            tenant_name=identity.tenant_name,
-            principal=submitter.name if submitter else identity.principal,
+            submitter=state.submitter,
             decision_id=approval.decision_id,
             constraints=engine.bundle.constraints.for_call(
                 tool=node.tool, environment=run.environment, classification=run.classification
@@ -242,6 +230,7 @@ def decide_approval(
             events=events,
             done=done,
         )
+        settle_run(session, state, events, datetime.now(UTC))
         append_events(session, events)
     message = "dispatched" if dispatched else str((node.error or {}).get("message"))
     return Decided(run.id, node.node_id, approval.id, "granted", tuple(done.outbox_ids), message)
@@ -250,34 +239,52 @@ def decide_approval(
 def expire_approvals(session: Session, *, limit: int = 100) -> int:
     """Deny every call whose approval request lapsed unanswered. Commits; returns how many."""
     now = datetime.now(UTC)
-    rows = session.execute(
-        select(Approval, Run, Node)
-        .join(Run, Run.id == Approval.run_id)
-        .join(Node, (Node.run_id == Approval.run_id) & (Node.node_id == Approval.node_id))
+    lapsed = session.execute(
+        select(Approval.run_id)
         .where(Approval.status == "pending", Approval.expires_at <= now)
         .order_by(Approval.expires_at)
         .limit(limit)
-        .with_for_update(skip_locked=True)
     ).all()
     events: list[NewEvent] = []
-    for approval, run, node in rows:
-        if node.status != NodeStatus.AWAITING_APPROVAL:
+    expired = 0
+    for run_id in dict.fromkeys(r for (r,) in lapsed):
+        state = lock_run(session, run_id, skip_locked=True)
+        if state is None:
             continue
-        _close(
-            session,
-            approval=approval,
-            run=run,
-            node=node,
-            status="expired",
-            kind="ApprovalExpired",
-            message=f"the approval request expired unanswered at {approval.expires_at}",
-            identity=None,
-            events=events,
-        )
+        for approval in session.scalars(
+            select(Approval)
+            .where(
+                Approval.run_id == run_id,
+                Approval.status == "pending",
+                Approval.expires_at <= now,
+            )
+            .with_for_update()
+        ):
+            node = state.nodes[approval.node_id]
+            if node.status != NodeStatus.AWAITING_APPROVAL:
+                continue
+            expired += 1
+            _close_expired(session, approval, state, node, events)
     if events:
         append_events(session, events)
     session.commit()
-    return len(rows)
+    return expired
+
+
+def _close_expired(
+    session: Session, approval: Approval, state: RunState, node: Node, events: list[NewEvent]
+) -> None:
+    _close(
+        session,
+        approval=approval,
+        state=state,
+        node=node,
+        status="expired",
+        kind="ApprovalExpired",
+        message=f"the approval request expired unanswered at {approval.expires_at}",
+        identity=None,
+        events=events,
+    )
 
 
 def waiting_for(session: Session, tenant_id: str, run_id: str) -> list[dict[str, Any]]:

@@ -101,15 +101,18 @@ def save_trace() -> str:
     return path
 
 
-def parse_args(pairs: list[str]) -> dict[str, Any]:
-    """``K=V`` pairs; V is JSON where it parses, else a string."""
+def parse_args(pairs: list[str], *, option: str = "--arg", as_json: bool = True) -> dict[str, Any]:
+    """``K=V`` pairs; V is JSON where it parses (``as_json``), else a string."""
     args: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise UsageError(f"{pair!r} is not of the form K=V", field="--arg")
+            raise UsageError(f"{pair!r} is not of the form K=V", field=option)
         if key in args:
-            raise UsageError(f"{key!r} given twice", field="--arg")
+            raise UsageError(f"{key!r} given twice", field=option)
+        if not as_json:
+            args[key] = raw
+            continue
         try:
             args[key] = parse_json_strict(raw)
         except CanonicalJSONError:
@@ -131,4 +134,6 @@ def exit_for(view: Any) -> int:
     if view.status == "failed":
         rejected = any(n.status == "rejected" for n in view.nodes)
         return EXIT_ERROR if rejected else EXIT_TOOL_FAILED
+    if view.status == "cancelled":
+        return EXIT_ERROR
     return EXIT_OK

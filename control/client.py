@@ -5,10 +5,12 @@ from control.client import Client
 client = Client.from_env()                      # TOOLPLANE_* settings, TOOLPLANE_TOKEN
 run = client.call("read_repo_file", {"path": "README.md"}, wait=True)
 print(run.status, run.nodes[0].result["sha256"])
+run = client.run_workflow("repo-review", {"query": "ledger", "path": "src/app.py"}, wait=True)
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,11 +33,13 @@ from control.auth import (
 from control.dispatch import publish_pending
 from control.errors import ControlError
 from control.freeze import freeze, list_freezes, unfreeze
-from control.intake import CallRequest, submit_call
+from control.orchestrator import cancel_run
 from control.runs import RunView, get_run, list_runs
 from control.runtime import ControlPlane
 from control.states import TERMINAL_RUN, RunStatus
-from ledger.models import Run
+from control.submission import CallRequest, RunRequest, submit_call, submit_run
+from control.workflows import WorkflowSpec, load_workflow
+from ledger.models import Node, Run
 from ledger.verify import VerifyReport, verify_ledger
 from toolplane.settings import Settings
 
@@ -100,6 +104,75 @@ class Client:
             publish_pending(self.plane.sessions, self.plane.publisher, ids=submitted.outbox_ids)
         return submitted.run_id
 
+    def workflow(self, name: str) -> WorkflowSpec:
+        """The workflow ``name`` from the workflows directory, checked."""
+        return load_workflow(self.plane.settings.workflow_dir, name)
+
+    def submit_workflow(
+        self,
+        workflow: str | WorkflowSpec,
+        inputs: dict[str, Any] | None = None,
+        *,
+        environment: str | None = None,
+        classification: str = "internal",
+        idempotency_key: str | None = None,
+        on_behalf_of: str | None = None,
+    ) -> str:
+        """Start a run of a workflow (by name, or a spec) and return its id.
+
+        Its first nodes are decided and, if allowed, published before this returns;
+        the control process dispatches the rest as their dependencies complete.
+        """
+        require_role(self.identity, SUBMITTERS, "submit runs")
+        spec = self.workflow(workflow) if isinstance(workflow, str) else workflow
+        request = RunRequest(
+            spec=spec,
+            inputs=dict(inputs or {}),
+            environment=environment or self.plane.settings.environment,
+            classification=classification,
+            idempotency_key=idempotency_key,
+            on_behalf_of=on_behalf_of,
+        )
+        with self.plane.sessions() as session:
+            submitted = submit_run(
+                session, identity=self.identity, request=request, gov=self.plane.governance()
+            )
+        if submitted.outbox_ids:
+            publish_pending(self.plane.sessions, self.plane.publisher, ids=submitted.outbox_ids)
+        return submitted.run_id
+
+    def run_workflow(
+        self,
+        workflow: str | WorkflowSpec,
+        inputs: dict[str, Any] | None = None,
+        *,
+        wait: bool = False,
+        timeout: float = 120.0,
+        on_progress: Callable[[str, str, int], None] | None = None,
+        on_waiting: Callable[[list[dict[str, Any]]], None] | None = None,
+        **options: Any,
+    ) -> RunView:
+        """Submit a workflow; with ``wait``, return once the run has ended (see :meth:`wait`)."""
+        run_id = self.submit_workflow(workflow, inputs, **options)
+        if wait:
+            return self.wait(
+                run_id, timeout=timeout, on_progress=on_progress, on_waiting=on_waiting
+            )
+        return self.run(run_id)
+
+    def cancel(self, run_id: str, *, reason: str | None = None) -> RunView:
+        """Cancel a run of this tenant: nothing more is dispatched (RunCancelled).
+
+        Jobs already with a worker are revoked where the workers still hold them; a
+        result that arrives anyway is recorded and ignored.
+        """
+        with self.plane.sessions() as session:
+            _, in_flight = cancel_run(session, self.identity, run_id, reason=reason)
+        if in_flight:
+            with contextlib.suppress(Exception):  # best effort: the node is cancelled anyway
+                self.plane.celery.control.revoke(in_flight)
+        return self.run(run_id)
+
     def call(
         self,
         tool: str,
@@ -147,17 +220,32 @@ class Client:
         timeout: float = 60.0,
         poll_s: float = 0.002,
         on_waiting: Callable[[list[dict[str, Any]]], None] | None = None,
+        on_progress: Callable[[str, str, int], None] | None = None,
     ) -> RunView:
-        """Poll the run's status (cheaply) until it ends; then read it whole."""
+        """Poll the run's status (cheaply) until it ends; then read it whole.
+
+        ``on_progress(node_id, status, attempt)`` hears of every node's status as it
+        changes; ``on_waiting`` hears once for whom a run waits that needs an approval.
+        """
         deadline = time.monotonic() + timeout
         delay = poll_s
         identity = self.identity
         told = False
+        seen: dict[str, tuple[str, int]] = {}
         while True:
             with self.plane.sessions() as session:
                 status = session.scalar(
                     select(Run.status).where(Run.id == run_id, Run.tenant_id == identity.tenant_id)
                 )
+                if status is not None and on_progress is not None:
+                    for node_id, node_status, attempt in session.execute(
+                        select(Node.node_id, Node.status, Node.attempt)
+                        .where(Node.run_id == run_id)
+                        .order_by(Node.created_at, Node.node_id)
+                    ):
+                        if seen.get(node_id) != (node_status, attempt):
+                            seen[node_id] = (node_status, attempt)
+                            on_progress(node_id, node_status, attempt)
                 if status == RunStatus.AWAITING_APPROVAL and not told:
                     told = True
                     if on_waiting is not None:

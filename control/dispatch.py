@@ -24,11 +24,14 @@ from toolplane.signing import Signer
 
 log = logging.getLogger("toolplane.dispatch")
 
-ENVELOPE_MARGIN_S = 60
+DUE_GRACE_S = 10
+"""After an envelope expired and a run that started just before could have ended: then no
+worker runs the attempt any more, and a retry cannot overlap it."""
 
 __all__ = [
     "CeleryPublisher",
     "Publisher",
+    "due_at_for",
     "envelope_ttl_s",
     "publish_pending",
     "sign_envelope",
@@ -43,16 +46,27 @@ class Publisher(Protocol):
 
 
 class CeleryPublisher:
+    """Celery publishes to a direct queue through the default exchange (the routing key is
+    the queue), so a lost ``_kombu.binding.*`` key on Redis cannot drop a job silently.
+    The task id is the job id, so that a cancelled run's jobs can be revoked by id."""
+
     def __init__(self, app: Celery) -> None:
         self.app = app
 
     def publish(self, *, task_name: str, queue: str, body: dict[str, Any]) -> None:
-        self.app.send_task(task_name, args=[body], queue=queue, routing_key=queue)
+        job_id = (body.get("envelope") or {}).get("job_id")
+        self.app.send_task(task_name, args=[body], queue=queue, routing_key=queue, task_id=job_id)
 
 
-def envelope_ttl_s(*, visibility_timeout: int, tool_timeout_s: float) -> int:
-    """Expiry must outlive a redelivery: visibility timeout + the tool's run time + margin."""
-    return int(visibility_timeout + tool_timeout_s + ENVELOPE_MARGIN_S)
+def envelope_ttl_s(*, visibility_timeout: int, tool_timeout_s: float, queue_wait_s: int) -> int:
+    """Expiry must outlive a wait in the queue, then a redelivery after a worker died with
+    the job (visibility timeout) and the tool's own run time."""
+    return int(queue_wait_s + visibility_timeout + tool_timeout_s)
+
+
+def due_at_for(expires_at: datetime, *, tool_timeout_s: float) -> datetime:
+    """When an attempt's result is overdue: no worker can still be running it by then."""
+    return expires_at + timedelta(seconds=tool_timeout_s + DUE_GRACE_S)
 
 
 def sign_envelope(

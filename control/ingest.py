@@ -1,15 +1,19 @@
-"""Result ingest: verify each receipt, bind it to the dispatched envelope, accept once.
+"""Result ingest: verify each receipt, bind it to a dispatched attempt, accept once.
 
-Acceptance is exactly once per (node, attempt): the node row is locked, and a
-result is accepted only while the node is ``queued`` at that attempt. What is
-not accepted is recorded (ToolReceiptInvalid, JobRefused) or, for a valid
-duplicate of an already settled attempt, logged and ignored.
+Acceptance is exactly once per node: the run is locked (then its nodes), and a
+result is accepted only while its node is ``queued`` at that very attempt. What
+is not accepted is recorded: ToolReceiptInvalid, JobRefused, or ResultIgnored
+for a verified result that came too late (a redelivered copy, an attempt that
+was superseded by a retry, a node that was cancelled). An accepted result
+advances the run: nodes that needed it are decided and dispatched in the same
+transaction.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -19,9 +23,11 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from control.states import TERMINAL_NODE, NodeStatus, RunStatus
+from control.intake import Governance, dispatching
+from control.orchestrator import RunState, advance, lock_run, schedule_retry, settle_run
+from control.states import NodeStatus, move_node
 from ledger.chain import NewEvent
-from ledger.models import Node, Run, ToolManifest
+from ledger.models import Attempt, Node, ToolManifest
 from ledger.receipts import ReceiptProblem, check_result_message
 from ledger.store import append_events
 from toolplane.canonical import CanonicalJSONError, check_json_value, contains_nul, digest
@@ -31,7 +37,7 @@ from toolplane.signing import KeyRing
 
 log = logging.getLogger("toolplane.ingest")
 
-__all__ = ["Outcome", "Settle", "ingest_result", "register_manifest"]
+__all__ = ["Ingested", "Outcome", "Settle", "ingest_result", "register_manifest"]
 
 
 class Outcome(StrEnum):
@@ -41,8 +47,9 @@ class Outcome(StrEnum):
     """Signature, hash or binding failed; recorded as ToolReceiptInvalid."""
     REFUSED = "refused"
     """A worker's signed refusal; recorded as JobRefused."""
-    DUPLICATE = "duplicate"
-    """A valid result for an attempt already settled; ignored."""
+    IGNORED = "ignored"
+    """A verified result too late for its node (settled, superseded, cancelled): recorded
+    as ResultIgnored, not accepted."""
 
 
 def _safe(raw: Any) -> Any:
@@ -74,36 +81,8 @@ def _claimed(raw: Any) -> tuple[str | None, str | None, int | None]:
     )
 
 
-def _lock_node(
-    session: Session, run_id: str | None, node_id: str | None
-) -> tuple[Node, Run] | None:
-    if not run_id or not node_id:
-        return None
-    return _lock(session, Node.run_id == run_id, Node.node_id == node_id)
-
-
-def _lock_by_envelope(session: Session, envelope_sha256: str) -> tuple[Node, Run] | None:
-    return _lock(session, Node.envelope_sha256 == envelope_sha256)
-
-
-def _lock(session: Session, *where: Any) -> tuple[Node, Run] | None:
-    """Lock a node and its run (in one statement) for the settling of a result."""
-    found = session.execute(
-        select(Node, Run).join(Run, Run.id == Node.run_id).where(*where).with_for_update()
-    ).first()
-    return None if found is None else (found[0], found[1])
-
-
-def _settle_run(run: Run, node: Node, events: list[NewEvent], now: datetime) -> None:
-    """Single-node runs: the run ends with its node."""
-    if node.status not in TERMINAL_NODE:
-        return
-    run.status = RunStatus.COMPLETED if node.status == NodeStatus.COMPLETED else RunStatus.FAILED
-    run.updated_at = now
-    kind = "RunCompleted" if run.status == RunStatus.COMPLETED else "RunFailed"
-    events.append(
-        NewEvent(kind, {"run_id": run.id, "status": run.status.value}, run.tenant_id, run.id)
-    )
+def _attempt_of(session: Session, envelope_sha256: str) -> Attempt | None:
+    return session.scalar(select(Attempt).where(Attempt.envelope_sha256 == envelope_sha256))
 
 
 Settle = Callable[[str, str, int | None], None]
@@ -114,23 +93,44 @@ def _no_settle(tenant_id: str, job_id: str, charged_ms: int | None) -> None:
     return None
 
 
+@dataclass(frozen=True)
+class Ingested:
+    outcome: Outcome
+    outbox_ids: tuple[int, ...] = ()  # jobs of nodes that became ready: publish after commit
+
+
 def ingest_result(
-    session: Session, raw: Any, keys: KeyRing, settle: Settle = _no_settle
-) -> Outcome:
-    """Ingest one message from the ``results`` queue. Commits.
+    session: Session,
+    raw: Any,
+    keys: KeyRing,
+    gov: Governance,
+    settle: Settle = _no_settle,
+) -> Ingested:
+    """Ingest one message from the ``results`` queue; advance its run. Commits.
 
     ``settle`` is told how much tool time each settled job used (its verified
-    duration when it completed or hit its time limit; nothing when it otherwise
-    failed or was refused; all it reserved when its receipt is invalid), before
-    the commit, and is idempotent per job.
+    duration when it ran; nothing when it failed without running or was refused;
+    all it reserved when its receipt is invalid), before the commit, and is
+    idempotent per job.
     """
     now = datetime.now(UTC)
     run_id, node_id, attempt = _claimed(raw)
-    locked = _lock_node(session, run_id, node_id)
+    state = lock_run(session, run_id) if run_id else None
+    node = state.nodes.get(node_id) if state is not None and node_id else None
+    if node is None:
+        state = None
     events: list[NewEvent] = []
-    tenant = locked[1].tenant_id if locked else None
+    tenant = state.run.tenant_id if state is not None else None
 
-    def invalid(problem: str) -> Outcome:
+    def current(n: Node | None, number: int | None) -> bool:
+        return n is not None and n.status == NodeStatus.QUEUED and number == n.attempt
+
+    def finish(outcome: Outcome) -> Ingested:
+        append_events(session, events)
+        session.commit()
+        return Ingested(outcome)
+
+    def invalid(problem: str) -> Ingested:
         log.warning("receipt.invalid run=%s node=%s problem=%s", run_id, node_id, problem)
         events.append(
             NewEvent(
@@ -141,19 +141,16 @@ def ingest_result(
                     "message": _safe(raw),
                 },
                 tenant_id=tenant,
-                run_id=run_id if locked else None,
+                run_id=run_id if state is not None else None,
             )
         )
-        if locked and locked[0].status == NodeStatus.QUEUED and attempt == locked[0].attempt:
-            node, run = locked
-            settle(run.tenant_id, job_id_for(run.id, node.node_id, node.attempt), None)
-            node.status = NodeStatus.REJECTED
+        if state is not None and node is not None and current(node, attempt):
+            settle(state.run.tenant_id, job_id_for(state.run.id, node.node_id, node.attempt), None)
+            _close_attempt(session, node, "rejected", now)
+            move_node(node, NodeStatus.REJECTED, now)
             node.error = {"code": "receipt_invalid", "message": problem}
-            node.updated_at = now
-            _settle_run(run, node, events, now)
-        append_events(session, events)
-        session.commit()
-        return Outcome.RECEIPT_INVALID
+            settle_run(session, state, events, now)
+        return finish(Outcome.RECEIPT_INVALID)
 
     if contains_nul(raw):
         return invalid("message contains NUL characters, which the ledger cannot store")
@@ -162,23 +159,25 @@ def ingest_result(
     except ReceiptProblem as e:
         return invalid(e.message)
     result = message.result
-    bound = (
-        locked is not None
-        and result.attempt == locked[0].attempt
-        and result.envelope_sha256 == locked[0].envelope_sha256
-        and result.tool == locked[0].tool
-    )
     body = message.model_dump(mode="json")
+    dispatched = _attempt_of(session, result.envelope_sha256) if result.envelope_sha256 else None
+    if result.kind == "refusal" and dispatched is not None and state is None:
+        # A worker that could not verify an envelope trusts none of its ids, but names
+        # the digest of what it received: the exact envelope we dispatched.
+        state = lock_run(session, dispatched.run_id)
+        node = state.nodes.get(dispatched.node_id) if state is not None else None
+        tenant = state.run.tenant_id if state is not None else None
+        run_id = dispatched.run_id
+    bound = (
+        dispatched is not None
+        and node is not None
+        and (dispatched.run_id, dispatched.node_id) == (node.run_id, node.node_id)
+        and result.tool == node.tool
+        and (result.kind == "refusal" or result.attempt == dispatched.attempt)
+    )
 
     if result.kind == "refusal":
         code = result.error.code if result.error else "envelope_invalid"
-        if not bound and result.envelope_sha256:
-            # A worker that could not verify an envelope trusts none of its ids, but
-            # names the digest of what it received: the exact envelope we dispatched.
-            locked = _lock_by_envelope(session, result.envelope_sha256)
-            bound = locked is not None
-            if locked is not None:
-                tenant, run_id = locked[1].tenant_id, locked[1].id
         events.append(
             NewEvent(
                 "JobRefused",
@@ -187,40 +186,54 @@ def ingest_result(
                 run_id=run_id if bound else None,
             )
         )
-        if bound and locked and locked[0].status == NodeStatus.QUEUED and code != "replay":
-            node, run = locked
-            settle(run.tenant_id, job_id_for(run.id, node.node_id, node.attempt), 0)
-            node.status = NodeStatus.FAILED
-            node.error = result.error.model_dump() if result.error else None
-            node.receipt = message.receipt.model_dump()
-            node.updated_at = now
-            _settle_run(run, node, events, now)
-        append_events(session, events)
-        session.commit()
-        return Outcome.REFUSED
+        if bound and state is not None and node is not None and code != "replay":
+            assert dispatched is not None
+            if current(node, dispatched.attempt):
+                _refused(session, state, node, code, result, message, settle, events, now)
+        return finish(Outcome.REFUSED)
 
-    if not bound or locked is None:
+    if not bound or state is None or node is None or dispatched is None:
         return invalid("result is not bound to a dispatched envelope of this node and attempt")
-    node, run = locked
-    if node.status != NodeStatus.QUEUED:
-        log.info("result.duplicate run=%s node=%s attempt=%s", run.id, node.node_id, result.attempt)
-        session.rollback()
-        return Outcome.DUPLICATE
     # A failure is refunded, except a call cut off at its time limit: it spent that time.
     timed_out = result.error is not None and result.error.code == "timeout"
-    settle(
-        run.tenant_id,
-        job_id_for(run.id, node.node_id, node.attempt),
-        result.duration_ms if result.ok or timed_out else 0,
-    )
-    node.status = NodeStatus.COMPLETED if result.ok else NodeStatus.FAILED
+    charged = result.duration_ms if result.ok or timed_out else 0
+    if not current(node, dispatched.attempt):
+        # A late copy, or the result of an attempt that was superseded or cancelled: it is
+        # evidence (its receipt verifies), but the node accepts one result only.
+        if dispatched.settled_at is None:
+            settle(state.run.tenant_id, dispatched.job_id, charged)
+            dispatched.settled_at = now
+        log.info("result.ignored run=%s node=%s attempt=%s", run_id, node_id, result.attempt)
+        events.append(
+            state.event(
+                "ResultIgnored",
+                {
+                    "node_id": node.node_id,
+                    "attempt": dispatched.attempt,
+                    "reason": (
+                        f"the node is {node.status}"
+                        + (
+                            f" at attempt {node.attempt}"
+                            if node.attempt != dispatched.attempt
+                            else ""
+                        )
+                    ),
+                    "result_sha256": result.result_sha256,
+                    "message": body,
+                },
+            )
+        )
+        return finish(Outcome.IGNORED)
+    settle(state.run.tenant_id, dispatched.job_id, charged)
+    _close_attempt(session, node, "completed" if result.ok else "failed", now)
+    move_node(node, NodeStatus.COMPLETED if result.ok else NodeStatus.FAILED, now)
     node.result = result.result
     node.result_sha256 = result.result_sha256
     node.receipt = message.receipt.model_dump()
     node.error = result.error.model_dump() if result.error else None
-    node.updated_at = now
+    node.due_at = None
     events.append(
-        NewEvent(
+        state.event(
             "ToolCallCompleted" if result.ok else "ToolCallFailed",
             {
                 "node_id": node.node_id,
@@ -230,14 +243,44 @@ def ingest_result(
                 "receipt_key_id": message.receipt.key_id,
                 "message": body,
             },
-            tenant_id=run.tenant_id,
-            run_id=run.id,
         )
     )
-    _settle_run(run, node, events, now)
-    append_events(session, events)
-    session.commit()
-    return Outcome.ACCEPTED
+    with dispatching(session, gov) as done:
+        advance(session, gov, state, events, done, now=now)
+        append_events(session, events)
+    return Ingested(Outcome.ACCEPTED, tuple(done.outbox_ids))
+
+
+def _close_attempt(session: Session, node: Node, status: str, now: datetime) -> None:
+    row = session.get(Attempt, (node.run_id, node.node_id, node.attempt))
+    if row is not None:
+        row.status = status
+        row.settled_at = now
+
+
+def _refused(
+    session: Session,
+    state: RunState,
+    node: Node,
+    code: str,
+    result: Any,
+    message: ResultMessage,
+    settle: Settle,
+    events: list[NewEvent],
+    now: datetime,
+) -> None:
+    """A worker refused the node's current attempt: the tool did not run. An expired
+    envelope (the job waited too long for a worker) is retried while attempts remain."""
+    settle(state.run.tenant_id, job_id_for(state.run.id, node.node_id, node.attempt), 0)
+    _close_attempt(session, node, "refused", now)
+    node.receipt = message.receipt.model_dump()
+    if code == "envelope_expired" and node.attempt < node.max_attempts:
+        schedule_retry(node, now)
+        return
+    move_node(node, NodeStatus.FAILED, now)
+    node.error = result.error.model_dump() if result.error else None
+    node.due_at = None
+    settle_run(session, state, events, now)
 
 
 def register_manifest(session: Session, raw: Any, keys: KeyRing) -> str:

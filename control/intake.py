@@ -1,10 +1,11 @@
-"""Run intake: validate a call, decide it under policy, and stage its job.
+"""Deciding one node: policy, then a denial, an approval request, or a dispatch.
 
-Everything in one transaction: the run, its node, the policy decision and its
-evidence, and then one of: a denial; an approval request (the node waits); or
-a dispatch, which checks the freeze and the tenant's entitlements before it
-signs the envelope into the outbox. The entitlement reservation in Redis is
-cancelled if the transaction does not commit.
+A dispatch checks the freeze and the tenant's entitlements, signs the envelope,
+records the attempt and stages the job in the outbox, all in the caller's
+transaction (see :func:`dispatching`: the entitlement reservation in Redis is
+cancelled if that transaction does not commit). The same code decides a run's
+first nodes at submission, later nodes when their dependencies complete, a
+node once approved, and a retry.
 """
 
 from __future__ import annotations
@@ -17,45 +18,34 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from jsonschema import Draft202012Validator, validators
 from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from control.auth import Identity
-from control.dispatch import envelope_ttl_s, sign_envelope, stage_job
+from control.dispatch import due_at_for, envelope_ttl_s, sign_envelope, stage_job
 from control.entitlements import EntitlementStore, reserve_ms_for
-from control.errors import ServiceUnavailable, UsageError, require_text
+from control.errors import ServiceUnavailable, UsageError
 from control.freeze import active_freeze
-from control.states import NodeStatus, RunStatus
+from control.states import NodeStatus, move_node
 from ledger.chain import NewEvent
-from ledger.models import Approval, Node, Run, ToolManifest
-from ledger.store import append_events
+from ledger.models import Approval, Attempt, Node, Principal, Run, Tenant
 from policy.constraints import Constraints
 from policy.engine import Decision, PolicyEngine, PolicyRequest
-from toolplane.canonical import CanonicalJSONError, check_json_value, contains_nul, digest
-from toolplane.messages import job_id_for
+from toolplane.canonical import digest
+from toolplane.messages import job_id_for, ms_to_datetime
 from toolplane.signing import Signer
 
-NAME_RULE = "1-40 characters of a-z, 0-9, '-' or '_'"
-
-# JSON Schema counts 3.0 as an integer; the tools' strict models do not.
-StrictValidator = validators.extend(
-    Draft202012Validator,
-    type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
-        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
-    ),
-)
-
 __all__ = [
-    "CallRequest",
     "Governance",
-    "Submitted",
-    "dispatching",
+    "Submitter",
+    "binding_problem",
+    "decide_node",
     "deny_by_policy",
     "deny_node",
     "dispatch_node",
-    "submit_call",
+    "dispatching",
+    "submitter_of",
 ]
 
 
@@ -63,20 +53,34 @@ log = logging.getLogger("toolplane.intake")
 
 
 @dataclass(frozen=True)
-class CallRequest:
-    tool: str
-    args: dict[str, Any]
-    environment: str = "dev"
-    classification: str = "internal"
-    idempotency_key: str | None = None
-    on_behalf_of: str | None = None  # the agent or end user the principal acts for
+class Submitter:
+    """Whose call a node is: every node of a run is decided as its submitter's."""
+
+    tenant_id: str
+    tenant_name: str
+    principal_id: str
+    principal: str
+    role: str
+
+    @classmethod
+    def of(cls, identity: Identity) -> Submitter:
+        return cls(
+            identity.tenant_id,
+            identity.tenant_name,
+            identity.principal_id,
+            identity.principal,
+            identity.role.value,
+        )
 
 
-@dataclass(frozen=True)
-class Submitted:
-    run_id: str
-    outbox_ids: tuple[int, ...]
-    created: bool  # False when the idempotency key returned an existing run
+def submitter_of(session: Session, run: Run) -> Submitter:
+    """The run's submitter as they are now (a role changed since counts from now on)."""
+    principal, tenant = session.execute(
+        select(Principal, Tenant)
+        .join(Tenant, Tenant.id == Principal.tenant_id)
+        .where(Principal.id == run.principal_id)
+    ).one()
+    return Submitter(tenant.id, tenant.name, principal.id, principal.name, principal.role)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class Governance:
     engine: PolicyEngine
     signer: Signer
     visibility_timeout: int
+    queue_wait_s: int
     manifests: Callable[[Session, str], dict[str, Any] | None]
     entitlements: EntitlementStore | None  # None where no Redis is configured
 
@@ -98,49 +103,11 @@ class Dispatched:
     reserved: list[tuple[str, str]]  # (tenant id, job id) reserved in the entitlement store
 
 
-def _check_label(value: str, field: str) -> None:
-    if not (0 < len(value) <= 40) or not all(c.isalnum() or c in "-_" for c in value):
-        raise UsageError(f"must be {NAME_RULE}", field=field)
-
-
-def validate_args(manifest: dict[str, Any], args: dict[str, Any]) -> None:
-    """Check the call's arguments against the tool's announced JSON Schema."""
-    try:
-        check_json_value(args)
-    except CanonicalJSONError as e:
-        raise UsageError(str(e), field="--arg") from e
-    for key, value in args.items():
-        if contains_nul(key) or contains_nul(value):
-            raise UsageError("NUL characters are not accepted", field=f"--arg {key}")
-    validator = StrictValidator(manifest["args_schema"])
-    errors = sorted(validator.iter_errors(args), key=lambda e: list(e.path))
-    if not errors:
-        return
-    error = errors[0]
-    if error.validator == "additionalProperties":
-        extra = sorted(set(args) - set(manifest["args_schema"].get("properties", {})))
-        raise UsageError(
-            "unexpected field: this tool takes "
-            + ", ".join(sorted(manifest["args_schema"].get("properties", {}))),
-            field=f"--arg {', '.join(extra)}",
-        )
-    field = ".".join(str(p) for p in error.path) or (
-        error.message.split("'")[1] if error.validator == "required" else "args"
-    )
-    raise UsageError(error.message, field=f"--arg {field}")
-
-
-def deny_node(
-    node: Node, run: Run, code: str, message: str, events: list[NewEvent], now: datetime
-) -> None:
-    node.status = NodeStatus.DENIED
+def deny_node(node: Node, code: str, message: str, now: datetime) -> None:
+    """The node ends denied (its run is settled by the orchestrator)."""
+    move_node(node, NodeStatus.DENIED, now)
     node.error = {"code": code, "message": message}
-    node.updated_at = now
-    run.status = RunStatus.DENIED
-    run.updated_at = now
-    events.append(
-        NewEvent("RunFailed", {"run_id": run.id, "status": "denied"}, run.tenant_id, run.id)
-    )
+    node.retry_at = None
 
 
 def deny_by_policy(
@@ -153,7 +120,7 @@ def deny_by_policy(
     now: datetime,
     **extra: Any,
 ) -> None:
-    """ToolDenied, then the node and its run denied (policy_denied)."""
+    """ToolDenied, then the node denied (policy_denied)."""
     events.append(
         NewEvent(
             "ToolDenied",
@@ -168,7 +135,7 @@ def deny_by_policy(
             run_id=run.id,
         )
     )
-    deny_node(node, run, "policy_denied", reason, events, now)
+    deny_node(node, "policy_denied", reason, now)
 
 
 def dispatch_node(
@@ -177,20 +144,20 @@ def dispatch_node(
     *,
     run: Run,
     node: Node,
-    tenant_name: str,
-    principal: str,
+    submitter: Submitter,
     decision_id: str,
     constraints: Constraints | None,
     approval_id: str | None,
     events: list[NewEvent],
     done: Dispatched,
 ) -> bool:
-    """Freeze, entitlements, then sign and stage the node's job; False if it was denied.
+    """Freeze, entitlements, then sign and stage the node's next attempt; False if denied.
 
     Runs inside the caller's transaction (the caller commits, and cancels
     ``done.reserved`` if the commit fails).
     """
     now = datetime.now(UTC)
+    assert node.args is not None, "a node is rendered before it is decided"
 
     def event(kind: str, payload: dict[str, Any]) -> NewEvent:
         return NewEvent(kind, payload, tenant_id=run.tenant_id, run_id=run.id)
@@ -217,18 +184,22 @@ def dispatch_node(
     timeout_s = float(manifest["limits"]["timeout_s"])
     if constraints is not None and "timeout_s" in constraints.limits:
         timeout_s = min(timeout_s, float(constraints.limits["timeout_s"]))
-    ttl = envelope_ttl_s(visibility_timeout=gov.visibility_timeout, tool_timeout_s=timeout_s)
+    ttl = envelope_ttl_s(
+        visibility_timeout=gov.visibility_timeout,
+        tool_timeout_s=timeout_s,
+        queue_wait_s=gov.queue_wait_s,
+    )
     attempt = node.attempt + 1
     job_id = job_id_for(run.id, node.node_id, attempt)
-    planned = gov.engine.bundle.plans.for_tenant(tenant_name)
+    planned = gov.engine.bundle.plans.for_tenant(submitter.tenant_name)
     if planned is not None:
         plan_name, plan = planned
         store = gov.entitlements
         if store is None:
             raise ServiceUnavailable(
                 "entitlement store",
-                f"tenant {tenant_name!r} has the plan {plan_name!r}, and enforcing it needs "
-                "Redis: set TOOLPLANE_REDIS_URL (or use a Redis broker)",
+                f"tenant {submitter.tenant_name!r} has the plan {plan_name!r}, and enforcing it "
+                "needs Redis: set TOOLPLANE_REDIS_URL (or use a Redis broker)",
             )
         exceeded = store.reserve(
             tenant_id=run.tenant_id,
@@ -247,7 +218,7 @@ def dispatch_node(
                     | exceeded.as_dict(),
                 )
             )
-            deny_node(node, run, "entitlement_exceeded", exceeded.message, events, now)
+            deny_node(node, "entitlement_exceeded", exceeded.message, now)
             return False
         done.reserved.append((run.tenant_id, job_id))
     signed = sign_envelope(
@@ -256,7 +227,7 @@ def dispatch_node(
         node_id=node.node_id,
         attempt=attempt,
         tenant=run.tenant_id,
-        principal=principal,
+        principal=submitter.principal,
         on_behalf_of=run.on_behalf_of,
         tool=node.tool,
         args=node.args,
@@ -271,13 +242,28 @@ def dispatch_node(
             else None
         ),
     )
+    expires = ms_to_datetime(signed.envelope.expires_at)
+    due = due_at_for(expires, tool_timeout_s=timeout_s)
+    move_node(node, NodeStatus.QUEUED, now)
     node.attempt = attempt
-    node.status = NodeStatus.QUEUED
     node.envelope = signed.model_dump(mode="json")
     node.envelope_sha256 = signed.digest
-    node.updated_at = now
-    run.status = RunStatus.RUNNING
-    run.updated_at = now
+    node.due_at = due
+    node.retry_at = None
+    node.max_attempts = max_attempts(manifest)
+    session.add(
+        Attempt(
+            run_id=run.id,
+            node_id=node.node_id,
+            attempt=attempt,
+            job_id=job_id,
+            envelope_sha256=signed.digest,
+            dispatched_at=now,
+            expires_at=expires,
+            due_at=due,
+            status="queued",
+        )
+    )
     outbox = stage_job(session, signed)
     events.append(
         event(
@@ -289,6 +275,7 @@ def dispatch_node(
                 "tool": node.tool,
                 "approval_id": approval_id,
                 "envelope_sha256": signed.digest,
+                "due_at": due.isoformat(),
                 "envelope": signed.model_dump(mode="json"),
             },
         )
@@ -296,6 +283,14 @@ def dispatch_node(
     session.flush()
     done.outbox_ids.append(outbox.id)
     return True
+
+
+def max_attempts(manifest: dict[str, Any]) -> int:
+    """How many attempts a node of this tool gets when one is lost: more only if retry-safe."""
+    if manifest.get("read_only") is not True:
+        return 1
+    declared = manifest.get("max_attempts", 3)
+    return declared if isinstance(declared, int) and 1 <= declared <= 10 else 3
 
 
 @contextmanager
@@ -337,17 +332,17 @@ def _cancel(gov: Governance, done: Dispatched) -> None:
             log.warning("entitlement.cancel_failed job=%s", job_id, exc_info=True)
 
 
-def _request_approval(
+def request_approval(
     session: Session,
     *,
-    identity: Identity,
+    submitter: Submitter,
     run: Run,
     node: Node,
     decision: Decision,
     events: list[NewEvent],
 ) -> Approval:
     now = datetime.now(UTC)
-    assert decision.approval_ttl_s is not None
+    assert decision.approval_ttl_s is not None and node.args_sha256 is not None
     approval = Approval(
         id=f"ap_{uuid.uuid4().hex[:24]}",
         tenant_id=run.tenant_id,
@@ -358,14 +353,13 @@ def _request_approval(
         policy_version=decision.bundle_version,
         decision_id=decision.decision_id,
         policies=list(decision.policies),
-        requested_by=identity.principal_id,
+        requested_by=submitter.principal_id,
         requested_at=now,
         expires_at=now + timedelta(seconds=decision.approval_ttl_s),
         status="pending",
     )
     session.add(approval)
-    node.status = NodeStatus.AWAITING_APPROVAL
-    run.status = RunStatus.AWAITING_APPROVAL
+    move_node(node, NodeStatus.AWAITING_APPROVAL, now)
     events.append(
         NewEvent(
             "ApprovalRequested",
@@ -377,7 +371,7 @@ def _request_approval(
                 "policy_version": decision.bundle_version,
                 "decision_id": decision.decision_id,
                 "policies": list(decision.policies),
-                "requested_by": identity.principal,
+                "requested_by": submitter.principal,
                 "expires_at": approval.expires_at.isoformat(),
             },
             tenant_id=run.tenant_id,
@@ -387,121 +381,128 @@ def _request_approval(
     return approval
 
 
-def submit_call(
-    session: Session, *, identity: Identity, request: CallRequest, gov: Governance
-) -> Submitted:
-    """Record, decide and (if allowed) stage one tool call. Commits."""
-    _check_label(request.environment, "--env")
-    _check_label(request.classification, "--classification")
-    if request.on_behalf_of is not None:
-        require_text(request.on_behalf_of, field="--on-behalf-of", max_chars=200)
-    if request.idempotency_key is not None:
-        existing = session.scalar(
-            select(Run).where(
-                Run.tenant_id == identity.tenant_id, Run.idempotency_key == request.idempotency_key
-            )
-        )
-        if existing is not None:
-            return Submitted(existing.id, (), created=False)
-    manifest = gov.manifests(session, request.tool)
-    if manifest is None:
-        known = ", ".join(session.scalars(select(ToolManifest.tool).order_by(ToolManifest.tool)))
-        raise UsageError(f"unknown tool {request.tool!r} (known: {known or 'none'})", field="TOOL")
-    validate_args(manifest, request.args)
+def decide_node(
+    session: Session,
+    gov: Governance,
+    *,
+    run: Run,
+    node: Node,
+    submitter: Submitter,
+    events: list[NewEvent],
+    done: Dispatched,
+) -> None:
+    """Decide one rendered node under the policy in force, then act on the decision.
 
-    now = datetime.now(UTC)
-    run_id = f"run_{uuid.uuid4().hex[:24]}"
-    node_id = request.tool
-    args_sha = digest(request.args)
-    run = Run(
-        id=run_id,
-        tenant_id=identity.tenant_id,
-        principal_id=identity.principal_id,
-        workflow="call",
-        status=RunStatus.RUNNING,
-        environment=request.environment,
-        classification=request.classification,
-        idempotency_key=request.idempotency_key,
-        on_behalf_of=request.on_behalf_of,
-        created_at=now,
-        updated_at=now,
-    )
-    node = Node(
-        run_id=run_id,
-        node_id=node_id,
-        tool=request.tool,
-        args=request.args,
-        args_sha256=args_sha,
-        status=NodeStatus.PENDING,
-        attempt=0,
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(run)
-    session.flush()
-    session.add(node)
+    A retry is decided again too: a freeze or a policy change since the first
+    attempt applies to it. A retry of an approved call dispatches under the same
+    approval while it still binds the call and the policy version.
+    """
+    assert node.args is not None
     decision = gov.engine.decide(
         PolicyRequest(
-            tenant=identity.tenant_id,
-            principal=identity.principal,
-            role=identity.role.value,
-            tool=request.tool,
-            environment=request.environment,
-            classification=request.classification,
-            args=request.args,
-            on_behalf_of=request.on_behalf_of,
+            tenant=run.tenant_id,
+            principal=submitter.principal,
+            role=submitter.role,
+            tool=node.tool,
+            environment=run.environment,
+            classification=run.classification,
+            workflow=run.workflow,
+            args=node.args,
+            on_behalf_of=run.on_behalf_of,
+        )
+    )
+    events.append(
+        NewEvent(
+            "PolicyDecision",
+            {"node_id": node.node_id, "attempt": node.attempt + 1, **decision.as_evidence()},
+            tenant_id=run.tenant_id,
+            run_id=run.id,
         )
     )
 
-    def event(kind: str, payload: dict[str, Any]) -> NewEvent:
-        return NewEvent(kind, payload, tenant_id=identity.tenant_id, run_id=run_id)
+    def dispatch(decision_id: str, approval_id: str | None) -> None:
+        dispatch_node(
+            session,
+            gov,
+            run=run,
+            node=node,
+            submitter=submitter,
+            decision_id=decision_id,
+            constraints=decision.constraints,
+            approval_id=approval_id,
+            events=events,
+            done=done,
+        )
 
-    events = [
-        event(
-            "RunSubmitted",
-            {
-                "run_id": run_id,
-                "workflow": "call",
-                "principal": identity.principal,
-                "role": identity.role.value,
-                "on_behalf_of": request.on_behalf_of,
-                "environment": request.environment,
-                "classification": request.classification,
-                "idempotency_key": request.idempotency_key,
-                "nodes": [{"node_id": node_id, "tool": request.tool, "args_sha256": args_sha}],
-            },
-        ),
-        event("PolicyDecision", {"node_id": node_id, **decision.as_evidence()}),
-    ]
-    with dispatching(session, gov) as done:
-        if decision.needs_approval and active_freeze(session, identity.tenant_id) is None:
-            _request_approval(
-                session, identity=identity, run=run, node=node, decision=decision, events=events
-            )
-        elif decision.allowed or decision.needs_approval:
-            # Allowed, or waiting for an approval under a freeze: dispatch_node checks the
-            # freeze first, so a frozen tenant gets nothing new, not even an approval request.
-            dispatch_node(
-                session,
-                gov,
-                run=run,
-                node=node,
-                tenant_name=identity.tenant_name,
-                principal=identity.principal,
-                decision_id=decision.decision_id,
-                constraints=decision.constraints,
-                approval_id=None,
-                events=events,
-                done=done,
+    if decision.allowed:
+        dispatch(decision.decision_id, None)
+    elif decision.needs_approval:
+        approved = _approval_of_retry(session, run, node, decision.bundle_version)
+        if approved is not None:
+            dispatch(approved.decision_id, approved.id)
+        elif active_freeze(session, run.tenant_id) is not None:
+            # A frozen tenant gets nothing new, not even an approval request: dispatch_node
+            # checks the freeze first and denies.
+            dispatch(decision.decision_id, None)
+        elif node.attempt > 0:
+            deny_node(
+                node,
+                "approval_rejected",
+                "this retry needs an approval that still binds the call and the policy in "
+                "force, and there is none: submit the run again",
+                datetime.now(UTC),
             )
         else:
-            deny_by_policy(
-                node,
-                run,
-                decision_id=decision.decision_id,
-                reason=decision.reason,
-                events=events,
-                now=now,
+            request_approval(
+                session, submitter=submitter, run=run, node=node, decision=decision, events=events
             )
-        append_events(session, events)
-    return Submitted(run_id, tuple(done.outbox_ids), created=True)
+    else:
+        deny_by_policy(
+            node,
+            run,
+            decision_id=decision.decision_id,
+            reason=decision.reason,
+            events=events,
+            now=datetime.now(UTC),
+        )
+
+
+def _approval_of_retry(
+    session: Session, run: Run, node: Node, policy_version: str
+) -> Approval | None:
+    """The approval a lost attempt of this node ran under, if it still covers a retry."""
+    if node.attempt == 0:
+        return None
+    approval = session.scalar(
+        select(Approval).where(
+            Approval.run_id == run.id,
+            Approval.node_id == node.node_id,
+            Approval.status == "granted",
+            Approval.used_at.is_not(None),
+        )
+    )
+    if approval is None:
+        return None
+    return None if binding_problem(approval, run, node, policy_version) else approval
+
+
+def binding_problem(approval: Approval, run: Run, node: Node, policy_version: str) -> str | None:
+    """Why ``approval`` does not cover this exact call under this policy, or None."""
+    if approval.tenant_id != run.tenant_id:
+        return "the approval belongs to another tenant"
+    if (approval.run_id, approval.node_id) != (run.id, node.node_id):
+        return "the approval was given for another call"
+    if approval.tool != node.tool:
+        return "the call's tool changed since the approval was requested"
+    if (
+        node.args is None
+        or approval.args_sha256 != node.args_sha256
+        or digest(node.args) != approval.args_sha256
+    ):
+        return "the call's arguments changed since the approval was requested"
+    if approval.policy_version != policy_version:
+        return (
+            f"the policy changed since the approval was requested "
+            f"({approval.policy_version[:12]}… -> {policy_version[:12]}…): submit the call again"
+        )
+    return None

@@ -100,9 +100,13 @@ def plan_processes(
         "TOOLPLANE_EXTRA_TOOLS": settings.extra_tools,
         "TOOLPLANE_RECEIPT_ALGORITHM": settings.receipt_algorithm,
         "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
+        "TOOLPLANE_QUEUE_WAIT_S": str(settings.queue_wait_s),
+        "TOOLPLANE_ENVIRONMENT": settings.environment,
     }
     if settings.policy_dir is not None:
         common["TOOLPLANE_POLICY_DIR"] = str(settings.policy_dir)
+    if settings.workflows_dir is not None:
+        common["TOOLPLANE_WORKFLOWS_DIR"] = str(settings.workflows_dir)
     cli = [sys.executable, "-m", "control.cli"]
     specs = [
         ProcessSpec(

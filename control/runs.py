@@ -26,14 +26,16 @@ class NodeView:
     result_sha256: str | None
     receipt: dict[str, Any] | None
     error: dict[str, Any] | None
-    args: dict[str, Any]
+    args: dict[str, Any] | None
     approval: dict[str, Any] | None = None
+    needs: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
             "tool": self.tool,
             "status": self.status,
+            "needs": list(self.needs),
             "attempt": self.attempt,
             "args": self.args,
             "result": self.result,
@@ -56,6 +58,8 @@ class RunView:
     nodes: tuple[NodeView, ...]
     submitter: str = ""
     on_behalf_of: str | None = None
+    inputs: dict[str, Any] | None = None
+    idempotency_key: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +67,8 @@ class RunView:
             "tenant": self.tenant,
             "workflow": self.workflow,
             "status": self.status,
+            "inputs": self.inputs,
+            "idempotency_key": self.idempotency_key,
             "environment": self.environment,
             "classification": self.classification,
             "submitter": self.submitter,
@@ -93,7 +99,8 @@ def _views(session: Session, identity: Identity, runs: list[tuple[Run, str]]) ->
         return []
     ids = [r.id for r, _ in runs]
     nodes: dict[str, list[Node]] = {r.id: [] for r, _ in runs}
-    for node in session.scalars(select(Node).where(Node.run_id.in_(ids)).order_by(Node.node_id)):
+    ordered = select(Node).where(Node.run_id.in_(ids)).order_by(Node.created_at, Node.node_id)
+    for node in session.scalars(ordered):
         nodes[node.run_id].append(node)
     requester, decider = aliased(Principal), aliased(Principal)
     approvals = {
@@ -116,6 +123,8 @@ def _views(session: Session, identity: Identity, runs: list[tuple[Run, str]]) ->
             created_at=run.created_at.isoformat(),
             submitter=submitter,
             on_behalf_of=run.on_behalf_of,
+            inputs=run.inputs,
+            idempotency_key=run.idempotency_key,
             nodes=tuple(
                 NodeView(
                     node_id=n.node_id,
@@ -128,6 +137,7 @@ def _views(session: Session, identity: Identity, runs: list[tuple[Run, str]]) ->
                     error=n.error,
                     args=n.args,
                     approval=approvals.get((run.id, n.node_id)),
+                    needs=tuple(n.needs or ()),
                 )
                 for n in nodes[run.id]
             ),

@@ -241,6 +241,7 @@ class ControlPlane:
             engine=self.policy,
             signer=self.signer,
             visibility_timeout=self.settings.visibility_timeout,
+            queue_wait_s=self.settings.queue_wait_s,
             manifests=self.manifest,
             entitlements=self.entitlements,
         )

@@ -1,15 +1,22 @@
-"""The control process: results ingest, manifest registration, the outbox relay,
-and the expiry of approval requests that nobody answered.
+"""The control process: results ingest, manifest registration, and a loop that relays
+the outbox, sweeps overdue and retryable attempts, and expires unanswered approvals.
 
-Runs as a Celery worker consuming only the ``results`` queue. A database error
-while ingesting retries the message (published again before the old one is
-acknowledged), so a result is never acknowledged before it is committed.
+Runs as a Celery worker consuming only the ``results`` queue, with acks late:
+a result is acknowledged only after its transaction committed. While the
+database is unreachable, the ingest task waits for it with the message held
+(unacknowledged); after a while it hands the message back to the queue
+(published again before the old copy is acknowledged), so nothing is lost
+and the ingest catches up when the database returns. A control process killed
+at any instant leaves its unacknowledged results to come back after the
+broker's visibility timeout, and its committed but unpublished jobs to the
+next relay.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import Celery, Task, signals
@@ -19,6 +26,7 @@ import celeryconfig
 from control.approvals import expire_approvals
 from control.dispatch import publish_pending
 from control.ingest import ingest_result, register_manifest
+from control.orchestrator import sweep
 from control.runtime import ControlPlane
 from ledger.receipts import ReceiptProblem
 
@@ -26,6 +34,7 @@ log = logging.getLogger("toolplane.control")
 
 RELAY_INTERVAL_S = 1.0
 RELAY_GRACE_S = 5.0
+DB_WAIT_S = 20.0  # how long one ingest waits for the database before handing the message back
 
 __all__ = ["build_control_app", "run_control"]
 
@@ -49,15 +58,30 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
 
     @app.task(name=celeryconfig.INGEST_TASK, bind=True, acks_late=True, max_retries=None)
     def ingest(self: Task, *args: Any, **kwargs: Any) -> str:
-        try:
-            with plane.sessions() as session:
-                return ingest_result(
-                    session, _only_arg(args, kwargs), plane.keyring(), settle
-                ).value
-        except (OperationalError, InterfaceError) as e:
-            delay = min(2 ** min(self.request.retries, 5), 30)
-            log.warning("ingest.retry in=%ss error=%s", delay, str(e).splitlines()[0])
-            raise self.retry(countdown=delay) from e
+        raw = _only_arg(args, kwargs)
+        deadline = time.monotonic() + DB_WAIT_S
+        delay = 0.25
+        while True:
+            try:
+                with plane.sessions() as session:
+                    ingested = ingest_result(
+                        session, raw, plane.keyring(), plane.governance(), settle
+                    )
+                break
+            except (OperationalError, InterfaceError) as e:
+                problem = str(e).splitlines()[0]
+                if time.monotonic() >= deadline:
+                    log.warning("ingest.requeue error=%s", problem)
+                    raise self.retry(countdown=2) from e
+                log.warning("ingest.waiting_for_database in=%.2fs error=%s", delay, problem)
+                time.sleep(delay)
+                delay = min(delay * 2, 4.0)
+        if ingested.outbox_ids:
+            try:
+                publish_pending(plane.sessions, plane.publisher, ids=ingested.outbox_ids)
+            except Exception:  # committed: the relay publishes what this could not
+                log.warning("ingest.publish_failed (the relay retries)", exc_info=True)
+        return ingested.outcome.value
 
     @app.task(name=celeryconfig.MANIFEST_TASK, bind=True, acks_late=True, max_retries=None)
     def manifest(self: Task, *args: Any, **kwargs: Any) -> str | None:
@@ -87,6 +111,19 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
                     log.warning("approvals.expired count=%s", expired)
             except Exception:
                 log.exception("approvals.expiry_failed")
+            try:
+                swept = sweep(plane.sessions, plane.governance())
+                if swept.outbox_ids:
+                    publish_pending(plane.sessions, plane.publisher, ids=swept.outbox_ids)
+                if swept.timed_out or swept.retried or swept.dispatched:
+                    log.warning(
+                        "sweep timed_out=%s retried=%s dispatched=%s",
+                        swept.timed_out,
+                        swept.retried,
+                        swept.dispatched,
+                    )
+            except Exception:
+                log.exception("sweep.failed")
 
     @signals.worker_ready.connect(weak=False)
     def start_relay(sender: Any = None, **_: Any) -> None:

@@ -28,6 +28,7 @@ EVIDENCE_KINDS = frozenset(
         "ToolReceiptInvalid",
         "JobRefused",
         "NodeTimedOut",
+        "ResultIgnored",
         "RunCompleted",
         "RunFailed",
         "RunCancelled",

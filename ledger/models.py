@@ -22,6 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 __all__ = [
     "ApiToken",
     "Approval",
+    "Attempt",
     "Base",
     "ChainHead",
     "EvidenceEvent",
@@ -88,20 +89,35 @@ class Run(Base):
     classification: Mapped[str] = mapped_column(String(40))
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     on_behalf_of: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    spec: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)  # the workflow
+    spec_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    inputs: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
+    request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(TZ)
     updated_at: Mapped[datetime] = mapped_column(TZ)
 
 
 class Node(Base):
+    """One tool call of a run; its arguments are rendered when its dependencies completed."""
+
     __tablename__ = "nodes"
-    __table_args__ = (Index("ix_nodes_envelope_sha256", "envelope_sha256"),)
+    __table_args__ = (
+        Index("ix_nodes_envelope_sha256", "envelope_sha256"),
+        Index("ix_nodes_status_due", "status", "due_at"),
+        Index("ix_nodes_status_retry", "status", "retry_at"),
+    )
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
     node_id: Mapped[str] = mapped_column(String(100), primary_key=True)
     tool: Mapped[str] = mapped_column(String(63))
-    args: Mapped[dict[str, Any]] = mapped_column(Json)
-    args_sha256: Mapped[str] = mapped_column(String(64))
+    needs: Mapped[list[str]] = mapped_column(Json, default=list)
+    args_template: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
+    args: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
+    args_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[str] = mapped_column(String(30))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=1)
+    due_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)  # the attempt's deadline
+    retry_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)  # a retry's backoff
     envelope: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
     envelope_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
@@ -110,6 +126,23 @@ class Node(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
     created_at: Mapped[datetime] = mapped_column(TZ)
     updated_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class Attempt(Base):
+    """One dispatch of a node: what a result must be bound to, and whether it settled."""
+
+    __tablename__ = "attempts"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(200))
+    envelope_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    dispatched_at: Mapped[datetime] = mapped_column(TZ)
+    expires_at: Mapped[datetime] = mapped_column(TZ)
+    due_at: Mapped[datetime] = mapped_column(TZ)
+    # queued, completed, failed, rejected, refused, lost (overdue), cancelled
+    status: Mapped[str] = mapped_column(String(20))
+    settled_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
 
 
 class OutboxMessage(Base):

@@ -23,7 +23,7 @@ from ledger.models import ChainHead, EvidenceEvent
 from ledger.receipts import ReceiptProblem, check_result_message
 from toolplane.signing import KeyRing
 
-RECEIPT_KINDS = frozenset({"ToolCallCompleted", "ToolCallFailed", "JobRefused"})
+RECEIPT_KINDS = frozenset({"ToolCallCompleted", "ToolCallFailed", "JobRefused", "ResultIgnored"})
 
 __all__ = ["Broken", "VerifyReport", "verify_ledger"]
 

@@ -91,7 +91,10 @@ def run_worker(
 ) -> None:
     deps = build_deps(settings, tool, broker_url=broker_url)
     app = build_worker_app(
-        deps, broker_url=broker_url, visibility_timeout=settings.visibility_timeout
+        deps,
+        broker_url=broker_url,
+        visibility_timeout=settings.visibility_timeout,
+        queue_wait_s=settings.queue_wait_s,
     )
     argv = [
         "worker",

@@ -79,7 +79,8 @@ class ToolSpec:
     func: Callable[[Any, ToolContext], BaseModel]
     limits: Limits = field(default_factory=Limits)
     egress: tuple[str, ...] = ()
-    read_only: bool = True
+    read_only: bool = False  # True: running it twice is harmless, so a lost attempt is retried
+    max_attempts: int = 3  # attempts of a read-only tool's call when one is lost
     data_root: Literal["repo", "docs"] | None = None
     prepare: Callable[[ToolContext], Any] | None = None
 
@@ -88,6 +89,8 @@ class ToolSpec:
             raise RegistryError(
                 f"tool name {self.name!r} must match {TOOL_NAME.pattern}", tool=self.name
             )
+        if not 1 <= self.max_attempts <= 10:
+            raise RegistryError("max_attempts must be 1 to 10", tool=self.name)
         config = self.args_model.model_config
         if config.get("extra") != "forbid" or not config.get("strict"):
             raise RegistryError("args model must be strict with extra='forbid'", tool=self.name)
@@ -103,6 +106,7 @@ class ToolSpec:
             "limits": self.limits.as_dict(),
             "egress": list(self.egress),
             "read_only": self.read_only,
+            "max_attempts": self.max_attempts if self.read_only else 1,
         }
 
 

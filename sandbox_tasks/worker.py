@@ -135,13 +135,16 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
     return result
 
 
-def build_worker_app(deps: WorkerDeps, *, broker_url: str, visibility_timeout: int) -> Celery:
+def build_worker_app(
+    deps: WorkerDeps, *, broker_url: str, visibility_timeout: int, queue_wait_s: int = 60
+) -> Celery:
     """The Celery app of one tool's worker pool."""
     app = Celery(f"toolplane-worker-{deps.spec.name}", set_as_current=False)
     app.conf.update(celeryconfig.build_config(broker_url, visibility_timeout=visibility_timeout))
     queue = celeryconfig.tool_queue(deps.spec.name)
     app.conf.task_default_queue = queue
-    keep_ms = (visibility_timeout + int(deps.spec.limits.timeout_s) + 120) * 1000
+    # A done claim outlives every copy of the job: its envelope expires by then.
+    keep_ms = (queue_wait_s + visibility_timeout + int(deps.spec.limits.timeout_s) + 60) * 1000
 
     @app.task(name=queue, bind=True, acks_late=True, max_retries=None)
     def run_tool(self: Task, *args: Any, **kwargs: Any) -> None:

@@ -39,6 +39,7 @@ TOOLS = [
         result_model=SleepyResult,
         func=sleepy,
         limits=Limits(timeout_s=8, cpu_s=5),
+        read_only=True,
     )
 ]
 

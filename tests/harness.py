@@ -166,6 +166,7 @@ class Stack:
             docs_root=Path(self.env["TOOLPLANE_DOCS_ROOT"]),
             extra_tools=self.env["TOOLPLANE_EXTRA_TOOLS"],
             visibility_timeout=int(self.env["TOOLPLANE_VISIBILITY_TIMEOUT"]),
+            queue_wait_s=int(self.env.get("TOOLPLANE_QUEUE_WAIT_S", "60")),
             token=token,
         )
 
@@ -250,8 +251,14 @@ def start_http_server() -> ThreadingHTTPServer:
 
 
 def make_env(
-    services: Services, home: Path, *, visibility_timeout: int = 30, egress: str = ""
+    services: Services,
+    home: Path,
+    *,
+    visibility_timeout: int = 30,
+    egress: str = "",
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, str]:
+    """The stack's environment; ``extra_env`` (e.g. shorter timeouts for fault tests) wins."""
     policy = home / "policy"
     shutil.copytree(REPO / "policy" / "bundles" / "default", policy, dirs_exist_ok=True)
     for name in ("tests.cedar", "constraints.json"):
@@ -279,11 +286,17 @@ def make_env(
             "PYTHONPATH": str(REPO),
         }
     )
+    env.update(extra_env or {})
     return env
 
 
 def start_stack(
-    services: Services, home: Path, *, workers: dict[str, int] | None = None, egress: str = ""
+    services: Services,
+    home: Path,
+    *,
+    workers: dict[str, int] | None = None,
+    egress: str = "",
+    extra_env: dict[str, str] | None = None,
 ) -> Stack:
     """Keys, migrations, then the control process and workers, as `toolplane up` does."""
     from control import processes
@@ -291,7 +304,7 @@ def start_stack(
     from ledger.migrate import upgrade
     from sandbox_tasks.registry import load_tools
 
-    env = make_env(services, home, egress=egress)
+    env = make_env(services, home, egress=egress, extra_env=extra_env)
     stack = Stack(services=services, home=home, env=env)
     settings = stack.settings()
     plane = ControlPlane(

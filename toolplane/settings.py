@@ -35,12 +35,18 @@ class Settings(BaseSettings):
     flower_port: int = Field(default=5555, ge=1, le=65535)
     receipt_algorithm: str = Field(default="ed25519", description="ed25519 or hmac-sha256")
     environment: str = Field(default="dev", description="default environment of a call")
-    visibility_timeout: int = Field(default=120, ge=5, description="broker visibility timeout, s")
+    workflows_dir: Path | None = Field(default=None, description="workflow YAML directory")
+    visibility_timeout: int = Field(
+        default=30, ge=5, le=3600, description="s before a job held by a dead worker comes back"
+    )
+    queue_wait_s: int = Field(
+        default=60, ge=5, le=3600, description="s a job may wait in its queue before it expires"
+    )
     allow_weak_containment: bool = Field(
         default=False, description="run tools without namespaces where bwrap cannot"
     )
 
-    @field_validator("home", "repo_root", "docs_root", "policy_dir")
+    @field_validator("home", "repo_root", "docs_root", "policy_dir", "workflows_dir")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
@@ -65,3 +71,7 @@ class Settings(BaseSettings):
         if self.policy_dir is not None:
             return self.policy_dir
         return PACKAGE_ROOT / "policy" / "bundles" / "default"
+
+    @property
+    def workflow_dir(self) -> Path:
+        return self.workflows_dir if self.workflows_dir is not None else PACKAGE_ROOT / "workflows"

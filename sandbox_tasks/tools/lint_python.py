@@ -200,5 +200,6 @@ TOOL = ToolSpec(
     result_model=LintPythonResult,
     func=lint_python,
     limits=Limits(timeout_s=20, memory_mb=1024),
+    read_only=True,
     data_root=None,
 )

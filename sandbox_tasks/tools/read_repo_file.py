@@ -104,5 +104,6 @@ TOOL = ToolSpec(
     result_model=ReadRepoFileResult,
     func=read_repo_file,
     limits=Limits(timeout_s=5, output_bytes=4_000_000),
+    read_only=True,
     data_root="repo",
 )

@@ -201,6 +201,7 @@ TOOL = ToolSpec(
     result_model=SearchDocsResult,
     func=search_docs,
     limits=Limits(timeout_s=10, memory_mb=512),
+    read_only=True,
     data_root="docs",
     prepare=prepare,
 )

@@ -232,8 +232,9 @@ def test_forged_receipt_for_a_queued_call_rejects_it(
     wait_for(
         lambda: stack.starts("sleepy", f"{view.run_id}/sleepy/1") == 1, what="the real job ran"
     )
-    stack_log = lambda: "result.duplicate" in stack.log("control")  # noqa: E731
-    wait_for(stack_log, timeout=30, what="the genuine late result to be ignored")
+    ignored = lambda: evidence(client, view.run_id, "ResultIgnored")  # noqa: E731
+    wait_for(ignored, timeout=30, what="the genuine late result to be recorded and ignored")
+    assert "the node is rejected" in ignored()[0]["reason"]
     assert client.run(view.run_id).nodes[0].status == "rejected"
     assert len(evidence(client, view.run_id, "ToolCallCompleted")) == 0
     assert client.verify_ledger().ok

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from control.cli import parse_args
 from control.errors import EXIT_USAGE, UsageError
-from control.intake import validate_args
+from control.validation import validate_args
 from sandbox_tasks.tools.read_repo_file import TOOL as READ_REPO_FILE
 
 MANIFEST = READ_REPO_FILE.manifest()

@@ -1,0 +1,397 @@
+"""The orchestrator: drives each run's DAG through the node and run state machines.
+
+Everything here runs inside one transaction that holds the run's row lock
+(:func:`lock_run`, taken before any node's), so two results of the same run,
+an approval and the sweeper never decide from stale views of each other.
+
+- :func:`advance` renders, decides and dispatches every node whose
+  dependencies completed, then :func:`settle_run` derives the run's status:
+  a failing node (denied, failed, rejected, timed out) ends the run at once and
+  cancels every node not yet ended; a run whose nodes all completed completes.
+- :func:`sweep` (in the control process) ends or retries attempts whose result
+  is overdue, and dispatches retries whose backoff has passed.
+- :func:`cancel_run` stops further dispatch for a principal's run.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from control.auth import SUBMITTERS, Identity, require_role
+from control.errors import NotFound, UsageError, require_text
+from control.intake import (
+    Dispatched,
+    Governance,
+    Submitter,
+    decide_node,
+    dispatching,
+    submitter_of,
+)
+from control.states import (
+    FAILING_NODE,
+    TERMINAL_NODE,
+    TERMINAL_RUN,
+    NodeStatus,
+    RunStatus,
+    move_node,
+    move_run,
+)
+from control.validation import validate_args
+from control.workflows import TemplateError, render
+from ledger.chain import NewEvent
+from ledger.models import Approval, Attempt, Node, Run
+from ledger.store import append_events
+from toolplane.canonical import digest
+
+log = logging.getLogger("toolplane.orchestrator")
+
+RETRY_BASE_S = 1.0
+RETRY_CAP_S = 30.0
+
+__all__ = [
+    "RunState",
+    "advance",
+    "cancel_run",
+    "lock_run",
+    "retry_delay_s",
+    "schedule_retry",
+    "settle_run",
+    "sweep",
+]
+
+
+@dataclass
+class RunState:
+    """A run and all its nodes, locked for the caller's transaction."""
+
+    run: Run
+    nodes: dict[str, Node]
+    submitter: Submitter
+
+    def event(self, kind: str, payload: dict[str, Any]) -> NewEvent:
+        return NewEvent(kind, payload, tenant_id=self.run.tenant_id, run_id=self.run.id)
+
+
+def lock_run(
+    session: Session,
+    run_id: str,
+    *,
+    tenant_id: str | None = None,
+    skip_locked: bool = False,
+    submitter: Submitter | None = None,
+) -> RunState | None:
+    """Lock the run, then its nodes (always in this order: no deadlock between results)."""
+    query = select(Run).where(Run.id == run_id)
+    if tenant_id is not None:
+        query = query.where(Run.tenant_id == tenant_id)
+    run = session.scalar(query.with_for_update(skip_locked=skip_locked))
+    if run is None:
+        return None
+    nodes = session.scalars(
+        select(Node).where(Node.run_id == run_id).order_by(Node.created_at, Node.node_id)
+    ).all()
+    return RunState(
+        run=run,
+        nodes={n.node_id: n for n in nodes},
+        submitter=submitter or submitter_of(session, run),
+    )
+
+
+def _ready(state: RunState, node: Node, now: datetime) -> bool:
+    if node.status != NodeStatus.PENDING:
+        return False
+    if node.retry_at is not None:
+        return node.retry_at <= now
+    return all(state.nodes[need].status == NodeStatus.COMPLETED for need in node.needs)
+
+
+def _render(session: Session, gov: Governance, state: RunState, node: Node) -> str | None:
+    """Build the node's arguments from the run's inputs and the results it needs; the
+    problem if they cannot be built or do not fit the tool's schema."""
+    if node.args is not None:
+        return None
+    results = {need: state.nodes[need].result for need in node.needs if need in state.nodes}
+    try:
+        args = render(
+            node.args_template or {},
+            state.run.inputs or {},
+            results,
+            where=f"node {node.node_id}: args",
+        )
+        manifest = gov.manifests(session, node.tool)
+        if manifest is None:
+            return f"tool {node.tool!r} is not registered"
+        validate_args(manifest, args)
+    except (TemplateError, UsageError) as e:
+        return str(e)
+    node.args = args
+    node.args_sha256 = digest(args)
+    return None
+
+
+def advance(
+    session: Session,
+    gov: Governance,
+    state: RunState,
+    events: list[NewEvent],
+    done: Dispatched,
+    *,
+    now: datetime | None = None,
+) -> None:
+    """Decide and dispatch every ready node (in the caller's transaction), then settle."""
+    now = now or datetime.now(UTC)
+    if state.run.status in TERMINAL_RUN:
+        return
+    for node in state.nodes.values():
+        if not _ready(state, node, now):
+            continue
+        problem = _render(session, gov, state, node)
+        if problem is not None:
+            move_node(node, NodeStatus.FAILED, now)
+            node.error = {"code": "invalid_argument", "message": problem}
+            break
+        decide_node(
+            session,
+            gov,
+            run=state.run,
+            node=node,
+            submitter=state.submitter,
+            events=events,
+            done=done,
+        )
+        if node.status in FAILING_NODE:
+            break  # the run fails: nothing more is dispatched
+    settle_run(session, state, events, now)
+
+
+def _cancel_open(session: Session, state: RunState, message: str, now: datetime) -> list[str]:
+    """Cancel every node that has not ended (and its pending approval, its open attempt)."""
+    cancelled = []
+    for node in state.nodes.values():
+        if node.status in TERMINAL_NODE:
+            continue
+        if node.status == NodeStatus.AWAITING_APPROVAL:
+            for approval in session.scalars(
+                select(Approval).where(
+                    Approval.run_id == state.run.id,
+                    Approval.node_id == node.node_id,
+                    Approval.status == "pending",
+                )
+            ):
+                approval.status = "cancelled"
+                approval.decided_at = now
+                approval.reason = message
+        if node.status == NodeStatus.QUEUED:
+            attempt = session.get(Attempt, (state.run.id, node.node_id, node.attempt))
+            if attempt is not None and attempt.status == "queued":
+                attempt.status = "cancelled"
+        move_node(node, NodeStatus.CANCELLED, now)
+        node.error = {"code": "cancelled", "message": message}
+        node.retry_at = None
+        cancelled.append(node.node_id)
+    return cancelled
+
+
+def settle_run(session: Session, state: RunState, events: list[NewEvent], now: datetime) -> None:
+    """Derive the run's status from its nodes; end it (with evidence) when it has ended."""
+    run = state.run
+    if run.status in TERMINAL_RUN:
+        return
+    nodes = list(state.nodes.values())
+    failing = [n for n in nodes if n.status in FAILING_NODE]
+    if failing:
+        first = failing[0]
+        cancelled = _cancel_open(
+            session, state, f"the run ended: node {first.node_id} {first.status}", now
+        )
+        denied = any(n.status == NodeStatus.DENIED for n in failing)
+        move_run(run, RunStatus.DENIED if denied else RunStatus.FAILED, now)
+        events.append(
+            state.event(
+                "RunFailed",
+                {
+                    "run_id": run.id,
+                    "status": run.status,
+                    "node_id": first.node_id,
+                    "node_status": first.status,
+                    "error": first.error,
+                    "cancelled": cancelled,
+                },
+            )
+        )
+    elif all(n.status == NodeStatus.COMPLETED for n in nodes):
+        move_run(run, RunStatus.COMPLETED, now)
+        events.append(state.event("RunCompleted", {"run_id": run.id, "status": run.status}))
+    elif any(n.status == NodeStatus.AWAITING_APPROVAL for n in nodes):
+        move_run(run, RunStatus.AWAITING_APPROVAL, now)
+    else:
+        move_run(run, RunStatus.RUNNING, now)
+
+
+def retry_delay_s(attempt: int) -> float:
+    """Exponential backoff with jitter after the ``attempt``-th attempt was lost."""
+    base = min(RETRY_BASE_S * 2 ** max(attempt - 1, 0), RETRY_CAP_S)
+    return base * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not a secret
+
+
+def schedule_retry(node: Node, now: datetime) -> datetime:
+    """The node waits (pending) for its next attempt; returns when it is due."""
+    at = now + timedelta(seconds=retry_delay_s(node.attempt))
+    move_node(node, NodeStatus.PENDING, now)
+    node.retry_at = at
+    node.due_at = None
+    return at
+
+
+def cancel_run(
+    session: Session, identity: Identity, run_id: str, *, reason: str | None
+) -> tuple[RunState, list[str]]:
+    """Stop further dispatch of a run of the caller's tenant (RunCancelled). Commits.
+
+    Returns the run and the job ids of attempts that were in flight (to revoke).
+    """
+    require_role(identity, SUBMITTERS, "cancel runs")
+    if reason is not None:
+        require_text(reason, field="--reason")
+    state = lock_run(session, run_id, tenant_id=identity.tenant_id)
+    if state is None:
+        raise NotFound("run", run_id)
+    if state.run.status in TERMINAL_RUN:
+        raise UsageError(f"run {run_id} already ended ({state.run.status})", field="RUN")
+    now = datetime.now(UTC)
+    in_flight = [
+        a.job_id
+        for n in state.nodes.values()
+        if n.status == NodeStatus.QUEUED
+        and (a := session.get(Attempt, (run_id, n.node_id, n.attempt))) is not None
+    ]
+    message = f"cancelled by {identity.principal}" + (f": {reason}" if reason else "")
+    cancelled = _cancel_open(session, state, message, now)
+    move_run(state.run, RunStatus.CANCELLED, now)
+    append_events(
+        session,
+        [
+            state.event(
+                "RunCancelled",
+                {
+                    "run_id": run_id,
+                    "by": identity.principal,
+                    "token_id": identity.token_id,
+                    "reason": reason,
+                    "cancelled": cancelled,
+                    "in_flight": in_flight,
+                },
+            )
+        ],
+    )
+    session.commit()
+    return state, in_flight
+
+
+@dataclass(frozen=True)
+class Swept:
+    timed_out: int = 0
+    retried: int = 0
+    dispatched: int = 0
+    outbox_ids: tuple[int, ...] = ()
+
+
+def sweep(sessions: sessionmaker[Session], gov: Governance, *, limit: int = 100) -> Swept:
+    """End or retry attempts whose result is overdue; dispatch retries that are due.
+
+    Each run is handled in its own transaction under its row lock (runs another
+    process holds are skipped until the next sweep).
+    """
+    now = datetime.now(UTC)
+    with sessions() as session:
+        overdue = session.execute(
+            select(Node.run_id, Node.node_id)
+            .where(Node.status == NodeStatus.QUEUED, Node.due_at < now)
+            .order_by(Node.due_at)
+            .limit(limit)
+        ).all()
+        due = session.execute(
+            select(Node.run_id)
+            .where(Node.status == NodeStatus.PENDING, Node.retry_at <= now)
+            .order_by(Node.retry_at)
+            .limit(limit)
+        ).all()
+    timed_out = retried = dispatched = 0
+    outbox: list[int] = []
+    for run_id, node_id in overdue:
+        with sessions() as session:
+            state = lock_run(session, run_id, skip_locked=True)
+            if state is None:
+                continue
+            node = state.nodes[node_id]
+            if node.status != NodeStatus.QUEUED or node.due_at is None or node.due_at >= now:
+                continue  # settled meanwhile
+            events: list[NewEvent] = []
+            if _overdue(session, state, node, events, now):
+                retried += 1
+            else:
+                timed_out += 1
+            with dispatching(session, gov) as done:
+                append_events(session, events)
+    for (run_id,) in {r: None for r in due}:
+        with sessions() as session:
+            state = lock_run(session, run_id, skip_locked=True)
+            if state is None:
+                continue
+            events = []
+            with dispatching(session, gov) as done:
+                advance(session, gov, state, events, done, now=now)
+                append_events(session, events)
+            dispatched += len(done.outbox_ids)
+            outbox += done.outbox_ids
+    return Swept(timed_out, retried, dispatched, tuple(outbox))
+
+
+def _overdue(
+    session: Session, state: RunState, node: Node, events: list[NewEvent], now: datetime
+) -> bool:
+    """The node's attempt is lost: retry it if its tool is safe to retry and attempts remain
+    (True), else the node times out and the run settles (False)."""
+    attempt = session.get(Attempt, (state.run.id, node.node_id, node.attempt))
+    if attempt is not None and attempt.status == "queued":
+        attempt.status = "lost"
+    retry = node.attempt < node.max_attempts
+    retry_at = schedule_retry(node, now) if retry else None
+    events.append(
+        state.event(
+            "NodeTimedOut",
+            {
+                "node_id": node.node_id,
+                "attempt": node.attempt,
+                "max_attempts": node.max_attempts,
+                "due_at": attempt.due_at.isoformat() if attempt else None,
+                "retry_at": retry_at.isoformat() if retry_at else None,
+            },
+        )
+    )
+    if retry:
+        log.warning(
+            "attempt.lost run=%s node=%s attempt=%s retry_at=%s",
+            state.run.id,
+            node.node_id,
+            node.attempt,
+            retry_at,
+        )
+        return True
+    move_node(node, NodeStatus.TIMED_OUT, now)
+    node.error = {
+        "code": "timeout",
+        "message": f"no result by {node.due_at:%Y-%m-%dT%H:%M:%SZ} "
+        f"(attempt {node.attempt} of {node.max_attempts})",
+    }
+    node.due_at = None
+    log.warning("node.timed_out run=%s node=%s", state.run.id, node.node_id)
+    settle_run(session, state, events, now)
+    return False

@@ -1,0 +1,231 @@
+"""Submission: a run of a workflow (or of one call) recorded, and its first nodes decided.
+
+In one transaction: the run with its workflow and inputs, every node
+(``pending``), RunSubmitted, and then the orchestrator's first step (each node
+without dependencies decided under policy, with its own evidence, and staged
+in the outbox if allowed). The same idempotency key returns the same run; used
+again for a different request, it is refused.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from control.auth import Identity
+from control.errors import UsageError, require_text
+from control.intake import Governance, Submitter, dispatching
+from control.orchestrator import RunState, advance
+from control.states import NodeStatus, RunStatus
+from control.validation import check_label, validate_args
+from control.workflows import WorkflowSpec, coerce_inputs, render, single_call
+from ledger.chain import NewEvent
+from ledger.models import Node, Run, ToolManifest
+from ledger.store import append_events
+from toolplane.canonical import digest
+
+__all__ = ["CallRequest", "RunRequest", "Submitted", "submit_call", "submit_run"]
+
+_TICK = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    spec: WorkflowSpec
+    inputs: dict[str, Any] = field(default_factory=dict)
+    environment: str = "dev"
+    classification: str = "internal"
+    idempotency_key: str | None = None
+    on_behalf_of: str | None = None  # the agent or end user the principal acts for
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    """One tool call: a run of a one-node workflow named ``call``."""
+
+    tool: str
+    args: dict[str, Any]
+    environment: str = "dev"
+    classification: str = "internal"
+    idempotency_key: str | None = None
+    on_behalf_of: str | None = None
+
+    def as_run(self) -> RunRequest:
+        return RunRequest(
+            spec=single_call(self.tool, self.args),
+            environment=self.environment,
+            classification=self.classification,
+            idempotency_key=self.idempotency_key,
+            on_behalf_of=self.on_behalf_of,
+        )
+
+
+@dataclass(frozen=True)
+class Submitted:
+    run_id: str
+    outbox_ids: tuple[int, ...]
+    created: bool  # False when the idempotency key returned an existing run
+
+
+def submit_call(
+    session: Session, *, identity: Identity, request: CallRequest, gov: Governance
+) -> Submitted:
+    """Record, decide and (if allowed) stage one tool call. Commits."""
+    return submit_run(session, identity=identity, request=request.as_run(), gov=gov, call=True)
+
+
+def _check_request(session: Session, request: RunRequest, gov: Governance, *, call: bool) -> None:
+    check_label(request.environment, "--env")
+    check_label(request.classification, "--classification")
+    if request.on_behalf_of is not None:
+        require_text(request.on_behalf_of, field="--on-behalf-of", max_chars=200)
+    if request.idempotency_key is not None:
+        require_text(request.idempotency_key, field="--idempotency-key", max_chars=200)
+    for node in request.spec.nodes:
+        manifest = gov.manifests(session, node.tool)
+        if manifest is None:
+            known = ", ".join(
+                session.scalars(select(ToolManifest.tool).order_by(ToolManifest.tool))
+            )
+            where = "TOOL" if call else f"node {node.id}: tool"
+            raise UsageError(f"unknown tool {node.tool!r} (known: {known or 'none'})", field=where)
+
+
+def _existing(session: Session, tenant_id: str, key: str, request_sha256: str) -> str | None:
+    found = session.execute(
+        select(Run.id, Run.request_sha256).where(
+            Run.tenant_id == tenant_id, Run.idempotency_key == key
+        )
+    ).first()
+    if found is None:
+        return None
+    if found[1] is not None and found[1] != request_sha256:
+        raise UsageError(
+            f"already used for a different request (run {found[0]}); use a new key",
+            field="--idempotency-key",
+        )
+    return str(found[0])
+
+
+def submit_run(
+    session: Session,
+    *,
+    identity: Identity,
+    request: RunRequest,
+    gov: Governance,
+    call: bool = False,
+) -> Submitted:
+    """Record a run of ``request.spec``, decide its first nodes, stage what is allowed. Commits."""
+    spec = request.spec
+    inputs = coerce_inputs(spec, request.inputs)
+    request_sha256 = digest(
+        {
+            "workflow": spec.sha256,
+            "inputs": inputs,
+            "environment": request.environment,
+            "classification": request.classification,
+            "on_behalf_of": request.on_behalf_of,
+        }
+    )
+    key = request.idempotency_key
+    if key is not None and (run_id := _existing(session, identity.tenant_id, key, request_sha256)):
+        return Submitted(run_id, (), created=False)
+    _check_request(session, request, gov, call=call)
+
+    now = datetime.now(UTC)
+    run_id = f"run_{uuid.uuid4().hex[:24]}"
+    run = Run(
+        id=run_id,
+        tenant_id=identity.tenant_id,
+        principal_id=identity.principal_id,
+        workflow=spec.name,
+        status=RunStatus.RUNNING,
+        environment=request.environment,
+        classification=request.classification,
+        idempotency_key=key,
+        on_behalf_of=request.on_behalf_of,
+        spec=spec.model_dump(mode="json"),
+        spec_sha256=spec.sha256,
+        inputs=inputs,
+        request_sha256=request_sha256,
+        created_at=now,
+        updated_at=now,
+    )
+    nodes: dict[str, Node] = {}
+    for order, node_spec in enumerate(spec.nodes):
+        node = Node(
+            run_id=run_id,
+            node_id=node_spec.id,
+            tool=node_spec.tool,
+            needs=list(node_spec.needs),
+            args_template=node_spec.args,
+            status=NodeStatus.PENDING,
+            attempt=0,
+            max_attempts=1,
+            created_at=now + order * _TICK,  # keeps the workflow's order in views
+            updated_at=now,
+        )
+        if not node_spec.needs:  # its arguments are known now: refuse bad ones before anything
+            where = "--arg" if call else f"node {node_spec.id}: args"
+            node.args = render(node_spec.args, inputs, {}, where=where)
+            manifest = gov.manifests(session, node.tool)
+            assert manifest is not None  # checked above
+            try:
+                validate_args(manifest, node.args)
+            except UsageError as e:
+                if call:
+                    raise
+                raise UsageError(f"node {node_spec.id}: {e}") from e
+            node.args_sha256 = digest(node.args)
+        nodes[node.node_id] = node
+    session.add(run)
+    try:
+        session.flush()
+    except IntegrityError:  # the same key, submitted at the same moment by someone else
+        session.rollback()
+        if key is not None and (
+            found := _existing(session, identity.tenant_id, key, request_sha256)
+        ):
+            return Submitted(found, (), created=False)
+        raise
+    session.add_all(nodes.values())
+    events = [
+        NewEvent(
+            "RunSubmitted",
+            {
+                "run_id": run_id,
+                "workflow": spec.name,
+                "workflow_sha256": spec.sha256,
+                "workflow_spec": None if call else spec.model_dump(mode="json"),
+                "inputs": inputs,
+                "principal": identity.principal,
+                "role": identity.role.value,
+                "on_behalf_of": request.on_behalf_of,
+                "environment": request.environment,
+                "classification": request.classification,
+                "idempotency_key": key,
+                "nodes": [
+                    {
+                        "node_id": n.node_id,
+                        "tool": n.tool,
+                        "needs": n.needs,
+                        "args_sha256": n.args_sha256,
+                    }
+                    for n in nodes.values()
+                ],
+            },
+            tenant_id=identity.tenant_id,
+            run_id=run_id,
+        )
+    ]
+    state = RunState(run=run, nodes=nodes, submitter=Submitter.of(identity))
+    with dispatching(session, gov) as done:
+        advance(session, gov, state, events, done, now=now)
+        append_events(session, events)
+    return Submitted(run_id, tuple(done.outbox_ids), created=True)
