@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -132,6 +133,7 @@ class Stack:
     env: dict[str, str]
     processes: list[dict[str, Any]] = field(default_factory=list)
     clients: list[Any] = field(default_factory=list)
+    workers: dict[str, int] = field(default_factory=dict)
     _sessions: Any = None
 
     def cli(
@@ -202,12 +204,42 @@ class Stack:
     def worker_pid(self, tool: str) -> int:
         return self.pid(f"worker-{tool}")
 
+    def kill(self, name: str) -> None:
+        """kill -9 one of the stack's processes and all it started (it leads its own session)."""
+        pid = self.pid(name)
+        group = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+        os.killpg(pid, signal.SIGKILL)
+        psutil.wait_procs([p for p in map(_process, group) if p is not None], timeout=10)
+
+    def start_missing(self) -> None:
+        """Start again whatever of the stack is not running (as `toolplane up` would)."""
+        from control import processes
+        from control.runtime import ControlPlane
+
+        plane = ControlPlane(
+            self.settings(),
+            broker_url=self.env["TOOLPLANE_BROKER_URL"],
+            database_url=self.env["TOOLPLANE_DATABASE_URL"],
+        )
+        specs = processes.plan_processes(
+            plane, workers=self.workers, flower=False, base_env=self.env
+        )
+        self.processes = processes.start_processes(self.home, specs)
+        plane.engine.dispose()
+
     def log(self, name: str) -> str:
         return (self.home / "logs" / f"{name}.log").read_text(errors="replace")
 
     def starts(self, tool: str, job_id: str) -> int:
         """How often a worker of ``tool`` started running ``job_id`` (from its own log)."""
         return self.log(f"worker-{tool}").count(f"job.start job={job_id} ")
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def add_hostile_files(repo: Path) -> None:
@@ -315,6 +347,7 @@ def start_stack(
     plane.keystore.ensure_all(tools, receipt_algorithm=settings.receipt_algorithm)
     plane.sync_keys()
     counts = workers or {t: 1 for t in tools}
+    stack.workers = counts
     specs = processes.plan_processes(plane, workers=counts, flower=False, base_env=env)
     stack.processes = processes.start_processes(home, specs)
     try:
