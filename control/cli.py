@@ -131,11 +131,14 @@ def up(
         )
     if detach:
         return
-    console.print("running; Ctrl-C stops everything")
+    console.print("running; Ctrl-C stops everything (a process that exits is started again)")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    supervisor = processes.Supervisor(settings.home, specs)
     try:
-        stop.wait()
+        while not stop.wait(1.0):
+            for name in supervisor.check():
+                err.print(f"{name} had exited: started again (see {settings.home}/logs/{name}.log)")
     except KeyboardInterrupt:
         pass
     processes.stop_processes(settings.home)
@@ -164,7 +167,8 @@ def control(
     concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
     loglevel: str = "INFO",
 ) -> None:
-    """Run the control process: results ingest, manifest registration, outbox relay."""
+    """Run the control process: results ingest (and the DAG's next nodes), manifest
+    registration, outbox relay, the sweeper of overdue attempts and approvals."""
     from control.service import run_control
 
     setup_logging(loglevel)
@@ -400,8 +404,7 @@ def submit(
         print_json(view.as_dict())
     else:
         print_run(view)
-    if wait:
-        _finish(view)
+    _finish(view)  # without --wait: 0 while it runs, or how it ended already (denied: 3)
 
 
 def _tell_progress(node_id: str, status: str, attempt: int) -> None:

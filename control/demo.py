@@ -2,8 +2,10 @@
 
 Starts everything (embedded Redis and PostgreSQL unless TOOLPLANE_BROKER_URL and
 TOOLPLANE_DATABASE_URL are set), creates a demo tenant, calls each built-in tool
-once on the sample data in examples/, verifies the ledger, and stops everything
-it started. Exits 0 only if all three calls completed and verification passed.
+once on the sample data in examples/, runs the ``repo-review`` workflow (two
+nodes in parallel, then one that needs both), shows an approval, verifies the
+ledger, and stops everything it started. Exits 0 only if every call and every
+node completed and verification passed.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ def run_cli(
 
 
 def node_of(run: dict[str, Any]) -> NodeView:
-    n = run["nodes"][0]
+    return view_of(run["nodes"][0])
+
+
+def view_of(n: dict[str, Any]) -> NodeView:
     return NodeView(
         node_id=n["node_id"],
         tool=n["tool"],
@@ -55,6 +60,7 @@ def node_of(run: dict[str, Any]) -> NodeView:
         error=n["error"],
         args=n.get("args") or {},
         approval=n.get("approval"),
+        needs=tuple(n.get("needs") or ()),
     )
 
 
@@ -100,6 +106,7 @@ def main() -> int:
             console.print(f"  {mark} {tool:<15} {node.status:<10} {summarize(node)}")
             console.print(f"      run {run['run_id']}  receipt {key}", style="dim")
             ok = ok and run["status"] == "completed"
+        ok = workflow_run(env) and ok
         ok = approval_flow(env, tenant) and ok
         verify = run_cli("ledger", "verify", "--json", env=env, check=False)
         report = json.loads(verify.stdout) if verify.stdout.strip() else {"ok": False, "broken": []}
@@ -118,6 +125,45 @@ def main() -> int:
     verdict = "[green]passed[/green]" if ok else "[red]FAILED[/red]"
     console.print(f"demo {verdict} in {time.monotonic() - started:.1f}s")
     return 0 if ok else 1
+
+
+def workflow_run(env: dict[str, str]) -> bool:
+    """repo-review: search the docs and read a file at once, then lint what was read."""
+    console.print(
+        "[bold]workflow[/bold] repo-review: search_docs and read_repo_file in parallel, "
+        "then lint_python on the file read"
+    )
+    done = run_cli(
+        "submit",
+        "repo-review",
+        "--input",
+        "query=signed receipts for tool results",
+        "--input",
+        "path=src/shipit/deploy.py",
+        "--wait",
+        "--json",
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0 or not done.stdout.strip():
+        err.print(f"  repo-review: exit {done.returncode}: {done.stderr.strip()}", markup=False)
+        return False
+    run = json.loads(done.stdout)
+    nodes = [view_of(n) for n in run["nodes"]]
+    for node in nodes:
+        mark = "[green]✓[/green]" if node.status == "completed" else "[red]✗[/red]"
+        after = f"; after {', '.join(node.needs)}" if node.needs else ""
+        console.print(
+            f"  {mark} {node.node_id:<6} {node.tool:<15} {node.status:<10} {summarize(node)}{after}"
+        )
+    # `submit --wait` reports each node's status changes on stderr, in the order seen
+    progress = [line.strip() for line in done.stderr.splitlines() if line.startswith("  ")]
+    console.print(f"      run {run['run_id']}  {'; '.join(progress)}", style="dim", markup=False)
+    return (
+        run["status"] == "completed"
+        and len(nodes) == 3
+        and all(n.status == "completed" for n in nodes)
+    )
 
 
 def approval_flow(env: dict[str, str], tenant: str) -> bool:

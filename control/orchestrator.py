@@ -303,20 +303,27 @@ class Swept:
     outbox_ids: tuple[int, ...] = ()
 
 
-def sweep(sessions: sessionmaker[Session], gov: Governance, *, limit: int = 100) -> Swept:
-    """End or retry attempts whose result is overdue; dispatch retries that are due.
+def sweep(
+    sessions: sessionmaker[Session], gov: Governance, *, time_out: bool = True, limit: int = 100
+) -> Swept:
+    """End or retry attempts whose result is overdue (only with ``time_out``: the caller
+    knows no result waits unread); dispatch retries that are due.
 
     Each run is handled in its own transaction under its row lock (runs another
     process holds are skipped until the next sweep).
     """
     now = datetime.now(UTC)
     with sessions() as session:
-        overdue = session.execute(
-            select(Node.run_id, Node.node_id)
-            .where(Node.status == NodeStatus.QUEUED, Node.due_at < now)
-            .order_by(Node.due_at)
-            .limit(limit)
-        ).all()
+        overdue = (
+            session.execute(
+                select(Node.run_id, Node.node_id)
+                .where(Node.status == NodeStatus.QUEUED, Node.due_at < now)
+                .order_by(Node.due_at)
+                .limit(limit)
+            ).all()
+            if time_out
+            else []
+        )
         due = session.execute(
             select(Node.run_id)
             .where(Node.status == NodeStatus.PENDING, Node.retry_at <= now)

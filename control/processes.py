@@ -28,7 +28,14 @@ from ledger.models import ToolManifest
 
 WORKER_ONLY_SECRETS = ("TOOLPLANE_DATABASE_URL", "TOOLPLANE_TOKEN", "TOOLPLANE_FLOWER_PASSWORD")
 
-__all__ = ["ProcessSpec", "flower_password", "start_processes", "stop_processes", "wait_ready"]
+__all__ = [
+    "ProcessSpec",
+    "Supervisor",
+    "flower_password",
+    "start_processes",
+    "stop_processes",
+    "wait_ready",
+]
 
 
 @dataclass(frozen=True)
@@ -171,6 +178,51 @@ def start_processes(home: Path, specs: list[ProcessSpec]) -> list[dict[str, obje
         )
     _write(home, entries)
     return entries
+
+
+class Supervisor:
+    """Starts again whatever of ``specs`` has exited, as systemd's ``Restart=always`` or a
+    container platform would: a Celery consumer can die on a broker restart (a known
+    class of kombu reconnect races), and nothing it held is lost by a restart.
+
+    A process that keeps exiting is started again after a doubling delay (1 s to 30 s);
+    one that ran a minute is forgiven.
+    """
+
+    MIN_DELAY_S = 1.0
+    MAX_DELAY_S = 30.0
+    STABLE_S = 60.0
+
+    def __init__(self, home: Path, specs: list[ProcessSpec]) -> None:
+        self.home = home
+        self.specs = specs
+        self._delay: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+        self.restarts: dict[str, int] = {}
+
+    def check(self) -> list[str]:
+        """Start what exited and is due; returns the names started."""
+        now = time.monotonic()
+        alive = {str(e["name"]) for e in _read(self.home) if _alive(e)}
+        due = []
+        for spec in self.specs:
+            if spec.name in alive:
+                if now - self._started.get(spec.name, now) >= self.STABLE_S:
+                    self._delay.pop(spec.name, None)
+                continue
+            delay = self._delay.get(spec.name, 0.0)
+            if now - self._started.get(spec.name, 0.0) >= delay:
+                due.append(spec)
+        if not due:
+            return []
+        start_processes(self.home, due)
+        for spec in due:
+            self._started[spec.name] = now
+            self._delay[spec.name] = min(
+                max(self._delay.get(spec.name, 0.0) * 2, self.MIN_DELAY_S), self.MAX_DELAY_S
+            )
+            self.restarts[spec.name] = self.restarts.get(spec.name, 0) + 1
+        return [spec.name for spec in due]
 
 
 def _tail(path: str, lines: int = 8) -> str:

@@ -19,10 +19,12 @@ import threading
 import time
 from typing import Any
 
+from amqp.exceptions import ChannelError
 from celery import Celery, Task, signals
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 import celeryconfig
+from celeryconfig import RESTORE_INTERVAL_S
 from control.approvals import expire_approvals
 from control.dispatch import publish_pending
 from control.ingest import ingest_result, register_manifest
@@ -96,6 +98,8 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
         except (OperationalError, InterfaceError) as e:
             raise self.retry(countdown=2) from e
 
+    caught_up = CaughtUp(app, grace_s=plane.settings.visibility_timeout + 2 * RESTORE_INTERVAL_S)
+
     def relay() -> None:
         while not stop.wait(RELAY_INTERVAL_S):
             try:
@@ -112,7 +116,7 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
             except Exception:
                 log.exception("approvals.expiry_failed")
             try:
-                swept = sweep(plane.sessions, plane.governance())
+                swept = sweep(plane.sessions, plane.governance(), time_out=caught_up())
                 if swept.outbox_ids:
                     publish_pending(plane.sessions, plane.publisher, ids=swept.outbox_ids)
                 if swept.timed_out or swept.retried or swept.dispatched:
@@ -134,6 +138,50 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
         stop.set()
 
     return app
+
+
+class CaughtUp:
+    """Whether the control has read the results there are, so that an attempt with no
+    result is really late and not a result still waiting in the queue.
+
+    Not before the results that a dead control process held come back (the visibility
+    timeout after this one started), and not while results wait in the queue, unless
+    they have waited without a break for that long too (a backlog that never clears
+    must not stop timeouts for ever). Unknown (the broker unreachable) counts as no.
+    """
+
+    def __init__(self, app: Celery, *, grace_s: float) -> None:
+        self.app = app
+        self.grace_s = grace_s
+        self.started = time.monotonic()
+        self.backlog_since: float | None = None
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.started < self.grace_s:
+            return False
+        try:
+            waiting = self.results_waiting()
+        except Exception:  # the broker is down: nothing can be said to be late
+            log.warning("sweep.broker_unreachable", exc_info=True)
+            return False
+        if waiting == 0:
+            self.backlog_since = None
+            return True
+        self.backlog_since = self.backlog_since or now
+        return now - self.backlog_since >= self.grace_s
+
+    def results_waiting(self) -> int:
+        with self.app.connection_for_read() as connection:
+            try:
+                declared = connection.default_channel.queue_declare(
+                    queue=celeryconfig.RESULTS_QUEUE, passive=True
+                )
+            except ChannelError as e:
+                if "NOT_FOUND" in str(e):  # Redis: an empty queue is a list that has no key
+                    return 0
+                raise
+            return int(declared.message_count)
 
 
 def run_control(plane: ControlPlane, *, concurrency: int = 4, loglevel: str = "INFO") -> None:

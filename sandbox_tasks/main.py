@@ -90,6 +90,15 @@ def run_worker(
     loglevel: str = "INFO",
 ) -> None:
     deps = build_deps(settings, tool, broker_url=broker_url)
+    if deps.spec.limits.timeout_s >= settings.visibility_timeout:
+        log.warning(
+            "worker.visibility_timeout tool=%s timeout_s=%s visibility_timeout=%s: a running "
+            "job comes back to the queue before it can finish; its claim stops a second run, "
+            "but set TOOLPLANE_VISIBILITY_TIMEOUT above the tool's time limit",
+            tool,
+            deps.spec.limits.timeout_s,
+            settings.visibility_timeout,
+        )
     app = build_worker_app(
         deps,
         broker_url=broker_url,

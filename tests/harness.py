@@ -135,6 +135,7 @@ class Stack:
     clients: list[Any] = field(default_factory=list)
     workers: dict[str, int] = field(default_factory=dict)
     _sessions: Any = None
+    _supervisor: Any = None
 
     def cli(
         self,
@@ -212,20 +213,29 @@ class Stack:
         psutil.wait_procs([p for p in map(_process, group) if p is not None], timeout=10)
 
     def start_missing(self) -> None:
-        """Start again whatever of the stack is not running (as `toolplane up` would)."""
+        """Start again whatever of the stack is not running (now, without any backoff)."""
         from control import processes
-        from control.runtime import ControlPlane
 
-        plane = ControlPlane(
-            self.settings(),
-            broker_url=self.env["TOOLPLANE_BROKER_URL"],
-            database_url=self.env["TOOLPLANE_DATABASE_URL"],
-        )
-        specs = processes.plan_processes(
-            plane, workers=self.workers, flower=False, base_env=self.env
-        )
-        self.processes = processes.start_processes(self.home, specs)
-        plane.engine.dispose()
+        self.processes = processes.start_processes(self.home, self.supervisor.specs)
+
+    @property
+    def supervisor(self) -> Any:
+        """The stack's supervisor (`toolplane up` runs the same in the foreground)."""
+        if self._supervisor is None:
+            from control import processes
+            from control.runtime import ControlPlane
+
+            plane = ControlPlane(
+                self.settings(),
+                broker_url=self.env["TOOLPLANE_BROKER_URL"],
+                database_url=self.env["TOOLPLANE_DATABASE_URL"],
+            )
+            specs = processes.plan_processes(
+                plane, workers=self.workers, flower=False, base_env=self.env
+            )
+            plane.engine.dispose()
+            self._supervisor = processes.Supervisor(self.home, specs)
+        return self._supervisor
 
     def log(self, name: str) -> str:
         return (self.home / "logs" / f"{name}.log").read_text(errors="replace")

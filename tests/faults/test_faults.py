@@ -68,11 +68,13 @@ def progress(client: Client, run_ids: list[str]) -> dict[str, int]:
     return {"nodes_completed": int(completed or 0), "runs_ended": int(ended or 0)}
 
 
-def wait_all_ended(client: Client, run_ids: list[str], *, timeout: float) -> float:
-    """Seconds until every run ended (polling through database outages)."""
+def wait_all_ended(stack: Stack, client: Client, run_ids: list[str], *, timeout: float) -> float:
+    """Seconds until every run ended (polling through database outages), with the stack's
+    supervisor starting again any process that exited meanwhile, as `toolplane up` does."""
     started = time.monotonic()
 
     def ended() -> bool:
+        stack.supervisor.check()
         try:
             return progress(client, run_ids)["runs_ended"] == len(run_ids)
         except OperationalError:
@@ -116,6 +118,7 @@ def report(
         "nodes_retried": int(retried or 0),
         "jobs_started_more_than_once": checked["jobs_started_more_than_once"],
         "time_to_recover_s": round(recovered_s, 1),
+        "restarted_by_supervisor": dict(stack.supervisor.restarts),
         "ledger_events": checked["ledger_events"],
     } | (extra or {})
     print(json.dumps(figures))
@@ -140,7 +143,7 @@ def test_kill_9_a_tool_worker_mid_jobs_then_start_it_again(
     killed_at = time.monotonic()
     time.sleep(2)
     stack.start_missing()
-    wait_all_ended(client, run_ids, timeout=240)
+    wait_all_ended(stack, client, run_ids, timeout=240)
     recovered = time.monotonic() - killed_at
     report(stack, client, run_ids, fault="kill -9 tool worker", injected=1, recovered_s=recovered)
 
@@ -163,7 +166,7 @@ def test_kill_9_the_control_during_dispatch_and_ingest_then_start_it_again(
         kills += 1
         time.sleep(1.5)  # results pile up in the queue meanwhile
         stack.start_missing()
-    wait_all_ended(client, run_ids, timeout=240)
+    wait_all_ended(stack, client, run_ids, timeout=240)
     recovered = time.monotonic() - (first_kill or time.monotonic())
     report(stack, client, run_ids, fault="kill -9 control", injected=kills, recovered_s=recovered)
 
@@ -180,7 +183,7 @@ def test_restart_redis_with_nothing_persisted(
     when(client, run_ids, lambda p: p["nodes_completed"] >= 4)
     dedicated.redis.restart()
     restarted = time.monotonic()
-    wait_all_ended(client, run_ids, timeout=360)
+    wait_all_ended(stack, client, run_ids, timeout=360)
     recovered = time.monotonic() - restarted
     figures = report(
         stack, client, run_ids, fault="restart Redis (empty)", injected=1, recovered_s=recovered
@@ -202,7 +205,7 @@ def test_stop_postgres_while_results_arrive(
     stopped = time.monotonic()
     time.sleep(15)  # several seconds of results arrive with nowhere to go
     dedicated.postgres.start()
-    wait_all_ended(client, run_ids, timeout=240)
+    wait_all_ended(stack, client, run_ids, timeout=240)
     recovered = time.monotonic() - stopped
     waited = stack.log("control").count("ingest.waiting_for_database")
     report(

@@ -282,3 +282,59 @@ def test_a_lost_binding_does_not_drop_jobs(stack: Stack, token: str) -> None:
     broker.delete("_kombu.binding.tool.sleepy", "_kombu.binding.results")
     client = stack.client(token)
     assert client.call("sleepy", {"seconds": 0}, wait=True, timeout=30).status == "completed"
+
+
+def test_a_submitter_that_dies_before_publishing_loses_nothing(stack: Stack, token: str) -> None:
+    """The run and its job are committed together; the process that committed them dies
+    before publishing (here: never publishes). The control's relay publishes it once."""
+    from control.submission import RunRequest, submit_run
+    from ledger.models import OutboxMessage
+
+    client = stack.client(token)
+    with client.plane.sessions() as session:
+        submitted = submit_run(
+            session,
+            identity=client.identity,
+            request=RunRequest(
+                spec=parse_workflow(CHAIN, source="chain.yaml"), inputs={"first": 0}
+            ),
+            gov=client.plane.governance(),
+        )
+    assert submitted.outbox_ids  # staged, not published
+    final = client.wait(submitted.run_id, timeout=60)
+    assert final.status == "completed"
+    with client.plane.sessions() as session:
+        counts = session.scalars(
+            select(OutboxMessage.publish_count).where(OutboxMessage.run_id == submitted.run_id)
+        ).all()
+    assert counts == [1, 1]  # a by the relay, b by the control after a's result
+
+
+def test_the_sweeper_waits_until_the_results_are_read(stack: Stack) -> None:
+    """No attempt is given up while results may still wait unread: not in the grace after
+    the control starts, not while results queue up (unless they never clear), not while
+    the broker cannot be asked."""
+    import time
+
+    from celery import Celery
+
+    import celeryconfig
+    from control.service import CaughtUp
+
+    app = Celery("caught-up-test", set_as_current=False)
+    app.conf.update(celeryconfig.build_config(stack.services.spare_redis_url()))
+    caught_up = CaughtUp(app, grace_s=0.5)
+    assert caught_up() is False  # just started: a dead control's results may come back
+    time.sleep(0.6)
+    assert caught_up() is True  # the queue is empty (on Redis: its list has no key)
+    app.send_task(celeryconfig.INGEST_TASK, args=[{}], queue=celeryconfig.RESULTS_QUEUE)
+    assert caught_up.results_waiting() == 1
+    assert caught_up() is False  # a result waits unread
+    time.sleep(0.6)
+    assert caught_up() is True  # ... for as long as the grace: a backlog that never clears
+    down = Celery("caught-up-down", set_as_current=False)
+    down.conf.update(celeryconfig.build_config("redis://127.0.0.1:1/0"))
+    down.conf.broker_connection_timeout = 1
+    down.conf.broker_connection_max_retries = 0
+    unreachable = CaughtUp(down, grace_s=0)
+    assert unreachable() is False
