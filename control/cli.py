@@ -15,11 +15,12 @@ import typer
 from control.cli_governance import approve, policy_app, reject, token_app
 from control.cli_support import (
     JsonOpt,
-    exit_for,
+    finish_run,
     handled,
     load_settings,
     parse_args,
     setup_logging,
+    tell_waiting,
 )
 from control.cli_support import (
     client as _client,
@@ -27,8 +28,8 @@ from control.cli_support import (
 from control.cli_support import (
     plane as _plane,
 )
+from control.cli_workflows import submit, workflows_app
 from control.errors import (
-    EXIT_DENIED,
     EXIT_ERROR,
     EXIT_OK,
     EXIT_USAGE,
@@ -41,9 +42,7 @@ from control.output import (
     print_json,
     print_run,
     print_runs,
-    safe,
 )
-from control.runs import RunView
 from toolplane.errors import ToolplaneError
 
 __all__ = ["app", "main", "parse_args"]
@@ -59,7 +58,6 @@ keys_app = typer.Typer(help="Signing keys of control and the tools.", no_args_is
 tenant_app = typer.Typer(help="Tenants.", no_args_is_help=True)
 runs_app = typer.Typer(help="Runs of your tenant.", no_args_is_help=True)
 ledger_app = typer.Typer(help="The evidence ledger.", no_args_is_help=True)
-workflows_app = typer.Typer(help="Workflows (DAGs of tool calls).", no_args_is_help=True)
 for sub, name in (
     (keys_app, "keys"),
     (tenant_app, "tenant"),
@@ -167,8 +165,7 @@ def control(
     concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
     loglevel: str = "INFO",
 ) -> None:
-    """Run the control process: results ingest (and the DAG's next nodes), manifest
-    registration, outbox relay, the sweeper of overdue attempts and approvals."""
+    """Run the control process: results ingest, next nodes, relay, sweeper, approvals expiry."""
     from control.service import run_control
 
     setup_logging(loglevel)
@@ -339,128 +336,13 @@ def call(
         on_behalf_of=on_behalf_of,
         wait=wait,
         timeout=timeout,
-        on_waiting=_tell_waiting,
+        on_waiting=tell_waiting,
     )
     if json_:
         print_json(view.as_dict())
     else:
         print_run(view)
-    _finish(view)
-
-
-def _finish(view: RunView) -> None:
-    """Exit with the run's status code, saying on stderr why a denied run was denied."""
-    code = exit_for(view)
-    if code == EXIT_DENIED:
-        for node in view.nodes:
-            if node.status == "denied" and node.error:
-                where = f"{node.node_id}: " if len(view.nodes) > 1 else ""
-                err.print(safe(f"denied: {where}{node.error['message']}"), markup=False)
-    raise typer.Exit(code)
-
-
-@app.command()
-@handled
-def submit(
-    workflow: str,
-    input_: Annotated[
-        list[str] | None,
-        typer.Option("--input", help="K=V, an input of the workflow (repeatable)."),
-    ] = None,
-    env: Annotated[str | None, typer.Option("--env", help="Environment (default: dev).")] = None,
-    classification: Annotated[str, typer.Option(help="Data classification.")] = "internal",
-    idempotency_key: Annotated[str | None, typer.Option(help="Same key, same run.")] = None,
-    on_behalf_of: Annotated[
-        str | None, typer.Option(help="The agent or end user you act for (goes to policy).")
-    ] = None,
-    wait: Annotated[
-        bool, typer.Option("--wait", help="Show progress node by node until the run ends.")
-    ] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait.", min=0.1)] = 300.0,
-    json_: JsonOpt = False,
-) -> None:
-    """Run a workflow from the workflows directory; with --wait, exit with its status code.
-
-    Each node is decided by policy on its own when its dependencies complete; a
-    failed or denied node fails the run and cancels the nodes not yet ended.
-    """
-    client = _client()
-    run_id = client.submit_workflow(
-        workflow,
-        parse_args(input_ or [], option="--input", as_json=False),
-        environment=env,
-        classification=classification,
-        idempotency_key=idempotency_key,
-        on_behalf_of=on_behalf_of,
-    )
-    err.print(safe(f"submitted {run_id}"), markup=False)
-    if not wait:
-        view = client.run(run_id)
-    else:
-        view = client.wait(
-            run_id, timeout=timeout, on_progress=_tell_progress, on_waiting=_tell_waiting
-        )
-    if json_:
-        print_json(view.as_dict())
-    else:
-        print_run(view)
-    _finish(view)  # without --wait: 0 while it runs, or how it ended already (denied: 3)
-
-
-def _tell_progress(node_id: str, status: str, attempt: int) -> None:
-    again = f" (attempt {attempt})" if attempt > 1 else ""
-    err.print(safe(f"  {node_id}: {status}{again}"), markup=False)
-
-
-@workflows_app.command("list")
-@handled
-def workflows_list(json_: JsonOpt = False) -> None:
-    """The workflows you can submit: name, inputs, nodes, and whether each one loads."""
-    from control.workflows import list_workflows, load_workflow
-
-    directory = load_settings().workflow_dir
-    rows = []
-    for name in list_workflows(directory):
-        try:
-            spec = load_workflow(directory, name)
-        except UsageError as e:
-            rows.append({"name": name, "ok": False, "problem": str(e)})
-            continue
-        rows.append(
-            {
-                "name": name,
-                "ok": True,
-                "description": spec.description,
-                "inputs": {k: v.type for k, v in spec.inputs.items()},
-                "nodes": [{"id": n.id, "tool": n.tool, "needs": list(n.needs)} for n in spec.nodes],
-            }
-        )
-    if json_:
-        print_json(rows)
-        return
-    if not rows:
-        console.print(f"no workflows in {directory}")
-    for row in rows:
-        if not row["ok"]:
-            console.print(safe(f"{row['name']}: [invalid] {row['problem']}"), markup=False)
-            continue
-        graph = ", ".join(
-            f"{n['id']}({n['tool']})" + (f" after {'+'.join(n['needs'])}" if n["needs"] else "")
-            for n in row["nodes"]
-        )
-        inputs = ", ".join(f"{k}: {v}" for k, v in row["inputs"].items()) or "none"
-        console.print(safe(f"{row['name']} — inputs {inputs}; {graph}"), markup=False)
-
-
-def _tell_waiting(waiting: list[dict]) -> None:  # type: ignore[type-arg]
-    for item in waiting:
-        err.print(
-            safe(
-                f"waiting: {item['node_id']} needs an approval by {item['who']} "
-                f"(policies: {', '.join(item['policies'])}; expires {item['expires_at'][:19]}Z)"
-            ),
-            markup=False,
-        )
+    finish_run(view)
 
 
 @runs_app.command("list")
@@ -536,6 +418,7 @@ def ledger_verify(
 
 app.command()(approve)
 app.command()(reject)
+app.command()(submit)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from control.errors import (
     EXIT_TOOL_FAILED,
     UsageError,
 )
-from control.output import err
+from control.output import err, safe
 from toolplane.canonical import CanonicalJSONError, parse_json_strict
 from toolplane.errors import ToolplaneError, first_problem
 from toolplane.settings import Settings
@@ -28,11 +28,13 @@ __all__ = [
     "JsonOpt",
     "client",
     "exit_for",
+    "finish_run",
     "handled",
     "load_settings",
     "parse_args",
     "plane",
     "setup_logging",
+    "tell_waiting",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -137,3 +139,25 @@ def exit_for(view: Any) -> int:
     if view.status == "cancelled":
         return EXIT_ERROR
     return EXIT_OK
+
+
+def finish_run(view: Any) -> None:
+    """Exit with the run's status code, saying on stderr why a denied run was denied."""
+    code = exit_for(view)
+    if code == EXIT_DENIED:
+        for node in view.nodes:
+            if node.status == "denied" and node.error:
+                where = f"{node.node_id}: " if len(view.nodes) > 1 else ""
+                err.print(safe(f"denied: {where}{node.error['message']}"), markup=False)
+    raise typer.Exit(code)
+
+
+def tell_waiting(waiting: list[dict[str, Any]]) -> None:
+    for item in waiting:
+        err.print(
+            safe(
+                f"waiting: {item['node_id']} needs an approval by {item['who']} "
+                f"(policies: {', '.join(item['policies'])}; expires {item['expires_at'][:19]}Z)"
+            ),
+            markup=False,
+        )
