@@ -134,9 +134,10 @@ def up(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     supervisor = processes.Supervisor(settings.home, specs)
     try:
-        while not stop.wait(1.0):
-            for name in supervisor.check():
-                err.print(f"{name} had exited: started again (see {settings.home}/logs/{name}.log)")
+        with processes.supervising(settings.home):  # `down` asks this process to stop first
+            while not stop.wait(1.0):
+                for name in supervisor.check():
+                    err.print(f"{name} had exited: started again (see its log in {settings.home})")
     except KeyboardInterrupt:
         pass
     processes.stop_processes(settings.home)
@@ -151,9 +152,10 @@ def up(
 def down() -> None:
     """Stop what `toolplane up` started, embedded servers included."""
     from control.embedded import stop_embedded
-    from control.processes import stop_processes
+    from control.processes import stop_processes, stop_supervisor
 
     settings = load_settings()
+    stop_supervisor(settings.home)  # else it would start again what is stopped here
     stopped = stop_processes(settings.home)
     stopped += stop_embedded(settings.home)
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")

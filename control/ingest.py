@@ -24,7 +24,14 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from control.intake import Governance, dispatching
-from control.orchestrator import RunState, advance, lock_run, schedule_retry, settle_run
+from control.orchestrator import (
+    RunState,
+    advance,
+    lock_run,
+    mark_ready,
+    schedule_retry,
+    settle_run,
+)
 from control.states import NodeStatus, move_node
 from ledger.chain import NewEvent
 from ledger.models import Attempt, Node, ToolManifest
@@ -37,7 +44,14 @@ from toolplane.signing import KeyRing
 
 log = logging.getLogger("toolplane.ingest")
 
-__all__ = ["Ingested", "Outcome", "Settle", "ingest_result", "register_manifest"]
+__all__ = [
+    "Ingested",
+    "Outcome",
+    "Settle",
+    "ingest_result",
+    "record_unprocessable",
+    "register_manifest",
+]
 
 
 class Outcome(StrEnum):
@@ -117,7 +131,8 @@ def ingest_result(
     run_id, node_id, attempt = _claimed(raw)
     state = lock_run(session, run_id) if run_id else None
     node = state.nodes.get(node_id) if state is not None and node_id else None
-    if node is None:
+    if node is None and state is not None:
+        session.rollback()  # a run without that node: hold no lock while looking elsewhere
         state = None
     events: list[NewEvent] = []
     tenant = state.run.tenant_id if state is not None else None
@@ -245,10 +260,45 @@ def ingest_result(
             },
         )
     )
-    with dispatching(session, gov) as done:
-        advance(session, gov, state, events, done, now=now)
-        append_events(session, events)
-    return Ingested(Outcome.ACCEPTED, tuple(done.outbox_ids))
+    # The acceptance commits on its own: nothing that deciding the next nodes may meet (a
+    # policy error, an entitlement store that is down) can take the result back with it.
+    # What became ready is marked due, and decided now, or else by the sweeper.
+    settle_run(session, state, events, now)
+    ready = mark_ready(state, now)
+    append_events(session, events)
+    session.commit()
+    if not ready:
+        return Ingested(Outcome.ACCEPTED)
+    return Ingested(Outcome.ACCEPTED, _advance_now(session, gov, state.run.id))
+
+
+def _advance_now(session: Session, gov: Governance, run_id: str) -> tuple[int, ...]:
+    try:
+        state = lock_run(session, run_id)
+        assert state is not None
+        events: list[NewEvent] = []
+        with dispatching(session, gov) as done:
+            advance(session, gov, state, events, done)
+            append_events(session, events)
+        return tuple(done.outbox_ids)
+    except Exception:  # accepted already: the sweeper decides the ready nodes
+        session.rollback()
+        log.warning("advance.deferred run=%s (the sweeper retries)", run_id, exc_info=True)
+        return ()
+
+
+def record_unprocessable(session: Session, raw: Any, error: BaseException) -> None:
+    """Evidence of a message that ingest failed on again and again (then acknowledged)."""
+    append_events(
+        session,
+        [
+            NewEvent(
+                "IngestFailed",
+                {"error": f"{type(error).__name__}: {error}"[:2000], "message": _safe(raw)},
+            )
+        ],
+    )
+    session.commit()
 
 
 def _close_attempt(session: Session, node: Node, status: str, now: datetime) -> None:

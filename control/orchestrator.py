@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.auth import SUBMITTERS, Identity, require_role
@@ -46,7 +46,7 @@ from control.states import (
 from control.validation import validate_args
 from control.workflows import TemplateError, render
 from ledger.chain import NewEvent
-from ledger.models import Approval, Attempt, Node, Run
+from ledger.models import Approval, Attempt, Node, OutboxMessage, Run
 from ledger.store import append_events
 from toolplane.canonical import digest
 
@@ -60,6 +60,7 @@ __all__ = [
     "advance",
     "cancel_run",
     "lock_run",
+    "mark_ready",
     "retry_delay_s",
     "schedule_retry",
     "settle_run",
@@ -110,6 +111,19 @@ def _ready(state: RunState, node: Node, now: datetime) -> bool:
     if node.retry_at is not None:
         return node.retry_at <= now
     return all(state.nodes[need].status == NodeStatus.COMPLETED for need in node.needs)
+
+
+def mark_ready(state: RunState, now: datetime) -> int:
+    """Mark the nodes whose dependencies have all completed as due now (``retry_at``), so
+    that if deciding them fails here, the sweeper decides them later. Returns how many."""
+    if state.run.status in TERMINAL_RUN:
+        return 0
+    ready = 0
+    for node in state.nodes.values():
+        if node.status == NodeStatus.PENDING and node.retry_at is None and _ready(state, node, now):
+            node.retry_at = now
+            ready += 1
+    return ready
 
 
 def _render(session: Session, gov: Governance, state: RunState, node: Node) -> str | None:
@@ -192,6 +206,16 @@ def _cancel_open(session: Session, state: RunState, message: str, now: datetime)
             attempt = session.get(Attempt, (state.run.id, node.node_id, node.attempt))
             if attempt is not None and attempt.status == "queued":
                 attempt.status = "cancelled"
+            # A job staged but not yet published never goes out (publishing skips rows
+            # that are gone); one already published may still run: its result is ignored.
+            session.execute(
+                delete(OutboxMessage).where(
+                    OutboxMessage.run_id == state.run.id,
+                    OutboxMessage.node_id == node.node_id,
+                    OutboxMessage.attempt == node.attempt,
+                    OutboxMessage.published_at.is_(None),
+                )
+            )
         move_node(node, NodeStatus.CANCELLED, now)
         node.error = {"code": "cancelled", "message": message}
         node.retry_at = None
@@ -333,31 +357,37 @@ def sweep(
     timed_out = retried = dispatched = 0
     outbox: list[int] = []
     for run_id, node_id in overdue:
-        with sessions() as session:
-            state = lock_run(session, run_id, skip_locked=True)
-            if state is None:
-                continue
-            node = state.nodes[node_id]
-            if node.status != NodeStatus.QUEUED or node.due_at is None or node.due_at >= now:
-                continue  # settled meanwhile
-            events: list[NewEvent] = []
-            if _overdue(session, state, node, events, now):
-                retried += 1
-            else:
-                timed_out += 1
-            with dispatching(session, gov) as done:
-                append_events(session, events)
-    for (run_id,) in {r: None for r in due}:
-        with sessions() as session:
-            state = lock_run(session, run_id, skip_locked=True)
-            if state is None:
-                continue
-            events = []
-            with dispatching(session, gov) as done:
-                advance(session, gov, state, events, done, now=now)
-                append_events(session, events)
-            dispatched += len(done.outbox_ids)
-            outbox += done.outbox_ids
+        try:
+            with sessions() as session:
+                state = lock_run(session, run_id, skip_locked=True)
+                if state is None:
+                    continue
+                node = state.nodes[node_id]
+                if node.status != NodeStatus.QUEUED or node.due_at is None or node.due_at >= now:
+                    continue  # settled meanwhile
+                events: list[NewEvent] = []
+                if _overdue(session, state, node, events, now):
+                    retried += 1
+                else:
+                    timed_out += 1
+                with dispatching(session, gov):
+                    append_events(session, events)
+        except Exception:  # one run must not stop the sweep of the others
+            log.exception("sweep.run_failed run=%s", run_id)
+    for run_id in dict.fromkeys(r for (r,) in due):
+        try:
+            with sessions() as session:
+                state = lock_run(session, run_id, skip_locked=True)
+                if state is None:
+                    continue
+                events = []
+                with dispatching(session, gov) as done:
+                    advance(session, gov, state, events, done, now=now)
+                    append_events(session, events)
+                dispatched += len(done.outbox_ids)
+                outbox += done.outbox_ids
+        except Exception:
+            log.exception("sweep.run_failed run=%s", run_id)
     return Swept(timed_out, retried, dispatched, tuple(outbox))
 
 

@@ -8,6 +8,7 @@ no database URL: the sandbox plane holds no database credentials.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,8 @@ __all__ = [
     "flower_password",
     "start_processes",
     "stop_processes",
+    "stop_supervisor",
+    "supervising",
     "wait_ready",
 ]
 
@@ -223,6 +227,41 @@ class Supervisor:
             )
             self.restarts[spec.name] = self.restarts.get(spec.name, 0) + 1
         return [spec.name for spec in due]
+
+
+def _supervisor_path(home: Path) -> Path:
+    return home / "run" / "supervisor.json"
+
+
+@contextlib.contextmanager
+def supervising(home: Path) -> Iterator[None]:
+    """Record this process as the supervisor of ``home`` while it supervises."""
+    me = psutil.Process()
+    path = _supervisor_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": me.pid, "create_time": me.create_time()}))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def stop_supervisor(home: Path, *, timeout: float = 60.0) -> bool:
+    """Ask a foreground `toolplane up` supervising ``home`` to stop (it stops what it
+    started), and wait for it; True if there was one."""
+    path = _supervisor_path(home)
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not _alive(entry):
+        path.unlink(missing_ok=True)
+        return False
+    os.kill(int(entry["pid"]), signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(entry) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return True
 
 
 def _tail(path: str, lines: int = 8) -> str:

@@ -27,7 +27,7 @@ import celeryconfig
 from celeryconfig import RESTORE_INTERVAL_S
 from control.approvals import expire_approvals
 from control.dispatch import publish_pending
-from control.ingest import ingest_result, register_manifest
+from control.ingest import ingest_result, record_unprocessable, register_manifest
 from control.orchestrator import sweep
 from control.runtime import ControlPlane
 from ledger.receipts import ReceiptProblem
@@ -37,6 +37,7 @@ log = logging.getLogger("toolplane.control")
 RELAY_INTERVAL_S = 1.0
 RELAY_GRACE_S = 5.0
 DB_WAIT_S = 20.0  # how long one ingest waits for the database before handing the message back
+INGEST_RETRIES = 5  # then a message ingest keeps failing on is recorded as IngestFailed
 
 __all__ = ["build_control_app", "run_control"]
 
@@ -58,9 +59,14 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
         except Exception:  # the reservation stays charged: errs towards refusing, never over
             log.warning("entitlement.settle_failed job=%s", job_id, exc_info=True)
 
+    inflight = InFlight()
+
     @app.task(name=celeryconfig.INGEST_TASK, bind=True, acks_late=True, max_retries=None)
     def ingest(self: Task, *args: Any, **kwargs: Any) -> str:
-        raw = _only_arg(args, kwargs)
+        with inflight:
+            return _ingest(self, _only_arg(args, kwargs))
+
+    def _ingest(self: Task, raw: Any) -> str:
         deadline = time.monotonic() + DB_WAIT_S
         delay = 0.25
         while True:
@@ -71,6 +77,7 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
                     )
                 break
             except (OperationalError, InterfaceError) as e:
+                inflight.database_error()
                 problem = str(e).splitlines()[0]
                 if time.monotonic() >= deadline:
                     log.warning("ingest.requeue error=%s", problem)
@@ -78,6 +85,14 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
                 log.warning("ingest.waiting_for_database in=%.2fs error=%s", delay, problem)
                 time.sleep(delay)
                 delay = min(delay * 2, 4.0)
+            except Exception as e:  # a bug or a dependency down: never drop the result unsaid
+                if self.request.retries < INGEST_RETRIES:
+                    log.exception("ingest.failed retry=%s", self.request.retries + 1)
+                    raise self.retry(countdown=min(2**self.request.retries, 30)) from e
+                log.exception("ingest.gave_up: recorded as IngestFailed")
+                with plane.sessions() as session:
+                    record_unprocessable(session, raw, e)
+                return "unprocessable"
         if ingested.outbox_ids:
             try:
                 publish_pending(plane.sessions, plane.publisher, ids=ingested.outbox_ids)
@@ -98,7 +113,9 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
         except (OperationalError, InterfaceError) as e:
             raise self.retry(countdown=2) from e
 
-    caught_up = CaughtUp(app, grace_s=plane.settings.visibility_timeout + 2 * RESTORE_INTERVAL_S)
+    caught_up = CaughtUp(
+        app, inflight, grace_s=plane.settings.visibility_timeout + 2 * RESTORE_INTERVAL_S
+    )
 
     def relay() -> None:
         while not stop.wait(RELAY_INTERVAL_S):
@@ -140,18 +157,41 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
     return app
 
 
+class InFlight:
+    """The results this process is ingesting (or holding while the database is down)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+        self.last_database_error = float("-inf")
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.count += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self.count -= 1
+
+    def database_error(self) -> None:
+        self.last_database_error = time.monotonic()
+
+
 class CaughtUp:
     """Whether the control has read the results there are, so that an attempt with no
     result is really late and not a result still waiting in the queue.
 
     Not before the results that a dead control process held come back (the visibility
-    timeout after this one started), and not while results wait in the queue, unless
-    they have waited without a break for that long too (a backlog that never clears
-    must not stop timeouts for ever). Unknown (the broker unreachable) counts as no.
+    timeout after this one started), not while this process holds results (ingesting,
+    or waiting for the database) nor for that long after its last database error (the
+    results it handed back come round again), and not while results wait in the queue,
+    unless they have waited without a break for that long too (a backlog that never
+    clears must not stop timeouts for ever). Unknown (the broker unreachable) is no.
     """
 
-    def __init__(self, app: Celery, *, grace_s: float) -> None:
+    def __init__(self, app: Celery, inflight: InFlight | None = None, *, grace_s: float) -> None:
         self.app = app
+        self.inflight = inflight or InFlight()
         self.grace_s = grace_s
         self.started = time.monotonic()
         self.backlog_since: float | None = None
@@ -160,12 +200,14 @@ class CaughtUp:
         now = time.monotonic()
         if now - self.started < self.grace_s:
             return False
+        if now - self.inflight.last_database_error < self.grace_s:
+            return False
         try:
             waiting = self.results_waiting()
         except Exception:  # the broker is down: nothing can be said to be late
             log.warning("sweep.broker_unreachable", exc_info=True)
             return False
-        if waiting == 0:
+        if waiting == 0 and self.inflight.count == 0:
             self.backlog_since = None
             return True
         self.backlog_since = self.backlog_since or now

@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from control.errors import UsageError
-from toolplane.canonical import digest
+from toolplane.canonical import CanonicalJSONError, check_json_value, digest
 from toolplane.errors import first_problem
 
 __all__ = [
@@ -150,7 +150,10 @@ class WorkflowSpec(BaseModel):
         if dupes:
             raise ValueError(f"node ids must be unique: {', '.join(dupes)} repeated")
         known = set(ids)
+        for name, declared in self.inputs.items():
+            _json_only(declared.default, f"inputs.{name}.default")
         for node in self.nodes:
+            _json_only(node.args, f"node {node.id}: args")
             for need in node.needs:
                 if need not in known:
                     raise ValueError(f"node {node.id}: needs unknown node {need!r}")
@@ -184,6 +187,14 @@ class WorkflowSpec(BaseModel):
         return next(n for n in self.nodes if n.id == node_id)
 
 
+def _json_only(value: Any, where: str) -> None:
+    """What YAML can say but canonical JSON cannot carry (dates, NaN, huge integers)."""
+    try:
+        check_json_value(value, path=where)
+    except CanonicalJSONError as e:
+        raise ValueError(str(e)) from e
+
+
 def _find_cycle(needs: Mapping[str, tuple[str, ...]]) -> list[str]:
     """A cycle in the ``needs`` graph, as the path that closes it, or []."""
     state: dict[str, int] = {}  # 1 visiting, 2 done
@@ -214,7 +225,16 @@ def _is(value: Any, kind: str) -> bool:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a mapping that repeats a key (YAML keeps the last)."""
+    """YAML's safe loader, refusing a mapping that repeats a key (YAML keeps the last) and
+    aliases (``*name``: a few hundred bytes of them expand to millions of values)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not accepted", event.start_mark
+            )
+        return super().compose_node(parent, index)
 
 
 def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -238,6 +258,8 @@ def parse_workflow(text: str, *, source: str) -> WorkflowSpec:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise UsageError(f"not valid YAML: {' '.join(str(e).split())}", field=source) from e
+    except RecursionError as e:
+        raise UsageError("nested too deeply", field=source) from e
     if not isinstance(data, dict):
         raise UsageError("must be a mapping with name, inputs and nodes", field=source)
     try:
@@ -315,6 +337,10 @@ def coerce_inputs(spec: WorkflowSpec, given: Mapping[str, Any]) -> dict[str, Any
                 pass
         if not _is(value, declared.type):
             raise UsageError(f"must be of type {declared.type}", field=f"--input {name}")
+        try:
+            check_json_value(value)
+        except CanonicalJSONError as e:
+            raise UsageError(str(e).removeprefix("$: "), field=f"--input {name}") from e
         values[name] = value
     return values
 

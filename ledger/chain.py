@@ -29,6 +29,7 @@ EVIDENCE_KINDS = frozenset(
         "JobRefused",
         "NodeTimedOut",
         "ResultIgnored",
+        "IngestFailed",
         "RunCompleted",
         "RunFailed",
         "RunCancelled",

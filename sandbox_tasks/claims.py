@@ -56,6 +56,11 @@ class RedisClaims:
             return Claim(ClaimState.DONE, job_id)
         return Claim(ClaimState.RUNNING, job_id, ttl_ms=max(int(self.client.pttl(key)), 0))
 
+    def done(self, job_id: str) -> bool:
+        """Whether the job ran and its result was published (a read; it claims nothing)."""
+        value = self.client.get(self._key(job_id))
+        return value is not None and value.startswith(b"done")
+
     def complete(self, job_id: str, *, keep_ms: int) -> None:
         """Mark the job done; kept until its envelope has expired (replays are then expired)."""
         self.client.set(self._key(job_id), "done", px=max(keep_ms, 1000))

@@ -91,8 +91,13 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
     try:
         signed = verify_envelope(raw, tool=spec.name, keys=deps.control_keys, now_ms=started)
     except EnvelopeRefused as e:
-        log.warning("job.refused code=%s reason=%s", e.code, e.message)
-        return report("refusal", None, received_digest(raw), error=(e.code, e.message))
+        code, message = e.code, e.message
+        if code == "envelope_expired" and _already_ran(raw, deps.claims):
+            # A late copy of a job that ran: say so, so that control does not take the
+            # expiry for a job that never ran (and retry it, or fail it) before its result.
+            code, message = "replay", "job already ran (this copy's envelope has expired)"
+        log.warning("job.refused code=%s reason=%s", code, message)
+        return report("refusal", None, received_digest(raw), error=(code, message))
     envelope, digest = signed.envelope, signed.digest
 
     lease_ms = int(spec.limits.timeout_s * 1000) + CLAIM_MARGIN_MS
@@ -133,6 +138,12 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
         "result", envelope, digest, result=outcome_result, error=outcome_error, fetches=fetched
     )
     return result
+
+
+def _already_ran(raw: Any, claims: RedisClaims) -> bool:
+    envelope = raw.get("envelope") if isinstance(raw, dict) else None
+    job_id = envelope.get("job_id") if isinstance(envelope, dict) else None
+    return isinstance(job_id, str) and len(job_id) <= 300 and claims.done(job_id)
 
 
 def build_worker_app(

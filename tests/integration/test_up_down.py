@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -85,3 +86,63 @@ def test_pickle_is_refused_and_never_runs(stack: Stack, tmp_path: Path) -> None:
     )
     assert stack.log("worker-sleepy").count("job.start job=") == before
     assert psutil.Process(stack.worker_pid("sleepy")).is_running()
+
+
+@pytest.mark.timeout(150)
+def test_up_in_the_foreground_restarts_what_exits_and_down_stops_it(
+    services: Services, tmp_path: Path
+) -> None:
+    """`toolplane up` supervises: a control process that dies (kill -9, or a Celery consumer
+    lost in a broker restart) is started again; `down` stops the supervisor first, so that
+    nothing it stops comes back."""
+    import os
+    import signal
+
+    env = make_env(services, tmp_path / "home")
+    env["TOOLPLANE_BROKER_URL"] = services.spare_redis_url()
+    env["TOOLPLANE_EXTRA_TOOLS"] = ""
+    state = tmp_path / "home" / "run" / "processes.json"
+
+    def control_pid() -> int | None:
+        if not state.exists():
+            return None
+        for entry in json.loads(state.read_text()):
+            if entry["name"] == "control" and psutil.pid_exists(entry["pid"]):
+                if psutil.Process(entry["pid"]).status() != "zombie":
+                    return int(entry["pid"])
+        return None
+
+    up = subprocess.Popen(
+        [sys.executable, "-m", "control.cli", "up", "--workers", "search_docs=1"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: (tmp_path / "home" / "run" / "supervisor.json").exists(), timeout=90)
+        first = control_pid()
+        assert first is not None
+        os.killpg(first, signal.SIGKILL)
+        second = wait_for(lambda: (p := control_pid()) and p != first and p, timeout=30)
+        entries = json.loads(state.read_text())
+    finally:
+        down = subprocess.run(
+            [sys.executable, "-m", "control.cli", "down"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        _, up_stderr = up.communicate(timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert up.returncode == 0, up_stderr
+    assert "control had exited: started again" in up_stderr
+    time.sleep(2)  # a supervisor still running would have started something again by now
+    for entry in entries:
+        assert not psutil.pid_exists(entry["pid"]) or psutil.Process(entry["pid"]).status() in (
+            "zombie",
+        )
+    assert second != first

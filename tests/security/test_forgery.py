@@ -7,6 +7,7 @@ is recorded as ToolReceiptInvalid and never replaces an accepted result.
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,24 @@ def test_forged_jobs_are_refused_and_never_run(
     assert refused["message"]["receipt"]["key_id"].startswith("tool.sleepy:")
     assert started(stack) == before  # the tool never ran
     assert client.verify_ledger().ok
+
+
+def test_an_expired_copy_of_a_job_that_ran_is_called_a_replay(
+    stack: Stack, token: str, broker: Celery
+) -> None:
+    """A copy that arrives after its envelope expired, of a job that did run, must not read
+    as "expired" (which says the job never ran and may be retried) but as a replay."""
+    client = stack.client(token)
+    run_id = f"run_{secrets.token_hex(6)}"
+    stack.services.redis().set(f"toolplane:claim:{run_id}/sleepy/1", "done", px=60_000)
+    before = started(stack)
+    body = control_envelope(
+        stack, tool="sleepy", args={"seconds": 0}, run_id=run_id, ttl_s=-1
+    ).model_dump(mode="json")
+    push_job(broker, "tool.sleepy", body)
+    refused = refusal_for(client, digest(body["envelope"]))
+    assert refused["message"]["result"]["error"]["code"] == "replay"
+    assert started(stack) == before
 
 
 def test_replayed_job_is_refused_and_does_not_run_again(

@@ -88,6 +88,23 @@ def test_a_good_workflow_renders() -> None:
         ),
         ("name: x\nname: y\nnodes: [{id: a, tool: t}]\n", "duplicate key 'name'"),
         ("- a\n- b\n", "must be a mapping"),
+        (
+            "name: x\nnodes: [{id: a, tool: t, args: &big {k: 1}}, {id: b, tool: t, args: *big}]\n",
+            "aliases (*name) are not accepted",
+        ),
+        (
+            "name: x\nnodes: [{id: a, tool: t, args: {when: 2026-11-28}}]\n",
+            "node a: args.when: date is not a JSON value",
+        ),
+        ("name: x\nnodes: [{id: a, tool: t, args: {n: .nan}}]\n", "NaN and infinity are not JSON"),
+        (
+            "name: x\nnodes: [{id: a, tool: t, args: {n: 18014398509481985}}]\n",
+            "integer beyond 2**53",
+        ),
+        (
+            "name: x\nnodes: [{id: a, tool: t, args: " + "[" * 5000 + "]" * 5000 + "}]\n",
+            "nested too deeply",
+        ),
         ("name: [unclosed\n", "not valid YAML"),
         (
             "name: x\ninputs: {n: {type: integer, default: two}}\nnodes: [{id: a, tool: t}]\n",
@@ -125,6 +142,8 @@ def test_inputs_are_declared_typed_and_present() -> None:
     with pytest.raises(UsageError, match="--input n: must be of type integer"):
         coerce_inputs(spec, {"query": "a", "n": True})
     assert coerce_inputs(spec, {"query": "7", "n": "7"}) == {"query": "7", "n": 7}
+    with pytest.raises(UsageError, match="--input n: integer beyond 2"):
+        coerce_inputs(spec, {"query": "a", "n": str(2**53 + 1)})
 
 
 def test_rendering_failures_name_the_field() -> None:

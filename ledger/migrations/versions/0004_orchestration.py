@@ -46,6 +46,28 @@ def upgrade() -> None:
         sa.Column("status", sa.String(20), nullable=False),
         sa.Column("settled_at", TZ, nullable=True),
     )
+    # Jobs in flight across the upgrade: their results bind to an attempt, and an attempt
+    # that never answers is overdue a minute after its envelope expired.
+    op.execute(
+        """
+        INSERT INTO attempts (run_id, node_id, attempt, job_id, envelope_sha256,
+                              dispatched_at, expires_at, due_at, status)
+        SELECT run_id, node_id, attempt, run_id || '/' || node_id || '/' || attempt,
+               envelope_sha256, updated_at,
+               to_timestamp((envelope -> 'envelope' ->> 'expires_at')::bigint / 1000.0),
+               to_timestamp((envelope -> 'envelope' ->> 'expires_at')::bigint / 1000.0)
+                 + interval '60 seconds',
+               'queued'
+        FROM nodes
+        WHERE status = 'queued' AND envelope_sha256 IS NOT NULL AND attempt > 0
+        """
+    )
+    op.execute(
+        """
+        UPDATE nodes SET due_at = a.due_at FROM attempts a
+        WHERE a.run_id = nodes.run_id AND a.node_id = nodes.node_id AND a.attempt = nodes.attempt
+        """
+    )
 
 
 def downgrade() -> None:
