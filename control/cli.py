@@ -14,7 +14,11 @@ import typer
 
 from control.cli_governance import approve, policy_app, reject, token_app
 from control.cli_support import (
+    ClassificationOpt,
+    EnvOpt,
+    IdempotencyOpt,
     JsonOpt,
+    OnBehalfOpt,
     finish_run,
     handled,
     load_settings,
@@ -313,12 +317,10 @@ def call(
     arg: Annotated[
         list[str] | None, typer.Option("--arg", help="K=V (V as JSON if it parses).")
     ] = None,
-    env: Annotated[str | None, typer.Option("--env", help="Environment (default: dev).")] = None,
-    classification: Annotated[str, typer.Option(help="Data classification.")] = "internal",
-    idempotency_key: Annotated[str | None, typer.Option(help="Same key, same run.")] = None,
-    on_behalf_of: Annotated[
-        str | None, typer.Option(help="The agent or end user you act for (goes to policy).")
-    ] = None,
+    env: EnvOpt = None,
+    classification: ClassificationOpt = "internal",
+    idempotency_key: IdempotencyOpt = None,
+    on_behalf_of: OnBehalfOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait.", min=0.1)] = 60.0,
     json_: JsonOpt = False,

@@ -25,7 +25,11 @@ from toolplane.errors import ToolplaneError, first_problem
 from toolplane.settings import Settings
 
 __all__ = [
+    "ClassificationOpt",
+    "EnvOpt",
+    "IdempotencyOpt",
     "JsonOpt",
+    "OnBehalfOpt",
     "client",
     "exit_for",
     "finish_run",
@@ -40,6 +44,12 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+EnvOpt = Annotated[str | None, typer.Option("--env", help="Environment (default: dev).")]
+ClassificationOpt = Annotated[str, typer.Option(help="Data classification.")]
+IdempotencyOpt = Annotated[str | None, typer.Option(help="Same key, same run.")]
+OnBehalfOpt = Annotated[
+    str | None, typer.Option(help="The agent or end user you act for (goes to policy).")
+]
 
 
 def plane():  # type: ignore[no-untyped-def]

@@ -7,7 +7,11 @@ from typing import Annotated
 import typer
 
 from control.cli_support import (
+    ClassificationOpt,
+    EnvOpt,
+    IdempotencyOpt,
     JsonOpt,
+    OnBehalfOpt,
     finish_run,
     handled,
     load_settings,
@@ -30,12 +34,10 @@ def submit(
         list[str] | None,
         typer.Option("--input", help="K=V, an input of the workflow (repeatable)."),
     ] = None,
-    env: Annotated[str | None, typer.Option("--env", help="Environment (default: dev).")] = None,
-    classification: Annotated[str, typer.Option(help="Data classification.")] = "internal",
-    idempotency_key: Annotated[str | None, typer.Option(help="Same key, same run.")] = None,
-    on_behalf_of: Annotated[
-        str | None, typer.Option(help="The agent or end user you act for (goes to policy).")
-    ] = None,
+    env: EnvOpt = None,
+    classification: ClassificationOpt = "internal",
+    idempotency_key: IdempotencyOpt = None,
+    on_behalf_of: OnBehalfOpt = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Show progress node by node until the run ends.")
     ] = False,

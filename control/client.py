@@ -37,7 +37,7 @@ from control.orchestrator import cancel_run
 from control.runs import RunView, get_run, list_runs
 from control.runtime import ControlPlane
 from control.states import TERMINAL_RUN, RunStatus
-from control.submission import CallRequest, RunRequest, submit_call, submit_run
+from control.submission import CallRequest, RunRequest, submit_run
 from control.workflows import WorkflowSpec, load_workflow
 from ledger.models import Node, Run
 from ledger.verify import VerifyReport, verify_ledger
@@ -87,7 +87,6 @@ class Client:
         on_behalf_of: str | None = None,
     ) -> str:
         """Submit one tool call and return its run id (decided and, if allowed, published)."""
-        require_role(self.identity, SUBMITTERS, "submit calls")  # an auditor changes nothing
         request = CallRequest(
             tool=tool,
             args=args,
@@ -96,9 +95,18 @@ class Client:
             idempotency_key=idempotency_key,
             on_behalf_of=on_behalf_of,
         )
+        return self._start(request.as_run(), call=True)
+
+    def _start(self, request: RunRequest, *, call: bool = False) -> str:
+        """Record the run, decide its first nodes, publish what was allowed."""
+        require_role(self.identity, SUBMITTERS, "submit runs")  # an auditor changes nothing
         with self.plane.sessions() as session:
-            submitted = submit_call(
-                session, identity=self.identity, request=request, gov=self.plane.governance()
+            submitted = submit_run(
+                session,
+                identity=self.identity,
+                request=request,
+                gov=self.plane.governance(),
+                call=call,
             )
         if submitted.outbox_ids:
             publish_pending(self.plane.sessions, self.plane.publisher, ids=submitted.outbox_ids)
@@ -125,21 +133,16 @@ class Client:
         """
         require_role(self.identity, SUBMITTERS, "submit runs")
         spec = self.workflow(workflow) if isinstance(workflow, str) else workflow
-        request = RunRequest(
-            spec=spec,
-            inputs=dict(inputs or {}),
-            environment=environment or self.plane.settings.environment,
-            classification=classification,
-            idempotency_key=idempotency_key,
-            on_behalf_of=on_behalf_of,
-        )
-        with self.plane.sessions() as session:
-            submitted = submit_run(
-                session, identity=self.identity, request=request, gov=self.plane.governance()
+        return self._start(
+            RunRequest(
+                spec=spec,
+                inputs=dict(inputs or {}),
+                environment=environment or self.plane.settings.environment,
+                classification=classification,
+                idempotency_key=idempotency_key,
+                on_behalf_of=on_behalf_of,
             )
-        if submitted.outbox_ids:
-            publish_pending(self.plane.sessions, self.plane.publisher, ids=submitted.outbox_ids)
-        return submitted.run_id
+        )
 
     def run_workflow(
         self,

@@ -30,7 +30,7 @@ from ledger.models import Node, Run, ToolManifest
 from ledger.store import append_events
 from toolplane.canonical import digest
 
-__all__ = ["CallRequest", "RunRequest", "Submitted", "submit_call", "submit_run"]
+__all__ = ["CallRequest", "RunRequest", "Submitted", "submit_run"]
 
 _TICK = timedelta(microseconds=1)
 
@@ -71,13 +71,6 @@ class Submitted:
     run_id: str
     outbox_ids: tuple[int, ...]
     created: bool  # False when the idempotency key returned an existing run
-
-
-def submit_call(
-    session: Session, *, identity: Identity, request: CallRequest, gov: Governance
-) -> Submitted:
-    """Record, decide and (if allowed) stage one tool call. Commits."""
-    return submit_run(session, identity=identity, request=request.as_run(), gov=gov, call=True)
 
 
 def _check_request(session: Session, request: RunRequest, gov: Governance, *, call: bool) -> None:
