@@ -99,7 +99,8 @@ class Client:
 
     def _start(self, request: RunRequest, *, call: bool = False) -> str:
         """Record the run, decide its first nodes, publish what was allowed."""
-        require_role(self.identity, SUBMITTERS, "submit runs")  # an auditor changes nothing
+        # an auditor changes nothing
+        require_role(self.identity, SUBMITTERS, "submit calls" if call else "submit runs")
         with self.plane.sessions() as session:
             submitted = submit_run(
                 session,

@@ -205,6 +205,16 @@ class Stack:
     def worker_pid(self, tool: str) -> int:
         return self.pid(f"worker-{tool}")
 
+    def sweeper_armed(self) -> None:
+        """Wait until the control's sweeper may give attempts up: it waits a visibility
+        timeout (and two restore sweeps) after the control started."""
+        from celeryconfig import RESTORE_INTERVAL_S
+
+        # + the time the control process takes to start serving, from its own clock
+        grace = int(self.env["TOOLPLANE_VISIBILITY_TIMEOUT"]) + 2 * RESTORE_INTERVAL_S + 8
+        age = time.time() - psutil.Process(self.pid("control")).create_time()
+        time.sleep(max(0.0, grace - age))
+
     def kill(self, name: str) -> None:
         """kill -9 one of the stack's processes and all it started (it leads its own session)."""
         pid = self.pid(name)

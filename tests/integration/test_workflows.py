@@ -233,6 +233,7 @@ def test_an_overdue_attempt_is_retried_and_the_old_result_ignored(stack: Stack, 
     """While attempt 1 still runs, the sweeper finds it overdue and dispatches attempt 2:
     attempt 1's result comes back but is ignored; attempt 2's is the one accepted."""
     client = stack.client(token)
+    stack.sweeper_armed()
     view = client.call("sleepy", {"seconds": 2, "tag": secrets.token_hex(3)})
     wait_for(lambda: stack.starts("sleepy", f"{view.run_id}/sleepy/1") == 1, timeout=30)
     _lose_current_attempt(client, view.run_id, "sleepy")
@@ -250,6 +251,7 @@ def test_an_overdue_attempt_is_retried_and_the_old_result_ignored(stack: Stack, 
 def test_a_tool_not_safe_to_retry_times_out(stack: Stack, token: str) -> None:
     """probe is not read-only: a lost attempt ends its node timed_out, no second attempt."""
     client = stack.client(token)
+    stack.sweeper_armed()
     view = client.call("probe", {"action": "loop"})
     _lose_current_attempt(client, view.run_id, "probe")
     final = client.wait(view.run_id, timeout=60)
