@@ -23,6 +23,8 @@ from control.cli_support import (
     handled,
     load_settings,
     parse_args,
+    parse_autoscale,
+    parse_worker_counts,
     setup_logging,
     tell_waiting,
 )
@@ -94,17 +96,7 @@ def up(
 
     settings = load_settings()
     tools = load_tools(settings.extra_tool_modules)
-    counts = {name: 1 for name in sorted(tools)}
-    for item in filter(None, (w.strip() for w in workers.split(","))):
-        name, _, n = item.partition("=")
-        if name not in tools:
-            raise UsageError(
-                f"unknown tool {name!r} (known: {', '.join(sorted(tools))})", field="--workers"
-            )
-        if not n.isdigit() or not 0 <= int(n) <= 64:
-            raise UsageError(f"{item!r}: N must be a whole number from 0 to 64", field="--workers")
-        counts[name] = int(n)
-    counts = {k: v for k, v in counts.items() if v > 0}
+    counts = {k: v for k, v in parse_worker_counts(workers, tools).items() if v > 0}
     broker, database = settings.broker_url, settings.database_url
     embedded = not (broker and database)
     if embedded:
@@ -183,25 +175,31 @@ def control(
 def worker(
     tool: str,
     concurrency: Annotated[int, typer.Option(min=1, max=256)] = 1,
-    autoscale: Annotated[str | None, typer.Option(help="MAX,MIN")] = None,
+    autoscale: Annotated[
+        str | None,
+        typer.Option(help="MAX,MIN: grow and shrink the pool with the load (not --concurrency)."),
+    ] = None,
     loglevel: str = "INFO",
 ) -> None:
     """Run one sandbox worker for tool.TOOL (consumes only that queue)."""
     from control.embedded import find_embedded
     from sandbox_tasks.main import run_worker
+    from sandbox_tasks.registry import load_tools
 
+    if autoscale is not None:
+        high, low = parse_autoscale(autoscale)
+        autoscale = f"{high},{low}"
     setup_logging(loglevel)
     settings = load_settings()
+    tools = load_tools(settings.extra_tool_modules)
+    if tool not in tools:
+        raise UsageError(f"unknown tool {tool!r} (known: {', '.join(sorted(tools))})", field="TOOL")
     broker = settings.broker_url
     if not broker:
         found = find_embedded(settings.home)
         if found is None:
             raise UsageError("not set and no embedded broker runs", field="TOOLPLANE_BROKER_URL")
         broker = found.broker_url
-    if autoscale is not None:
-        parts = autoscale.split(",")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < int(parts[1]):
-            raise UsageError("must be MAX,MIN with MAX >= MIN", field="--autoscale")
     run_worker(settings, tool, broker_url=broker, concurrency=concurrency, autoscale=autoscale)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -36,6 +37,8 @@ __all__ = [
     "handled",
     "load_settings",
     "parse_args",
+    "parse_autoscale",
+    "parse_worker_counts",
     "plane",
     "setup_logging",
     "tell_waiting",
@@ -130,6 +133,48 @@ def parse_args(pairs: list[str], *, option: str = "--arg", as_json: bool = True)
         except CanonicalJSONError:
             args[key] = raw
     return args
+
+
+WHOLE = re.compile(r"[0-9]{1,4}")  # ASCII digits only: str.isdigit() also takes "³"
+
+
+def parse_worker_counts(text: str, tools: Iterable[str], *, most: int = 64) -> dict[str, int]:
+    """``TOOL=N,...`` of ``up --workers``: every known tool at 1 unless named (0: none)."""
+    known = sorted(tools)
+    counts = dict.fromkeys(known, 1)
+    named: set[str] = set()
+    for item in filter(None, (w.strip() for w in text.split(","))):
+        name, sep, n = (part.strip() for part in item.partition("="))
+        if not sep:
+            raise UsageError(f"{item!r} is not of the form TOOL=N", field="--workers")
+        if name not in counts:
+            raise UsageError(
+                f"unknown tool {name!r} (known: {', '.join(known)})", field="--workers"
+            )
+        if name in named:
+            raise UsageError(f"{name!r} given twice", field="--workers")
+        if not WHOLE.fullmatch(n) or int(n) > most:
+            raise UsageError(
+                f"{item!r}: N must be a whole number from 0 to {most}", field="--workers"
+            )
+        named.add(name)
+        counts[name] = int(n)
+    return counts
+
+
+def parse_autoscale(text: str, *, most: int = 256) -> tuple[int, int]:
+    """``MAX,MIN`` of ``worker --autoscale``: 1 <= MAX <= ``most``, 0 <= MIN <= MAX."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(WHOLE.fullmatch(p) for p in parts):
+        raise UsageError(
+            f"{text!r} is not of the form MAX,MIN (two whole numbers)", field="--autoscale"
+        )
+    high, low = int(parts[0]), int(parts[1])
+    if not 1 <= high <= most:
+        raise UsageError(f"MAX must be from 1 to {most}, not {high}", field="--autoscale")
+    if low > high:
+        raise UsageError(f"MIN ({low}) must not be above MAX ({high})", field="--autoscale")
+    return high, low
 
 
 def setup_logging(level: str) -> None:

@@ -1,4 +1,5 @@
-"""``--arg K=V`` parsing and the intake's check of arguments against a tool's manifest."""
+"""``--arg K=V``, ``up --workers`` and ``worker --autoscale`` parsing, and the intake's check
+of arguments against a tool's manifest."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from control.cli import parse_args
+from control.cli_support import parse_autoscale, parse_worker_counts
 from control.errors import EXIT_USAGE, UsageError
 from control.validation import validate_args
 from sandbox_tasks.tools.read_repo_file import TOOL as READ_REPO_FILE
@@ -80,6 +82,80 @@ def test_parse_args_never_crashes_and_keeps_the_text_when_not_json(key, raw):
     assert list(parsed) == [key]
     if isinstance(parsed[key], str) and not raw.strip().startswith('"'):
         assert parsed[key] == raw
+
+
+# -- up --workers and worker --autoscale ---------------------------------------------
+
+TOOLS = ["lint_python", "read_repo_file", "search_docs"]
+
+
+@pytest.mark.parametrize(
+    ("text", "counts"),
+    [
+        ("", {"lint_python": 1, "read_repo_file": 1, "search_docs": 1}),
+        ("lint_python=3,search_docs=1", {"lint_python": 3, "read_repo_file": 1, "search_docs": 1}),
+        (" lint_python = 3 , ", {"lint_python": 3, "read_repo_file": 1, "search_docs": 1}),
+        (
+            "read_repo_file=0,search_docs=64",
+            {"lint_python": 1, "read_repo_file": 0, "search_docs": 64},
+        ),
+    ],
+)
+def test_worker_counts_default_to_one_per_tool(text, counts):
+    assert parse_worker_counts(text, TOOLS) == counts
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("bogus=2", "unknown tool 'bogus' (known: lint_python, read_repo_file, search_docs)"),
+        ("=2", "unknown tool ''"),
+        ("lint_python", "'lint_python' is not of the form TOOL=N"),
+        ("lint_python=", "N must be a whole number from 0 to 64"),
+        ("lint_python=x", "N must be a whole number from 0 to 64"),
+        ("lint_python=-1", "N must be a whole number from 0 to 64"),
+        ("lint_python=1.5", "N must be a whole number from 0 to 64"),
+        ("lint_python=65", "N must be a whole number from 0 to 64"),
+        ("lint_python=\u00b3", "N must be a whole number from 0 to 64"),  # isdigit() says yes
+        ("lint_python=1,lint_python=2", "'lint_python' given twice"),
+    ],
+)
+def test_bad_worker_counts_name_the_option_and_the_rule(text, rule):
+    with pytest.raises(UsageError) as info:
+        parse_worker_counts(text, TOOLS)
+    assert info.value.field == "--workers"
+    assert str(info.value).startswith("--workers: ")
+    assert rule in str(info.value)
+    assert info.value.exit_code == EXIT_USAGE
+
+
+@pytest.mark.parametrize(
+    ("text", "bounds"), [("4,1", (4, 1)), ("8,0", (8, 0)), ("3,3", (3, 3)), (" 2, 1", (2, 1))]
+)
+def test_autoscale_is_max_then_min(text, bounds):
+    assert parse_autoscale(text) == bounds
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("2,4", "MIN (4) must not be above MAX (2)"),
+        ("0,0", "MAX must be from 1 to 256, not 0"),
+        ("300,1", "MAX must be from 1 to 256, not 300"),
+        ("4", "'4' is not of the form MAX,MIN"),
+        ("4,1,0", "is not of the form MAX,MIN"),
+        ("a,b", "is not of the form MAX,MIN"),
+        ("4,-1", "is not of the form MAX,MIN"),
+        ("", "is not of the form MAX,MIN"),
+        ("\u00b3,1", "is not of the form MAX,MIN"),
+    ],
+)
+def test_bad_autoscale_names_the_option_and_the_rule(text, rule):
+    with pytest.raises(UsageError) as info:
+        parse_autoscale(text)
+    assert info.value.field == "--autoscale"
+    assert str(info.value).startswith("--autoscale: ")
+    assert rule in str(info.value)
 
 
 # -- validate_args -----------------------------------------------------------------
