@@ -20,13 +20,35 @@ __all__ = [
     "RESULTS_QUEUE",
     "TOOL_PREFIX",
     "build_config",
+    "claims_prefix",
     "route_task",
     "tool_queue",
+    "unacked_keys",
 ]
 
 
 def tool_queue(tool: str) -> str:
     return f"{TOOL_PREFIX}{tool}"
+
+
+def unacked_keys(owner: str) -> dict[str, str]:
+    """kombu's unacked hash, index and mutex of one consumer kind (each tool's workers, Flower).
+
+    kombu shares ``unacked``, ``unacked_index`` and ``unacked_mutex`` between every consumer of a
+    Redis database; keys of their own let the broker's ACL keep each tool's workers to theirs
+    (control.brokeracl). A message held by a dead worker is restored by the next consumer of the
+    same keys: another worker of that tool, or the same one started again.
+    """
+    return {
+        "unacked_key": f"unacked.{owner}",
+        "unacked_index_key": f"unacked_index.{owner}",
+        "unacked_mutex_key": f"unacked_mutex.{owner}",
+    }
+
+
+def claims_prefix(tool: str) -> str:
+    """Where a tool's workers keep their job claims (sandbox_tasks.claims): theirs alone."""
+    return f"toolplane:claim:{tool_queue(tool)}:"
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> Any:
@@ -43,8 +65,15 @@ RESTORE_INTERVAL_S = 2
 sweep runs every 10 s x 10 = 100 s)."""
 
 
-def build_config(broker_url: str, *, visibility_timeout: int = 30) -> dict[str, Any]:
-    """The Celery configuration of either plane for ``broker_url``."""
+def build_config(
+    broker_url: str, *, visibility_timeout: int = 30, unacked_owner: str | None = None
+) -> dict[str, Any]:
+    """The Celery configuration of either plane for ``broker_url``.
+
+    ``unacked_owner`` gives a consumer kind its own unacked keys (see ``unacked_keys``); the
+    control keeps kombu's defaults.
+    """
+    own_keys = unacked_keys(unacked_owner) if unacked_owner else {}
     return {
         "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
@@ -55,6 +84,7 @@ def build_config(broker_url: str, *, visibility_timeout: int = 30) -> dict[str, 
             "visibility_timeout": visibility_timeout,
             "unacked_restore_interval": RESTORE_INTERVAL_S,
             "unacked_restore_throttle": 1,
+            **own_keys,
         },
         "result_backend": None,
         "task_ignore_result": True,

@@ -89,7 +89,7 @@ def up(
 ) -> None:
     """Start (embedded servers if needed,) the control process and a worker per tool."""
     from control import processes
-    from control.embedded import start_embedded
+    from control.embedded import embedded_acl_summary, embedded_broker_urls, start_embedded
     from control.runtime import ControlPlane
     from ledger.migrate import upgrade
     from sandbox_tasks.registry import load_tools
@@ -99,17 +99,23 @@ def up(
     counts = {k: v for k, v in parse_worker_counts(workers, tools).items() if v > 0}
     broker, database = settings.broker_url, settings.database_url
     embedded = not (broker and database)
+    broker_urls: dict[str, str] = {}
     if embedded:
         urls = start_embedded(settings.home)
-        broker, database = broker or urls.broker_url, database or urls.database_url
-        console.print(f"embedded Redis {urls.broker_url}; PostgreSQL under {settings.home}/pg")
+        if not broker:  # ours: each process connects as its own ACL user (control.brokeracl)
+            broker_urls = embedded_broker_urls(settings.home, sorted(tools))
+            broker = broker_urls["control"]
+        database = database or urls.database_url
+        console.print(f"embedded Redis, PostgreSQL under {settings.home}")
+        if broker_urls:
+            console.print(embedded_acl_summary(settings.home))
     plane = ControlPlane(settings, broker_url=str(broker), database_url=str(database))
     plane.check_database()
     upgrade(plane.engine)
     plane.keystore.ensure_all(sorted(tools), receipt_algorithm=settings.receipt_algorithm)
     plane.sync_keys()
     plane.policy  # noqa: B018 - validate the bundle before starting anything
-    specs = processes.plan_processes(plane, workers=counts, flower=flower)
+    specs = processes.plan_processes(plane, workers=counts, flower=flower, broker_urls=broker_urls)
     processes.start_processes(settings.home, specs)
     try:
         processes.wait_ready(plane, sorted(counts))
@@ -182,7 +188,7 @@ def worker(
     loglevel: str = "INFO",
 ) -> None:
     """Run one sandbox worker for tool.TOOL (consumes only that queue)."""
-    from control.embedded import find_embedded
+    from control.embedded import embedded_broker_urls, find_embedded
     from sandbox_tasks.main import run_worker
     from sandbox_tasks.registry import load_tools
 
@@ -196,10 +202,9 @@ def worker(
         raise UsageError(f"unknown tool {tool!r} (known: {', '.join(sorted(tools))})", field="TOOL")
     broker = settings.broker_url
     if not broker:
-        found = find_embedded(settings.home)
-        if found is None:
+        if find_embedded(settings.home) is None:
             raise UsageError("not set and no embedded broker runs", field="TOOLPLANE_BROKER_URL")
-        broker = found.broker_url
+        broker = embedded_broker_urls(settings.home, [tool])[f"worker-{tool}"]
     run_worker(settings, tool, broker_url=broker, concurrency=concurrency, autoscale=autoscale)
 
 

