@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from benchmarks import bare, components
+from benchmarks.usage import cpu_snapshot, rss_mb
 from tests.harness import REPO, start_services, start_stack, stop_stack, wait_for
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -39,36 +40,17 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def rss_mb(pid: int) -> float:
-    proc = psutil.Process(pid)
-    total = proc.memory_info().rss
-    for child in proc.children(recursive=True):
-        try:
-            total += child.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 1e6
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds of a process, its live children and its reaped children."""
-    proc = psutil.Process(pid)
-    t = proc.cpu_times()
-    total = t.user + t.system + t.children_user + t.children_system
-    for child in proc.children(recursive=True):
-        try:
-            c = child.cpu_times()
-            total += c.user + c.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def cpu_per_call(pids: dict[str, int], run: Callable[[], int]) -> dict[str, float]:
-    """Milliseconds of CPU per call in each process while ``run`` makes its calls."""
-    before = {name: cpu_s(pid) for name, pid in pids.items()}
+def cpu_per_call(
+    trees: dict[str, int], client: tuple[str, int], run: Callable[[], int]
+) -> dict[str, float]:
+    """Milliseconds of CPU per call in each process tree, and in the client process alone
+    (the stack's processes are its children: counting them in would count them twice),
+    while ``run`` makes its calls."""
+    alone = dict([client])
+    before = cpu_snapshot(trees, alone)
     calls = run()
-    return {name: (cpu_s(pid) - before[name]) * 1000 / calls for name, pid in pids.items()}
+    after = cpu_snapshot(trees, alone)
+    return {name: (after[name] - before[name]) * 1000 / calls for name in [*trees, *alone]}
 
 
 class Sides:
@@ -300,16 +282,16 @@ def main(argv: list[str] | None = None) -> int:
                 sides, rounds=ns.rounds, inflight=ns.inflight, latency=ns.latency, progress=progress
             )
             gov_pids = {k: v for k, v in pids.items() if k != "bare-worker"}
-            gov_pids["client (submit+wait)"] = psutil.Process().pid
+            me = psutil.Process().pid
             where = {
                 "governed": cpu_per_call(
-                    gov_pids, lambda: sides.governed_batch(ns.inflight) and ns.inflight
+                    gov_pids,
+                    ("client (submit+wait)", me),
+                    lambda: sides.governed_batch(ns.inflight) and ns.inflight,
                 ),
                 "bare": cpu_per_call(
-                    {
-                        "bare-worker": pids["bare-worker"],
-                        "client (delay+get)": psutil.Process().pid,
-                    },
+                    {"bare-worker": pids["bare-worker"]},
+                    ("client (delay+get)", me),
                     lambda: sides.bare_batch(ns.inflight) and ns.inflight,
                 ),
             }
