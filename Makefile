@@ -29,8 +29,9 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(PIP) install -e ".[test,bench]"
 	touch $@
 
+# BENCH_ARGS: e.g. --only scaling (see python -m benchmarks.run --help)
 bench: $(VENV)/.bench
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .toolplane .pytest_cache

@@ -4,6 +4,8 @@ Both sides do the same work (read_repo_file's function on the same file) on the
 same broker and machine, with the same number of worker processes. Rounds are
 interleaved (bare, governed, bare, ...) so machine noise hits both alike.
 Writes benchmarks/results/<date>.json and a PNG chart, and prints the table.
+Then the per-tool scaling benchmark (benchmarks/scaling.py) on a stack of its own:
+benchmarks/results/<date>-scaling.json and its chart. ``--only`` runs one part.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from benchmarks import bare, components
+from benchmarks import bare, components, scaling
 from benchmarks.usage import cpu_snapshot, rss_mb
 from tests.harness import REPO, start_services, start_stack, stop_stack, wait_for
 
@@ -232,20 +234,8 @@ def start_bare_worker(services: Any, concurrency: int) -> subprocess.Popen[bytes
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--inflight", type=int, default=200)
-    parser.add_argument("--latency", type=int, default=25, help="samples per side per round")
-    parser.add_argument(
-        "--soak", type=int, default=10_000, help="governed calls in the memory soak"
-    )
-    parser.add_argument("--workers", type=int, default=2, help="worker processes per side")
-    parser.add_argument(
-        "--submitters", type=int, default=8, help="threads submitting governed calls"
-    )
-    ns = parser.parse_args(argv)
-
+def overhead(ns: argparse.Namespace) -> dict[str, Any]:
+    """Bare Celery against the governed path, CPU per call, memory soak, components."""
     tmp = Path(tempfile.mkdtemp(prefix="tpbench-"))
     services = start_services(tmp)
     stack = bare_worker = None
@@ -271,13 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             "worker-read_repo_file": stack.pid("worker-read_repo_file"),
             "bare-worker": bare_worker.pid,
         }
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
+        with progress_bar() as progress:
             side_by_side = measure(
                 sides, rounds=ns.rounds, inflight=ns.inflight, latency=ns.latency, progress=progress
             )
@@ -297,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             memory = soak(sides, pids, calls=ns.soak, progress=progress) if ns.soak else {}
             comps = components.run_all(client, progress=progress)
-        result = {
+        return {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": {"cpus": psutil.cpu_count(), "python": sys.version.split()[0]},
             "settings": vars(ns),
@@ -313,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         if stack is not None:
             stop_stack(stack)
         services.close()
+
+
+def report_overhead(result: dict[str, Any], stem: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = datetime.now(UTC).strftime("%Y-%m-%d")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     chart(result, RESULTS / f"{stem}.png")
     console.print(table(result))
@@ -328,6 +314,53 @@ def main(argv: list[str] | None = None) -> int:
             f"growth over the soak {mem['growth_pct']:+.1f}%"
         )
     console.print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')}")
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--only",
+        choices=["overhead", "scaling"],
+        help="run one part: overhead (bare vs governed, <date>.json) or scaling "
+        "(per-tool pools, <date>-scaling.json); default both",
+    )
+    parser.add_argument(
+        "--stem", help="results file name stem (default: today's date, UTC)", default=None
+    )
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--inflight", type=int, default=200)
+    parser.add_argument("--latency", type=int, default=25, help="samples per side per round")
+    parser.add_argument(
+        "--soak", type=int, default=10_000, help="governed calls in the memory soak"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="worker processes per side (scaling: bystander's)"
+    )
+    parser.add_argument(
+        "--submitters", type=int, default=8, help="threads submitting governed calls"
+    )
+    scaling.add_arguments(parser)
+    ns = parser.parse_args(argv)
+    stem = ns.stem or datetime.now(UTC).strftime("%Y-%m-%d")
+    if ns.only in (None, "overhead"):
+        report_overhead(overhead(ns), stem)
+    if ns.only in (None, "scaling"):
+        with progress_bar() as progress:
+            result = scaling.run(ns, progress=progress)
+        path = scaling.write(result, RESULTS, stem)
+        for t in scaling.tables(result):
+            console.print(t)
+        console.print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 
 

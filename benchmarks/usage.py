@@ -8,8 +8,11 @@ __all__ = [
     "cpu_s",
     "cpu_snapshot",
     "machine_busy_s",
+    "others_by_name",
+    "others_cpu",
     "own_cpu_s",
     "rss_mb",
+    "tree_pids",
 ]
 
 
@@ -58,3 +61,40 @@ def cpu_snapshot(trees: dict[str, int], alone: dict[str, int]) -> dict[str, floa
     out.update({name: own_cpu_s(pid) for name, pid in alone.items()})
     out["machine"] = machine_busy_s()
     return out
+
+
+def others_cpu(skip: set[int]) -> dict[tuple[int, float], tuple[str, float]]:
+    """CPU seconds so far of every other process: (pid, start) -> (name, seconds)."""
+    out = {}
+    for proc in psutil.process_iter(["name", "cpu_times", "create_time"]):
+        times = proc.info["cpu_times"]
+        if proc.pid in skip or times is None:
+            continue
+        out[(proc.pid, proc.info["create_time"])] = (
+            proc.info["name"] or "?",
+            times.user + times.system,
+        )
+    return out
+
+
+def tree_pids(pids: list[int]) -> set[int]:
+    """These processes and all they started (that still run)."""
+    out = set(pids)
+    for pid in pids:
+        try:
+            out.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def others_by_name(
+    before: dict[tuple[int, float], tuple[str, float]],
+    after: dict[tuple[int, float], tuple[str, float]],
+) -> dict[str, float]:
+    """CPU seconds each command name spent between two ``others_cpu`` (processes that
+    ended in between are not counted)."""
+    spent: dict[str, float] = {}
+    for key, (name, seconds) in after.items():
+        spent[name] = spent.get(name, 0.0) + seconds - before.get(key, (name, 0.0))[1]
+    return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
