@@ -125,6 +125,8 @@ class Probe:
             target=probe_loop, args=(settings, tool, every_s, self._stop, self._out), daemon=True
         )
         self.process.start()
+        assert self.process.pid is not None
+        self.pid: int = self.process.pid
 
     def _drain(self) -> None:
         while True:
@@ -270,7 +272,7 @@ def run(ns: argparse.Namespace, *, progress: Progress) -> dict[str, Any]:
             "control": stack.pid("control"),
             f"worker-{TOOL}": stack.pid(f"worker-{TOOL}"),
             f"worker-{ns.bystander}": stack.pid(f"worker-{ns.bystander}"),
-            "bystander's agent": probe.process.pid,
+            "bystander's agent": probe.pid,
         }
         with ThreadPoolExecutor(max_workers=max(ns.submitters, levels[-1])) as submit:
             for sleep in sleeps:
