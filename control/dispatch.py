@@ -55,7 +55,16 @@ class CeleryPublisher:
 
     def publish(self, *, task_name: str, queue: str, body: dict[str, Any]) -> None:
         job_id = (body.get("envelope") or {}).get("job_id")
-        self.app.send_task(task_name, args=[body], queue=queue, routing_key=queue, task_id=job_id)
+        self.app.send_task(
+            task_name,
+            args=[body],
+            queue=queue,
+            routing_key=queue,
+            task_id=job_id,
+            # Celery's events, logs and Flower show this instead of the call's arguments.
+            argsrepr=f"(<signed envelope {job_id}>,)",
+            kwargsrepr="{}",
+        )
 
 
 def envelope_ttl_s(*, visibility_timeout: int, tool_timeout_s: float, queue_wait_s: int) -> int:

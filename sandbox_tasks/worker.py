@@ -180,6 +180,8 @@ def build_worker_app(
             celeryconfig.INGEST_TASK,
             args=[message.model_dump(mode="json")],
             queue=celeryconfig.RESULTS_QUEUE,
+            argsrepr=f"(<signed {result.kind} {result.job_id}>,)",  # events show no result
+            kwargsrepr="{}",
         )
         if result.kind == "result" and result.job_id is not None:
             # Published first, then done: a crash in between re-runs the job,

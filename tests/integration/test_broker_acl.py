@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 import redis
@@ -189,6 +190,13 @@ def test_flower_sees_every_worker_and_its_tasks_and_resizes_a_pool(
         assert get(f"{base}/api/workers")[0] == 401
         assert get(f"{base}/api/workers", ("admin", "wrong"))[0] == 401
         assert brokeracl.FLOWER_USER in connected_users(acl_redis)
+        # Flower serves /metrics and /healthcheck without its auth: it listens on loopback only.
+        listening = {
+            c.laddr.ip
+            for c in psutil.Process(flower.pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        }
+        assert listening == {"127.0.0.1"}, listening
 
         def workers() -> dict[str, Any]:
             status, body = get(f"{base}/api/workers?refresh=1", auth)
@@ -208,6 +216,11 @@ def test_flower_sees_every_worker_and_its_tasks_and_resizes_a_pool(
             return names if {f"tool.{t}" for t in CALLS} <= names else set()
 
         wait_for(tasks_listed, timeout=60, interval=1.0, what="per-tool tasks in flower")
+        # Events (and so Flower) carry no call's arguments and no result: only the job id.
+        tasks = get(f"{base}/api/tasks", auth)[1].values()
+        shown = {t["name"]: t.get("args") or "" for t in tasks}
+        assert shown["tool.search_docs"].startswith("(<signed envelope "), shown
+        assert not any("receipts" in a or "x=1" in a for a in shown.values()), shown
 
         # An operator's action: grow one tool's pool (a broadcast, answered on a reply queue).
         worker = f"sleepy@{host}"
