@@ -36,9 +36,12 @@ __all__ = [
     "ADMIN_USER",
     "CONTROL_USER",
     "FLOWER_USER",
+    "HEALTH_USER",
+    "KEDA_USER",
     "AclUser",
     "acl_users",
     "flatten_for_redis6",
+    "keda_user",
     "new_password",
     "password_sha256",
     "render_aclfile",
@@ -50,6 +53,10 @@ CONTROL_USER = "toolplane-control"
 FLOWER_USER = "toolplane-flower"
 ADMIN_USER = "toolplane-admin"
 """Only the embedded server has it: starts and stops the server and writes the ACL."""
+HEALTH_USER = "toolplane-health"
+"""Healthchecks (``redis-cli --user toolplane-health --pass x ping``): any password, PING only."""
+KEDA_USER = "toolplane-keda"
+"""KEDA's redis scaler: the length of each tool's queue, nothing else (``keda_user``)."""
 
 # What any kombu client sends: connection set-up, transactions (MULTI/EXEC, WATCH in the unacked
 # restore), the binding scripts (EVALSHA, SCRIPT LOAD/EXISTS) and, inside them, TIME, EXISTS,
@@ -170,6 +177,20 @@ def acl_users(tools: Iterable[str], *, db: int) -> list[AclUser]:
     return users
 
 
+def keda_user() -> AclUser:
+    """An autoscaler that reads queue lengths: ``LLEN`` of ``tool.*`` (read only), no channel.
+
+    ``SELECT`` for a broker database other than 0 (KEDA's ``databaseIndex``), ``PING`` for its
+    connection check. It cannot pop, push, read a job's contents or see ``results``.
+    """
+    return AclUser(
+        KEDA_USER,
+        commands="+ping +select +llen",
+        keys=_keys("%R", f"{celeryconfig.TOOL_PREFIX}*"),
+        channels="",
+    )
+
+
 def flatten_for_redis6(user: AclUser) -> AclUser:
     """The same user for Redis 6.2: no ``%R~``/``%W~`` and no selectors (weaker, see above)."""
     keys = re.sub(r"%[RW]+~", "~", user.keys)
@@ -190,15 +211,25 @@ def password_sha256(password: str) -> str:
 
 
 def render_aclfile(
-    users: Iterable[AclUser], passwords: Mapping[str, str], *, redis7: bool = True
+    users: Iterable[AclUser],
+    passwords: Mapping[str, str],
+    *,
+    redis7: bool = True,
+    health: bool = False,
 ) -> str:
-    """A Redis aclfile: the default user off, then each user with its password's SHA-256."""
+    """A Redis aclfile: the default user off, then each user with its password's SHA-256.
+
+    ``health`` adds ``HEALTH_USER``: on, no password (any password is accepted), PING only, for
+    container healthchecks that hold no broker secret.
+    """
     lines = ["user default off resetkeys resetchannels -@all"]
     for user in users:
         if not redis7:
             user = flatten_for_redis6(user)
         rules = user.rules(password_sha256=password_sha256(passwords[user.name]))
         lines.append(" ".join(["user", user.name, *rules[1:]]))  # an aclfile line takes no reset
+    if health:
+        lines.append(f"user {HEALTH_USER} on nopass resetkeys resetchannels -@all +ping")
     return "\n".join(lines) + "\n"
 
 
