@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from control.cli_broker import broker_acl
 from control.cli_governance import approve, policy_app, reject, token_app
 from control.cli_support import (
     ClassificationOpt,
@@ -426,6 +427,7 @@ def ledger_verify(
 app.command()(approve)
 app.command()(reject)
 app.command()(submit)
+app.command("broker-acl")(broker_acl)
 
 
 def main() -> None:
