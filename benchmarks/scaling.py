@@ -26,6 +26,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--per-process", type=int, default=12, help="sleepy calls per pool process per round"
     )
     group.add_argument("--scaling-rounds", type=int, default=5, help="rounds per pool size")
+    group.add_argument(
+        "--tenants", type=int, default=1, help="tenants the sleepy calls come from (round robin)"
+    )
     group.add_argument("--bystander", default="read_repo_file", help="the tool left alone")
     group.add_argument(
         "--probe-every", type=float, default=0.5, help="seconds between bystander calls"
@@ -154,17 +158,63 @@ class Probe:
             self.process.terminate()
 
 
+class QueueDepth:
+    """Messages waiting in broker queues (kombu's Redis lists, all priorities), sampled
+    on a thread of its own while measuring: where calls wait for a consumer."""
+
+    PRIORITIES = ("", "\x06\x163", "\x06\x166", "\x06\x169")  # kombu's Redis keys
+
+    def __init__(self, redis: Any, queues: list[str], *, every_s: float = 0.05) -> None:
+        self.redis, self.queues, self.every_s = redis, queues, every_s
+        self.samples: dict[str, list[int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _depth(self, queue: str) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for suffix in self.PRIORITIES:
+            pipe.llen(queue + suffix)
+        return int(sum(pipe.execute()))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for q in self.queues:
+                self.samples[q].append(self._depth(q))
+
+    def __enter__(self) -> QueueDepth:
+        self.samples = {q: [] for q in self.queues}
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {
+            q: {"mean": statistics.fmean(v), "max": max(v)} for q, v in self.samples.items() if v
+        }
+
+
 # -- measuring --------------------------------------------------------------------------
 
 
-def batch(client: Any, submit: ThreadPoolExecutor, n: int, seconds: float) -> float:
-    """Submit ``n`` sleepy calls at once; seconds until the last one completed."""
+def batch(clients: list[Any], submit: ThreadPoolExecutor, n: int, seconds: float) -> float:
+    """Submit ``n`` sleepy calls at once, round robin over the tenants' clients; seconds
+    until the last one completed."""
+
+    def one(i: int) -> tuple[int, str]:
+        k = i % len(clients)
+        return k, clients[k].submit(TOOL, {"seconds": seconds, "tag": str(i)})
+
     start = time.perf_counter()
-    ids = list(
-        submit.map(lambda i: client.submit(TOOL, {"seconds": seconds, "tag": str(i)}), range(n))
-    )
-    statuses = client.wait_all(ids, timeout=120)
-    assert set(statuses.values()) == {"completed"}, statuses
+    ids = list(submit.map(one, range(n)))
+    for k, client in enumerate(clients):
+        mine = [run for c, run in ids if c == k]
+        statuses = client.wait_all(mine, timeout=120)
+        assert len(statuses) == len(mine) and set(statuses.values()) <= {"completed"}, statuses
     return time.perf_counter() - start
 
 
@@ -172,18 +222,20 @@ def step(
     size: int,
     sleep: float,
     *,
-    client: Any,
+    clients: list[Any],
     submit: ThreadPoolExecutor,
     probe: Probe,
+    queues: QueueDepth,
     trees: dict[str, int],
     ns: argparse.Namespace,
 ) -> dict[str, Any]:
     n = ns.per_process * size
-    batch(client, submit, 2 * size, sleep)  # new pool children start their runners
+    batch(clients, submit, 2 * size, sleep)  # new pool children start their runners
     alone = {"client (submit, wait)": psutil.Process().pid}
     others = others_cpu(tree_pids([*trees.values(), *alone.values()]))
     before, since, start = cpu_snapshot(trees, alone), time.time(), time.perf_counter()
-    rates = [n / batch(client, submit, n, sleep) for _ in range(ns.scaling_rounds)]
+    with queues:
+        rates = [n / batch(clients, submit, n, sleep) for _ in range(ns.scaling_rounds)]
     after, until, elapsed = cpu_snapshot(trees, alone), time.time(), time.perf_counter() - start
     elsewhere = others_by_name(others, others_cpu(tree_pids([*trees.values(), *alone.values()])))
     cores = {name: (after[name] - before[name]) / elapsed for name in after}
@@ -203,6 +255,7 @@ def step(
         "bystander_latency_ms": latency,
         "bystander_latency_p50_ms": statistics.median(latency),
         "bystander_latency_max_ms": max(latency),
+        "queue_depth": queues.summary(),  # messages waiting for a consumer
     }
 
 
@@ -211,9 +264,10 @@ def one_pass(
     levels: list[int],
     *,
     app: Any,
-    client: Any,
+    clients: list[Any],
     submit: ThreadPoolExecutor,
     probe: Probe,
+    queues: QueueDepth,
     trees: dict[str, int],
     ns: argparse.Namespace,
     progress: Progress,
@@ -221,7 +275,7 @@ def one_pass(
     host = socket.gethostname()
     tool_worker, other_worker = f"{TOOL}@{host}", f"{ns.bystander}@{host}"
     resize(app, tool_worker, levels[0])
-    batch(client, submit, 2 * levels[0], sleep)
+    batch(clients, submit, 2 * levels[0], sleep)
     tool_pid = pool(app, tool_worker)["pid"]
     other_before = pool(app, other_worker)
     idle = probe.wait_samples(12, since=time.time())  # the bystander alone
@@ -229,7 +283,16 @@ def one_pass(
     steps = []
     for size in levels:
         grown = resize(app, tool_worker, size)
-        result = step(size, sleep, client=client, submit=submit, probe=probe, trees=trees, ns=ns)
+        result = step(
+            size,
+            sleep,
+            clients=clients,
+            submit=submit,
+            probe=probe,
+            queues=queues,
+            trees=trees,
+            ns=ns,
+        )
         other = pool(app, other_worker)
         result["tool_pool"] = grown
         result["tool_worker_same_process"] = grown["pid"] == tool_pid
@@ -264,7 +327,7 @@ def run(ns: argparse.Namespace, *, progress: Progress) -> dict[str, Any]:
         stack = start_stack(
             services, tmp / "home", workers={TOOL: levels[0], ns.bystander: ns.workers}
         )
-        client = stack.client(stack.tenant("scaling"))
+        clients = [stack.client(stack.tenant(f"scaling-{i}")) for i in range(ns.tenants)]
         probe = Probe(
             stack.settings(stack.tenant("bystander")), ns.bystander, every_s=ns.probe_every
         )
@@ -274,16 +337,18 @@ def run(ns: argparse.Namespace, *, progress: Progress) -> dict[str, Any]:
             f"worker-{ns.bystander}": stack.pid(f"worker-{ns.bystander}"),
             "bystander's agent": probe.pid,
         }
+        queues = QueueDepth(services.redis(), ["results", f"tool.{TOOL}", f"tool.{ns.bystander}"])
         with ThreadPoolExecutor(max_workers=max(ns.submitters, levels[-1])) as submit:
             for sleep in sleeps:
                 passes.append(
                     one_pass(
                         sleep,
                         levels,
-                        app=client.plane.celery,
-                        client=client,
+                        app=clients[0].plane.celery,
+                        clients=clients,
                         submit=submit,
                         probe=probe,
+                        queues=queues,
                         trees=trees,
                         ns=ns,
                         progress=progress,
@@ -325,8 +390,9 @@ def tables(result: dict[str, Any]) -> list[Table]:
     out = []
     cpu = Table(
         "sleep", "pool", "machine", "client", "control", "workers", "PostgreSQL", "rest",
+        "results queued",
         title="cores busy while measuring (CPU s per s; the machine has "
-        f"{result['machine']['cpus']})",
+        f"{result['machine']['cpus']}), results waiting for the control (mean / max)",
     )  # fmt: skip
     for one in result["passes"]:
         t = Table(
@@ -352,7 +418,13 @@ def tables(result: dict[str, Any]) -> list[Table]:
                 f"{s['bystander_latency_p50_ms']:.0f} / {s['bystander_latency_max_ms']:.0f}",
                 "yes" if s["bystander_untouched"] else "NO",
             )
-            cpu.add_row(f"{one['sleep_s']:g} s", str(s["pool"]), *cores(s))
+            queued = s["queue_depth"].get("results", {"mean": 0.0, "max": 0})
+            cpu.add_row(
+                f"{one['sleep_s']:g} s",
+                str(s["pool"]),
+                *cores(s),
+                f"{queued['mean']:.1f} / {queued['max']}",
+            )
         out.append(t)
     return [*out, cpu]
 
