@@ -2,12 +2,15 @@
 
 It looks at what PID 1 runs (``/proc/1/cmdline``) and asks that process itself:
 
-- ``toolplane worker TOOL``: a Celery remote-control ping of its own node,
-  ``TOOL@<hostname>``. The reply comes from the worker's consumer loop over the
-  broker, so it proves both the broker connection and a live worker, which a
-  ping of Redis alone would not (a hung worker keeps its Redis socket).
-- ``toolplane control``: the same ping of ``control@<hostname>``, and
-  ``select 1`` on the database.
+- ``toolplane worker TOOL``: a Redis ``PING`` as the worker's own broker user (its
+  URL, its password). Not a Celery ping of its node: that user may not broadcast
+  remote control nor read the replies (control.brokeracl), so this shows that the
+  broker is reachable and the worker's credentials work, not that its consumer loop
+  is alive (a hung worker keeps its socket). Flower shows a worker whose heartbeats
+  stop as offline.
+- ``toolplane control``: a Celery remote-control ping of ``control@<hostname>``
+  (the reply comes from its consumer loop over the broker, so it proves a live
+  process), and ``select 1`` on the database.
 - ``celery ... flower``: Flower's own ``/healthcheck`` on loopback.
 - anything else (``migrate``, one-off commands): healthy; they end on their own.
 
@@ -38,9 +41,11 @@ __all__ = ["Check", "check_for"]
 
 @dataclass(frozen=True)
 class Check:
-    """What to ask: a Celery node to ping, whether to query the database, a URL to get."""
+    """What to ask: a Celery node to ping, whether to PING the broker or query the database,
+    a URL to get."""
 
     node: str | None = None
+    broker: bool = False
     database: bool = False
     url: str | None = None
 
@@ -53,7 +58,7 @@ def check_for(argv: list[str], hostname: str) -> Check:
         if rest[:1] == ["control"]:
             return Check(node=f"control@{hostname}", database=True)
         if rest[:1] == ["worker"] and len(rest) > 1:
-            return Check(node=f"{rest[1]}@{hostname}")
+            return Check(broker=True)
     if "celery" in names and "flower" in argv:
         port = FLOWER_PORT
         for arg in argv:
@@ -73,6 +78,19 @@ def _ping(node: str, broker_url: str) -> None:
     replies = app.control.ping(destination=[node], timeout=TIMEOUT_S / 2) or []
     if not any(node in reply for reply in replies):
         raise RuntimeError(f"{node} did not answer a ping")
+
+
+def _broker(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(
+        url, socket_timeout=TIMEOUT_S / 2, socket_connect_timeout=TIMEOUT_S / 2
+    )
+    try:
+        if client.ping() is not True:
+            raise RuntimeError("the broker did not answer PING")
+    finally:
+        client.close()
 
 
 def _database(url: str) -> None:
@@ -96,6 +114,8 @@ def main() -> int:
         env = environment(os.environ)
         if check.node is not None:
             _ping(check.node, env["TOOLPLANE_BROKER_URL"])
+        if check.broker:
+            _broker(env["TOOLPLANE_BROKER_URL"])
         if check.database:
             _database(env["TOOLPLANE_DATABASE_URL"])
         if check.url is not None:

@@ -6,6 +6,7 @@ every URL it wrote authenticates as its own user, and each user can do only its 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -14,9 +15,11 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import redis
+from kombu.exceptions import OperationalError
 
 from control import brokeracl
 from control.embedded import _redis_binary
@@ -156,3 +159,34 @@ def test_the_health_user_may_ping_with_any_password_and_nothing_else(server: Ser
         check=False,
     )
     assert done.stdout.strip() == "PONG", done.stdout + done.stderr
+
+
+def load_healthcheck() -> ModuleType:
+    """docker/healthcheck.py, imported from its file as the image runs it (entrypoint beside)."""
+    docker = ROOT / "docker"
+    spec = importlib.util.spec_from_file_location(
+        "docker_healthcheck_acl", docker / "healthcheck.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(60)
+def test_a_workers_healthcheck_works_as_its_own_user_where_a_celery_ping_cannot(
+    server: Server,
+) -> None:
+    healthcheck = load_healthcheck()
+    tool = TOOLS[0]
+    url = (server.files / f"broker_url.{tool}").read_text()
+    assert healthcheck.check_for(["/opt/venv/bin/toolplane", "worker", tool], "h").broker
+    healthcheck._broker(url)  # its PING, as the worker's own user
+    with pytest.raises(redis.AuthenticationError):
+        healthcheck._broker(url.replace("toolplane-tool-", "toolplane-nobody-"))
+    # Why not the remote-control ping the control's check sends: the user may not broadcast.
+    with pytest.raises(OperationalError, match="no permissions to access one of the channels"):
+        healthcheck._ping(f"{tool}@h", url)
+    with pytest.raises(RuntimeError, match="did not answer"):  # the control's user may
+        healthcheck._ping("control@nowhere", (server.files / "broker_url.control").read_text())
