@@ -9,9 +9,11 @@ is visible to anyone who may inspect the container (``docker inspect``, the pod
 spec). So the deployment mounts such values as files, one per variable, named
 for the variable, under ``/run/secrets/env`` (compose secrets, Kubernetes secret
 volumes), and this program exports each into its own environment before it
-replaces itself with the program named. Only ``TOOLPLANE_*``, ``FLOWER_*`` and
-``CELERY_BROKER_URL`` may be set this way, and a variable that is also set in
-the container's environment is refused rather than silently overridden.
+replaces itself with the program named. Only ``TOOLPLANE_*`` and ``FLOWER_*`` may
+be set this way, and a variable that is also set in the container's environment
+is refused rather than silently overridden. Not ``CELERY_BROKER_URL``: Celery
+prefers it to any app's configured broker, so it would replace the process's own
+broker user (control.brokeracl) with whatever it held.
 
 The program is one of a fixed set, run from the image's venv. Exit code 2 and
 one line on stderr for anything refused.
@@ -28,7 +30,7 @@ from pathlib import Path
 SECRETS_DIR = Path("/run/secrets/env")
 VENV_BIN = Path("/opt/venv/bin")
 PROGRAMS = ("toolplane", "celery")
-NAME = re.compile(r"^(TOOLPLANE_[A-Z0-9_]+|FLOWER_[A-Z0-9_]+|CELERY_BROKER_URL)$")
+NAME = re.compile(r"^(TOOLPLANE_[A-Z0-9_]+|FLOWER_[A-Z0-9_]+)$")
 EXIT_USAGE = 2
 
 __all__ = ["SecretEnvError", "environment", "read_secret_env"]

@@ -29,6 +29,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from control import brokeracl
+from control.cli_broker import broker_files, url_file
 from toolplane.errors import SettingsError
 from toolplane.keystore import KeyStore
 
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 HOME = "/var/lib/toolplane"
 SECCOMP = "./seccomp/sandbox.json"
+BROKER_URL_TARGET = "/run/secrets/env/TOOLPLANE_BROKER_URL"
 IN_CI = bool(os.environ.get("CI"))
 
 
@@ -148,8 +151,8 @@ def test_sandbox_service_is_hardened(name):
     assert COMPOSE["networks"]["sandbox"].get("internal") is True
     assert "container_name" not in s and "ports" not in s, "--scale needs neither"
     secrets = secrets_of(s)
-    assert set(secrets) == {"broker_url", "keys_index", f"key_{tool}"}, secrets
-    assert secrets["broker_url"] == "/run/secrets/env/TOOLPLANE_BROKER_URL"
+    assert set(secrets) == {f"broker_url_{tool}", "keys_index", f"key_{tool}"}, secrets
+    assert secrets[f"broker_url_{tool}"] == BROKER_URL_TARGET
     assert secrets[f"key_{tool}"].startswith(f"{HOME}/keys/private/")
 
 
@@ -200,15 +203,66 @@ def test_flower_is_on_loopback_behind_basic_auth():
     flower = SERVICES["flower"]
     assert flower["ports"] and all(str(p).startswith("127.0.0.1:") for p in flower["ports"])
     assert secrets_of(flower)["flower_basic_auth"] == "/run/secrets/env/FLOWER_BASIC_AUTH"
-    assert secrets_of(flower)["broker_url"] == "/run/secrets/env/CELERY_BROKER_URL"
     assert "sandbox" not in networks_of(flower)
 
 
-def test_redis_persists_never_evicts_and_takes_its_password_from_a_secret():
+def test_flower_runs_our_app_as_its_own_broker_user():
+    """control.flower_app: its broker from TOOLPLANE_BROKER_URL (Flower's user), its own
+    unacked keys; a bare `celery flower` would take kombu's shared keys, which the user lacks."""
+    flower = SERVICES["flower"]
+    assert flower["entrypoint"][-2:] == ["/app/entrypoint.py", "celery"]
+    assert flower["command"][:3] == ["-A", "control.flower_app", "flower"]
+    assert importlib.util.find_spec("control.flower_app") is not None
+    assert secrets_of(flower)["broker_url_flower"] == BROKER_URL_TARGET
+    assert not any(t.endswith("CELERY_BROKER_URL") for t in secrets_of(flower).values())
+    visibility = environment_of(SERVICES["control"])["TOOLPLANE_VISIBILITY_TIMEOUT"]
+    assert environment_of(flower)["TOOLPLANE_VISIBILITY_TIMEOUT"] == visibility
+
+
+def broker_secrets(service: dict[str, Any]) -> set[str]:
+    return {source for source in secrets_of(service) if source.startswith("broker_url")}
+
+
+def test_each_process_connects_to_the_broker_as_its_own_user():
+    """A worker service holds its own tool's broker URL and no one else's: not another
+    tool's, not the control's, not Flower's; each secret is a file of its own."""
+    holders: dict[str, list[str]] = {}
+    for name, s in SERVICES.items():
+        for source in broker_secrets(s):
+            holders.setdefault(source, []).append(name)
+            assert secrets_of(s)[source] == BROKER_URL_TARGET, (name, source)
+    for source, names in holders.items():
+        assert len(names) == 1, f"{source} is shared by {names}"
+    for name in WORKERS:
+        assert broker_secrets(SERVICES[name]) == {f"broker_url_{name.removeprefix('worker-')}"}
+    assert broker_secrets(SERVICES["control"]) == {"broker_url_control"}
+    assert broker_secrets(SERVICES["flower"]) == {"broker_url_flower"}
+    for name in ("migrate", "redis", "postgres"):
+        assert not broker_secrets(SERVICES[name]), name
+    files = [COMPOSE["secrets"][source]["file"] for source in holders]
+    assert len(set(files)) == len(files), "two secrets, one file"
+
+
+def test_the_broker_secrets_are_the_files_toolplane_broker_acl_writes():
+    tools = sorted(name.removeprefix("worker-") for name in WORKERS)
+    users = [u.name for u in brokeracl.acl_users(tools, db=0)] + [brokeracl.KEDA_USER]
+    written = set(broker_files(tools, dict.fromkeys(users, "pw")))
+    for process in ["control", "flower", *tools]:
+        file = COMPOSE["secrets"][f"broker_url_{process}"]["file"]
+        assert file == f"./secrets/broker/{url_file(process)}" and url_file(process) in written
+    assert COMPOSE["secrets"]["redis_acl"]["file"] == "./secrets/broker/users.acl"
+    assert "users.acl" in written
+
+
+def test_redis_persists_never_evicts_and_loads_its_users_from_the_acl_file():
     redis = SERVICES["redis"]
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
-    assert secrets_of(redis)["redis_conf"] in redis["command"]
+    assert f"--aclfile {secrets_of(redis)['redis_acl']}" in command
+    assert set(secrets_of(redis)) == {"redis_acl"}
+    assert "requirepass" not in json.dumps(redis) and "redis_conf" not in COMPOSE["secrets"]
+    (test,) = redis["healthcheck"]["test"][1:]
+    assert f"--user {brokeracl.HEALTH_USER} " in test and test.endswith("| grep -q PONG")
     assert redis["volumes"], "AOF needs a volume"
 
 
@@ -267,10 +321,12 @@ def test_the_entrypoint_reads_variables_from_secret_files(tmp_path):
     with pytest.raises(entrypoint.SecretEnvError, match="set both"):
         entrypoint.environment({"TOOLPLANE_BROKER_URL": "x"}, tmp_path)
     assert entrypoint.read_secret_env(tmp_path / "missing") == {}
-    (tmp_path / "LD_PRELOAD").write_text("/tmp/evil.so")
-    with pytest.raises(entrypoint.SecretEnvError, match="not a variable"):
-        entrypoint.read_secret_env(tmp_path)
-    (tmp_path / "LD_PRELOAD").unlink()
+    # CELERY_BROKER_URL would override the app's own broker user (Celery prefers it).
+    for name in ("LD_PRELOAD", "CELERY_BROKER_URL"):
+        (tmp_path / name).write_text("/tmp/evil.so")
+        with pytest.raises(entrypoint.SecretEnvError, match="not a variable"):
+            entrypoint.read_secret_env(tmp_path)
+        (tmp_path / name).unlink()
     (tmp_path / "FLOWER_BASIC_AUTH").write_text("a:b\nc:d\n")
     with pytest.raises(entrypoint.SecretEnvError, match="one non-empty line"):
         entrypoint.read_secret_env(tmp_path)
@@ -617,6 +673,30 @@ WORKLOADS = {**of_kind("Deployment"), **of_kind("StatefulSet"), **of_kind("Job")
 WORKER_DEPLOYMENTS = sorted(n for n in of_kind("Deployment") if n.startswith("worker-"))
 
 
+def pod_secrets(pod: dict[str, Any]) -> set[str]:
+    """The Secrets a pod mounts, as volumes or in projected volumes."""
+    found: set[str] = set()
+    for volume in pod.get("volumes", []):
+        if "secret" in volume:
+            found.add(volume["secret"]["secretName"])
+        for source in volume.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                found.add(source["secret"]["name"])
+    return found
+
+
+def env_files(pod: dict[str, Any]) -> dict[str, str]:
+    """File under /run/secrets/env (a variable, for the entrypoint) -> the Secret it is from."""
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/run/secrets/env"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return {
+        item["path"]: source["secret"]["name"]
+        for source in volume["projected"]["sources"]
+        for item in source["secret"]["items"]
+    }
+
+
 def tool_of(deployment: dict[str, Any]) -> str:
     return deployment["spec"]["template"]["metadata"]["labels"]["toolplane.io/tool"]
 
@@ -697,16 +777,11 @@ def test_worker_deployment_is_hardened(name):
         assert not SECRET_NAME.search(variable["name"]) and not CREDENTIAL_URL.search(
             variable.get("value", "")
         )
-    secrets: set[str] = set()
     for volume in volumes.values():
-        if "secret" in volume:
-            secrets.add(volume["secret"]["secretName"])
-        for source in volume.get("projected", {}).get("sources", []):
-            if "secret" in source:
-                secrets.add(source["secret"]["name"])
         if "persistentVolumeClaim" in volume:
             assert volume["persistentVolumeClaim"].get("readOnly") is True
-    assert secrets == {"toolplane-broker", f"toolplane-key-{tool.replace('_', '-')}"}
+    dashed = tool.replace("_", "-")
+    assert pod_secrets(pod) == {f"toolplane-broker-{dashed}", f"toolplane-key-{dashed}"}
     for mount in mounts.values():
         if mount["name"] not in ("tmp", "scratch"):
             assert mount.get("readOnly") is True, mount
@@ -729,7 +804,8 @@ def test_keda_scales_each_worker_deployment_on_its_queue(name):
         "via TriggerAuthentication"
     )
     auth = of_kind("TriggerAuthentication")[trigger["authenticationRef"]["name"]]
-    assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"address", "password"}
+    parameters = {r["parameter"] for r in auth["spec"]["secretTargetRef"]}
+    assert parameters == {"address", "username", "password"}, "KEDA's own Redis user"
 
 
 def allowed_peers(pod: dict[str, str], direction: str) -> list[dict[str, Any]]:
@@ -788,7 +864,7 @@ def test_flower_is_cluster_internal_behind_basic_auth_from_a_secret():
     assert of_kind("Service")["flower"]["spec"]["type"] == "ClusterIP"
     pod = of_kind("Deployment")["flower"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["command"][-1] == "celery" and container["args"][0] == "flower"
+    assert container["command"][-1] == "celery"
     assert not any("basic_auth" in arg for arg in container["args"])
     env = next(v for v in pod["volumes"] if v["name"] == "env")
     paths = {
@@ -797,6 +873,15 @@ def test_flower_is_cluster_internal_behind_basic_auth_from_a_secret():
         for item in source["secret"]["items"]
     }
     assert ("toolplane-flower", "FLOWER_BASIC_AUTH") in paths
+    assert ("toolplane-broker-flower", "TOOLPLANE_BROKER_URL") in paths
+    assert not any(path == "CELERY_BROKER_URL" for _, path in paths)
+    assert container["args"][:3] == ["-A", "control.flower_app", "flower"]
+    visibility = {v["name"]: v["value"] for v in container["env"]}["TOOLPLANE_VISIBILITY_TIMEOUT"]
+    control = of_kind("Deployment")["control"]["spec"]["template"]["spec"]["containers"][0]
+    assert (
+        visibility
+        == {v["name"]: v["value"] for v in control["env"]}["TOOLPLANE_VISIBILITY_TIMEOUT"]
+    )
     ingress = allowed_peers(pod_labels("flower")[0], "ingress")
     assert ingress and all(
         p.get("podSelector", {}).get("matchLabels") == {"toolplane.io/flower-client": "true"}
@@ -810,6 +895,40 @@ def test_the_migrate_job_and_the_control_hold_what_workers_must_not():
     control = of_kind("Deployment")["control"]["spec"]["template"]["spec"]
     secret_volumes = {v["secret"]["secretName"] for v in control["volumes"] if "secret" in v}
     assert secret_volumes == {"toolplane-key-control"}
+
+
+def test_each_k8s_process_connects_to_the_broker_as_its_own_user():
+    """As in compose: a Secret per process's broker URL, each mounted by one workload only."""
+    holders: dict[str, list[str]] = {}
+    for name, workload in WORKLOADS.items():
+        pod = workload["spec"]["template"]["spec"]
+        for secret in pod_secrets(pod):
+            if secret.startswith("toolplane-broker"):
+                holders.setdefault(secret, []).append(name)
+                assert env_files(pod)["TOOLPLANE_BROKER_URL"] == secret, name
+    for secret, names in holders.items():
+        assert len(names) == 1, f"{secret} is mounted by {names}"
+    expected = {f"toolplane-broker-{n.removeprefix('worker-')}": [n] for n in WORKER_DEPLOYMENTS}
+    expected |= {
+        "toolplane-broker-control": ["control"],
+        "toolplane-broker-flower": ["flower"],
+    }
+    assert holders == expected
+
+
+def test_k8s_redis_loads_its_users_from_the_acl_file():
+    redis = of_kind("StatefulSet")["redis"]
+    assert "requirepass" not in json.dumps(redis)
+    pod = redis["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    aclfile = args[args.index("--aclfile") + 1]
+    (mount,) = [m for m in container["volumeMounts"] if aclfile.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "toolplane-redis"
+    assert volume["secret"]["items"] == [{"key": "users.acl", "path": aclfile.rsplit("/", 1)[1]}]
+    probe = container["readinessProbe"]["exec"]["command"][-1]
+    assert f"--user {brokeracl.HEALTH_USER} " in probe and probe.endswith("| grep -q PONG")
 
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
