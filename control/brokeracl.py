@@ -28,7 +28,7 @@ import hashlib
 import re
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import celeryconfig
 
@@ -41,8 +41,10 @@ __all__ = [
     "AclUser",
     "acl_users",
     "flatten_for_redis6",
+    "for_server",
     "keda_user",
     "new_password",
+    "parse_version",
     "password_sha256",
     "render_aclfile",
     "tool_user",
@@ -202,6 +204,28 @@ def flatten_for_redis6(user: AclUser) -> AclUser:
     return AclUser(user.name, commands, keys, channels)
 
 
+def for_server(user: AclUser, version: tuple[int, int]) -> AclUser:
+    """``user`` as a Redis of ``version`` takes it.
+
+    Before 7.0, flattened (``flatten_for_redis6``). From 7.2 on, redis-py's ``CLIENT SETINFO``
+    at connect (which redis-py lets fail) is allowed, so that it fills no ACL log; 7.0 does not
+    know the command and would refuse the whole file.
+    """
+    if version < (7, 0):
+        return flatten_for_redis6(user)
+    if version >= (7, 2) and "+client|setname" in user.commands.split():
+        return replace(user, commands=f"{user.commands} +client|setinfo")
+    return user
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """``"7.0.15"`` -> ``(7, 0)``; a ValueError names what it could not read."""
+    parts = text.strip().split(".")
+    if len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
+        raise ValueError(f"{text!r} is not a Redis version (MAJOR.MINOR)")
+    return int(parts[0]), int(parts[1])
+
+
 def new_password() -> str:
     return secrets.token_urlsafe(24)
 
@@ -214,18 +238,18 @@ def render_aclfile(
     users: Iterable[AclUser],
     passwords: Mapping[str, str],
     *,
-    redis7: bool = True,
+    server: tuple[int, int] = (7, 0),
     health: bool = False,
 ) -> str:
-    """A Redis aclfile: the default user off, then each user with its password's SHA-256.
+    """A Redis aclfile for a Redis ``server`` version: the default user off, then each user
+    with its password's SHA-256.
 
     ``health`` adds ``HEALTH_USER``: on, no password (any password is accepted), PING only, for
     container healthchecks that hold no broker secret.
     """
     lines = ["user default off resetkeys resetchannels -@all"]
     for user in users:
-        if not redis7:
-            user = flatten_for_redis6(user)
+        user = for_server(user, server)
         rules = user.rules(password_sha256=password_sha256(passwords[user.name]))
         lines.append(" ".join(["user", user.name, *rules[1:]]))  # an aclfile line takes no reset
     if health:

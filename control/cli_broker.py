@@ -69,11 +69,12 @@ def broker_files(
     port: int = 6379,
     db: int = 0,
     tls: bool = False,
+    server: tuple[int, int] = (7, 4),
 ) -> dict[str, str]:
     """File name -> content of every file but passwords.json; every user needs its password."""
     base = _base_url(host, port, db, tls)
     users = [*brokeracl.acl_users(tools, db=db), brokeracl.keda_user()]
-    files = {ACLFILE: brokeracl.render_aclfile(users, passwords, health=True)}
+    files = {ACLFILE: brokeracl.render_aclfile(users, passwords, server=server, health=True)}
     processes = {"control": brokeracl.CONTROL_USER, "flower": brokeracl.FLOWER_USER}
     processes |= {tool: brokeracl.tool_user(tool) for tool in sorted(set(tools))}
     for process, user in processes.items():
@@ -148,6 +149,10 @@ def broker_acl(
     tls: Annotated[
         bool, typer.Option("--tls", help="rediss:// URLs that verify the server's certificate.")
     ] = False,
+    redis_version: Annotated[
+        str,
+        typer.Option(help="The Redis that loads the file (MAJOR.MINOR; docker/ runs 7.4)."),
+    ] = "7.4",
 ) -> None:
     """Write Redis' ACL file and one broker URL per process: control, Flower, each tool.
 
@@ -156,6 +161,16 @@ def broker_acl(
     OUT_DIR/passwords.json: running it again changes nothing, a new tool adds its user.
     """
     _base_url(host, port, db, tls)  # bad options fail before anything is loaded or written
+    try:
+        server = brokeracl.parse_version(redis_version)
+    except ValueError as e:
+        raise UsageError(str(e), field="--redis-version") from e
+    if server < (7, 0):
+        raise UsageError(
+            "must be 7.0 or newer: older Redis cannot keep a tool's workers from reading "
+            "`results` (no read/write key permissions, no selectors)",
+            field="--redis-version",
+        )
     from sandbox_tasks.registry import load_tools
 
     tools = sorted(load_tools(load_settings().extra_tool_modules))
@@ -167,7 +182,7 @@ def broker_acl(
         # The passwords first: every hash in users.acl is then one whose password is kept.
         saved = json.dumps(passwords, indent=2, sort_keys=True) + "\n"
         changed = [PASSWORDS] if _write(out_dir / PASSWORDS, saved) else []
-        files = broker_files(tools, passwords, host=host, port=port, db=db, tls=tls)
+        files = broker_files(tools, passwords, host=host, port=port, db=db, tls=tls, server=server)
         changed += [name for name, content in files.items() if _write(out_dir / name, content)]
     except OSError as e:
         raise UsageError(

@@ -201,12 +201,11 @@ def _ensure_users(home: Path, info: dict[str, Any], tools: list[str]) -> dict[st
     names = {"control": brokeracl.CONTROL_USER, "flower": brokeracl.FLOWER_USER}
     names.update({f"worker-{t}": brokeracl.tool_user(t) for t in tools})
     passwords = _credentials(rdir, [u.name for u in users])
-    redis7 = int(str(info.get("version", "6")).split(".")[0]) >= 7
+    server = brokeracl.parse_version(str(info.get("version", "6.2")))
     client = redis.Redis.from_url(info["url"], socket_timeout=10)
     try:
         for user in users:
-            if not redis7:
-                user = brokeracl.flatten_for_redis6(user)
+            user = brokeracl.for_server(user, server)
             rules = user.rules(password_sha256=brokeracl.password_sha256(passwords[user.name]))
             client.execute_command("ACL", "SETUSER", user.name, *rules)
         client.execute_command("ACL", "SAVE")  # kept across a restart of the server

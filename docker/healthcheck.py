@@ -3,11 +3,11 @@
 It looks at what PID 1 runs (``/proc/1/cmdline``) and asks that process itself:
 
 - ``toolplane worker TOOL``: a Redis ``PING`` as the worker's own broker user (its
-  URL, its password). Not a Celery ping of its node: that user may not broadcast
-  remote control nor read the replies (control.brokeracl), so this shows that the
-  broker is reachable and the worker's credentials work, not that its consumer loop
-  is alive (a hung worker keeps its socket). Flower shows a worker whose heartbeats
-  stop as offline.
+  URL, its password), and the age of the file the worker touches at each Celery
+  heartbeat (``$TOOLPLANE_HOME/scratch/heartbeat.TOOL``, every 2 s; see
+  sandbox_tasks.worker.heartbeat_path): the broker answers, the credentials work and
+  the worker's event loop runs. Not a Celery ping of its node: that user may not
+  broadcast remote control nor read the replies (control.brokeracl).
 - ``toolplane control``: a Celery remote-control ping of ``control@<hostname>``
   (the reply comes from its consumer loop over the broker, so it proves a live
   process), and ``select 1`` on the database.
@@ -25,6 +25,7 @@ import os
 import re
 import socket
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ class Check:
 
     node: str | None = None
     broker: bool = False
+    heartbeat: str | None = None  # the tool whose worker's heartbeat file must be fresh
     database: bool = False
     url: str | None = None
 
@@ -58,7 +60,7 @@ def check_for(argv: list[str], hostname: str) -> Check:
         if rest[:1] == ["control"]:
             return Check(node=f"control@{hostname}", database=True)
         if rest[:1] == ["worker"] and len(rest) > 1:
-            return Check(broker=True)
+            return Check(broker=True, heartbeat=rest[1])
     if "celery" in names and "flower" in argv:
         port = FLOWER_PORT
         for arg in argv:
@@ -93,6 +95,19 @@ def _broker(url: str) -> None:
         client.close()
 
 
+HEARTBEAT_MAX_AGE_S = 30.0  # fifteen missed heartbeats
+
+
+def _heartbeat(home: str, tool: str) -> None:
+    beat = Path(home) / "scratch" / f"heartbeat.{tool}"
+    try:
+        age = time.time() - beat.stat().st_mtime
+    except FileNotFoundError:
+        raise RuntimeError(f"{beat}: no heartbeat yet") from None
+    if age > HEARTBEAT_MAX_AGE_S:
+        raise RuntimeError(f"{beat}: last heartbeat {age:.0f} s ago")
+
+
 def _database(url: str) -> None:
     import psycopg
 
@@ -116,6 +131,8 @@ def main() -> int:
             _ping(check.node, env["TOOLPLANE_BROKER_URL"])
         if check.broker:
             _broker(env["TOOLPLANE_BROKER_URL"])
+        if check.heartbeat is not None:
+            _heartbeat(env.get("TOOLPLANE_HOME", "/var/lib/toolplane"), check.heartbeat)
         if check.database:
             _database(env["TOOLPLANE_DATABASE_URL"])
         if check.url is not None:

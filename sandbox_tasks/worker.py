@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import redis
@@ -147,6 +148,15 @@ def _already_ran(raw: Any, claims: RedisClaims) -> bool:
     return isinstance(job_id, str) and len(job_id) <= 300 and claims.done(job_id)
 
 
+def heartbeat_path(scratch: Path, tool: str) -> Path:
+    """The file a tool's worker touches at each Celery heartbeat (every 2 s): its liveness.
+
+    A container's healthcheck reads its age (docker/healthcheck.py): a Redis PING proves the
+    broker answers, this proves the worker's event loop still runs.
+    """
+    return scratch / f"heartbeat.{tool}"
+
+
 def build_worker_app(
     deps: WorkerDeps, *, broker_url: str, visibility_timeout: int, queue_wait_s: int = 60
 ) -> Celery:
@@ -187,6 +197,15 @@ def build_worker_app(
             # Published first, then done: a crash in between re-runs the job,
             # and control accepts only one result per (node, attempt).
             deps.claims.complete(result.job_id, keep_ms=keep_ms)
+
+    beat = heartbeat_path(deps.context.scratch_dir, deps.spec.name)
+
+    @signals.heartbeat_sent.connect(weak=False)
+    def alive(sender: Any = None, **_: Any) -> None:
+        try:
+            beat.touch()
+        except OSError as e:  # a full or read-only scratch must not stop the worker
+            log.warning("worker.heartbeat_file path=%s error=%s", beat, e)
 
     @signals.worker_ready.connect(weak=False)
     def announce(sender: Any = None, **_: Any) -> None:

@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from control import brokeracl, processes
 from control.embedded import _redis_binary
 from control.runtime import ControlPlane
 from sandbox_tasks.registry import load_tools
+from sandbox_tasks.worker import heartbeat_path
 from tests.harness import Services, Stack, _libpq, start_stack, stop_stack, wait_for
 from tests.integration.test_flower import free_port, get
 
@@ -59,7 +61,9 @@ class AclRedis:
         admin_hash = brokeracl.password_sha256(self.passwords[brokeracl.ADMIN_USER])
         aclfile = home / "users.acl"
         aclfile.write_text(
-            brokeracl.render_aclfile(self.users, self.passwords)
+            brokeracl.render_aclfile(
+                self.users, self.passwords, server=brokeracl.parse_version(version)
+            )
             + f"user {brokeracl.ADMIN_USER} on #{admin_hash} ~* &* +@all\n"
         )
         self.port = free_port()
@@ -153,6 +157,10 @@ def test_every_worker_serves_its_queue_as_its_own_user_and_nothing_is_denied(
     run = client.run_workflow("repo-review", {"query": "receipts", "path": "README.md"}, wait=True)
     assert run.status == "completed", run
     assert acl_redis.denials() == [], "the ACL refused something the stack needs"
+    # Each worker's event loop touches its heartbeat file (containers' healthcheck reads it).
+    for tool in CALLS:
+        beat = heartbeat_path(acl_stack.home / "scratch", tool)
+        assert time.time() - beat.stat().st_mtime < 10, tool
 
 
 @pytest.mark.timeout(180)

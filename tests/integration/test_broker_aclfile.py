@@ -66,7 +66,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     env = {k: v for k, v in os.environ.items() if k != "TOOLPLANE_EXTRA_TOOLS"}
     done = subprocess.run(
         [sys.executable, "-m", "control.cli", "broker-acl", str(home / "broker")]
-        + ["--host", "127.0.0.1", "--port", str(port)],
+        + ["--host", "127.0.0.1", "--port", str(port), "--redis-version", version],
         cwd=ROOT,
         env=env,
         capture_output=True,

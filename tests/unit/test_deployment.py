@@ -340,8 +340,9 @@ def test_the_healthcheck_asks_the_process_pid_1_runs():
     check_for = healthcheck.check_for
     venv = ["/opt/venv/bin/python", "/opt/venv/bin/toolplane"]
     worker = check_for([*venv, "worker", "lint_python", "--concurrency", "2"], "c0ffee")
-    # Its broker user may not broadcast a ping to its own node: a PING as that user instead.
-    assert worker == healthcheck.Check(broker=True)
+    # Its broker user may not broadcast a ping to its own node: a PING as that user instead,
+    # and the age of the file its event loop touches at every heartbeat.
+    assert worker == healthcheck.Check(broker=True, heartbeat="lint_python")
     control = check_for([*venv, "control", "--concurrency", "4"], "c0ffee")
     assert (control.node, control.database) == ("control@c0ffee", True)
     flower = check_for(
@@ -349,6 +350,25 @@ def test_the_healthcheck_asks_the_process_pid_1_runs():
     )
     assert flower.url == "http://127.0.0.1:5566/healthcheck"
     assert check_for([*venv, "migrate"], "x") == healthcheck.Check()
+
+
+def test_a_worker_whose_heartbeats_stopped_is_unhealthy(tmp_path):
+    import os
+    import time
+
+    from sandbox_tasks.worker import heartbeat_path
+
+    healthcheck = load_module("healthcheck")
+    beat = heartbeat_path(tmp_path / "scratch", "lint_python")
+    with pytest.raises(RuntimeError, match="no heartbeat yet"):
+        healthcheck._heartbeat(str(tmp_path), "lint_python")
+    beat.parent.mkdir()
+    beat.touch()
+    healthcheck._heartbeat(str(tmp_path), "lint_python")  # fresh: healthy
+    stale = time.time() - healthcheck.HEARTBEAT_MAX_AGE_S - 5
+    os.utime(beat, (stale, stale))
+    with pytest.raises(RuntimeError, match="last heartbeat"):
+        healthcheck._heartbeat(str(tmp_path), "lint_python")
 
 
 # -- images -------------------------------------------------------------------------------
