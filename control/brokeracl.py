@@ -92,6 +92,9 @@ _BINDING_KEYS = " ".join(
 )
 
 
+_REPLY_QUEUE = "????????-????-????-????-????????????.reply.celery.pidbox"  # <uuid>.reply...
+
+
 @dataclass(frozen=True)
 class AclUser:
     """One user's rules, without its password: commands, keys, channels, and selectors."""
@@ -157,23 +160,32 @@ def acl_users(tools: Iterable[str], *, db: int) -> list[AclUser]:
                 *celeryconfig.unacked_keys(queue).values(),
                 f"{celeryconfig.claims_prefix(tool)}*",
                 f"{tool}@*.celery.pidbox*",  # its own pidbox queue (node name X@host)
-                _BINDING_KEYS,
+                # The fanout table its pidbox queue is bound in (never read when publishing).
+                # Its pidbox queue does not expire (sandbox_tasks.worker), so it runs none of
+                # kombu's binding scripts and needs no other binding table nor the deadlines.
+                "_kombu.binding.celery.pidbox _kombu.binding_permanent.celery.pidbox",
             ]
         )
+        client = _CLIENT if db else _CLIENT.replace("+select ", "")  # db 0: no other database
         users.append(
             AclUser(
                 tool_user(tool),
-                commands=f"{_CLIENT} {_CONSUMER} {_BINDINGS} {_PUBSUB_OUT}",
+                commands=f"{client} {_CONSUMER} {_BINDINGS} {_PUBSUB_OUT}",
                 keys=" ".join(
                     [
                         _keys("", own),
+                        # To find a reply's queue; a worker that could write this table could
+                        # make every node (the control too) push its reply into any key.
                         _keys("%R", "_kombu.binding.reply.celery.pidbox"),
-                        # Replies to remote control, and results: pushed, never read.
-                        _keys("%W", f"*.reply.celery.pidbox* {celeryconfig.RESULTS_QUEUE}"),
                     ]
                 ),
                 channels=f"&{events}",  # events out
-                selectors=(f"{_PUBSUB_IN} &{pidbox}",),  # remote control in
+                selectors=(
+                    f"{_PUBSUB_IN} &{pidbox}",  # remote control in
+                    # Results and replies to remote control: LPUSH only. Not DEL, SET or HSET
+                    # (a `results` turned into a string would stop every ingest), never read.
+                    f"+lpush %W~{celeryconfig.RESULTS_QUEUE} %W~{_REPLY_QUEUE}",
+                ),
             )
         )
     return users
@@ -195,13 +207,14 @@ def keda_user() -> AclUser:
 
 def flatten_for_redis6(user: AclUser) -> AclUser:
     """The same user for Redis 6.2: no ``%R~``/``%W~`` and no selectors (weaker, see above)."""
-    keys = re.sub(r"%[RW]+~", "~", user.keys)
-    commands, channels = user.commands, user.channels
+    keys, commands, channels = user.keys, user.commands, user.channels
     for selector in user.selectors:
         words = selector.split()
         commands += " " + " ".join(w for w in words if w[0] in "+-")
+        keys += " " + " ".join(w for w in words if w[0] in "%~")
         channels += " " + " ".join(w for w in words if w.startswith("&"))
-    return AclUser(user.name, commands, keys, channels)
+    keys = re.sub(r"%[RW]+~", "~", keys)
+    return AclUser(user.name, commands, keys.strip(), channels)
 
 
 def for_server(user: AclUser, version: tuple[int, int]) -> AclUser:

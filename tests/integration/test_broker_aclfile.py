@@ -186,7 +186,7 @@ def test_a_workers_healthcheck_works_as_its_own_user_where_a_celery_ping_cannot(
     with pytest.raises(redis.AuthenticationError):
         healthcheck._broker(url.replace("toolplane-tool-", "toolplane-nobody-"))
     # Why not the remote-control ping the control's check sends: the user may not broadcast.
-    with pytest.raises(OperationalError, match="no permissions to access one of the channels"):
+    with pytest.raises((OperationalError, redis.exceptions.NoPermissionError), match="no perm"):
         healthcheck._ping(f"{tool}@h", url)
     with pytest.raises(RuntimeError, match="did not answer"):  # the control's user may
         healthcheck._ping("control@nowhere", (server.files / "broker_url.control").read_text())
