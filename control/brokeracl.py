@@ -29,6 +29,7 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from urllib.parse import quote
 
 import celeryconfig
 
@@ -274,6 +275,4 @@ def url_for(base_url: str, user: str, password: str) -> str:
     """``base_url`` (redis://host:port/db) with ``user`` and ``password`` in it."""
     scheme, _, rest = base_url.partition("://")
     host = rest.rsplit("@", 1)[-1]
-    from urllib.parse import quote
-
     return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}"

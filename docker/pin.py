@@ -43,9 +43,9 @@ def closure(roots: list[Requirement]) -> dict[str, str]:
     """Every distribution ``roots`` need, by canonical name, with its installed version."""
     pinned: dict[str, str] = {}
     seen: set[tuple[str, frozenset[str]]] = set()
-    todo = [(r, set(r.extras)) for r in roots]
-    while todo:
-        requirement, extras = todo.pop()
+    pending = [(r, set(r.extras)) for r in roots]
+    while pending:
+        requirement, extras = pending.pop()
         name = canonicalize_name(requirement.name)
         if (name, frozenset(extras)) in seen:
             continue
@@ -55,7 +55,7 @@ def closure(roots: list[Requirement]) -> dict[str, str]:
         for line in dist.requires or []:
             child = Requirement(line)
             if _wanted(child, extras):
-                todo.append((child, set(child.extras)))
+                pending.append((child, set(child.extras)))
     return pinned
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 import psycopg
+import pytest
 import redis
 from sqlalchemy.engine import make_url
 
@@ -404,3 +405,16 @@ def wait_for(predicate: Any, *, timeout: float = 30, interval: float = 0.1, what
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def require_redis7(why: str) -> tuple[str, str]:
+    """The redis-server embedded mode would use, if it is Redis 7 (else skip; under CI, fail)."""
+    from control.embedded import _redis_binary
+
+    binary, version = _redis_binary()
+    if int(version.split(".")[0]) < 7:
+        reason = f"no Redis 7 redis-server on PATH (found {version}): {why}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return binary, version

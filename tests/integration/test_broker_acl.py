@@ -11,7 +11,6 @@ stream, administrative commands.
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 import socket
 import subprocess
@@ -29,11 +28,18 @@ import redis
 from sqlalchemy.engine import make_url
 
 from control import brokeracl, processes
-from control.embedded import _redis_binary
 from control.runtime import ControlPlane
 from sandbox_tasks.registry import load_tools
 from sandbox_tasks.worker import heartbeat_path
-from tests.harness import Services, Stack, _libpq, start_stack, stop_stack, wait_for
+from tests.harness import (
+    Services,
+    Stack,
+    _libpq,
+    require_redis7,
+    start_stack,
+    stop_stack,
+    wait_for,
+)
 from tests.integration.test_flower import free_port, get
 
 pytestmark = pytest.mark.integration
@@ -49,12 +55,7 @@ CALLS = {
 
 class AclRedis:
     def __init__(self, home: Path) -> None:
-        binary, version = _redis_binary()
-        if int(version.split(".")[0]) < 7:
-            reason = f"no Redis 7 redis-server on PATH (found {version}): ACL selectors need it"
-            if os.environ.get("CI"):
-                pytest.fail(reason)
-            pytest.skip(reason)
+        binary, version = require_redis7("ACL selectors need it")
         self.users = brokeracl.acl_users(TOOLS, db=0)
         self.passwords = {u.name: brokeracl.new_password() for u in self.users}
         self.passwords[brokeracl.ADMIN_USER] = brokeracl.new_password()

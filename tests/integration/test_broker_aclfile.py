@@ -22,9 +22,8 @@ import redis
 from kombu.exceptions import OperationalError
 
 from control import brokeracl
-from control.embedded import _redis_binary
 from sandbox_tasks.registry import load_tools
-from tests.harness import wait_for
+from tests.harness import require_redis7, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -55,12 +54,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    binary, version = _redis_binary()
-    if int(version.split(".")[0]) < 7:
-        reason = f"no Redis 7 redis-server on PATH (found {version}): the ACL file needs it"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    binary, version = require_redis7("the ACL file needs it")
     home = tmp_path_factory.mktemp("broker-acl")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TOOLPLANE_EXTRA_TOOLS"}
