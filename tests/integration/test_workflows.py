@@ -184,7 +184,9 @@ def test_idempotency_key_same_request_same_run_other_request_refused(
 
 def test_cancel_stops_dispatch_and_ignores_the_late_result(stack: Stack, token: str) -> None:
     client = stack.client(token)
-    run_id = client.submit_workflow(parse_workflow(CHAIN, source="chain.yaml"), {"first": 2})
+    # a sleeps 6 s (its limit is 8 s) so that the cancel, a CLI process started on a
+    # loaded CI machine, lands while a is still running.
+    run_id = client.submit_workflow(parse_workflow(CHAIN, source="chain.yaml"), {"first": 6})
     job = f"{run_id}/a/1"
     wait_for(lambda: stack.starts("sleepy", job) == 1, timeout=30, what="a to start")
     done = stack.cli("runs", "cancel", run_id, "--reason", "changed my mind", "--json", token=token)
