@@ -12,6 +12,7 @@ import os
 from celery import Celery
 
 import celeryconfig
+from control.broker_screen import screened
 
 _url = os.environ.get("TOOLPLANE_BROKER_URL")
 if not _url:
@@ -25,3 +26,4 @@ app.conf.update(
         unacked_owner="flower",
     )
 )
+app.conf.update(screened(_url))  # a worker may publish anything on the events channel

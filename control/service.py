@@ -25,6 +25,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 import celeryconfig
 from celeryconfig import RESTORE_INTERVAL_S
+from control import broker_screen
 from control.approvals import expire_approvals
 from control.dispatch import publish_pending
 from control.ingest import ingest_result, record_unprocessable, register_manifest
@@ -49,6 +50,7 @@ def _only_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
     app = plane.celery
     app.conf.task_default_queue = celeryconfig.RESULTS_QUEUE
+    app.conf.worker_consumer = broker_screen.CONSUMER_PATH  # a worker may push anything there
 
     def settle(tenant_id: str, job_id: str, charged_ms: int | None) -> None:
         store = plane.entitlements

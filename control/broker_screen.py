@@ -1,0 +1,283 @@
+"""A kombu Redis transport that sets aside what is not a kombu message instead of dying on it.
+
+A tool's workers may LPUSH onto ``results`` (control.brokeracl), so whoever runs code in a
+worker can push anything there. kombu's Redis transport decodes each popped item before any
+of Celery's error handling sees it: an item that is not JSON, or JSON that is not a kombu
+envelope (``properties.delivery_tag``, a base64 ``body``...), raises out of the event loop and
+the control's consumer exits ("Unrecoverable error"), with every other tenant's results left
+unread. Its pub/sub path (events, remote control) fails the same way on a JSON value that is
+not an envelope, or on JSON nested past Python's recursion limit.
+
+``ScreenedTransport`` checks each item where it is read (the BRPOP and RPOP replies, and
+pub/sub messages) against what kombu's ``Message`` needs, before kombu decodes it. An item
+that fails is logged (``broker.rejected``) and set aside on the capped list
+``toolplane:rejected`` (its queue, the rule it broke, its size, sha256 and first bytes), and
+the consumer goes on. What passes is a well-formed envelope; Celery then handles a body it
+cannot decode, an unknown task or a disallowed content type by rejecting that message, and
+ingest records a result it cannot verify.
+
+Redis only: on AMQP, the broker frames each message, and kombu's decoding errors reach
+Celery's own handlers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery.worker.consumer import Consumer
+from kombu.transport import redis as kombu_redis
+from vine import promise
+
+__all__ = [
+    "GuardedConsumer",
+    "REJECTED_KEY",
+    "REJECTED_KEEP",
+    "ScreenedChannel",
+    "ScreenedTransport",
+    "envelope_problem",
+    "task_problem",
+    "screened",
+]
+
+log = logging.getLogger("toolplane.broker")
+
+REJECTED_KEY = "toolplane:rejected"
+REJECTED_KEEP = 1000
+"""How many rejected items ``toolplane:rejected`` keeps (the newest)."""
+HEAD_BYTES = 512
+"""How much of a rejected item is kept (its size and sha256 are kept whole)."""
+
+TRANSPORT_PATH = "control.broker_screen:ScreenedTransport"
+CONSUMER_PATH = "control.broker_screen:GuardedConsumer"
+
+
+def _check_envelope(payload: Any) -> str | None:
+    if not isinstance(payload, dict):
+        return f"not a JSON object ({type(payload).__name__})"
+    properties = payload.get("properties")
+    if not isinstance(properties, dict):
+        return "properties: not an object"
+    tag = properties.get("delivery_tag")
+    if not isinstance(tag, str) or not tag:
+        return "properties.delivery_tag: not a non-empty string"
+    if properties.get("delivery_info") is not None and not isinstance(
+        properties["delivery_info"], dict
+    ):
+        return "properties.delivery_info: not an object"
+    encoding = properties.get("body_encoding")
+    if encoding not in (None, "base64"):
+        return f"properties.body_encoding: {encoding!r} is not base64"
+    if payload.get("headers") is not None and not isinstance(payload["headers"], dict):
+        return "headers: not an object"
+    for name in ("content-type", "content-encoding"):
+        if payload.get(name) is not None and not isinstance(payload[name], str):
+            return f"{name}: not a string"
+    body = payload.get("body")
+    if body is None or body == "":
+        return None
+    if not isinstance(body, str):
+        return "body: not a string"
+    if encoding == "base64":
+        try:
+            base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            return "body: not base64"
+    return None
+
+
+def envelope_problem(item: bytes | str) -> str | None:
+    """Why ``item`` (one message as stored in a Redis list) is not a kombu message, or None."""
+    try:
+        text = item.decode("utf-8") if isinstance(item, bytes) else item
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    try:
+        payload = json.loads(text)
+    except RecursionError:
+        return "JSON nested too deep"
+    except ValueError as e:
+        return f"not JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else "not JSON"
+    try:
+        return _check_envelope(payload)
+    except RecursionError:
+        return "JSON nested too deep"
+
+
+class ScreenedChannel(kombu_redis.Channel):
+    """kombu's Redis channel, with every item screened where it is read (see the module)."""
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        client = super()._create_client(asynchronous=asynchronous)
+        callbacks = client.response_callbacks
+        callbacks["BRPOP"] = self._screen_popped(callbacks.get("BRPOP"))
+        callbacks["RPOP"] = self._screen_item(callbacks.get("RPOP"))
+        return client
+
+    def _screen_popped(self, then: Callable[..., Any] | None) -> Callable[..., Any]:
+        def screen(response: Any, **options: Any) -> Any:
+            if response and len(response) == 2 and isinstance(response[1], bytes | str):
+                queue = response[0].decode() if isinstance(response[0], bytes) else response[0]
+                problem = envelope_problem(response[1])
+                if problem is not None:
+                    self._set_aside(queue, response[1], problem)
+                    response = None  # _brpop_read: nothing was read (Empty)
+            return then(response, **options) if then else response
+
+        return screen
+
+    def _screen_item(self, then: Callable[..., Any] | None) -> Callable[..., Any]:
+        def screen(response: Any, **options: Any) -> Any:
+            if isinstance(response, bytes | str) and response:
+                problem = envelope_problem(response)
+                if problem is not None:
+                    self._set_aside("(rpop)", response, problem)
+                    response = None
+            return then(response, **options) if then else response
+
+        return screen
+
+    def _deliver_fanout_message(self, message: Any, exchange: str) -> Any:
+        try:
+            problem = _check_envelope(message)
+        except RecursionError:
+            problem = "JSON nested too deep"
+        if problem is not None:
+            self._set_aside(f"(fanout {exchange})", _dump(message), problem)
+            raise kombu_redis.Empty()
+        return super()._deliver_fanout_message(message, exchange)
+
+    def _set_aside(self, queue: str, item: bytes | str, problem: str) -> None:
+        raw = item.encode("utf-8", "surrogateescape") if isinstance(item, str) else item
+        record = {
+            "queue": queue,
+            "problem": problem,
+            "size": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "head": raw[:HEAD_BYTES].decode("utf-8", "replace"),
+            "at": time.time(),
+        }
+        log.error(
+            "broker.rejected queue=%s problem=%r size=%s sha256=%s",
+            queue,
+            problem,
+            record["size"],
+            record["sha256"][:16],
+        )
+        try:  # on the channel's other pool: the reply being parsed holds this connection
+            client = super()._create_client(asynchronous=False)
+            with client.pipeline() as pipe:
+                pipe.lpush(REJECTED_KEY, json.dumps(record)).ltrim(
+                    REJECTED_KEY, 0, REJECTED_KEEP - 1
+                )
+                pipe.execute()
+        except Exception:  # the log line above is the record of last resort
+            log.warning("broker.rejected_not_kept queue=%s", queue, exc_info=True)
+
+
+class ScreenedTransport(kombu_redis.Transport):
+    Channel = ScreenedChannel
+
+
+class GuardedConsumer(Consumer):
+    """Celery's worker consumer, rejecting a message its task strategy cannot hydrate.
+
+    Celery catches a message it cannot decode, an unknown task or disallowed content, but a
+    well-formed envelope whose task body or headers are not what protocol 2 says (a body that
+    is not ``[args, kwargs, embed]``, an ``id`` that is not a string...) raises out of the
+    strategy and stops the worker ("Unrecoverable error"). This rejects that message (no
+    requeue) and sets it aside as ``ScreenedChannel`` does; broker errors still propagate, so
+    the consumer reconnects as before.
+    """
+
+    def create_task_handler(self, promise: Any = promise) -> Callable[[Any], Any]:
+        handle = super().create_task_handler(promise)
+        passes = tuple(self.connection_errors) + tuple(self.channel_errors)
+
+        def refuse(message: Any, problem: str) -> None:
+            channel = getattr(message, "channel", None)
+            queue = (message.delivery_info or {}).get("routing_key") or "(task)"
+            if isinstance(channel, ScreenedChannel):
+                channel._set_aside(queue, _dump(getattr(message, "_raw", None)), problem)
+            else:
+                log.error("broker.rejected queue=%s problem=%r", queue, problem)
+            if not message.acknowledged:
+                message.reject_log_error(log, self.connection_errors)
+
+        def on_task_received(message: Any) -> Any:
+            problem = task_problem(message)
+            if problem is not None:
+                return refuse(message, problem)
+            try:
+                return handle(message)
+            except passes:
+                raise
+            except Exception as e:  # any other failure to hydrate this one message
+                return refuse(message, f"not a Celery task message ({type(e).__name__}: {e})")
+
+        return on_task_received
+
+
+_EMBEDDED = ("callbacks", "errbacks", "chain", "chord")
+
+
+def task_problem(message: Any) -> str | None:
+    """What makes a protocol 2 task message one that no publisher of ours sends, or None.
+
+    The body must be ``[args, kwargs, embed]``: else Celery fails in its pool, outside the
+    task, and never acknowledges the message, which comes back after every visibility timeout.
+    ``embed`` must carry no callbacks, errbacks, chain or chord: a result never does, and a
+    forged one would make the control send tasks of the sender's choosing. The task id must be
+    a string. A body that does not decode is left to Celery, which rejects it.
+    """
+    headers = message.headers
+    if not isinstance(headers, dict) or "task" not in headers:
+        return None  # protocol 1 or no task: Celery rejects it as an unknown message
+    if not isinstance(headers.get("id"), str) or not headers["id"]:
+        return "headers.id: not a non-empty string"
+    try:
+        body = message.decode()
+    except Exception:  # noqa: BLE001 - Celery's on_decode_error handles (and logs) it
+        return None
+    if not (isinstance(body, list | tuple) and len(body) == 3):
+        return "body: not [args, kwargs, embed]"
+    args, kwargs, embed = body
+    if not isinstance(args, list | tuple):
+        return "body: args not an array"
+    if not isinstance(kwargs, dict):
+        return "body: kwargs not an object"
+    if embed is not None and not isinstance(embed, dict):
+        return "body: embed not an object"
+    if embed and any(embed.get(k) for k in _EMBEDDED) or set(embed or ()) - set(_EMBEDDED):
+        return "body: embed carries callbacks, errbacks, a chain or a chord"
+    return None
+
+
+def _dump(raw: Any) -> str:
+    try:
+        return json.dumps(raw, default=repr)
+    except (RecursionError, ValueError):
+        return "(cannot be shown)"
+
+
+def screened(broker_url: str) -> dict[str, Any]:
+    """Celery settings that make a consumer of ``broker_url`` screen what it reads (Redis only).
+
+    kombu reads TLS settings for a ``rediss://`` URL from its ``ssl_*`` query parameters; a
+    bare ``rediss://`` URL, which kombu's own transport would use without verifying the server
+    (``CERT_NONE``, with a warning), verifies it here.
+    """
+    scheme = broker_url.split("://", 1)[0].lower() if "://" in broker_url else ""
+    if scheme not in ("redis", "rediss"):
+        return {}
+    conf: dict[str, Any] = {"broker_transport": TRANSPORT_PATH}
+    if scheme == "rediss" and "ssl_" not in broker_url.partition("?")[2]:
+        conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return conf
