@@ -38,6 +38,7 @@ from vine import promise
 
 __all__ = [
     "GuardedConsumer",
+    "LoggingTransport",
     "REJECTED_KEY",
     "REJECTED_KEEP",
     "ScreenedChannel",
@@ -56,6 +57,7 @@ HEAD_BYTES = 512
 """How much of a rejected item is kept (its size and sha256 are kept whole)."""
 
 TRANSPORT_PATH = "control.broker_screen:ScreenedTransport"
+LOGGING_PATH = "control.broker_screen:LoggingTransport"
 CONSUMER_PATH = "control.broker_screen:GuardedConsumer"
 
 
@@ -114,6 +116,9 @@ def envelope_problem(item: bytes | str) -> str | None:
 class ScreenedChannel(kombu_redis.Channel):
     """kombu's Redis channel, with every item screened where it is read (see the module)."""
 
+    keep_rejected = True
+    """Whether to keep what it rejects on ``toolplane:rejected`` (else only log it)."""
+
     def _create_client(self, asynchronous: bool = False) -> Any:
         client = super()._create_client(asynchronous=asynchronous)
         callbacks = client.response_callbacks
@@ -144,6 +149,16 @@ class ScreenedChannel(kombu_redis.Channel):
 
         return screen
 
+    def _receive_one(self, c: Any) -> Any:
+        # kombu catches an event that is not JSON (and logs it), but not one nested past the
+        # recursion limit: that stops the receiver (Flower's reconnects, missing what is sent
+        # meanwhile).
+        try:
+            return super()._receive_one(c)
+        except RecursionError:
+            self._set_aside("(fanout)", "(cannot be shown)", "JSON nested too deep")
+            raise kombu_redis.Empty() from None
+
     def _deliver_fanout_message(self, message: Any, exchange: str) -> Any:
         try:
             problem = _check_envelope(message)
@@ -171,6 +186,8 @@ class ScreenedChannel(kombu_redis.Channel):
             record["size"],
             record["sha256"][:16],
         )
+        if not self.keep_rejected:
+            return
         try:  # on the channel's other pool: the reply being parsed holds this connection
             client = super()._create_client(asynchronous=False)
             with client.pipeline() as pipe:
@@ -184,6 +201,16 @@ class ScreenedChannel(kombu_redis.Channel):
 
 class ScreenedTransport(kombu_redis.Transport):
     Channel = ScreenedChannel
+
+
+class _LoggingChannel(ScreenedChannel):
+    keep_rejected = False
+
+
+class LoggingTransport(kombu_redis.Transport):
+    """Screened, with rejections logged only: for a user that may not write the list (Flower)."""
+
+    Channel = _LoggingChannel
 
 
 class GuardedConsumer(Consumer):
@@ -267,8 +294,10 @@ def _dump(raw: Any) -> str:
         return "(cannot be shown)"
 
 
-def screened(broker_url: str) -> dict[str, Any]:
+def screened(broker_url: str, *, keep: bool = True) -> dict[str, Any]:
     """Celery settings that make a consumer of ``broker_url`` screen what it reads (Redis only).
+
+    ``keep``: keep rejected items on ``toolplane:rejected`` (the control), or only log them.
 
     kombu reads TLS settings for a ``rediss://`` URL from its ``ssl_*`` query parameters; a
     bare ``rediss://`` URL, which kombu's own transport would use without verifying the server
@@ -277,7 +306,7 @@ def screened(broker_url: str) -> dict[str, Any]:
     scheme = broker_url.split("://", 1)[0].lower() if "://" in broker_url else ""
     if scheme not in ("redis", "rediss"):
         return {}
-    conf: dict[str, Any] = {"broker_transport": TRANSPORT_PATH}
+    conf: dict[str, Any] = {"broker_transport": TRANSPORT_PATH if keep else LOGGING_PATH}
     if scheme == "rediss" and "ssl_" not in broker_url.partition("?")[2]:
         conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return conf

@@ -26,4 +26,4 @@ app.conf.update(
         unacked_owner="flower",
     )
 )
-app.conf.update(screened(_url))  # a worker may publish anything on the events channel
+app.conf.update(screened(_url, keep=False))  # a worker may publish anything as an event

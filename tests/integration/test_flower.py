@@ -102,6 +102,21 @@ def test_flower_requires_auth_and_shows_tools(stack: Stack, token: str) -> None:
 
         names = wait_for(tasks_listed, timeout=40, interval=1.0, what="per-tool tasks in flower")
         assert {f"tool.{t}" for t in TOOLS} <= names
+
+        # A tool's workers may publish events: what is not an event does not stop Flower's
+        # receiver (control.broker_screen).
+        redis = stack.services.redis()
+        db = redis.connection_pool.connection_kwargs["db"]
+        for junk in (b"\xff", b"[1]", b"{}", b'{"properties": 1}', b"[" * 5000 + b"]" * 5000):
+            redis.publish(f"/{db}.celeryev/task.received", junk)
+        after = client.call("read_repo_file", {"path": "README.md"}, wait=True)
+
+        def seen_after() -> bool:
+            status, body = get(f"{base}/api/tasks", auth)
+            return status == 200 and any(after.run_id in task_id for task_id in body or {})
+
+        wait_for(seen_after, timeout=20, interval=0.5, what="a task after the junk events")
+        assert flower.poll() is None
     finally:
         flower.terminate()
         flower.wait(timeout=10)
