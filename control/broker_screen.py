@@ -27,13 +27,14 @@ import binascii
 import hashlib
 import json
 import logging
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
 from celery.worker.consumer import Consumer
+from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
+from kombu.utils.imports import symbol_by_name
 from vine import promise
 
 __all__ = [
@@ -45,7 +46,7 @@ __all__ = [
     "ScreenedTransport",
     "envelope_problem",
     "task_problem",
-    "screened",
+    "install",
 ]
 
 log = logging.getLogger("toolplane.broker")
@@ -294,19 +295,19 @@ def _dump(raw: Any) -> str:
         return "(cannot be shown)"
 
 
-def screened(broker_url: str, *, keep: bool = True) -> dict[str, Any]:
-    """Celery settings that make a consumer of ``broker_url`` screen what it reads (Redis only).
+def install(*, keep: bool = True) -> None:
+    """Make this process's ``redis://`` and ``rediss://`` connections screened (Redis only).
 
-    ``keep``: keep rejected items on ``toolplane:rejected`` (the control), or only log them.
-
-    kombu reads TLS settings for a ``rediss://`` URL from its ``ssl_*`` query parameters; a
-    bare ``rediss://`` URL, which kombu's own transport would use without verifying the server
-    (``CERT_NONE``, with a warning), verifies it here.
+    For a process of its own (the control, Flower), before its first broker connection:
+    kombu's alias table names the transport of a URL scheme, so the URLs, their TLS
+    handling and what Flower derives from the scheme stay kombu's. ``keep``: keep what is
+    rejected on ``toolplane:rejected`` (the control), or only log it (Flower).
     """
-    scheme = broker_url.split("://", 1)[0].lower() if "://" in broker_url else ""
-    if scheme not in ("redis", "rediss"):
-        return {}
-    conf: dict[str, Any] = {"broker_transport": TRANSPORT_PATH if keep else LOGGING_PATH}
-    if scheme == "rediss" and "ssl_" not in broker_url.partition("?")[2]:
-        conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-    return conf
+    path = TRANSPORT_PATH if keep else LOGGING_PATH
+    for scheme in ("redis", "rediss"):
+        kombu_transport.TRANSPORT_ALIASES[scheme] = path
+        if kombu_transport.get_transport_cls(scheme) is not symbol_by_name(path):
+            raise RuntimeError(
+                f"broker_screen.install: kombu already resolved {scheme}:// in this process "
+                "(call it before the first broker connection)"
+            )

@@ -12,12 +12,13 @@ import os
 from celery import Celery
 
 import celeryconfig
-from control.broker_screen import screened
+from control import broker_screen
 
 _url = os.environ.get("TOOLPLANE_BROKER_URL")
 if not _url:
     raise SystemExit("TOOLPLANE_BROKER_URL: not set (Flower needs the broker's URL)")
 
+broker_screen.install(keep=False)  # a tool's workers may publish anything as an event
 app = Celery("toolplane-flower", set_as_current=False)
 app.conf.update(
     celeryconfig.build_config(
@@ -26,4 +27,3 @@ app.conf.update(
         unacked_owner="flower",
     )
 )
-app.conf.update(screened(_url, keep=False))  # a worker may publish anything as an event

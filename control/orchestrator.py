@@ -24,8 +24,9 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from control.auth import SUBMITTERS, Identity, require_role
-from control.errors import NotFound, UsageError, require_text
+from control.auth import SUBMITTERS, Identity, Role, require_role
+from control.entitlements import EntitlementStore
+from control.errors import AuthError, NotFound, UsageError, require_text
 from control.intake import (
     Dispatched,
     Governance,
@@ -287,6 +288,12 @@ def cancel_run(
     state = lock_run(session, run_id, tenant_id=identity.tenant_id)
     if state is None:
         raise NotFound("run", run_id)
+    if identity.role != Role.ADMIN and state.run.principal_id != identity.principal_id:
+        session.rollback()
+        raise AuthError(
+            f"the {identity.role.value} role cannot cancel run {run_id}: another principal "
+            "submitted it (only its submitter or an admin may cancel it)"
+        )
     if state.run.status in TERMINAL_RUN:
         raise UsageError(f"run {run_id} already ended ({state.run.status})", field="RUN")
     now = datetime.now(UTC)
@@ -389,6 +396,57 @@ def sweep(
         except Exception:
             log.exception("sweep.run_failed run=%s", run_id)
     return Swept(timed_out, retried, dispatched, tuple(outbox))
+
+
+NEVER_SENT_REFUND_S = 86400
+"""A cancelled job that never went out is refunded as if never reserved, within a day (the
+counters it would give back are per day)."""
+
+
+def release_reservations(
+    sessions: sessionmaker[Session], store: EntitlementStore | None, *, limit: int = 200
+) -> int:
+    """Settle the entitlement reservations of attempts that ended without a result.
+
+    A result settles its attempt's reservation. An attempt given up as lost, or cancelled,
+    may never get one, and its reservation would stay held: its tool time charged, its job
+    among the tenant's reservations. Once such an attempt's result is due and has not come,
+    its reservation is settled at the whole time it reserved (the tool may have run: this
+    errs towards refusing). A cancelled job that was never published is undone as if it had
+    never been reserved (its call, its run's count and its time are given back). A result
+    that comes later is still recorded, and settles nothing twice. Returns how many.
+    """
+    if store is None:
+        return 0
+    now = datetime.now(UTC)
+    released = 0
+    with sessions() as session:
+        rows = session.execute(
+            select(Attempt, Run.tenant_id)
+            .join(Run, Run.id == Attempt.run_id)
+            .where(Attempt.settled_at.is_(None), Attempt.status.in_(("lost", "cancelled")))
+            .order_by(Attempt.due_at)
+            .limit(limit)
+        ).all()
+        for attempt, tenant_id in rows:
+            staged = session.scalar(
+                select(OutboxMessage.id).where(
+                    OutboxMessage.run_id == attempt.run_id,
+                    OutboxMessage.node_id == attempt.node_id,
+                    OutboxMessage.attempt == attempt.attempt,
+                )
+            )
+            recent = attempt.dispatched_at > now - timedelta(seconds=NEVER_SENT_REFUND_S)
+            if attempt.status == "cancelled" and staged is None and recent:
+                store.cancel(tenant_id=tenant_id, job_id=attempt.job_id)  # never went out
+            elif attempt.due_at <= now:
+                store.settle(tenant_id=tenant_id, job_id=attempt.job_id, charged_ms=None)
+            else:
+                continue  # its result may still come
+            attempt.settled_at = now
+            released += 1
+        session.commit()
+    return released
 
 
 def _overdue(

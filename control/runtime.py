@@ -20,7 +20,6 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import celeryconfig
-from control import broker_screen
 from control.dispatch import CeleryPublisher
 from control.embedded import find_embedded
 from control.entitlements import EntitlementStore
@@ -112,7 +111,6 @@ class ControlPlane:
                 self.broker_url, visibility_timeout=self.settings.visibility_timeout
             )
         )
-        app.conf.update(broker_screen.screened(self.broker_url))
         return app
 
     @cached_property

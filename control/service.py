@@ -29,7 +29,7 @@ from control import broker_screen
 from control.approvals import expire_approvals
 from control.dispatch import publish_pending
 from control.ingest import ingest_result, record_unprocessable, register_manifest
-from control.orchestrator import sweep
+from control.orchestrator import release_reservations, sweep
 from control.runtime import ControlPlane
 from ledger.receipts import ReceiptProblem
 
@@ -38,6 +38,7 @@ log = logging.getLogger("toolplane.control")
 RELAY_INTERVAL_S = 1.0
 RELAY_GRACE_S = 5.0
 DB_WAIT_S = 20.0  # how long one ingest waits for the database before handing the message back
+RELEASE_INTERVAL_S = 10.0  # how often reservations of attempts with no result are released
 INGEST_RETRIES = 5  # then a message ingest keeps failing on is recorded as IngestFailed
 
 __all__ = ["build_control_app", "run_control"]
@@ -120,6 +121,7 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
     )
 
     def relay() -> None:
+        next_release = 0.0
         while not stop.wait(RELAY_INTERVAL_S):
             try:
                 sent = publish_pending(plane.sessions, plane.publisher, older_than_s=RELAY_GRACE_S)
@@ -134,6 +136,14 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
                     log.warning("approvals.expired count=%s", expired)
             except Exception:
                 log.exception("approvals.expiry_failed")
+            if time.monotonic() >= next_release:
+                next_release = time.monotonic() + RELEASE_INTERVAL_S
+                try:
+                    released = release_reservations(plane.sessions, plane.entitlements)
+                    if released:
+                        log.warning("reservations.released count=%s", released)
+                except Exception:
+                    log.exception("reservations.release_failed")
             try:
                 swept = sweep(plane.sessions, plane.governance(), time_out=caught_up())
                 if swept.outbox_ids:
@@ -229,6 +239,7 @@ class CaughtUp:
 
 
 def run_control(plane: ControlPlane, *, concurrency: int = 4, loglevel: str = "INFO") -> None:
+    broker_screen.install()  # a tool's workers may push anything onto results
     plane.check_database()
     plane.sync_keys()
     plane.policy  # noqa: B018 - load and record the policy version before serving

@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -132,6 +133,9 @@ class Attempt(Base):
     """One dispatch of a node: what a result must be bound to, and whether it settled."""
 
     __tablename__ = "attempts"
+    __table_args__ = (
+        Index("ix_attempts_unsettled", "due_at", postgresql_where=text("settled_at IS NULL")),
+    )
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
     node_id: Mapped[str] = mapped_column(String(100), primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)

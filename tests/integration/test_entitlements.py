@@ -310,3 +310,55 @@ def test_a_dispatch_that_fails_before_commit_gives_its_reservation_back(
         client.call("search_docs", {"query": "x"})
     usage = client.plane.entitlements.usage(tenant_id)
     assert usage == {"daily_calls": 0, "tool_seconds": 0.0, "reservations": 0}
+
+
+def test_attempts_that_end_without_a_result_give_their_reservations_back(
+    stack: Stack, token, tmp_path
+):
+    """A cancelled job that never went out is undone; one that was sent is charged its whole
+    reservation once its result is due (and a result that still comes settles nothing)."""
+    from sqlalchemy import update
+
+    from control.orchestrator import release_reservations
+    from control.submission import CallRequest, submit_run
+    from ledger.models import Attempt
+
+    bundle = plan_bundle(stack, token, tmp_path, "r", {"daily_calls": 10})
+    client = client_on(stack, token, bundle)
+    store = client.plane.entitlements
+    tenant_id = client.identity.tenant_id
+    sleepy = {"seconds": 6.0, "tag": "release"}
+    # Staged (reserved) but not yet published; cancelled before the relay sends it.
+    with client.plane.sessions() as session:
+        staged = submit_run(
+            session,
+            identity=client.identity,
+            request=CallRequest("sleepy", sleepy).as_run(),
+            gov=client.plane.governance(),
+        )
+    assert store.usage(tenant_id)["daily_calls"] == 1
+    client.cancel(staged.run_id)
+    wait_for(
+        lambda: store.usage(tenant_id) == {"daily_calls": 0, "tool_seconds": 0, "reservations": 0},
+        timeout=30,
+        what="the never-sent job undone",
+    )
+    # Sent, running, cancelled: its result is due later; make it due now.
+    sent = client.submit("sleepy", sleepy)
+    job = f"{sent}/sleepy/1"
+    wait_for(lambda: stack.starts("sleepy", job) == 1, timeout=30, what="the job to start")
+    client.cancel(sent)
+    with client.plane.sessions() as session:
+        past = "2000-01-01T00:00:00+00:00"
+        session.execute(update(Attempt).where(Attempt.run_id == sent).values(due_at=past))
+        session.commit()
+    # What the control does every 10 s, now (the tool still sleeps; its result comes after).
+    release_reservations(client.plane.sessions, store)
+    assert store.usage(tenant_id) == {"daily_calls": 1, "tool_seconds": 8.0, "reservations": 0}
+    trail = wait_for(
+        lambda: "ResultIgnored" in (kinds := [k for k, _ in evidence(client, sent)]) and kinds,
+        timeout=30,
+        what="the late result",
+    )
+    assert "ToolCallCompleted" not in trail
+    assert store.usage(tenant_id)["tool_seconds"] == 8.0  # settled once, at the reservation

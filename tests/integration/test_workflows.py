@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
+from control.auth import Role
 from control.client import Client
-from control.errors import NotFound, UsageError
+from control.errors import AuthError, NotFound, UsageError
 from control.workflows import parse_workflow
 from ledger.models import Attempt, EvidenceEvent, Node
 from tests.harness import Stack, wait_for
@@ -189,6 +190,11 @@ def test_cancel_stops_dispatch_and_ignores_the_late_result(stack: Stack, token: 
     run_id = client.submit_workflow(parse_workflow(CHAIN, source="chain.yaml"), {"first": 6})
     job = f"{run_id}/a/1"
     wait_for(lambda: stack.starts("sleepy", job) == 1, timeout=30, what="a to start")
+    # Another submitter of the tenant may see the run, not cancel it.
+    mallory = stack.client(client.issue_token("mallory", Role.SUBMITTER).token)
+    with pytest.raises(AuthError, match="another principal submitted it"):
+        mallory.cancel(run_id)
+    assert mallory.run(run_id).status == "running"
     done = stack.cli("runs", "cancel", run_id, "--reason", "changed my mind", "--json", token=token)
     assert done.returncode == 0, done.stderr
     view = json.loads(done.stdout)

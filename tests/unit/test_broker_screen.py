@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
-import ssl
+import subprocess
+import sys
+from pathlib import Path
 
-import pytest
-
-from control.broker_screen import CONSUMER_PATH, TRANSPORT_PATH, envelope_problem, screened
+from control.broker_screen import envelope_problem
 
 
 def envelope(**over: object) -> bytes:
@@ -43,36 +43,69 @@ def test_a_kombu_message_passes_and_each_rule_names_itself() -> None:
     assert envelope_problem(envelope(body="a b")) == "body: not base64"
 
 
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("redis://u:p@127.0.0.1:6379/1", {"broker_transport": TRANSPORT_PATH}),
-        (
-            "rediss://h:6380/0?ssl_cert_reqs=required",
-            {"broker_transport": TRANSPORT_PATH},
-        ),
-        (  # kombu's own transport would not verify the server for a bare rediss:// URL
-            "rediss://h:6380/0",
-            {
-                "broker_transport": TRANSPORT_PATH,
-                "broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_REQUIRED},
-            },
-        ),
-        ("amqp://guest:guest@127.0.0.1:5672//", {}),  # the broker frames each message
-    ],
-)
-def test_only_redis_consumers_are_screened(url: str, expected: dict) -> None:
-    assert screened(url) == expected
+PROBE = """
+import json, sys
+from celery import Celery
+from control import broker_screen
 
-
-def test_a_rediss_url_keeps_its_tls_settings_through_the_screened_transport() -> None:
-    from celery import Celery
-
+broker_screen.install(keep=sys.argv[1] == "keep")
+out = {}
+for url in sys.argv[2:]:
     app = Celery("t", set_as_current=False)
-    app.conf.broker_url = "rediss://u:p@127.0.0.1:6390/3?ssl_cert_reqs=required"
-    app.conf.update(screened(app.conf.broker_url))
-    connection = app.connection_for_read()
-    assert connection.transport_cls == TRANSPORT_PATH
-    assert connection.ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-    assert (connection.hostname, connection.virtual_host) == ("127.0.0.1", "3")
-    assert CONSUMER_PATH.startswith("control.broker_screen:")
+    app.conf.broker_url = url
+    c = app.connection_for_read()
+    out[url] = [type(c.transport).__name__, c.as_uri().split("://")[0], repr(c.ssl)]
+try:
+    broker_screen.install()
+    out["again"] = "installed"
+except RuntimeError as e:
+    out["again"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def probe(keep: str, *urls: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, keep, *urls],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    return json.loads(done.stdout)
+
+
+def test_install_screens_redis_urls_and_leaves_them_kombus() -> None:
+    redis_url = "redis://u:p@127.0.0.1:6379/1"
+    verified = "rediss://h:6380/0?ssl_cert_reqs=required"
+    bare = "rediss://h:6380/0"
+    amqp = "amqp://guest:guest@127.0.0.1:5672//"
+    seen = probe("keep", redis_url, verified, bare, amqp)
+    assert seen[redis_url][:2] == ["ScreenedTransport", "redis"]  # Flower reads the scheme
+    assert seen[verified] == [
+        "ScreenedTransport",
+        "rediss",
+        "{'ssl_cert_reqs': <VerifyMode.CERT_REQUIRED: 2>}",
+    ]
+    assert seen[bare][:2] == ["ScreenedTransport", "rediss"]  # kombu's own default for it
+    assert seen[bare][2] == "{'ssl_cert_reqs': <VerifyMode.CERT_NONE: 0>}"
+    assert seen[amqp][:2] == ["Transport", "amqp"]  # the broker frames each message
+    assert seen["again"] == "installed"  # the same transport again: nothing to refuse
+    assert probe("log", redis_url)[redis_url][0] == "LoggingTransport"
+
+
+def test_install_after_kombu_resolved_redis_is_refused() -> None:
+    script = (
+        "from kombu.transport import get_transport_cls; get_transport_cls('redis');"
+        "from control import broker_screen; broker_screen.install()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode != 0
+    assert "kombu already resolved redis:// in this process" in done.stderr

@@ -1,0 +1,27 @@
+"""Attempts whose reservation is not settled yet: a partial index for the control's release.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-11-28
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_index(
+        "ix_attempts_unsettled",
+        "attempts",
+        ["due_at"],
+        postgresql_where=sa.text("settled_at IS NULL"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_attempts_unsettled", table_name="attempts")
