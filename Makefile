@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install test check demo bench clean
+.PHONY: install test faults check demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Everything but the fault-injection suite (under 10 minutes); CI runs both.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/faults
+
+# kill -9, Redis restarted empty, PostgreSQL stopped: dedicated servers, ~3 minutes.
+faults: install
+	$(PY) -m pytest -q -p no:cacheprovider tests/faults
 
 check: install
 	$(VENV)/bin/ruff check .
