@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 
 # Everything but the fault-injection suite (under 10 minutes); CI runs both.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/faults
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration tests/security
 
 # kill -9, Redis restarted empty, PostgreSQL stopped: dedicated servers, ~3 minutes.
 faults: install

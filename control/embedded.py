@@ -211,6 +211,9 @@ def _ensure_users(home: Path, info: dict[str, Any], tools: list[str]) -> dict[st
         client.execute_command("ACL", "SAVE")  # kept across a restart of the server
     finally:
         client.close()
+    # Redis writes the file anew with its umask (0644): the password hashes are for us alone.
+    with contextlib.suppress(FileNotFoundError):
+        (rdir / "users.acl").chmod(0o600)
     base = info["base_url"]
     return {p: brokeracl.url_for(base, u, passwords[u]) for p, u in names.items()}
 

@@ -140,6 +140,7 @@ def test_start_detached_find_idempotent_stop(home: Path) -> None:
     with pytest.raises(redis.exceptions.NoPermissionError):
         worker.llen("tool.search_docs")
     worker.close()
+    assert (home / "redis" / "users.acl").stat().st_mode & 0o777 == 0o600  # after ACL SAVE
 
     assert start_embedded(home) == urls  # idempotent: same servers
     assert _pids(home) == (redis_pid, pg_pid)

@@ -152,3 +152,22 @@ def test_no_module_is_too_long():
         if lines > MAX_MODULE_LINES:
             too_long[path.relative_to(ROOT).as_posix()] = lines
     assert too_long == {}, f"modules longer than {MAX_MODULE_LINES} lines: {too_long}"
+
+
+def test_ci_runs_every_test_directory() -> None:
+    """`make test` and `make faults` between them run every folder of tests, and CI runs both."""
+    makefile = (ROOT / "Makefile").read_text()
+    targets = {}
+    for target in ("test", "faults"):
+        recipe = makefile.split(f"\n{target}: install\n", 1)[1].split("\n\n", 1)[0]
+        targets[target] = set(recipe.split("pytest", 1)[1].split())
+    folders = {
+        str(p.parent.relative_to(ROOT))
+        for p in (ROOT / "tests").rglob("test_*.py")
+        if ".venv" not in p.parts
+    }
+    covered = targets["test"] | targets["faults"]
+    assert folders <= covered, folders - covered
+    assert targets["faults"] & folders == {"tests/faults"}
+    ci = (ROOT / ".ci" / "run").read_text().split()
+    assert "test" in ci and "faults" in ci
