@@ -178,8 +178,21 @@ def _credentials(rdir: Path, users: list[str]) -> dict[str, str]:
     path = rdir / "users.json"
     try:
         known: dict[str, str] = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         known = {}
+    except (OSError, ValueError) as e:
+        # New passwords would lock us out of a running server (its admin's is in this file).
+        raise EmbeddedError(
+            f"{path}: unreadable ({e}); stop the embedded servers (`toolplane down`), "
+            "then delete it: new passwords are made at the next start"
+        ) from e
+    if not isinstance(known, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in known.items()
+    ):
+        raise EmbeddedError(
+            f"{path}: not an object of user names to passwords; stop the embedded servers "
+            "(`toolplane down`), then delete it: new passwords are made at the next start"
+        )
     missing = [u for u in users if u not in known]
     if missing:
         known.update({u: brokeracl.new_password() for u in missing})
