@@ -29,13 +29,17 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery.worker.consumer import Consumer
 from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
+from kombu.utils import json as kombu_json
 from kombu.utils.imports import symbol_by_name
 from vine import promise
+
+import celeryconfig
 
 __all__ = [
     "GuardedConsumer",
@@ -62,7 +66,10 @@ LOGGING_PATH = "control.broker_screen:LoggingTransport"
 CONSUMER_PATH = "control.broker_screen:GuardedConsumer"
 
 
-def _check_envelope(payload: Any) -> str | None:
+def _check_envelope(payload: Any, queue: str | None = None) -> str | None:
+    """What in ``payload`` kombu would fail on, or None. ``queue``: the list it was popped
+    from; its routing must name that queue (kombu restores an unacknowledged message to
+    whatever its ``delivery_info`` names, with the consumer's credentials)."""
     if not isinstance(payload, dict):
         return f"not a JSON object ({type(payload).__name__})"
     properties = payload.get("properties")
@@ -71,10 +78,17 @@ def _check_envelope(payload: Any) -> str | None:
     tag = properties.get("delivery_tag")
     if not isinstance(tag, str) or not tag:
         return "properties.delivery_tag: not a non-empty string"
-    if properties.get("delivery_info") is not None and not isinstance(
-        properties["delivery_info"], dict
-    ):
+    info = properties.get("delivery_info")
+    if not isinstance(info, dict):
         return "properties.delivery_info: not an object"
+    exchange, routing_key = info.get("exchange"), info.get("routing_key")
+    if not isinstance(exchange, str) or not isinstance(routing_key, str):
+        return "properties.delivery_info: exchange and routing_key must be strings"
+    if queue is not None and (routing_key != queue or exchange not in ("", queue)):
+        return f"properties.delivery_info: routed to {exchange!r}/{routing_key!r}, not {queue!r}"
+    priority = properties.get("priority")
+    if priority is not None and (type(priority) is not int or not 0 <= priority <= 255):
+        return "properties.priority: not an integer from 0 to 255"
     encoding = properties.get("body_encoding")
     if encoding not in (None, "base64"):
         return f"properties.body_encoding: {encoding!r} is not base64"
@@ -96,20 +110,26 @@ def _check_envelope(payload: Any) -> str | None:
     return None
 
 
-def envelope_problem(item: bytes | str) -> str | None:
-    """Why ``item`` (one message as stored in a Redis list) is not a kombu message, or None."""
+def envelope_problem(item: bytes | str, queue: str | None = None) -> str | None:
+    """Why ``item`` (one message as stored in a Redis list) is not a kombu message, or None.
+
+    Parsed as kombu parses it (``kombu.utils.json``: its ``__type__`` objects, which raise
+    on an unknown type), so that what passes here also decodes there.
+    """
     try:
         text = item.decode("utf-8") if isinstance(item, bytes) else item
     except UnicodeDecodeError:
         return "not UTF-8"
     try:
-        payload = json.loads(text)
+        payload = kombu_json.loads(text)
     except RecursionError:
         return "JSON nested too deep"
-    except ValueError as e:
-        return f"not JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else "not JSON"
+    except json.JSONDecodeError as e:
+        return f"not JSON ({e.msg})"
+    except (ValueError, TypeError, KeyError, OverflowError) as e:
+        return f"not kombu's JSON ({type(e).__name__}: {str(e)[:80]})"
     try:
-        return _check_envelope(payload)
+        return _check_envelope(payload, queue)
     except RecursionError:
         return "JSON nested too deep"
 
@@ -119,6 +139,10 @@ class ScreenedChannel(kombu_redis.Channel):
 
     keep_rejected = True
     """Whether to keep what it rejects on ``toolplane:rejected`` (else only log it)."""
+    routed_queues = frozenset({celeryconfig.RESULTS_QUEUE})
+    """Queues whose messages must be routed to them: consumed with acks, so kombu restores
+    what is not acknowledged to where its ``delivery_info`` says. (Remote-control replies are
+    routed by a ticket, and consumed without acks.)"""
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         client = super()._create_client(asynchronous=asynchronous)
@@ -127,11 +151,20 @@ class ScreenedChannel(kombu_redis.Channel):
         callbacks["RPOP"] = self._screen_item(callbacks.get("RPOP"))
         return client
 
+    def _get(self, queue: str) -> Any:
+        self._reading = queue  # for the RPOP screen: the queue its reply comes from
+        try:
+            return super()._get(queue)
+        finally:
+            self._reading = None
+
     def _screen_popped(self, then: Callable[..., Any] | None) -> Callable[..., Any]:
         def screen(response: Any, **options: Any) -> Any:
             if response and len(response) == 2 and isinstance(response[1], bytes | str):
-                queue = response[0].decode() if isinstance(response[0], bytes) else response[0]
-                problem = envelope_problem(response[1])
+                key = response[0].decode() if isinstance(response[0], bytes) else response[0]
+                queue = key.rsplit(self.sep, 1)[0]  # a priority list: queue + sep + priority
+                routed = queue if queue in self.routed_queues else None
+                problem = envelope_problem(response[1], routed)
                 if problem is not None:
                     self._set_aside(queue, response[1], problem)
                     response = None  # _brpop_read: nothing was read (Empty)
@@ -142,9 +175,11 @@ class ScreenedChannel(kombu_redis.Channel):
     def _screen_item(self, then: Callable[..., Any] | None) -> Callable[..., Any]:
         def screen(response: Any, **options: Any) -> Any:
             if isinstance(response, bytes | str) and response:
-                problem = envelope_problem(response)
+                queue = getattr(self, "_reading", None)
+                routed = queue if queue in self.routed_queues else None
+                problem = envelope_problem(response, routed)
                 if problem is not None:
-                    self._set_aside("(rpop)", response, problem)
+                    self._set_aside(queue or "(rpop)", response, problem)
                     response = None
             return then(response, **options) if then else response
 
@@ -168,7 +203,18 @@ class ScreenedChannel(kombu_redis.Channel):
         if problem is not None:
             self._set_aside(f"(fanout {exchange})", _dump(message), problem)
             raise kombu_redis.Empty()
-        return super()._deliver_fanout_message(message, exchange)
+        # A well-formed envelope can still carry what its handler fails on (an event without
+        # a type stops Celery's event receiver, and Flower with it). A broadcast is not acked:
+        # dropping the one that failed loses nothing else.
+        passes = _broker_errors(self.connection.connection_errors, self.connection.channel_errors)
+        try:
+            return super()._deliver_fanout_message(message, exchange)
+        except passes:
+            raise
+        except Exception as e:
+            problem = f"its handler failed ({type(e).__name__}: {e})"[:300]
+            self._set_aside(f"(fanout {exchange})", _dump(message), problem)
+            raise kombu_redis.Empty() from None
 
     def _set_aside(self, queue: str, item: bytes | str, problem: str) -> None:
         raw = item.encode("utf-8", "surrogateescape") if isinstance(item, str) else item
@@ -227,7 +273,7 @@ class GuardedConsumer(Consumer):
 
     def create_task_handler(self, promise: Any = promise) -> Callable[[Any], Any]:
         handle = super().create_task_handler(promise)
-        passes = tuple(self.connection_errors) + tuple(self.channel_errors)
+        passes = _broker_errors(self.connection_errors, self.channel_errors)
 
         def refuse(message: Any, problem: str) -> None:
             channel = getattr(message, "channel", None)
@@ -254,10 +300,16 @@ class GuardedConsumer(Consumer):
 
 
 _EMBEDDED = ("callbacks", "errbacks", "chain", "chord")
+CONTROL_TASKS = frozenset({celeryconfig.INGEST_TASK, celeryconfig.MANIFEST_TASK})
+MAX_ETA_S = 300
+"""The control's own retries wait at most 30 s (control.service); a later ETA is refused."""
 
 
 def task_problem(message: Any) -> str | None:
     """What makes a protocol 2 task message one that no publisher of ours sends, or None.
+
+    Only the control's own tasks (ingest, manifest), as protocol 2, with an ETA at most
+    ``MAX_ETA_S`` ahead.
 
     The body must be ``[args, kwargs, embed]``: else Celery fails in its pool, outside the
     task, and never acknowledges the message, which comes back after every visibility timeout.
@@ -267,9 +319,25 @@ def task_problem(message: Any) -> str | None:
     """
     headers = message.headers
     if not isinstance(headers, dict) or "task" not in headers:
-        return None  # protocol 1 or no task: Celery rejects it as an unknown message
+        # Protocol 1 names its task in the body, where Celery would find celery.group too.
+        return "headers.task: missing (not a protocol 2 task message)"
+    if headers["task"] not in CONTROL_TASKS:
+        # Celery's built-ins (celery.group, celery.chord_unlock...) are registered too: a
+        # group would make the control publish its members wherever they say.
+        return f"headers.task: {str(headers['task'])[:100]!r} is not a task the control serves"
     if not isinstance(headers.get("id"), str) or not headers["id"]:
         return "headers.id: not a non-empty string"
+    eta = headers.get("eta")
+    if eta is not None:
+        try:
+            when = datetime.fromisoformat(eta)
+        except (TypeError, ValueError):
+            return "headers.eta: not an ISO 8601 time"
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        if when - datetime.now(UTC) > timedelta(seconds=MAX_ETA_S):
+            # Held unacknowledged, it would come back after every visibility timeout.
+            return f"headers.eta: more than {MAX_ETA_S} s ahead"
     try:
         body = message.decode()
     except Exception:  # noqa: BLE001 - Celery's on_decode_error handles (and logs) it
@@ -286,6 +354,12 @@ def task_problem(message: Any) -> str | None:
     if embed and any(embed.get(k) for k in _EMBEDDED) or set(embed or ()) - set(_EMBEDDED):
         return "body: embed carries callbacks, errbacks, a chain or a chord"
     return None
+
+
+def _broker_errors(*groups: Any) -> tuple[type[BaseException], ...]:
+    """The errors that mean the broker connection failed: kombu's, but KeyError (which its
+    Redis transport counts among them) is a handler's failure on one message here."""
+    return tuple(e for group in groups for e in group if e is not KeyError)
 
 
 def _dump(raw: Any) -> str:

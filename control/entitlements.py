@@ -77,9 +77,17 @@ redis.call('HSET', k_resv, job, day .. '|' .. reserve .. '|' .. tool .. '|' .. r
 return {1, 'ok', 0, 0}
 """
 
-# ARGV: prefix, job_id, mode ('settle' or 'cancel'), charged_ms (settle only)
+# ARGV: prefix, job_id, mode ('settle' or 'cancel'), charged_ms (settle only), day_ttl_s
+# A counter of a day that has expired is not brought back (it would have no expiry).
 _SETTLE = """
-local p, job, mode = ARGV[1], ARGV[2], ARGV[3]
+local p, job, mode, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
+local function add(key, n)
+  if n ~= 0 and redis.call('EXISTS', key) == 1 then
+    local left = redis.call('TTL', key)
+    redis.call('INCRBY', key, n)
+    if left < 0 then redis.call('EXPIRE', key, ttl) end
+  end
+end
 local k_resv = p .. ':resv'
 local record = redis.call('HGET', k_resv, job)
 if not record then return 0 end
@@ -90,12 +98,12 @@ local charged = 0
 if mode == 'settle' then
   if ARGV[4] == 'reserved' then charged = tonumber(reserve) else charged = tonumber(ARGV[4]) end
 end
-redis.call('INCRBY', k_budget, charged - tonumber(reserve))
+add(k_budget, charged - tonumber(reserve))
 redis.call('ZREM', p .. ':queued:' .. tool, job)
 if mode == 'cancel' then
   redis.call('ZREM', p .. ':rate', job)
-  redis.call('DECR', p .. ':calls:' .. day)
-  redis.call('DECR', p .. ':run:' .. run)
+  add(p .. ':calls:' .. day, -1)
+  add(p .. ':run:' .. run, -1)
 end
 return 1
 """
@@ -197,11 +205,12 @@ class EntitlementStore:
         """Charge the verified tool time (None: the whole reservation) and end the job's
         reservation; once per job, so a redelivered result settles nothing twice."""
         charged = "reserved" if charged_ms is None else max(0, charged_ms)
-        return bool(self._settle(args=[self._tenant(tenant_id), job_id, "settle", charged]))
+        args = [self._tenant(tenant_id), job_id, "settle", charged, DAY_TTL_S]
+        return bool(self._settle(args=args))
 
     def cancel(self, *, tenant_id: str, job_id: str) -> bool:
         """Undo a reservation whose dispatch did not commit."""
-        return bool(self._settle(args=[self._tenant(tenant_id), job_id, "cancel", 0]))
+        return bool(self._settle(args=[self._tenant(tenant_id), job_id, "cancel", 0, DAY_TTL_S]))
 
     def usage(self, tenant_id: str) -> dict[str, Any]:
         """Where the tenant stands today: calls, tool-seconds used or reserved, reservations."""

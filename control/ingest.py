@@ -205,6 +205,9 @@ def ingest_result(
             assert dispatched is not None
             if current(node, dispatched.attempt):
                 _refused(session, state, node, code, result, message, settle, events, now)
+            elif dispatched.settled_at is None:  # a superseded attempt: its tool did not run
+                settle(state.run.tenant_id, dispatched.job_id, 0)
+                dispatched.settled_at = now
         return finish(Outcome.REFUSED)
 
     if not bound or state is None or node is None or dispatched is None:

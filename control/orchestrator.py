@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.auth import SUBMITTERS, Identity, Role, require_role
@@ -424,13 +424,19 @@ def release_reservations(
         rows = session.execute(
             select(Attempt, Run.tenant_id)
             .join(Run, Run.id == Attempt.run_id)
-            .where(Attempt.settled_at.is_(None), Attempt.status.in_(("lost", "cancelled")))
+            .where(
+                Attempt.settled_at.is_(None),
+                or_(
+                    Attempt.status == "cancelled",
+                    and_(Attempt.status == "lost", Attempt.due_at <= now),
+                ),
+            )
             .order_by(Attempt.due_at)
             .limit(limit)
         ).all()
         for attempt, tenant_id in rows:
-            staged = session.scalar(
-                select(OutboxMessage.id).where(
+            staged = attempt.status == "cancelled" and session.scalar(
+                select(OutboxMessage.id).where(  # ix_outbox_attempt
                     OutboxMessage.run_id == attempt.run_id,
                     OutboxMessage.node_id == attempt.node_id,
                     OutboxMessage.attempt == attempt.attempt,

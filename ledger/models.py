@@ -153,7 +153,10 @@ class OutboxMessage(Base):
     """A job committed together with its node's state, published after commit."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_unpublished", "published_at"),)
+    __table_args__ = (
+        Index("ix_outbox_unpublished", "published_at"),
+        Index("ix_outbox_attempt", "run_id", "node_id", "attempt"),
+    )
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(String(40))
     node_id: Mapped[str] = mapped_column(String(100))

@@ -117,6 +117,19 @@ def test_settling_charges_the_receipt_and_refunds_failures(services, prefix):
     store.settle(tenant_id="tn_q", job_id="q1", charged_ms=10)
     assert reserve("q3", cap, "tn_q") is None
 
+    # A reservation settled after its day's counters expired does not bring them back
+    # (they would never expire again).
+    assert reserve("old", Plan(daily_calls=5), "tn_old") is None
+    client = store.client
+    day_keys = [
+        k for k in client.scan_iter(f"{prefix}:tn_old:*") if b":calls:" in k or b":budget:" in k
+    ]
+    assert len(day_keys) == 2 and all(client.ttl(k) > 0 for k in day_keys)
+    client.delete(*day_keys)
+    assert store.cancel(tenant_id="tn_old", job_id="old")
+    assert not any(client.exists(k) for k in day_keys)
+    assert all(client.ttl(k) > 0 for k in client.scan_iter(f"{prefix}:tn_old:*"))
+
 
 def test_a_reservation_left_by_a_crash_lapses_from_the_queue_cap(services, prefix):
     store = EntitlementStore(redis.Redis.from_url(services.redis_url), prefix=prefix)

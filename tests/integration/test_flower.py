@@ -107,8 +107,22 @@ def test_flower_requires_auth_and_shows_tools(stack: Stack, token: str) -> None:
         # receiver (control.broker_screen).
         redis = stack.services.redis()
         db = redis.connection_pool.connection_kwargs["db"]
-        for junk in (b"\xff", b"[1]", b"{}", b'{"properties": 1}', b"[" * 5000 + b"]" * 5000):
-            redis.publish(f"/{db}.celeryev/task.received", junk)
+        typeless = json.dumps(  # a well-formed envelope of an event without a type
+            {
+                "body": base64.b64encode(b"{}").decode(),
+                "content-type": "application/json",
+                "content-encoding": "utf-8",
+                "headers": {},
+                "properties": {
+                    "body_encoding": "base64",
+                    "delivery_tag": "e",
+                    "delivery_info": {"exchange": "celeryev", "routing_key": "task.received"},
+                },
+            }
+        ).encode()
+        junk = (b"\xff", b"[1]", b"{}", b'{"properties": 1}', b"[" * 5000 + b"]" * 5000, typeless)
+        for junk_event in junk:
+            redis.publish(f"/{db}.celeryev/task.received", junk_event)
         after = client.call("read_repo_file", {"path": "README.md"}, wait=True)
 
         def seen_after() -> bool:

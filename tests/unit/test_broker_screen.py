@@ -17,7 +17,11 @@ def envelope(**over: object) -> bytes:
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {"task": "control.ingest_result", "id": "x"},
-        "properties": {"body_encoding": "base64", "delivery_tag": "t", "delivery_info": {}},
+        "properties": {
+            "body_encoding": "base64",
+            "delivery_tag": "t",
+            "delivery_info": {"exchange": "", "routing_key": "results"},
+        },
     }
     message.update(over)
     return json.dumps(message).encode()
@@ -31,11 +35,22 @@ def test_a_kombu_message_passes_and_each_rule_names_itself() -> None:
     assert envelope_problem(b"[" * 5000 + b"]" * 5000) == "JSON nested too deep"
     assert envelope_problem(b"null") == "not a JSON object (NoneType)"
     assert envelope_problem(envelope(properties=[])) == "properties: not an object"
+    bare = envelope(properties={"delivery_tag": "t"})
+    assert envelope_problem(bare) == "properties.delivery_info: not an object"
+    routed = {"exchange": "", "routing_key": "results"}
+    assert envelope_problem(envelope(), "results") is None
+    assert envelope_problem(envelope(), "tool.x") == (
+        "properties.delivery_info: routed to ''/'results', not 'tool.x'"
+    )
+    typed = envelope(headers={"z": {"__type__": "nope", "__value__": 1}})
+    assert envelope_problem(typed).startswith("not kombu's JSON (ValueError:")
     tag = envelope(properties={"delivery_tag": 1})
     assert envelope_problem(tag) == "properties.delivery_tag: not a non-empty string"
     info = envelope(properties={"delivery_tag": "t", "delivery_info": "x"})
     assert envelope_problem(info) == "properties.delivery_info: not an object"
-    zipped = envelope(properties={"delivery_tag": "t", "body_encoding": "zlib"})
+    zipped = envelope(
+        properties={"delivery_tag": "t", "delivery_info": routed, "body_encoding": "zlib"}
+    )
     assert envelope_problem(zipped) == "properties.body_encoding: 'zlib' is not base64"
     assert envelope_problem(envelope(headers="x")) == "headers: not an object"
     assert envelope_problem(envelope(**{"content-type": 1})) == "content-type: not a string"

@@ -1,4 +1,4 @@
-"""Attempts whose reservation is not settled yet: a partial index for the control's release.
+"""Releasing reservations: attempts not settled yet (partial index), an attempt's outbox row.
 
 Revision ID: 0005
 Revises: 0004
@@ -21,7 +21,9 @@ def upgrade() -> None:
         ["due_at"],
         postgresql_where=sa.text("settled_at IS NULL"),
     )
+    op.create_index("ix_outbox_attempt", "outbox", ["run_id", "node_id", "attempt"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_outbox_attempt", table_name="outbox")
     op.drop_index("ix_attempts_unsettled", table_name="attempts")
