@@ -9,12 +9,13 @@ unread. Its pub/sub path (events, remote control) fails the same way on a JSON v
 not an envelope, or on JSON nested past Python's recursion limit.
 
 ``ScreenedTransport`` checks each item where it is read (the BRPOP and RPOP replies, and
-pub/sub messages) against what kombu's ``Message`` needs, before kombu decodes it. An item
-that fails is logged (``broker.rejected``) and set aside on the capped list
-``toolplane:rejected`` (its queue, the rule it broke, its size, sha256 and first bytes), and
-the consumer goes on. What passes is a well-formed envelope; Celery then handles a body it
-cannot decode, an unknown task or a disallowed content type by rejecting that message, and
-ingest records a result it cannot verify.
+pub/sub messages) against what kombu's ``Message`` needs, before kombu decodes it; then
+``GuardedConsumer`` checks each task message against what the control's publishers send
+(its own tasks only, protocol 2, a near ETA, no embedded callbacks). What fails is logged
+(``broker.rejected``) and set aside on the capped list ``toolplane:rejected`` (its queue,
+the rule it broke, its size, sha256 and first bytes), and the consumer goes on. Celery
+rejects a body it cannot decode or a disallowed content type itself, and ingest records a
+result it cannot verify.
 
 Redis only: on AMQP, the broker frames each message, and kombu's decoding errors reach
 Celery's own handlers.
@@ -49,8 +50,8 @@ __all__ = [
     "ScreenedChannel",
     "ScreenedTransport",
     "envelope_problem",
-    "task_problem",
     "install",
+    "task_problem",
 ]
 
 log = logging.getLogger("toolplane.broker")
@@ -128,10 +129,7 @@ def envelope_problem(item: bytes | str, queue: str | None = None) -> str | None:
         return f"not JSON ({e.msg})"
     except (ValueError, TypeError, KeyError, OverflowError) as e:
         return f"not kombu's JSON ({type(e).__name__}: {str(e)[:80]})"
-    try:
-        return _check_envelope(payload, queue)
-    except RecursionError:
-        return "JSON nested too deep"
+    return _check_envelope(payload, queue)
 
 
 class ScreenedChannel(kombu_redis.Channel):
@@ -160,13 +158,10 @@ class ScreenedChannel(kombu_redis.Channel):
 
     def _screen_popped(self, then: Callable[..., Any] | None) -> Callable[..., Any]:
         def screen(response: Any, **options: Any) -> Any:
-            if response and len(response) == 2 and isinstance(response[1], bytes | str):
+            if response and len(response) == 2:
                 key = response[0].decode() if isinstance(response[0], bytes) else response[0]
-                queue = key.rsplit(self.sep, 1)[0]  # a priority list: queue + sep + priority
-                routed = queue if queue in self.routed_queues else None
-                problem = envelope_problem(response[1], routed)
-                if problem is not None:
-                    self._set_aside(queue, response[1], problem)
+                # a priority list is the queue + sep + priority
+                if not self._passes(key.rsplit(self.sep, 1)[0], response[1]):
                     response = None  # _brpop_read: nothing was read (Empty)
             return then(response, **options) if then else response
 
@@ -174,16 +169,21 @@ class ScreenedChannel(kombu_redis.Channel):
 
     def _screen_item(self, then: Callable[..., Any] | None) -> Callable[..., Any]:
         def screen(response: Any, **options: Any) -> Any:
-            if isinstance(response, bytes | str) and response:
-                queue = getattr(self, "_reading", None)
-                routed = queue if queue in self.routed_queues else None
-                problem = envelope_problem(response, routed)
-                if problem is not None:
-                    self._set_aside(queue or "(rpop)", response, problem)
-                    response = None
+            if response and not self._passes(getattr(self, "_reading", None), response):
+                response = None
             return then(response, **options) if then else response
 
         return screen
+
+    def _passes(self, queue: str | None, item: Any) -> bool:
+        """Whether ``item``, read from ``queue``, may go on to kombu (else it is set aside)."""
+        if not isinstance(item, bytes | str):
+            return True
+        routed = queue if queue in self.routed_queues else None
+        problem = envelope_problem(item, routed)
+        if problem is not None:
+            self._set_aside(queue or "(rpop)", item, problem)
+        return problem is None
 
     def _receive_one(self, c: Any) -> Any:
         # kombu catches an event that is not JSON (and logs it), but not one nested past the
@@ -196,10 +196,7 @@ class ScreenedChannel(kombu_redis.Channel):
             raise kombu_redis.Empty() from None
 
     def _deliver_fanout_message(self, message: Any, exchange: str) -> Any:
-        try:
-            problem = _check_envelope(message)
-        except RecursionError:
-            problem = "JSON nested too deep"
+        problem = _check_envelope(message)
         if problem is not None:
             self._set_aside(f"(fanout {exchange})", _dump(message), problem)
             raise kombu_redis.Empty()

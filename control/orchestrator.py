@@ -419,40 +419,40 @@ def release_reservations(
     if store is None:
         return 0
     now = datetime.now(UTC)
-    released = 0
+    sent = (  # a cancel deletes a job's outbox row unless it was published (ix_outbox_attempt)
+        select(OutboxMessage.id)
+        .where(
+            OutboxMessage.run_id == Attempt.run_id,
+            OutboxMessage.node_id == Attempt.node_id,
+            OutboxMessage.attempt == Attempt.attempt,
+        )
+        .exists()
+    )
+    never_sent = and_(
+        Attempt.status == "cancelled",
+        ~sent,
+        Attempt.dispatched_at > now - timedelta(seconds=NEVER_SENT_REFUND_S),
+    )
     with sessions() as session:
         rows = session.execute(
-            select(Attempt, Run.tenant_id)
+            select(Attempt, Run.tenant_id, never_sent)
             .join(Run, Run.id == Attempt.run_id)
             .where(
                 Attempt.settled_at.is_(None),
-                or_(
-                    Attempt.status == "cancelled",
-                    and_(Attempt.status == "lost", Attempt.due_at <= now),
-                ),
+                Attempt.status.in_(("lost", "cancelled")),
+                or_(Attempt.due_at <= now, never_sent),  # else its result may still come
             )
             .order_by(Attempt.due_at)
             .limit(limit)
         ).all()
-        for attempt, tenant_id in rows:
-            staged = attempt.status == "cancelled" and session.scalar(
-                select(OutboxMessage.id).where(  # ix_outbox_attempt
-                    OutboxMessage.run_id == attempt.run_id,
-                    OutboxMessage.node_id == attempt.node_id,
-                    OutboxMessage.attempt == attempt.attempt,
-                )
-            )
-            recent = attempt.dispatched_at > now - timedelta(seconds=NEVER_SENT_REFUND_S)
-            if attempt.status == "cancelled" and staged is None and recent:
-                store.cancel(tenant_id=tenant_id, job_id=attempt.job_id)  # never went out
-            elif attempt.due_at <= now:
-                store.settle(tenant_id=tenant_id, job_id=attempt.job_id, charged_ms=None)
+        for attempt, tenant_id, undo in rows:
+            if undo:
+                store.cancel(tenant_id=tenant_id, job_id=attempt.job_id)
             else:
-                continue  # its result may still come
+                store.settle(tenant_id=tenant_id, job_id=attempt.job_id, charged_ms=None)
             attempt.settled_at = now
-            released += 1
         session.commit()
-    return released
+    return len(rows)
 
 
 def _overdue(
