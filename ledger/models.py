@@ -33,6 +33,7 @@ __all__ = [
     "PolicyVersion",
     "Principal",
     "Run",
+    "RunEvent",
     "SigningKey",
     "Tenant",
     "ToolManifest",
@@ -263,3 +264,19 @@ class ChainHead(Base):
     chain_id: Mapped[str] = mapped_column(String(60), primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class RunEvent(Base):
+    """A status change of a run (``node_id`` None) or of a node, written by a trigger in
+    the changing transaction (migration 0006); the API's event stream reads these.
+
+    Changes of one run are made under its lock, so their ids follow commit order."""
+
+    __tablename__ = "run_events"
+    __table_args__ = (Index("ix_run_events_run", "run_id", "id"),)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(40))
+    node_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    status: Mapped[str] = mapped_column(String(30))
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(TZ)
