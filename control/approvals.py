@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from control.auth import APPROVERS, Identity, require_role
-from control.errors import AuthError, NotFound, UsageError, require_text
+from control.errors import Forbidden, NotFound, UsageError, require_text
 from control.intake import (
     Governance,
     binding_problem,
@@ -156,10 +156,10 @@ def decide_approval(
     if approval.status != "pending":
         raise ApprovalRefused(f"approval {approval.id} was already {approval.status}")
     if approval.requested_by == identity.principal_id:
-        raise AuthError("the submitter of a call cannot approve or reject it")
+        raise Forbidden("the submitter of a call cannot approve or reject it")
     if identity.token_issued_by == approval.requested_by:
         # An admin who submitted could mint a token for an approver and approve as them.
-        raise AuthError(
+        raise Forbidden(
             "this token was issued by the call's submitter; a decision on the call needs "
             "a token its submitter did not issue"
         )

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from control.errors import AuthError, NotFound, UsageError
+from control.errors import AuthError, Forbidden, NotFound, UsageError
 from ledger.chain import NewEvent
 from ledger.models import ApiToken, Principal, Tenant
 from ledger.store import append_events
@@ -66,6 +66,7 @@ class Identity:
     operator: bool = False  # an admin of an operator tenant may freeze every tenant
     token_id: str = ""
     token_issued_by: str | None = None  # principal id of whoever issued this token
+    environment: str | None = None  # the environment an admin bound the token to
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ def issue_token(
     role: Role,
     expires_in_s: int | None = None,
     issued_by: Identity | None = None,
+    environment: str | None = None,
 ) -> IssuedToken:
     """Create (or reuse) the principal and return a new token for it (shown once)."""
     if expires_in_s is not None and not 0 < expires_in_s <= MAX_TOKEN_LIFETIME_S:
@@ -120,6 +122,7 @@ def issue_token(
             created_at=now,
             expires_at=expires_at,
             issued_by=issued_by.principal_id if issued_by else None,
+            environment=environment,
         )
     )
     session.flush()
@@ -134,6 +137,7 @@ def issue_token(
                     "role": role.value,
                     "expires_at": None if expires_at is None else expires_at.isoformat(),
                     "issued_by": issued_by.principal if issued_by else None,
+                    "environment": environment,
                 },
                 tenant_id=tenant_id,
             )
@@ -167,6 +171,7 @@ def list_tokens(session: Session, identity: Identity) -> list[dict[str, Any]]:
                 "created_at": token.created_at.isoformat(),
                 "expires_at": None if token.expires_at is None else token.expires_at.isoformat(),
                 "revoked_at": None if token.revoked_at is None else token.revoked_at.isoformat(),
+                "environment": token.environment,
                 "state": state,
             }
         )
@@ -238,7 +243,7 @@ def require_role(identity: Identity, allowed: frozenset[Role], action: str) -> N
     """Refuse ``action`` unless the principal has one of the ``allowed`` roles."""
     if identity.role not in allowed:
         needed = " or ".join(sorted(r.value for r in allowed))
-        raise AuthError(f"the {identity.role.value} role cannot {action} (needs {needed})")
+        raise Forbidden(f"the {identity.role.value} role cannot {action} (needs {needed})")
 
 
 def authenticate(session: Session, token: str | None) -> Identity:
@@ -267,4 +272,5 @@ def authenticate(session: Session, token: str | None) -> Identity:
         operator=bool(tenant.operator),
         token_id=api_token.id,
         token_issued_by=api_token.issued_by,
+        environment=api_token.environment,
     )

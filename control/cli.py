@@ -49,6 +49,7 @@ from control.output import (
     print_json,
     print_run,
     print_runs,
+    safe,
 )
 from toolplane.errors import ToolplaneError
 
@@ -123,7 +124,10 @@ def up(
     except ToolplaneError:
         processes.stop_processes(settings.home)
         raise
+    from control.api.server import api_url
+
     console.print(f"up: control and workers for {', '.join(f'{k}×{v}' for k, v in counts.items())}")
+    console.print(f"API on {api_url(settings)} (set TOOLPLANE_URL to it)", markup=False)
     if flower:
         where = settings.home / "flower-password"
         console.print(
@@ -168,13 +172,37 @@ def down() -> None:
 @handled
 def control(
     concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    api: Annotated[
+        bool, typer.Option("--api/--no-api", help="Serve the HTTP API (TOOLPLANE_API_BIND).")
+    ] = True,
     loglevel: str = "INFO",
 ) -> None:
-    """Run the control process: results ingest, next nodes, relay, sweeper, approvals expiry."""
+    """Run the control process: the API, results ingest, relay, sweeper, approvals expiry.
+
+    Operator command: runs on the control host with the control's settings.
+    """
     from control.service import run_control
 
     setup_logging(loglevel)
-    run_control(_plane(), concurrency=concurrency, loglevel=loglevel)
+    run_control(_plane(), concurrency=concurrency, loglevel=loglevel, api=api)
+
+
+@app.command()
+@handled
+def api(loglevel: str = "INFO") -> None:
+    """Serve only the HTTP API (more API processes beside `toolplane control`).
+
+    Operator command: runs on the control host with the control's settings.
+    """
+    import uvicorn
+
+    from control.api.server import uvicorn_config
+
+    setup_logging(loglevel)
+    plane = _plane()
+    plane.check_database()
+    plane.policy  # noqa: B018 - a bundle that does not load stops the start, not a request
+    uvicorn.Server(uvicorn_config(plane, log_level=loglevel.lower())).run()
 
 
 @app.command()
@@ -212,7 +240,7 @@ def worker(
 @app.command()
 @handled
 def migrate() -> None:
-    """Create or upgrade the ledger's tables."""
+    """Create or upgrade the ledger's tables (operator command, on the control host)."""
     from ledger.migrate import current_revision, upgrade
 
     plane = _plane()
@@ -294,7 +322,8 @@ def tenant_create(
 ) -> None:
     """Create a tenant and print its first admin token (shown once).
 
-    Needs the database (run where control runs); every other command needs a token.
+    Operator command: runs on the control host with the control's database settings;
+    the user commands need only TOOLPLANE_URL and a token.
     """
     from control.auth import create_tenant
 
@@ -332,20 +361,21 @@ def call(
     """Call one tool under policy; with --wait, exit with the run's status code.
 
     A call that needs an approval waits for it (with --wait, up to --timeout) and
-    exits with 5 while it still waits.
+    exits with 5 while it still waits. --env and --classification may only be
+    stricter than what the server decides for your token.
     """
-    client = _client()
-    view = client.call(
-        tool,
-        parse_args(arg or []),
-        environment=env,
-        classification=classification,
-        idempotency_key=idempotency_key,
-        on_behalf_of=on_behalf_of,
-        wait=wait,
-        timeout=timeout,
-        on_waiting=tell_waiting,
-    )
+    with _client() as client:
+        view = client.call(
+            tool,
+            parse_args(arg or []),
+            environment=env,
+            classification=classification,
+            idempotency_key=idempotency_key,
+            on_behalf_of=on_behalf_of,
+            wait=wait,
+            timeout=timeout,
+            on_waiting=tell_waiting,
+        )
     if json_:
         print_json(view.as_dict())
     else:
@@ -363,7 +393,8 @@ def runs_list(
     json_: JsonOpt = False,
 ) -> None:
     """Your tenant's most recent runs."""
-    views = _client().runs(limit=limit, awaiting_approval=awaiting_approval)
+    with _client() as client:
+        views = client.runs(limit=limit, awaiting_approval=awaiting_approval)
     if json_:
         print_json([v.as_dict() for v in views])
     elif awaiting_approval:
@@ -380,7 +411,8 @@ def runs_cancel(
     json_: JsonOpt = False,
 ) -> None:
     """Cancel a run of your tenant: nothing more is dispatched; RunCancelled is recorded."""
-    view = _client().cancel(run, reason=reason)
+    with _client() as client:
+        view = client.cancel(run, reason=reason)
     if json_:
         print_json(view.as_dict())
     else:
@@ -391,7 +423,8 @@ def runs_cancel(
 @handled
 def runs_show(run: str, json_: JsonOpt = False) -> None:
     """One run of your tenant with its nodes, results and receipts."""
-    view = _client().run(run)
+    with _client() as client:
+        view = client.run(run)
     if json_:
         print_json(view.as_dict())
     else:
@@ -408,18 +441,23 @@ def ledger_verify(
     json_: JsonOpt = False,
 ) -> None:
     """Recompute every link, result hash and receipt of your tenant's chain."""
-    report = _client().verify_ledger(run_id=run)
+    with _client() as client:
+        report = client.verify_ledger(run_id=run)
     if json_:
         print_json(report.as_dict())
     else:
         verdict = "[green]ok[/green]" if report.ok else "[red]BROKEN[/red]"
         console.print(
             f"ledger {verdict}: {report.events} events in {report.chains} chain(s), "
-            f"{report.receipts} receipts verified"
+            f"{report.receipts_verified} receipts verified"
         )
         for b in report.broken:
             console.print(
-                f"  event {b.event_id} ({b.chain_id} #{b.seq}, {b.kind}): {b.problem}", markup=False
+                safe(
+                    f"  event {b['event_id']} ({b['chain_id']} #{b['seq']}, {b['kind']}): "
+                    f"{b['problem']}"
+                ),
+                markup=False,
             )
     raise typer.Exit(EXIT_OK if report.ok else EXIT_ERROR)
 

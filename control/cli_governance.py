@@ -34,14 +34,26 @@ policy_app = typer.Typer(
 )
 
 
+ROLES = ("submitter", "approver", "auditor", "admin")
+
+
 @token_app.command("issue")
 @handled
 def token_issue(
-    tenant: Annotated[str, typer.Option(help="Tenant name (must be your own).")],
     principal: Annotated[str, typer.Option(help="Principal name.")],
     role: Annotated[str, typer.Option(help="submitter, approver, auditor or admin.")],
+    tenant: Annotated[
+        str | None, typer.Option(help="Your tenant's name (checked; tokens are per tenant).")
+    ] = None,
     expires_in: Annotated[
         str | None, typer.Option(help="Lifetime such as 12h, 30d (default: no expiry).")
+    ] = None,
+    environment: Annotated[
+        str | None,
+        typer.Option(
+            "--environment",
+            help="Bind the token to an environment (its calls run there or stricter).",
+        ),
     ] = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -49,16 +61,11 @@ def token_issue(
 
     The token is printed once, alone on stdout; its id (for `token revoke`) goes to stderr.
     """
-    from control.auth import Role
     from control.errors import NotFound
     from policy.bundle import parse_duration
 
-    try:
-        role_value = Role(role)
-    except ValueError:
-        raise UsageError(
-            f"must be one of {', '.join(r.value for r in Role)}", field="--role"
-        ) from None
+    if role not in ROLES:
+        raise UsageError(f"must be one of {', '.join(ROLES)}", field="--role")
     require_text(principal, field="--principal", max_chars=200)
     expires_in_s = None
     if expires_in is not None:
@@ -66,39 +73,36 @@ def token_issue(
             expires_in_s = parse_duration(expires_in)
         except ValueError as e:
             raise UsageError(str(e), field="--expires-in") from None
-    client = _client()
-    if client.identity.tenant_name != tenant:
-        raise NotFound("tenant", tenant)
-    issued = client.issue_token(principal, role_value, expires_in_s=expires_in_s)
-    expires = issued.expires_at.isoformat() if issued.expires_at else None
-    if json_:
-        print_json(
-            {
-                "tenant": tenant,
-                "principal": principal,
-                "role": role,
-                "token": issued.token,
-                "token_id": issued.token_id,
-                "expires_at": expires,
-            }
+    with _client() as client:
+        if tenant is not None and client.policy().tenant != tenant:
+            raise NotFound("tenant", tenant)
+        issued = client.issue_token(
+            principal, role, expires_in_s=expires_in_s, environment=environment
         )
+    if json_:
+        print_json(issued.as_dict())
     else:
         console.print(issued.token, markup=False)
-        err.print(f"token id {issued.token_id}; expires {expires or 'never'}", markup=False)
+        err.print(
+            f"token id {issued.token_id}; expires {issued.expires_at or 'never'}", markup=False
+        )
 
 
 @token_app.command("list")
 @handled
 def token_list(json_: JsonOpt = False) -> None:
     """Your tenant's tokens: id, principal, role, state (needs an admin token)."""
-    rows = _client().tokens()
+    with _client() as client:
+        rows = client.tokens()
     if json_:
-        print_json(rows)
+        print_json([row.as_dict() for row in rows])
         return
     for row in rows:
         console.print(
-            f"{row['token_id']}  {row['principal']}  {row['role']}  {row['state']}"
-            f"  expires {row['expires_at'] or 'never'}",
+            safe(
+                f"{row.token_id}  {row.principal}  {row.role}  {row.state}"
+                f"  expires {row.expires_at or 'never'}"
+            ),
             markup=False,
         )
 
@@ -107,18 +111,19 @@ def token_list(json_: JsonOpt = False) -> None:
 @handled
 def token_revoke(token_id: str, json_: JsonOpt = False) -> None:
     """Revoke a token of your tenant at once (needs an admin token)."""
-    _client().revoke_token(token_id)
+    with _client() as client:
+        client.revoke_token(token_id)
     if json_:
         print_json({"token_id": token_id, "revoked": True})
     else:
         console.print(f"revoked {token_id}", markup=False)
 
 
-def _decided(run: str, json_: bool, decided) -> None:  # type: ignore[no-untyped-def]
-    client = _client()
-    view = client.run(run)
+def _decided(json_: bool, decided) -> None:  # type: ignore[no-untyped-def]
+    view = decided.run
     if json_:
-        print_json({"approval": decided.__dict__, "run": view.as_dict()})
+        approval = {k: v for k, v in decided.as_dict().items() if k != "run"}
+        print_json({"approval": approval, "run": view.as_dict()})
     else:
         console.print(
             safe(f"approval {decided.approval_id}: {decided.status} — {decided.message}"),
@@ -136,8 +141,9 @@ def approve(
     json_: JsonOpt = False,
 ) -> None:
     """Approve a call that waits for you, and dispatch it (approver role; not your own call)."""
-    decided = _client().approve(run, node, reason=reason)
-    _decided(run, json_, decided)
+    with _client() as client:
+        decided = client.approve(run, node, reason=reason)
+    _decided(json_, decided)
 
 
 @handled
@@ -148,62 +154,56 @@ def reject(
     json_: JsonOpt = False,
 ) -> None:
     """Reject a call that waits for approval; it is denied."""
-    decided = _client().reject(run, node, reason=reason)
-    _decided(run, json_, decided)
+    with _client() as client:
+        decided = client.reject(run, node, reason=reason)
+    _decided(json_, decided)
 
 
 @policy_app.command("explain")
 @handled
 def policy_explain(
     tool: Annotated[str, typer.Option()],
-    env: Annotated[str, typer.Option("--env")] = "dev",
-    classification: Annotated[str, typer.Option()] = "internal",
-    principal: Annotated[str, typer.Option()] = "anyone",
-    role: Annotated[str, typer.Option()] = "submitter",
+    env: Annotated[str | None, typer.Option("--env", help="Only stricter than yours.")] = None,
+    classification: Annotated[str | None, typer.Option(help="Only stricter than yours.")] = None,
     arg: Annotated[
         list[str] | None, typer.Option("--arg", help="K=V (V as JSON if it parses).")
     ] = None,
     on_behalf_of: Annotated[str | None, typer.Option()] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Show how the policy bundle decides a call, and which policies decided it.
-
-    Exit code 0 allow, 3 deny, 5 approval required.
-    """
-    from policy.bundle import load_bundle
-    from policy.engine import PolicyEngine, PolicyRequest
-
-    engine = PolicyEngine(load_bundle(load_settings().bundle_dir))
-    decision = engine.decide(
-        PolicyRequest(
-            tenant="explain",
-            principal=principal,
-            role=role,
-            tool=tool,
+    """Show how the server's policy bundle decides this call for you, and which policies
+    decided it (nothing runs). Exit code 0 allow, 3 deny, 5 approval required."""
+    with _client() as client:
+        decision = client.explain(
+            tool,
+            parse_args(arg or []),
             environment=env,
             classification=classification,
-            args=parse_args(arg or []),
             on_behalf_of=on_behalf_of,
         )
-    )
     if json_:
-        print_json(decision.as_evidence())
+        print_json(decision)
     else:
-        console.print(f"{decision.outcome.upper()}: {decision.reason}", markup=False)
-        if decision.approval_ttl_s is not None:
-            console.print(f"an approval would be valid for {decision.approval_ttl_s} s")
-        if decision.constraints and (decision.constraints.limits or decision.constraints.egress):
-            console.print(f"constraints: {decision.constraints.as_dict()}", markup=False)
-        if decision.log_only and decision.log_only["policies"]:
-            lo = decision.log_only
+        outcome = str(decision.get("decision", decision.get("outcome", "deny")))
+        console.print(safe(f"{outcome.upper()}: {decision.get('reason', '')}"), markup=False)
+        if decision.get("approval_ttl_s") is not None:
+            console.print(f"an approval would be valid for {decision['approval_ttl_s']} s")
+        constraints = decision.get("constraints") or {}
+        if constraints.get("limits") or constraints.get("egress"):
+            console.print(safe(f"constraints: {constraints}"), markup=False)
+        log_only = decision.get("log_only") or {}
+        if log_only.get("policies"):
             console.print(
-                f"log-only: would {lo['decision']} under {', '.join(lo['policies'])}"
-                + (" (differs)" if lo["differs"] else ""),
+                safe(
+                    f"log-only: would {log_only['decision']} under "
+                    f"{', '.join(log_only['policies'])}"
+                    + (" (differs)" if log_only.get("differs") else "")
+                ),
                 markup=False,
             )
-        console.print(f"bundle {decision.bundle_version[:16]}…", style="dim")
+        console.print(f"bundle {str(decision.get('bundle_version', ''))[:16]}…", style="dim")
     code = {"allow": EXIT_OK, "approval_required": EXIT_AWAITING_APPROVAL}
-    raise typer.Exit(code.get(decision.outcome, EXIT_DENIED))
+    raise typer.Exit(code.get(str(decision.get("decision")), EXIT_DENIED))
 
 
 @policy_app.command("test")
@@ -249,11 +249,12 @@ def policy_freeze(
     json_: JsonOpt = False,
 ) -> None:
     """Kill switch: deny every new dispatch of your tenant (or of all) at once (admin)."""
-    client = _client()
-    client.freeze(everything=all_, reason=reason)
-    scope = "every tenant" if all_ else f"tenant {client.identity.tenant_name}"
+    with _client() as client:
+        client.freeze(everything=all_, reason=reason)
+        tenant = client.policy().tenant
+    scope = "every tenant" if all_ else f"tenant {tenant}"
     if json_:
-        print_json({"frozen": "all" if all_ else client.identity.tenant_name, "reason": reason})
+        print_json({"frozen": "all" if all_ else tenant, "reason": reason})
     else:
         console.print(f"frozen: {scope}; no new call dispatches until unfrozen", markup=False)
 
@@ -266,10 +267,11 @@ def policy_unfreeze(
     json_: JsonOpt = False,
 ) -> None:
     """Lift a freeze (admin)."""
-    client = _client()
-    client.unfreeze(everything=all_, reason=reason)
+    with _client() as client:
+        client.unfreeze(everything=all_, reason=reason)
+        tenant = client.policy().tenant
     if json_:
-        print_json({"unfrozen": "all" if all_ else client.identity.tenant_name})
+        print_json({"unfrozen": "all" if all_ else tenant})
     else:
         console.print("unfrozen", markup=False)
 
@@ -278,22 +280,19 @@ def policy_unfreeze(
 @handled
 def policy_status(json_: JsonOpt = False) -> None:
     """The bundle in force, its policies and plans, and any freeze on your tenant."""
-    client = _client()
-    bundle = client.plane.policy.bundle
-    plan = bundle.plans.for_tenant(client.identity.tenant_name)
-    status = {
-        "version": bundle.version,
-        "path": str(bundle.path),
-        "policies": {p.id: p.mode for p in bundle.policies.values()},
-        "plan": None if plan is None else {"name": plan[0], **plan[1].as_dict()},
-        "freezes": client.freezes(),
-    }
+    with _client() as client:
+        status = client.policy()
     if json_:
-        print_json(status)
+        print_json(status.as_dict())
         return
-    console.print(f"bundle {bundle.version[:16]}… from {bundle.path}", markup=False)
-    for pid, mode in status["policies"].items():
+    console.print(f"bundle {status.version[:16]}… (the server's)", markup=False)
+    for pid, mode in status.policies.items():
         console.print(f"  {pid}" + ("  (log-only)" if mode == "log_only" else ""), markup=False)
-    console.print(f"plan: {status['plan'] or 'unlimited'}", markup=False)
-    for f in status["freezes"]:
-        console.print(safe(f"FROZEN ({f['scope']}) by {f['by']}: {f['reason']}"), markup=False)
+    console.print(f"plan: {status.plan or 'unlimited'}", markup=False)
+    console.print(
+        f"your calls run in {status.environment}, classification {status.classification} "
+        "or stricter",
+        markup=False,
+    )
+    for f in status.freezes:
+        console.print(safe(f"FROZEN ({f.scope}) by {f.by}: {f.reason}"), markup=False)

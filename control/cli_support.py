@@ -10,8 +10,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
 
+from control.api.fields import cli_field
 from control.errors import (
     EXIT_AWAITING_APPROVAL,
     EXIT_DENIED,
@@ -56,17 +56,22 @@ OnBehalfOpt = Annotated[
 
 
 def plane():  # type: ignore[no-untyped-def]
-    """The control plane of these settings (for commands that need the database)."""
+    """The control plane of these settings (operator commands on the control host only)."""
     from control.runtime import ControlPlane
 
     return ControlPlane.from_settings(load_settings())
 
 
 def client():  # type: ignore[no-untyped-def]
-    """A client authenticated by TOOLPLANE_TOKEN."""
-    from control.client import Client
+    """A client of the API: TOOLPLANE_URL and TOOLPLANE_TOKEN (and TLS files), nothing else."""
+    from control.client import Client, ClientSettings
 
-    return Client.from_env(load_settings())
+    try:
+        settings = ClientSettings()
+    except ValidationError as e:
+        field, rule = first_problem(e, where="settings")
+        raise UsageError(rule, field="TOOLPLANE_" + field.upper()) from e
+    return Client(settings=settings)
 
 
 def load_settings() -> Settings:
@@ -87,15 +92,15 @@ def handled(func: F) -> F:
         except typer.Exit:
             raise
         except ToolplaneError as e:
-            err.print(f"error: {e}", markup=False)
+            err.print(f"error: {_shown(e)}", markup=False)
             raise typer.Exit(getattr(e, "exit_code", EXIT_ERROR)) from None
-        except OperationalError as e:
-            first = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
-            err.print(f"error: database unavailable: {first}", markup=False)
-            raise typer.Exit(EXIT_ERROR) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
         except Exception as e:  # the last boundary: one line for people, the trace to a file
+            if type(e).__name__ == "OperationalError":  # SQLAlchemy's, on operator commands
+                first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+                err.print(f"error: database unavailable: {first}", markup=False)
+                raise typer.Exit(EXIT_ERROR) from None
             trace = save_trace()
             err.print(
                 f"error: internal error: {type(e).__name__}: {e}".splitlines()[0], markup=False
@@ -104,6 +109,15 @@ def handled(func: F) -> F:
             raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _shown(error: ToolplaneError) -> str:
+    """The error as the CLI names things: a problem from the API names its JSON field
+    (``args.path``), which the CLI shows as its option (``--arg path``)."""
+    field = getattr(error, "field", None)
+    if isinstance(error, UsageError) and field and not field.startswith("-") and field.islower():
+        return f"{cli_field(field)}: {error.rule}"
+    return str(error)
 
 
 def save_trace() -> str:

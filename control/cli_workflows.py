@@ -14,12 +14,10 @@ from control.cli_support import (
     OnBehalfOpt,
     finish_run,
     handled,
-    load_settings,
     parse_args,
     tell_waiting,
 )
 from control.cli_support import client as cli_client
-from control.errors import UsageError
 from control.output import console, err, print_json, print_run, safe
 
 __all__ = ["submit", "workflows_app"]
@@ -49,22 +47,20 @@ def submit(
     Each node is decided by policy on its own when its dependencies complete; a
     failed or denied node fails the run and cancels the nodes not yet ended.
     """
-    client = cli_client()
-    run_id = client.submit_workflow(
-        workflow,
-        parse_args(input_ or [], option="--input", as_json=False),
-        environment=env,
-        classification=classification,
-        idempotency_key=idempotency_key,
-        on_behalf_of=on_behalf_of,
-    )
-    err.print(safe(f"submitted {run_id}"), markup=False)
-    if not wait:
-        view = client.run(run_id)
-    else:
-        view = client.wait(
-            run_id, timeout=timeout, on_progress=_tell_progress, on_waiting=tell_waiting
+    with cli_client() as client:
+        view = client.run_workflow(
+            workflow,
+            parse_args(input_ or [], option="--input", as_json=False),
+            environment=env,
+            classification=classification,
+            idempotency_key=idempotency_key,
+            on_behalf_of=on_behalf_of,
         )
+        err.print(safe(f"submitted {view.run_id}"), markup=False)
+        if wait:
+            view = client.wait(
+                view.run_id, timeout=timeout, on_progress=_tell_progress, on_waiting=tell_waiting
+            )
     if json_:
         print_json(view.as_dict())
     else:
@@ -80,31 +76,14 @@ def _tell_progress(node_id: str, status: str, attempt: int) -> None:
 @workflows_app.command("list")
 @handled
 def workflows_list(json_: JsonOpt = False) -> None:
-    """The workflows you can submit: name, inputs, nodes, and whether each one loads."""
-    from control.workflows import list_workflows, load_workflow
-
-    directory = load_settings().workflow_dir
-    rows = []
-    for name in list_workflows(directory):
-        try:
-            spec = load_workflow(directory, name)
-        except UsageError as e:
-            rows.append({"name": name, "ok": False, "problem": str(e)})
-            continue
-        rows.append(
-            {
-                "name": name,
-                "ok": True,
-                "description": spec.description,
-                "inputs": {k: v.type for k, v in spec.inputs.items()},
-                "nodes": [{"id": n.id, "tool": n.tool, "needs": list(n.needs)} for n in spec.nodes],
-            }
-        )
+    """The workflows you can submit (the server's): name, inputs, nodes, whether each loads."""
+    with cli_client() as client:
+        rows = [w.as_dict() for w in client.workflows()]
     if json_:
         print_json(rows)
         return
     if not rows:
-        console.print(f"no workflows in {directory}")
+        console.print("no workflows on the server")
     for row in rows:
         if not row["ok"]:
             console.print(safe(f"{row['name']}: [invalid] {row['problem']}"), markup=False)

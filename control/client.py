@@ -1,51 +1,50 @@
-"""The Python client: the same governed path as the CLI, for applications.
+"""The Python client: an HTTP client of the control's API (httpx), nothing more.
 
-from control.client import Client
+It holds the API's URL and a token (and, for TLS, a CA bundle and an optional client
+certificate): no database, broker or key. Every rule is enforced by the server.
 
-client = Client.from_env()                      # TOOLPLANE_* settings, TOOLPLANE_TOKEN
-run = client.call("read_repo_file", {"path": "README.md"}, wait=True)
-print(run.status, run.nodes[0].result["sha256"])
-run = client.run_workflow("repo-review", {"query": "ledger", "path": "src/app.py"}, wait=True)
+    from control.client import Client
+
+    with Client.from_env() as client:          # TOOLPLANE_URL, TOOLPLANE_TOKEN
+        run = client.call("read_repo_file", {"path": "README.md"}, wait=True)
+        print(run.status, run.nodes[0].result_sha256)
+        run = client.run_workflow("repo-review", {"query": "ledger", "path": "src/app.py"},
+                                  wait=True)
+
+``AsyncClient`` has the same methods as coroutines.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+import httpx
+from httpx_sse import connect_sse
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from control.approvals import Decided, decide_approval, waiting_for
-from control.auth import (
-    ADMINS,
-    SUBMITTERS,
-    Identity,
-    IssuedToken,
-    Role,
-    authenticate,
-    issue_token,
-    list_tokens,
-    require_role,
-    revoke_token,
+from control.api.models import (
+    DecidedOut,
+    EvidenceOut,
+    FreezeOut,
+    IssuedTokenOut,
+    RunOut,
+    StatusOut,
+    TokenOut,
+    ToolOut,
+    VerifyOut,
+    WorkflowOut,
 )
-from control.dispatch import publish_pending
 from control.errors import ControlError
-from control.freeze import freeze, list_freezes, unfreeze
-from control.orchestrator import cancel_run
-from control.runs import RunView, get_run, list_runs
-from control.runtime import ControlPlane
-from control.states import TERMINAL_RUN, RunStatus
-from control.submission import CallRequest, RunRequest, submit_run
-from control.workflows import WorkflowSpec, load_workflow
-from ledger.models import Node, Run
-from ledger.verify import VerifyReport, verify_ledger
-from toolplane.settings import Settings
+from control.wire import ApiRequest, Requests, raise_for_problem, unreachable
 
-__all__ = ["Client", "WaitTimeout"]
+__all__ = ["Client", "ClientSettings", "WaitTimeout"]
 
-IDENTITY_TTL_S = 5.0
+TERMINAL = frozenset({"completed", "failed", "denied", "cancelled"})
+DEFAULT_URL = "http://127.0.0.1:8765"
 
 
 class WaitTimeout(ControlError):
@@ -54,100 +53,128 @@ class WaitTimeout(ControlError):
         self.run_id = run_id
 
 
-class Client:
-    def __init__(self, plane: ControlPlane, *, token: str | None) -> None:
-        self.plane = plane
-        self._token = token
-        self._identity: Identity | None = None
-        self._identity_at = 0.0
+class ClientSettings(BaseSettings):
+    """What a caller holds: the API's URL, a token, and TLS material."""
+
+    model_config = SettingsConfigDict(env_prefix="TOOLPLANE_", extra="ignore", frozen=True)
+
+    url: str = Field(default=DEFAULT_URL, description="the control's API")
+    token: SecretStr | None = Field(default=None, description="an API token")
+    ca_bundle: Path | None = Field(default=None, description="CA bundle to verify the API")
+    client_cert: Path | None = Field(default=None, description="client certificate (PEM)")
+    client_key: Path | None = Field(default=None, description="its private key (PEM)")
+
+    def httpx_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"base_url": self.url.rstrip("/")}
+        if self.ca_bundle is not None:
+            import ssl
+
+            options["verify"] = ssl.create_default_context(cafile=str(self.ca_bundle))
+        if self.client_cert is not None:
+            cert = str(self.client_cert)
+            options["cert"] = (cert, str(self.client_key)) if self.client_key else cert
+        if self.token is not None:
+            options["headers"] = {"Authorization": f"Bearer {self.token.get_secret_value()}"}
+        return options
+
+
+def waiting_from(run: RunOut) -> list[dict[str, Any]]:
+    """For whom a run waits: each node's pending approval."""
+    return [
+        {
+            "approval_id": n.approval["approval_id"],
+            "node_id": n.node_id,
+            "submitter": n.approval["requested_by"],
+            "policies": n.approval["policies"],
+            "expires_at": n.approval["expires_at"],
+            "who": "a principal with the approver role other than "
+            + str(n.approval["requested_by"]),
+        }
+        for n in run.nodes
+        if n.status == "awaiting_approval" and n.approval and n.approval["status"] == "pending"
+    ]
+
+
+class Client(Requests):
+    """A synchronous client of the API; a context manager (``close()`` ends it)."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        settings: ClientSettings | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        settings = settings or ClientSettings(url=url, token=token)
+        self.settings = settings
+        self._http = httpx.Client(timeout=timeout, transport=transport, **settings.httpx_options())
 
     @classmethod
-    def from_env(cls, settings: Settings | None = None) -> Client:
-        settings = settings or Settings()
-        token = settings.token.get_secret_value() if settings.token else None
-        return cls(ControlPlane.from_settings(settings), token=token)
+    def from_env(cls, **options: Any) -> Client:
+        """From TOOLPLANE_URL, TOOLPLANE_TOKEN, TOOLPLANE_CA_BUNDLE, TOOLPLANE_CLIENT_CERT/_KEY."""
+        return cls(settings=ClientSettings(), **options)
 
-    @property
-    def identity(self) -> Identity:
-        """Who the token names; checked again every few seconds (revocation, expiry)."""
-        if self._identity is None or time.monotonic() - self._identity_at > IDENTITY_TTL_S:
-            with self.plane.sessions() as session:
-                self._identity = authenticate(session, self._token)
-            self._identity_at = time.monotonic()
-        return self._identity
+    def __enter__(self) -> Client:
+        return self
 
-    def submit(
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, request: ApiRequest) -> Any:
+        try:
+            response = self._http.request(
+                request.method,
+                request.path,
+                json=request.body,
+                params=request.params,
+                headers=request.headers,
+            )
+        except httpx.TransportError as e:
+            raise unreachable(self.settings.url, e) from e
+        raise_for_problem(response)
+        return request.parse(response)
+
+    # -- runs --------------------------------------------------------------------------
+    def submit(self, tool: str, args: dict[str, Any], **options: Any) -> str:
+        """Submit one tool call; returns its run id (decided, and published if allowed)."""
+        run: RunOut = self._send(self.r_call(tool, args, **options))
+        return run.run_id
+
+    def call(
         self,
         tool: str,
         args: dict[str, Any],
         *,
-        environment: str | None = None,
-        classification: str = "internal",
-        idempotency_key: str | None = None,
-        on_behalf_of: str | None = None,
-    ) -> str:
-        """Submit one tool call and return its run id (decided and, if allowed, published)."""
-        request = CallRequest(
-            tool=tool,
-            args=args,
-            environment=environment or self.plane.settings.environment,
-            classification=classification,
-            idempotency_key=idempotency_key,
-            on_behalf_of=on_behalf_of,
-        )
-        return self._start(request.as_run(), call=True)
+        wait: bool = False,
+        timeout: float = 60.0,
+        on_waiting: Callable[[list[dict[str, Any]]], None] | None = None,
+        **options: Any,
+    ) -> RunOut:
+        """Submit one call; with ``wait``, return once the run has ended (or, waiting for
+        an approval at the timeout, as it is)."""
+        run: RunOut = self._send(self.r_call(tool, args, **options))
+        if not wait:
+            return run
+        return self.wait(run.run_id, timeout=timeout, on_waiting=on_waiting)
 
-    def _start(self, request: RunRequest, *, call: bool = False) -> str:
-        """Record the run, decide its first nodes, publish what was allowed."""
-        # an auditor changes nothing
-        require_role(self.identity, SUBMITTERS, "submit calls" if call else "submit runs")
-        with self.plane.sessions() as session:
-            submitted = submit_run(
-                session,
-                identity=self.identity,
-                request=request,
-                gov=self.plane.governance(),
-                call=call,
-            )
-        if submitted.outbox_ids:
-            publish_pending(self.plane.sessions, self.plane.publisher, ids=submitted.outbox_ids)
-        return submitted.run_id
-
-    def workflow(self, name: str) -> WorkflowSpec:
-        """The workflow ``name`` from the workflows directory, checked."""
-        return load_workflow(self.plane.settings.workflow_dir, name)
+    def call_many(self, calls: list[dict[str, Any]]) -> list[RunOut]:
+        """Submit up to 100 calls in one request, each decided on its own."""
+        return list(self._send(self.r_batch(calls)))
 
     def submit_workflow(
-        self,
-        workflow: str | WorkflowSpec,
-        inputs: dict[str, Any] | None = None,
-        *,
-        environment: str | None = None,
-        classification: str = "internal",
-        idempotency_key: str | None = None,
-        on_behalf_of: str | None = None,
+        self, workflow: str, inputs: dict[str, Any] | None = None, **options: Any
     ) -> str:
-        """Start a run of a workflow (by name, or a spec) and return its id.
-
-        Its first nodes are decided and, if allowed, published before this returns;
-        the control process dispatches the rest as their dependencies complete.
-        """
-        require_role(self.identity, SUBMITTERS, "submit runs")
-        spec = self.workflow(workflow) if isinstance(workflow, str) else workflow
-        return self._start(
-            RunRequest(
-                spec=spec,
-                inputs=dict(inputs or {}),
-                environment=environment or self.plane.settings.environment,
-                classification=classification,
-                idempotency_key=idempotency_key,
-                on_behalf_of=on_behalf_of,
-            )
-        )
+        run: RunOut = self._send(self.r_workflow(workflow, inputs, **options))
+        return run.run_id
 
     def run_workflow(
         self,
-        workflow: str | WorkflowSpec,
+        workflow: str,
         inputs: dict[str, Any] | None = None,
         *,
         wait: bool = False,
@@ -155,223 +182,139 @@ class Client:
         on_progress: Callable[[str, str, int], None] | None = None,
         on_waiting: Callable[[list[dict[str, Any]]], None] | None = None,
         **options: Any,
-    ) -> RunView:
-        """Submit a workflow; with ``wait``, return once the run has ended (see :meth:`wait`)."""
-        run_id = self.submit_workflow(workflow, inputs, **options)
-        if wait:
-            return self.wait(
-                run_id, timeout=timeout, on_progress=on_progress, on_waiting=on_waiting
-            )
-        return self.run(run_id)
-
-    def cancel(self, run_id: str, *, reason: str | None = None) -> RunView:
-        """Cancel a run of this tenant: nothing more is dispatched (RunCancelled).
-
-        Jobs already with a worker are revoked where the workers still hold them; a
-        result that arrives anyway is recorded and ignored.
-        """
-        with self.plane.sessions() as session:
-            _, in_flight = cancel_run(session, self.identity, run_id, reason=reason)
-        if in_flight:
-            with contextlib.suppress(Exception):  # best effort: the node is cancelled anyway
-                self.plane.celery.control.revoke(in_flight)
-        return self.run(run_id)
-
-    def call(
-        self,
-        tool: str,
-        args: dict[str, Any],
-        *,
-        environment: str | None = None,
-        classification: str = "internal",
-        idempotency_key: str | None = None,
-        on_behalf_of: str | None = None,
-        wait: bool = False,
-        timeout: float = 60.0,
-        on_waiting: Callable[[list[dict[str, Any]]], None] | None = None,
-    ) -> RunView:
-        """Submit one tool call; with ``wait``, return once the run has ended.
-
-        A run that waits for an approval is waited for too (``on_waiting`` hears
-        once for whom); if it still waits at the timeout, it is returned as it is.
-        """
-        run_id = self.submit(
-            tool,
-            args,
-            environment=environment,
-            classification=classification,
-            idempotency_key=idempotency_key,
-            on_behalf_of=on_behalf_of,
+    ) -> RunOut:
+        run: RunOut = self._send(self.r_workflow(workflow, inputs, **options))
+        if not wait:
+            return run
+        return self.wait(
+            run.run_id, timeout=timeout, on_progress=on_progress, on_waiting=on_waiting
         )
-        if wait:
-            return self.wait(run_id, timeout=timeout, on_waiting=on_waiting)
-        return self.run(run_id)
 
-    def run(self, run_id: str) -> RunView:
-        with self.plane.sessions() as session:
-            return get_run(session, self.identity, run_id)
+    def run(self, run_id: str) -> RunOut:
+        return self._send(self.r_run(run_id))  # type: ignore[no-any-return]
 
-    def runs(self, *, limit: int = 50, awaiting_approval: bool = False) -> list[RunView]:
-        with self.plane.sessions() as session:
-            return list_runs(
-                session, self.identity, limit=limit, awaiting_approval=awaiting_approval
-            )
+    def runs(self, **filters: Any) -> list[RunOut]:
+        """Your tenant's runs, newest first (``limit``, ``status``, ``awaiting_approval``,
+        ``cursor``, ``ids``); :meth:`runs_page` gives the next cursor too."""
+        return list(self.runs_page(**filters).runs)
+
+    def runs_page(self, **filters: Any) -> Any:
+        return self._send(self.r_runs(**filters))
+
+    def cancel(self, run_id: str, *, reason: str | None = None) -> RunOut:
+        return self._send(self.r_cancel(run_id, reason))  # type: ignore[no-any-return]
+
+    def approve(self, run_id: str, node_id: str, *, reason: str | None = None) -> DecidedOut:
+        return self._send(self.r_decide(run_id, node_id, "approve", reason))  # type: ignore[no-any-return]
+
+    def reject(self, run_id: str, node_id: str, *, reason: str) -> DecidedOut:
+        return self._send(self.r_decide(run_id, node_id, "reject", reason))  # type: ignore[no-any-return]
+
+    def evidence(self, run_id: str) -> list[EvidenceOut]:
+        return list(self._send(self.r_evidence(run_id)))
 
     def wait(
         self,
         run_id: str,
         *,
         timeout: float = 60.0,
-        poll_s: float = 0.002,
-        on_waiting: Callable[[list[dict[str, Any]]], None] | None = None,
         on_progress: Callable[[str, str, int], None] | None = None,
-    ) -> RunView:
-        """Poll the run's status (cheaply) until it ends; then read it whole.
+        on_waiting: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> RunOut:
+        """Follow the run's event stream (pushed by the server) until the run ends.
 
-        ``on_progress(node_id, status, attempt)`` hears of every node's status as it
-        changes; ``on_waiting`` hears once for whom a run waits that needs an approval.
+        ``on_progress(node_id, status, attempt)`` hears every node's change in order;
+        ``on_waiting`` hears once for whom a run waits that needs an approval. A run still
+        waiting for an approval at the timeout is returned as it is.
         """
         deadline = time.monotonic() + timeout
-        delay = poll_s
-        identity = self.identity
+        last_id: str | None = None
         told = False
-        seen: dict[str, tuple[str, int]] = {}
+        status = "running"
         while True:
-            with self.plane.sessions() as session:
-                status = session.scalar(
-                    select(Run.status).where(Run.id == run_id, Run.tenant_id == identity.tenant_id)
-                )
-                if status is not None and on_progress is not None:
-                    for node_id, node_status, attempt in session.execute(
-                        select(Node.node_id, Node.status, Node.attempt)
-                        .where(Node.run_id == run_id)
-                        .order_by(Node.created_at, Node.node_id)
-                    ):
-                        if seen.get(node_id) != (node_status, attempt):
-                            seen[node_id] = (node_status, attempt)
-                            on_progress(node_id, node_status, attempt)
-                if status == RunStatus.AWAITING_APPROVAL and not told:
-                    told = True
-                    if on_waiting is not None:
-                        on_waiting(waiting_for(session, identity.tenant_id, run_id))
-            if status is None or status in TERMINAL_RUN:
-                return self.run(run_id)  # raises NotFound for another tenant's run
-            if time.monotonic() >= deadline:
-                if status == RunStatus.AWAITING_APPROVAL:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if status == "awaiting_approval":
                     return self.run(run_id)
                 raise WaitTimeout(run_id, timeout)
-            time.sleep(delay)
-            delay = min(delay * 1.2, 0.05 if status != RunStatus.AWAITING_APPROVAL else 0.5)
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with connect_sse(
+                    self._http,
+                    "GET",
+                    f"/v1/runs/{run_id}/events",
+                    headers=headers,
+                    timeout=httpx.Timeout(min(remaining, 30.0), read=min(remaining, 30.0)),
+                ) as source:
+                    raise_for_problem(source.response)
+                    for event in source.iter_sse():
+                        if event.event == "end":
+                            return self.run(run_id)
+                        if not event.id:
+                            continue
+                        last_id = event.id
+                        data = event.json()
+                        if event.event == "node" and on_progress is not None:
+                            on_progress(data["node_id"], data["status"], data["attempt"])
+                        elif event.event == "run":
+                            status = data["status"]
+                            if status == "awaiting_approval" and not told:
+                                told = True
+                                if on_waiting is not None:
+                                    on_waiting(waiting_from(self.run(run_id)))
+            except httpx.TimeoutException:
+                continue  # the deadline decides
+            except httpx.TransportError as e:
+                if time.monotonic() >= deadline:
+                    raise unreachable(self.settings.url, e) from e
+                time.sleep(0.2)  # reconnect with Last-Event-ID: nothing is missed
 
-    # -- approvals -------------------------------------------------------------------
-    def approve(self, run_id: str, node_id: str, *, reason: str | None = None) -> Decided:
-        """Approve a waiting call (approver role, not its submitter) and dispatch it."""
-        return self._decide(run_id, node_id, grant=True, reason=reason)
-
-    def reject(self, run_id: str, node_id: str, *, reason: str) -> Decided:
-        return self._decide(run_id, node_id, grant=False, reason=reason)
-
-    def _decide(self, run_id: str, node_id: str, *, grant: bool, reason: str | None) -> Decided:
-        with self.plane.sessions() as session:
-            decided = decide_approval(
-                session,
-                self.identity,
-                self.plane.governance(),
-                run_id=run_id,
-                node_id=node_id,
-                grant=grant,
-                reason=reason,
-            )
-        if decided.outbox_ids:
-            publish_pending(self.plane.sessions, self.plane.publisher, ids=decided.outbox_ids)
-        return decided
-
-    # -- tokens and the kill switch ----------------------------------------------------
-    def issue_token(
-        self, principal: str, role: Role, *, expires_in_s: int | None = None
-    ) -> IssuedToken:
-        require_role(self.identity, ADMINS, "issue tokens")
-        with self.plane.sessions() as session:
-            issued = issue_token(
-                session,
-                tenant_id=self.identity.tenant_id,
-                principal=principal,
-                role=role,
-                expires_in_s=expires_in_s,
-                issued_by=self.identity,
-            )
-            session.commit()
-        return issued
-
-    def tokens(self) -> list[dict[str, Any]]:
-        require_role(self.identity, ADMINS, "list tokens")
-        with self.plane.sessions() as session:
-            return list_tokens(session, self.identity)
-
-    def revoke_token(self, token_id: str) -> None:
-        with self.plane.sessions() as session:
-            revoke_token(session, self.identity, token_id)
-            session.commit()
-
-    def freeze(self, *, everything: bool = False, reason: str) -> None:
-        """Deny every new dispatch of this tenant (or, for an operator, of all) at once."""
-        with self.plane.sessions() as session:
-            freeze(session, self.identity, everything=everything, reason=reason)
-            session.commit()
-
-    def unfreeze(self, *, everything: bool = False, reason: str) -> None:
-        with self.plane.sessions() as session:
-            unfreeze(session, self.identity, everything=everything, reason=reason)
-            session.commit()
-
-    def freezes(self) -> list[dict[str, Any]]:
-        with self.plane.sessions() as session:
-            return [
-                {
-                    "scope": "all" if f.scope == "*" else "tenant",
-                    "by": f.frozen_by
-                    if f.scope != "*" or self.identity.operator
-                    else "an operator",
-                    "reason": f.reason,
-                    "frozen_at": f.frozen_at.isoformat(),
-                }
-                for f in list_freezes(session, self.identity)
-            ]
-
-    def wait_all(
-        self, run_ids: list[str], *, timeout: float = 120.0, poll_s: float = 0.02
-    ) -> dict[str, str]:
-        """Wait until every run has ended; returns run id -> status (one query per poll)."""
+    def wait_all(self, run_ids: list[str], *, timeout: float = 120.0) -> dict[str, str]:
+        """Wait until every run has ended; returns run id -> status."""
         deadline = time.monotonic() + timeout
-        pending = set(run_ids)
         done: dict[str, str] = {}
-        while pending:
-            with self.plane.sessions() as session:
-                rows = session.execute(
-                    select(Run.id, Run.status).where(
-                        Run.tenant_id == self.identity.tenant_id, Run.id.in_(list(pending))
-                    )
-                ).all()
-            for run_id, status in rows:
-                if status in TERMINAL_RUN:
-                    done[run_id] = status
-                    pending.discard(run_id)
-            if not pending:
-                break
-            if time.monotonic() >= deadline:
-                raise WaitTimeout(sorted(pending)[0], timeout)
-            time.sleep(poll_s)
+        for run_id in run_ids:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            done[run_id] = self.wait(run_id, timeout=remaining).status
         return done
 
-    def verify_ledger(self, *, run_id: str | None = None) -> VerifyReport:
-        """Verify this tenant's evidence chain (optionally naming only one run's events)."""
-        identity = self.identity
-        if run_id is not None:
-            self.run(run_id)  # not found unless it is this tenant's
-        with self.plane.sessions() as session:
-            return verify_ledger(
-                session,
-                self.plane.keyring(refresh=True),
-                tenant_id=identity.tenant_id,
-                run_id=run_id,
-            )
+    # -- governance ----------------------------------------------------------------------
+    def issue_token(
+        self,
+        principal: str,
+        role: str,
+        *,
+        expires_in_s: int | None = None,
+        environment: str | None = None,
+    ) -> IssuedTokenOut:
+        return self._send(self.r_issue(principal, str(role), expires_in_s, environment))  # type: ignore[no-any-return]
+
+    def tokens(self) -> list[TokenOut]:
+        return list(self._send(self.r_tokens()))
+
+    def revoke_token(self, token_id: str) -> None:
+        self._send(self.r_revoke(token_id))
+
+    def freeze(self, *, everything: bool = False, reason: str) -> list[FreezeOut]:
+        return list(self._send(self.r_freeze("freeze", everything, reason)))
+
+    def unfreeze(self, *, everything: bool = False, reason: str) -> list[FreezeOut]:
+        return list(self._send(self.r_freeze("unfreeze", everything, reason)))
+
+    def freezes(self) -> list[FreezeOut]:
+        return list(self._send(self.r_freezes()))
+
+    def policy(self) -> StatusOut:
+        return self._send(self.r_policy())  # type: ignore[no-any-return]
+
+    def explain(self, tool: str, args: dict[str, Any] | None = None, **options: Any) -> Any:
+        return self._send(self.r_explain(tool, args, **options))
+
+    def tools(self) -> list[ToolOut]:
+        return list(self._send(self.r_tools()))
+
+    def workflows(self) -> list[WorkflowOut]:
+        return list(self._send(self.r_workflows()))
+
+    def verify_ledger(self, *, run_id: str | None = None) -> VerifyOut:
+        return self._send(self.r_verify(run_id))  # type: ignore[no-any-return]

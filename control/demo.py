@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from control.api.models import NodeOut
+from control.client import Client
 from control.output import console, err, summarize
-from control.runs import NodeView
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -44,24 +45,12 @@ def run_cli(
     return done
 
 
-def node_of(run: dict[str, Any]) -> NodeView:
+def node_of(run: dict[str, Any]) -> NodeOut:
     return view_of(run["nodes"][0])
 
 
-def view_of(n: dict[str, Any]) -> NodeView:
-    return NodeView(
-        node_id=n["node_id"],
-        tool=n["tool"],
-        status=n["status"],
-        attempt=n["attempt"],
-        result=n["result"],
-        result_sha256=n["result_sha256"],
-        receipt=n["receipt"],
-        error=n["error"],
-        args=n.get("args") or {},
-        approval=n.get("approval"),
-        needs=tuple(n.get("needs") or ()),
-    )
+def view_of(n: dict[str, Any]) -> NodeOut:
+    return NodeOut.model_validate(n)
 
 
 def main() -> int:
@@ -69,6 +58,7 @@ def main() -> int:
     env.setdefault("TOOLPLANE_REPO_ROOT", str(EXAMPLES / "repo"))
     env.setdefault("TOOLPLANE_DOCS_ROOT", str(EXAMPLES / "docs"))
     env.setdefault("TOOLPLANE_HOME", str(ROOT / ".toolplane"))
+    env.setdefault("TOOLPLANE_URL", "http://" + env.get("TOOLPLANE_API_BIND", "127.0.0.1:8765"))
     started = time.monotonic()
     console.print(
         "[bold]toolplane demo[/bold]: starting the control process and one worker per tool…"
@@ -107,7 +97,7 @@ def main() -> int:
             console.print(f"      run {run['run_id']}  receipt {key}", style="dim")
             ok = ok and run["status"] == "completed"
         ok = workflow_run(env) and ok
-        ok = approval_flow(env, tenant) and ok
+        ok = approval_flow(env) and ok
         verify = run_cli("ledger", "verify", "--json", env=env, check=False)
         report = json.loads(verify.stdout) if verify.stdout.strip() else {"ok": False, "broken": []}
         verdict = "[green]ok[/green]" if report["ok"] else "[red]BROKEN[/red]"
@@ -166,7 +156,7 @@ def workflow_run(env: dict[str, str]) -> bool:
     )
 
 
-def approval_flow(env: dict[str, str], tenant: str) -> bool:
+def approval_flow(env: dict[str, str]) -> bool:
     """A prod read outside src/ waits for an approval by someone other than its submitter."""
     console.print("[bold]approval[/bold]: a prod read of README.md needs a second person")
     tokens = {}
@@ -174,8 +164,6 @@ def approval_flow(env: dict[str, str], tenant: str) -> bool:
         issued = run_cli(
             "token",
             "issue",
-            "--tenant",
-            tenant,
             "--principal",
             principal,
             "--role",
@@ -223,13 +211,9 @@ def approval_flow(env: dict[str, str], tenant: str) -> bool:
     if approved.returncode != 0:
         err.print(f"  approve failed: {approved.stderr.strip()}", markup=False)
         return False
-    done = run_cli("runs", "show", run_id, "--json", env=submitter)
-    for _ in range(100):
-        if json.loads(done.stdout)["status"] != "running":
-            break
-        time.sleep(0.1)
-        done = run_cli("runs", "show", run_id, "--json", env=submitter)
-    node = node_of(json.loads(done.stdout))
+    # The Python client follows the run's event stream (pushed from commit) to its end.
+    with Client(env["TOOLPLANE_URL"], token=tokens["agent-runner"]) as client:
+        node = client.wait(run_id, timeout=60).nodes[0]
     mark = "[green]✓[/green]" if node.status == "completed" else "[red]✗[/red]"
     approval_id = (node.approval or {}).get("approval_id")
     console.print(f"  {mark} approved by reviewer ({approval_id}): {summarize(node)}")

@@ -2,7 +2,10 @@
 
 ControlError (1)
 ├── UsageError (2)          bad input: names the field and the rule
-├── AuthError (1)           missing, unknown, expired or revoked token
+├── UsageError (2)
+│   └── Conflict (2)        a key already used for another request (HTTP 409)
+├── AuthError (1)           missing, unknown, expired or revoked token (HTTP 401)
+│   └── Forbidden (1)       the principal's role or relation to the object may not (HTTP 403)
 ├── NotFound (1)            no such run/node in *your* tenant (never "forbidden")
 ├── Denied (3)              policy or entitlement said no
 └── ServiceUnavailable (1)  broker or database cannot be reached
@@ -30,17 +33,31 @@ class UsageError(ControlError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
+        self.rule = message
+
+
+class Conflict(UsageError):
+    """The request conflicts with one made before (an idempotency key reused)."""
 
 
 class AuthError(ControlError):
     """The token is missing, unknown, expired or revoked."""
 
 
+class Forbidden(AuthError):
+    """The token is good, but its principal may not do this (role, submitter, operator)."""
+
+
 class NotFound(ControlError):
-    def __init__(self, what: str, ident: str) -> None:
-        super().__init__(f"{what} {ident!r} not found")
+    def __init__(self, what: str, ident: str, *, message: str | None = None) -> None:
+        super().__init__(message or f"{what} {ident!r} not found")
         self.what = what
         self.ident = ident
+
+    @classmethod
+    def from_detail(cls, detail: str) -> NotFound:
+        """As the API said it (the client's side of a 404)."""
+        return cls("", "", message=detail)
 
 
 class Denied(ControlError):

@@ -15,7 +15,7 @@ from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
 
 from control.auth import ADMINS, Identity, require_role
-from control.errors import AuthError, UsageError, require_text
+from control.errors import Forbidden, UsageError, require_text
 from ledger.chain import NewEvent
 from ledger.models import Freeze
 from ledger.store import append_events
@@ -44,7 +44,7 @@ def active_freeze(session: Session, tenant_id: str) -> Freeze | None:
 def _scope(identity: Identity, everything: bool) -> str:
     require_role(identity, ADMINS, "freeze or unfreeze dispatches")
     if everything and not identity.operator:
-        raise AuthError("freezing every tenant needs an admin of an operator tenant")
+        raise Forbidden("freezing every tenant needs an admin of an operator tenant")
     return ALL if everything else identity.tenant_id
 
 

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from control.auth import SUBMITTERS, Identity, Role, require_role
 from control.entitlements import EntitlementStore
-from control.errors import AuthError, NotFound, UsageError, require_text
+from control.errors import Forbidden, NotFound, UsageError, require_text
 from control.intake import (
     Dispatched,
     Governance,
@@ -290,7 +290,7 @@ def cancel_run(
         raise NotFound("run", run_id)
     if identity.role != Role.ADMIN and state.run.principal_id != identity.principal_id:
         session.rollback()
-        raise AuthError(
+        raise Forbidden(
             f"the {identity.role.value} role cannot cancel run {run_id}: another principal "
             "submitted it (only its submitter or an admin may cancel it)"
         )

@@ -9,7 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from control.runs import NodeView, RunView
+from control.api.models import NodeOut as NodeView
+from control.api.models import RunOut as RunView
 
 __all__ = [
     "console",

@@ -27,6 +27,7 @@ from sqlalchemy import select
 from control.errors import ControlError
 from control.runtime import ControlPlane
 from ledger.models import ToolManifest
+from toolplane.settings import Settings
 
 WORKER_ONLY_SECRETS = ("TOOLPLANE_DATABASE_URL", "TOOLPLANE_TOKEN", "TOOLPLANE_FLOWER_PASSWORD")
 
@@ -91,6 +92,23 @@ def flower_password(plane: ControlPlane) -> str:
     return path.read_text().strip()
 
 
+def api_env(settings: Settings) -> dict[str, str]:
+    """The control's API settings (bind, TLS, limits) for its process."""
+    env = {
+        "TOOLPLANE_API_BIND": settings.api_bind,
+        "TOOLPLANE_API_MAX_BODY": str(settings.api_max_body),
+        "TOOLPLANE_ENVIRONMENT": settings.environment,
+        "TOOLPLANE_ENVIRONMENTS": settings.environments,
+        "TOOLPLANE_CLASSIFICATION": settings.classification,
+        "TOOLPLANE_CLASSIFICATIONS": settings.classifications,
+    }
+    for name in ("api_cert", "api_key", "api_client_ca"):
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"TOOLPLANE_{name.upper()}"] = str(value)
+    return env
+
+
 def plan_processes(
     plane: ControlPlane,
     *,
@@ -131,6 +149,7 @@ def plan_processes(
             [*cli, "control"],
             {
                 **common,
+                **api_env(settings),
                 "TOOLPLANE_DATABASE_URL": plane.database_url,
                 "TOOLPLANE_BROKER_URL": urls.get("control", plane.broker_url),
             },
@@ -287,8 +306,28 @@ def _tail(path: str, lines: int = 8) -> str:
         return ""
 
 
+def api_ready(settings: Settings) -> bool:
+    """The control's API answers /readyz with 200 (its TLS certificate is not checked here:
+    this only asks whether the process serves)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from control.api.server import api_url
+
+    context = ssl._create_unverified_context()  # noqa: S323 - a local liveness probe
+    try:
+        with urllib.request.urlopen(  # noqa: S310 - our own http(s) URL
+            api_url(settings) + "/readyz", timeout=2, context=context
+        ) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
 def wait_ready(plane: ControlPlane, tools: list[str], *, timeout: float = 90.0) -> None:
-    """Wait until control and every tool's worker answer a ping and every manifest is in."""
+    """Wait until control and every tool's worker answer a ping, every manifest is in, and
+    the API is ready."""
     host = socket.gethostname()
     wanted = {"control@" + host, *(f"{t}@{host}" for t in tools)}
     deadline = time.monotonic() + timeout
@@ -304,12 +343,13 @@ def wait_ready(plane: ControlPlane, tools: list[str], *, timeout: float = 90.0) 
             answered.update(reply)
         with plane.sessions() as session:
             registered = set(session.scalars(select(ToolManifest.tool)))
-        if answered >= wanted and set(tools) <= registered:
+        if answered >= wanted and set(tools) <= registered and api_ready(plane.settings):
             return
         time.sleep(0.3)
     raise ControlError(
-        f"not ready after {timeout:g}s: waiting for {sorted(wanted - answered)} to answer "
-        f"and {sorted(set(tools) - registered)} to register"
+        f"not ready after {timeout:g}s: waiting for {sorted(wanted - answered)} to answer, "
+        f"{sorted(set(tools) - registered)} to register and the API "
+        f"({plane.settings.api_bind}) to be ready"
     )
 
 

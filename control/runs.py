@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
 from control.auth import Identity
@@ -162,10 +163,24 @@ def get_run(session: Session, identity: Identity, run_id: str) -> RunView:
 
 
 def list_runs(
-    session: Session, identity: Identity, *, limit: int = 50, awaiting_approval: bool = False
+    session: Session,
+    identity: Identity,
+    *,
+    limit: int = 50,
+    awaiting_approval: bool = False,
+    status: RunStatus | None = None,
+    before: tuple[datetime, str] | None = None,
+    ids: list[str] | None = None,
 ) -> list[RunView]:
+    """The tenant's runs, newest first; ``before`` (created_at, run id) continues a page."""
     query = _with_submitter(identity)
     if awaiting_approval:
         query = query.where(Run.status == RunStatus.AWAITING_APPROVAL)
-    rows = session.execute(query.order_by(Run.created_at.desc()).limit(limit)).all()
+    if status is not None:
+        query = query.where(Run.status == status)
+    if ids is not None:
+        query = query.where(Run.id.in_(ids))
+    if before is not None:
+        query = query.where(tuple_(Run.created_at, Run.id) < tuple_(*before))
+    rows = session.execute(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)).all()
     return _views(session, identity, [(run, name) for run, name in rows])

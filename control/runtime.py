@@ -88,6 +88,12 @@ class ControlPlane:
         broker, database = resolve_urls(settings)
         return cls(settings, broker_url=broker, database_url=database)
 
+    @classmethod
+    def from_plane(cls, plane: ControlPlane) -> ControlPlane:
+        """Another plane of the same settings and URLs, with engines and caches of its own
+        (the API thread's, beside the ingest's)."""
+        return cls(plane.settings, broker_url=plane.broker_url, database_url=plane.database_url)
+
     @cached_property
     def engine(self) -> Engine:
         return make_engine(self.database_url)

@@ -238,11 +238,19 @@ class CaughtUp:
             return int(declared.message_count)
 
 
-def run_control(plane: ControlPlane, *, concurrency: int = 4, loglevel: str = "INFO") -> None:
+def run_control(
+    plane: ControlPlane, *, concurrency: int = 4, loglevel: str = "INFO", api: bool = True
+) -> None:
+    """Results ingest, relay and sweeper as a Celery worker on ``results``; with ``api``, the
+    HTTP API too, from a thread of this process (on TOOLPLANE_API_BIND)."""
     broker_screen.install()  # a tool's workers may push anything onto results
     plane.check_database()
     plane.sync_keys()
     plane.policy  # noqa: B018 - load and record the policy version before serving
+    if api:
+        from control.api.server import serve_in_thread
+
+        serve_in_thread(ControlPlane.from_plane(plane), log_level=loglevel.lower())
     app = build_control_app(plane, threading.Event())
     app.worker_main(
         [

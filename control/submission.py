@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from control.auth import Identity
-from control.errors import UsageError, require_text
+from control.errors import Conflict, UsageError, require_text
 from control.intake import Governance, Submitter, dispatching
 from control.orchestrator import RunState, advance
 from control.states import NodeStatus, RunStatus
@@ -99,7 +99,7 @@ def _existing(session: Session, tenant_id: str, key: str, request_sha256: str) -
     if found is None:
         return None
     if found[1] is not None and found[1] != request_sha256:
-        raise UsageError(
+        raise Conflict(
             f"already used for a different request (run {found[0]}); use a new key",
             field="--idempotency-key",
         )

@@ -74,6 +74,7 @@ class ApiToken(Base):
     expires_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
     issued_by: Mapped[str | None] = mapped_column(String(40), nullable=True)  # a principal id
+    environment: Mapped[str | None] = mapped_column(String(40), nullable=True)  # bound by an admin
 
 
 class Run(Base):

@@ -134,6 +134,7 @@ class Stack:
     env: dict[str, str]
     processes: list[dict[str, Any]] = field(default_factory=list)
     clients: list[Any] = field(default_factory=list)
+    http_clients: list[Any] = field(default_factory=list)
     workers: dict[str, int] = field(default_factory=dict)
     _sessions: Any = None
     _supervisor: Any = None
@@ -171,14 +172,29 @@ class Stack:
             extra_tools=self.env["TOOLPLANE_EXTRA_TOOLS"],
             visibility_timeout=int(self.env["TOOLPLANE_VISIBILITY_TIMEOUT"]),
             queue_wait_s=int(self.env.get("TOOLPLANE_QUEUE_WAIT_S", "60")),
+            api_bind=self.env["TOOLPLANE_API_BIND"],
             token=token,
         )
 
     def client(self, token: str) -> Any:
-        from control.client import Client
+        """The control's operations for ``token``, in this process (for tests of the
+        control's logic that also look into its database through ``.plane``)."""
+        from control.operations import Operations as Client
 
         client = Client.from_env(self.settings(token))
         self.clients.append(client)
+        return client
+
+    @property
+    def url(self) -> str:
+        return self.env["TOOLPLANE_URL"]
+
+    def http(self, token: str | None) -> Any:
+        """The Python client of the stack's API: its URL and ``token``, nothing else."""
+        from control.client import Client
+
+        client = Client(self.url, token=token)
+        self.http_clients.append(client)
         return client
 
     def tenant(self, name: str | None = None) -> str:
@@ -339,8 +355,20 @@ def make_env(
             "PYTHONPATH": str(REPO),
         }
     )
+    port = free_port()
+    env["TOOLPLANE_API_BIND"] = f"127.0.0.1:{port}"
+    env["TOOLPLANE_URL"] = f"http://127.0.0.1:{port}"
     env.update(extra_env or {})
     return env
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (each stack's API gets its own)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def start_stack(
@@ -392,6 +420,8 @@ def stop_stack(stack: Stack) -> None:
     stop_processes(stack.home)
     for client in stack.clients:
         client.plane.engine.dispose()
+    for http in stack.http_clients:
+        http.close()
     if stack._sessions is not None:
         stack._sessions.kw["bind"].dispose()
 

@@ -34,7 +34,19 @@ class Settings(BaseSettings):
     flower_password: SecretStr | None = None
     flower_port: int = Field(default=5555, ge=1, le=65535)
     receipt_algorithm: str = Field(default="ed25519", description="ed25519 or hmac-sha256")
-    environment: str = Field(default="dev", description="default environment of a call")
+    environment: str = Field(
+        default="dev", description="the deployment's environment (a call may only be stricter)"
+    )
+    environments: str = Field(
+        default="dev,staging,prod", description="environments, least strict first"
+    )
+    classification: str = Field(
+        default="internal", description="the least classification any call's data has"
+    )
+    classifications: str = Field(
+        default="public,internal,confidential,restricted",
+        description="data classifications, least sensitive first",
+    )
     workflows_dir: Path | None = Field(default=None, description="workflow YAML directory")
     visibility_timeout: int = Field(
         default=30, ge=5, le=3600, description="s before a job held by a dead worker comes back"
@@ -42,11 +54,29 @@ class Settings(BaseSettings):
     queue_wait_s: int = Field(
         default=60, ge=5, le=3600, description="s a job may wait in its queue before it expires"
     )
+    api_bind: str = Field(default="127.0.0.1:8765", description="host:port the API serves on")
+    api_cert: Path | None = Field(default=None, description="the API's TLS certificate (PEM)")
+    api_key: Path | None = Field(default=None, description="the API's TLS private key (PEM)")
+    api_client_ca: Path | None = Field(
+        default=None, description="CA whose client certificates the API requires (mutual TLS)"
+    )
+    api_max_body: int = Field(
+        default=1_048_576, ge=1024, le=64 * 1_048_576, description="largest request body, bytes"
+    )
     allow_weak_containment: bool = Field(
         default=False, description="run tools without namespaces where bwrap cannot"
     )
 
-    @field_validator("home", "repo_root", "docs_root", "policy_dir", "workflows_dir")
+    @field_validator(
+        "home",
+        "repo_root",
+        "docs_root",
+        "policy_dir",
+        "workflows_dir",
+        "api_cert",
+        "api_key",
+        "api_client_ca",
+    )
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
@@ -57,6 +87,14 @@ class Settings(BaseSettings):
         if value not in ALGORITHMS:
             raise ValueError(f"must be one of {', '.join(ALGORITHMS)}")
         return value
+
+    @property
+    def environment_order(self) -> tuple[str, ...]:
+        return tuple(e.strip() for e in self.environments.split(",") if e.strip())
+
+    @property
+    def classification_order(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.classifications.split(",") if c.strip())
 
     @property
     def extra_tool_modules(self) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from control.client import Client
+from control.operations import Operations as Client
 from control.states import TERMINAL_RUN
 from ledger.models import EvidenceEvent, Node, Run
 from tests.harness import Stack

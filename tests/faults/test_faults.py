@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from control.client import Client
+from control.operations import Operations as Client
 from control.states import TERMINAL_RUN
 from control.workflows import WorkflowSpec, parse_workflow
 from ledger.models import EvidenceEvent, Node, Run

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 
 from control.auth import Role
-from control.client import Client
+from control.operations import Operations as Client
 from ledger.models import EvidenceEvent, OutboxMessage
 from tests.harness import Stack
 

@@ -153,7 +153,7 @@ def plan_bundle(stack: Stack, token: str, tmp_path, name: str, plan: dict) -> An
 
 
 def _submit_many(settings: dict, start: Any, n: int) -> list[str]:
-    from control.client import Client
+    from control.operations import Operations as Client
     from toolplane.settings import Settings
 
     client = Client.from_env(Settings(**settings))
@@ -278,7 +278,7 @@ def test_redis_down_fails_closed(stack: Stack, token, tmp_path):
     settings = stack.settings(token).model_copy(
         update={"policy_dir": bundle, "redis_url": "redis://127.0.0.1:1/0"}
     )
-    from control.client import Client
+    from control.operations import Operations as Client
 
     client = Client.from_env(settings)
     stack.clients.append(client)

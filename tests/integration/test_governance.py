@@ -531,7 +531,15 @@ def test_arguments_are_decided_by_policy_end_to_end(stack: Stack, team) -> None:
 
 def test_policy_explain_and_test_commands(stack: Stack, tmp_path: Path) -> None:
     explained = stack.cli(
-        "policy", "explain", "--tool", "read_repo_file", "--env", "prod", "--arg", "path=README.md"
+        "policy",
+        "explain",
+        "--tool",
+        "read_repo_file",
+        "--env",
+        "prod",
+        "--arg",
+        "path=README.md",
+        token=stack.tenant(),
     )
     assert explained.returncode == 5, explained.stderr
     assert explained.stdout.startswith(

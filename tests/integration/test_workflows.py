@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select, update
 
 from control.auth import Role
-from control.client import Client
+from control.operations import Operations as Client
 from control.errors import AuthError, NotFound, UsageError
 from control.workflows import parse_workflow
 from ledger.models import Attempt, EvidenceEvent, Node

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 
 import celeryconfig
-from control.client import Client
+from control.operations import Operations as Client
 from control.dispatch import sign_envelope
 from ledger.models import EvidenceEvent, Node
 from sandbox_tasks.receipts import build_result, sign_result

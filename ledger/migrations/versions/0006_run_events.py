@@ -1,4 +1,6 @@
-"""Run events: every status change of a run or a node, in commit order, for followers.
+"""Run events for followers; the environment a token acts in.
+
+Every status change of a run or a node, in commit order, for followers:
 
 A trigger on ``runs`` and ``nodes`` appends a row to ``run_events`` whenever a
 status (or a node's attempt) changes, in the same transaction as the change, and
@@ -7,6 +9,10 @@ notification only when that transaction commits. The API's event stream reads
 the rows (its ids are the stream's event ids, so a follower that reconnects
 with ``Last-Event-ID`` misses nothing) and wakes on the notifications instead of
 polling. These rows are a view for followers, not evidence: the ledger is.
+Changes of one run are made under its row lock, so their ids follow commit order.
+
+``api_tokens.environment``: the environment an admin bound a token to; calls made
+with it run there (or in a stricter one), whatever the caller asks.
 
 Revision ID: 0006
 Revises: 0005
@@ -59,9 +65,11 @@ def upgrade() -> None:
     )
     op.create_index("ix_run_events_run", "run_events", ["run_id", "id"])
     op.execute(TRIGGERS)
+    op.add_column("api_tokens", sa.Column("environment", sa.String(40), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("api_tokens", "environment")
     op.execute("DROP TRIGGER IF EXISTS nodes_run_event ON nodes")
     op.execute("DROP TRIGGER IF EXISTS runs_run_event ON runs")
     op.execute("DROP FUNCTION IF EXISTS toolplane_run_event()")
