@@ -76,6 +76,7 @@ class IssuedToken:
     principal: str
     role: Role
     expires_at: datetime | None
+    environment: str | None = None
 
 
 def _hash(token: str) -> str:
@@ -143,7 +144,7 @@ def issue_token(
             )
         ],
     )
-    return IssuedToken(token_id, token, principal, role, expires_at)
+    return IssuedToken(token_id, token, principal, role, expires_at, environment)
 
 
 def list_tokens(session: Session, identity: Identity) -> list[dict[str, Any]]:

@@ -100,7 +100,7 @@ def _existing(session: Session, tenant_id: str, key: str, request_sha256: str) -
         return None
     if found[1] is not None and found[1] != request_sha256:
         raise Conflict(
-            f"already used for a different request (run {found[0]}); use a new key",
+            f"{key!r} was already used for a different request (run {found[0]}); use a new key",
             field="--idempotency-key",
         )
     return str(found[0])

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from control.api.events import RunEventHub
-from control.api.problems import BodyLimit, install_problem_handlers
+from control.api.models import Problem
+from control.api.problems import PROBLEMS, BodyLimit, install_problem_handlers
 from control.api.routes import catalog, governance, health, runs
 from control.runtime import ControlPlane
 
@@ -54,7 +55,32 @@ def build_app(plane: ControlPlane) -> FastAPI:
     app.state.plane = plane
     app.state.events = hub
     install_problem_handlers(app)
-    for module in (health, runs, governance, catalog):
-        app.include_router(module.router)
+    app.include_router(health.router)
+    for module in (runs, governance, catalog):
+        app.include_router(module.router, responses=PROBLEMS)
+    _problem_schema(app)
     app.add_middleware(BodyLimit, limit=plane.settings.api_max_body)
     return app
+
+
+def _problem_schema(app: FastAPI) -> None:
+    """Put the Problem schema into the OpenAPI document (the error responses refer to it)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                description=app.description,
+                routes=app.routes,
+            )
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            schemas["Problem"] = Problem.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -35,7 +35,27 @@ log = logging.getLogger("toolplane.api")
 
 MEDIA_TYPE = "application/problem+json"
 
-__all__ = ["BodyLimit", "MEDIA_TYPE", "install_problem_handlers", "problem_response"]
+__all__ = [
+    "BodyLimit",
+    "MEDIA_TYPE",
+    "PROBLEMS",
+    "install_problem_handlers",
+    "problem_response",
+]
+
+_PROBLEM_CONTENT = {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: {"description": TITLE, "content": _PROBLEM_CONTENT}
+    for status, TITLE in (
+        (401, "No token, or a bad, expired or revoked one"),
+        (403, "The token's principal may not do this"),
+        (404, "No such object in your tenant"),
+        (409, "Conflicts with an earlier request"),
+        (413, "The body is over the limit"),
+        (422, "Names the field and the rule"),
+        (503, "A service the control needs is unavailable"),
+    )
+}
 
 TITLES = {
     400: "Bad Request",

@@ -177,7 +177,7 @@ def test_idempotency_key_same_request_same_run_other_request_refused(
     first = client.submit_workflow(spec, {"first": 0}, idempotency_key=key)
     again = client.submit_workflow(spec, {"first": 0}, idempotency_key=key)
     assert again == first
-    with pytest.raises(UsageError, match=f"--idempotency-key: already used .*{first}"):
+    with pytest.raises(UsageError, match=f"--idempotency-key: .{key}. was already used .*{first}"):
         client.submit_workflow(spec, {"first": 1}, idempotency_key=key)
     client.wait(first, timeout=60)
     assert kinds(client, first).count("RunSubmitted") == 1

@@ -43,7 +43,7 @@ def issue_token(body: TokenIn, ops: Caller) -> IssuedTokenOut:
         principal=issued.principal,
         role=issued.role.value,
         expires_at=issued.expires_at.isoformat() if issued.expires_at else None,
-        environment=body.environment or ops.identity.environment,
+        environment=issued.environment,
     )
 
 
