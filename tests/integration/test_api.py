@@ -331,7 +331,10 @@ def test_the_event_stream_delivers_every_change_in_order_and_resumes(
     admin = bearer(stack.tenant())
     started = http.post(
         "/v1/runs",
-        json={"workflow": "repo-review", "inputs": {"query": "receipts", "path": "src/shipit/deploy.py"}},
+        json={
+            "workflow": "repo-review",
+            "inputs": {"query": "receipts", "path": "src/shipit/deploy.py"},
+        },
         headers=admin,
     ).json()
     run_id = started["run_id"]

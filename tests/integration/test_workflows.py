@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import select, update
 
 from control.auth import Role
-from control.operations import Operations as Client
 from control.errors import AuthError, NotFound, UsageError
+from control.operations import Operations as Client
 from control.workflows import parse_workflow
 from ledger.models import Attempt, EvidenceEvent, Node
 from tests.harness import Stack, wait_for
