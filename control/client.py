@@ -16,13 +16,14 @@ certificate): no database, broker or key. Every rule is enforced by the server.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from httpx_sse import connect_sse
+from httpx_sse import aconnect_sse, connect_sse
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -41,7 +42,7 @@ from control.api.models import (
 from control.errors import ControlError
 from control.wire import ApiRequest, Requests, raise_for_problem, unreachable
 
-__all__ = ["Client", "ClientSettings", "WaitTimeout"]
+__all__ = ["AsyncClient", "Client", "ClientSettings", "WaitTimeout"]
 
 TERMINAL = frozenset({"completed", "failed", "denied", "cancelled"})
 DEFAULT_URL = "http://127.0.0.1:8765"
@@ -246,6 +247,8 @@ class Client(Requests):
                     headers=headers,
                     timeout=httpx.Timeout(min(remaining, 30.0), read=min(remaining, 30.0)),
                 ) as source:
+                    if source.response.status_code >= 400:
+                        source.response.read()
                     raise_for_problem(source.response)
                     for event in source.iter_sse():
                         if event.event == "end":
@@ -318,3 +321,136 @@ class Client(Requests):
 
     def verify_ledger(self, *, run_id: str | None = None) -> VerifyOut:
         return self._send(self.r_verify(run_id))  # type: ignore[no-any-return]
+
+
+class AsyncClient(Requests):
+    """The same API as :class:`Client`, as coroutines (``async with AsyncClient(...)``)."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        settings: ClientSettings | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        settings = settings or ClientSettings(url=url, token=token)
+        self.settings = settings
+        self._http = httpx.AsyncClient(
+            timeout=timeout, transport=transport, **settings.httpx_options()
+        )
+
+    @classmethod
+    def from_env(cls, **options: Any) -> AsyncClient:
+        return cls(settings=ClientSettings(), **options)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, request: ApiRequest) -> Any:
+        try:
+            response = await self._http.request(
+                request.method,
+                request.path,
+                json=request.body,
+                params=request.params,
+                headers=request.headers,
+            )
+        except httpx.TransportError as e:
+            raise unreachable(self.settings.url, e) from e
+        raise_for_problem(response)
+        return request.parse(response)
+
+    async def submit(self, tool: str, args: dict[str, Any], **options: Any) -> str:
+        run: RunOut = await self._send(self.r_call(tool, args, **options))
+        return run.run_id
+
+    async def call(
+        self,
+        tool: str,
+        args: dict[str, Any],
+        *,
+        wait: bool = False,
+        timeout: float = 60.0,
+        **options: Any,
+    ) -> RunOut:
+        run: RunOut = await self._send(self.r_call(tool, args, **options))
+        return await self.wait(run.run_id, timeout=timeout) if wait else run
+
+    async def call_many(self, calls: list[dict[str, Any]]) -> list[RunOut]:
+        return list(await self._send(self.r_batch(calls)))
+
+    async def run_workflow(
+        self,
+        workflow: str,
+        inputs: dict[str, Any] | None = None,
+        *,
+        wait: bool = False,
+        timeout: float = 120.0,
+        **options: Any,
+    ) -> RunOut:
+        run: RunOut = await self._send(self.r_workflow(workflow, inputs, **options))
+        return await self.wait(run.run_id, timeout=timeout) if wait else run
+
+    async def run(self, run_id: str) -> RunOut:
+        return await self._send(self.r_run(run_id))  # type: ignore[no-any-return]
+
+    async def runs(self, **filters: Any) -> list[RunOut]:
+        return list((await self._send(self.r_runs(**filters))).runs)
+
+    async def cancel(self, run_id: str, *, reason: str | None = None) -> RunOut:
+        return await self._send(self.r_cancel(run_id, reason))  # type: ignore[no-any-return]
+
+    async def approve(self, run_id: str, node_id: str, *, reason: str | None = None) -> DecidedOut:
+        return await self._send(self.r_decide(run_id, node_id, "approve", reason))  # type: ignore[no-any-return]
+
+    async def reject(self, run_id: str, node_id: str, *, reason: str) -> DecidedOut:
+        return await self._send(self.r_decide(run_id, node_id, "reject", reason))  # type: ignore[no-any-return]
+
+    async def verify_ledger(self, *, run_id: str | None = None) -> VerifyOut:
+        return await self._send(self.r_verify(run_id))  # type: ignore[no-any-return]
+
+    async def wait(self, run_id: str, *, timeout: float = 60.0) -> RunOut:
+        """Follow the run's event stream until it ends (an approval still pending at the
+        timeout: the run as it is)."""
+        deadline = time.monotonic() + timeout
+        last_id: str | None = None
+        status = "running"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if status == "awaiting_approval":
+                    return await self.run(run_id)
+                raise WaitTimeout(run_id, timeout)
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                async with aconnect_sse(
+                    self._http,
+                    "GET",
+                    f"/v1/runs/{run_id}/events",
+                    headers=headers,
+                    timeout=httpx.Timeout(min(remaining, 30.0)),
+                ) as source:
+                    if source.response.status_code >= 400:
+                        await source.response.aread()
+                    raise_for_problem(source.response)
+                    async for event in source.aiter_sse():
+                        if event.event == "end":
+                            return await self.run(run_id)
+                        if event.id:
+                            last_id = event.id
+                            if event.event == "run":
+                                status = event.json()["status"]
+            except httpx.TimeoutException:
+                continue
+            except httpx.TransportError as e:
+                if time.monotonic() >= deadline:
+                    raise unreachable(self.settings.url, e) from e
+                await asyncio.sleep(0.2)
