@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+TOOL = r"^[a-z][a-z0-9_]{0,62}$"
 LABEL = Field(default=None, max_length=200, description="A label: letters, digits, - and _")
 
 
@@ -59,7 +60,7 @@ class CallIn(_In):
     """One tool call: a run of one node. Environment and classification may only be
     stricter than what the server decides for the caller."""
 
-    tool: str = Field(min_length=1, max_length=63, pattern=NAME)
+    tool: str = Field(min_length=1, max_length=63, pattern=TOOL)
     args: dict[str, Any] = Field(default_factory=dict)
     environment: str | None = LABEL
     classification: str | None = LABEL
@@ -110,7 +111,7 @@ class FreezeIn(_In):
 
 
 class ExplainIn(_In):
-    tool: str = Field(min_length=1, max_length=63, pattern=NAME)
+    tool: str = Field(min_length=1, max_length=63, pattern=TOOL)
     args: dict[str, Any] = Field(default_factory=dict)
     environment: str | None = LABEL
     classification: str | None = LABEL

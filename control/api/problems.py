@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,7 +30,7 @@ from control.errors import (
     ServiceUnavailable,
     UsageError,
 )
-from toolplane.errors import ToolplaneError
+from toolplane.errors import ToolplaneError, first_problem
 
 log = logging.getLogger("toolplane.api")
 
@@ -139,6 +140,11 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(
             422, "invalid_argument", f"{where}: {first.get('msg', 'invalid')}", field=where
         )
+
+    @app.exception_handler(ValidationError)
+    async def invalid_value(request: Request, error: ValidationError) -> JSONResponse:
+        where, rule = first_problem(error)
+        return problem_response(422, "invalid_argument", f"{where}: {rule}", field=where)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

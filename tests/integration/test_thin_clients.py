@@ -289,3 +289,26 @@ def test_operator_commands_are_not_for_callers(stack: Stack, tmp_path: Path) -> 
     frozen = cli(env, tmp_path, "policy", "freeze", "--all", "--reason", "mine now")
     assert frozen.returncode == 1
     assert "needs an admin of an operator tenant" in frozen.stderr
+
+
+def test_a_call_with_curl_alone(stack: Stack, tmp_path: Path) -> None:
+    """Any language can use the API: submit and follow a call with curl and sed."""
+    if shutil.which("curl") is None:
+        pytest.fail("curl is not installed") if os.environ.get("CI") else pytest.skip("no curl")
+    script = REPO / "tests" / "integration" / "scripts" / "call_with_curl.sh"
+    done = subprocess.run(
+        ["bash", str(script)],
+        env=caller_env(stack, stack.tenant(), tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    run = json.loads(lines[-1])
+    assert run["status"] == "completed" and run["nodes"][0]["result_sha256"]
+    events = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
+    node_statuses = [e["status"] for e in events if e.get("node_id")]
+    assert node_statuses[-2:] == ["queued", "completed"]
+    assert events[-1] == {"run_id": run["run_id"], "status": "completed"}
