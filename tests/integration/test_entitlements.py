@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -199,9 +200,22 @@ def test_concurrent_submissions_never_exceed_the_rate_limit(stack: Stack, token,
         assert node.error["code"] == "entitlement_exceeded"
 
 
+def server_plan(stack: Stack, token: str, name: str, plan: dict) -> None:
+    """Put the token's tenant on ``plan`` in the control's own bundle (the only one that
+    decides), and wait until the API serves the new version."""
+    tenant = stack.client(token).identity.tenant_name
+    path = Path(stack.env["TOOLPLANE_POLICY_DIR"]) / "entitlements.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.setdefault("plans", {})[name] = plan
+    current.setdefault("tenants", {})[tenant] = name
+    path.write_text(json.dumps(current))
+    client = stack.http(token)
+    wait_for(lambda: (client.policy().plan or {}).get("name") == name, what="the new bundle")
+
+
 def test_a_refused_call_exits_3_and_names_the_limit(stack: Stack, token, tmp_path):
-    bundle = plan_bundle(stack, token, tmp_path, "one", {"daily_calls": 1})
-    env = {"TOOLPLANE_POLICY_DIR": str(bundle)}
+    server_plan(stack, token, f"one{secrets.token_hex(3)}", {"daily_calls": 1})
+    env: dict[str, str] = {}
     first = stack.cli("call", "search_docs", "--arg", "query=a", "--wait", token=token, env=env)
     assert first.returncode == 0, first.stderr
     second = stack.cli("call", "search_docs", "--arg", "query=b", "--json", token=token, env=env)
