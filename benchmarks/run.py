@@ -58,9 +58,10 @@ def cpu_per_call(
 class Sides:
     """The two things being compared, each with a throughput and a latency probe."""
 
-    def __init__(self, bare_app: Any, client: Any, *, submitters: int) -> None:
+    def __init__(self, bare_app: Any, client: Any, api: Any, *, submitters: int) -> None:
         self.bare_app = bare_app
-        self.client = client
+        self.client = client  # the control's operations, in this process
+        self.api = api  # control.client.Client: what users call, over HTTP
         # Governed calls come from many agents at once: submit from a pool of threads.
         self.pool = ThreadPoolExecutor(max_workers=submitters)
 
@@ -82,6 +83,21 @@ class Sides:
         assert set(statuses.values()) == {"completed"}, statuses
         return time.perf_counter() - start
 
+    def api_batch(self, n: int) -> float:
+        start = time.perf_counter()
+        ids = list(
+            self.pool.map(lambda _: self.api.submit("read_repo_file", {"path": FILE}), range(n))
+        )
+        statuses = self.api.wait_all(ids, timeout=120)
+        assert set(statuses.values()) == {"completed"}, statuses
+        return time.perf_counter() - start
+
+    def api_one(self) -> float:
+        start = time.perf_counter()
+        run = self.api.call("read_repo_file", {"path": FILE}, wait=True, timeout=30)
+        assert run.status == "completed"
+        return time.perf_counter() - start
+
     def bare_one(self) -> float:
         start = time.perf_counter()
         self.bare_app.send_task(bare.TASK, args=[FILE], queue=bare.QUEUE).get(timeout=30)
@@ -95,20 +111,23 @@ class Sides:
 
 
 def measure(sides: Sides, *, rounds: int, inflight: int, latency: int, progress: Progress) -> dict:
-    tput: dict[str, list[float]] = {"bare": [], "governed": []}
-    lat: dict[str, list[float]] = {"bare": [], "governed": []}
-    task = progress.add_task("throughput + latency (interleaved)", total=rounds * (2 + 2 * latency))
+    tput: dict[str, list[float]] = {"bare": [], "governed": [], "api": []}
+    lat: dict[str, list[float]] = {"bare": [], "governed": [], "api": []}
+    task = progress.add_task("throughput + latency (interleaved)", total=rounds * (3 + 3 * latency))
     for _ in range(rounds):
         tput["bare"].append(inflight / sides.bare_batch(inflight))
         progress.advance(task)
         tput["governed"].append(inflight / sides.governed_batch(inflight))
         progress.advance(task)
+        tput["api"].append(inflight / sides.api_batch(inflight))
+        progress.advance(task)
         for _ in range(latency):
             lat["bare"].append(sides.bare_one())
             lat["governed"].append(sides.governed_one())
-            progress.advance(task, 2)
+            lat["api"].append(sides.api_one())
+            progress.advance(task, 3)
     out: dict[str, Any] = {}
-    for side in ("bare", "governed"):
+    for side in ("bare", "governed", "api"):
         out[side] = {
             "throughput_per_s": statistics.median(tput[side]),
             "throughput_rounds": tput[side],
@@ -120,6 +139,11 @@ def measure(sides: Sides, *, rounds: int, inflight: int, latency: int, progress:
         "throughput": out["governed"]["throughput_per_s"] / out["bare"]["throughput_per_s"],
         "latency_p50": out["governed"]["latency_p50_ms"] / out["bare"]["latency_p50_ms"],
         "latency_p99": out["governed"]["latency_p99_ms"] / out["bare"]["latency_p99_ms"],
+        "api_throughput": out["api"]["throughput_per_s"] / out["bare"]["throughput_per_s"],
+        "api_latency_p50": out["api"]["latency_p50_ms"] / out["bare"]["latency_p50_ms"],
+        "api_latency_p99": out["api"]["latency_p99_ms"] / out["bare"]["latency_p99_ms"],
+        "api_to_in_process_throughput": out["api"]["throughput_per_s"]
+        / out["governed"]["throughput_per_s"],
     }
     return out
 
@@ -159,28 +183,30 @@ def chart(result: dict, path: Path) -> None:
 
     side = result["side_by_side"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["bare Celery", "governed"]
+    names = ["bare Celery", "governed (in process)", "governed (HTTP API)"]
     a.bar(
         names,
-        [side["bare"]["throughput_per_s"], side["governed"]["throughput_per_s"]],
-        color=["#999", "#2a6"],
+        [
+            side["bare"]["throughput_per_s"],
+            side["governed"]["throughput_per_s"],
+            side["api"]["throughput_per_s"],
+        ],
+        color=["#999", "#2a6", "#26a"],
     )
     a.set_title("throughput (calls/s, higher is better)")
     x = range(2)
-    b.bar(
-        [i - 0.2 for i in x],
-        [side["bare"]["latency_p50_ms"], side["bare"]["latency_p99_ms"]],
-        width=0.4,
-        label="bare Celery",
-        color="#999",
-    )
-    b.bar(
-        [i + 0.2 for i in x],
-        [side["governed"]["latency_p50_ms"], side["governed"]["latency_p99_ms"]],
-        width=0.4,
-        label="governed",
-        color="#2a6",
-    )
+    for offset, key, label, color in (
+        (-0.27, "bare", "bare Celery", "#999"),
+        (0.0, "governed", "governed (in process)", "#2a6"),
+        (0.27, "api", "governed (HTTP API)", "#26a"),
+    ):
+        b.bar(
+            [i + offset for i in x],
+            [side[key]["latency_p50_ms"], side[key]["latency_p99_ms"]],
+            width=0.27,
+            label=label,
+            color=color,
+        )
     b.set_xticks(list(x), ["p50", "p99"])
     b.set_title("latency, one at a time (ms, lower is better)")
     b.legend()
@@ -191,25 +217,29 @@ def chart(result: dict, path: Path) -> None:
 
 def table(result: dict) -> Table:
     side = result["side_by_side"]
-    t = Table("metric", "bare Celery", "governed", "governed / bare", title="side by side")
-    t.add_row(
-        "throughput (calls/s)",
-        f"{side['bare']['throughput_per_s']:.0f}",
-        f"{side['governed']['throughput_per_s']:.0f}",
-        f"{side['ratio']['throughput']:.2f}",
+    t = Table(
+        "metric",
+        "bare Celery",
+        "in process",
+        "HTTP API",
+        "in process / bare",
+        "API / bare",
+        title="side by side",
     )
-    t.add_row(
-        "latency p50 (ms)",
-        f"{side['bare']['latency_p50_ms']:.1f}",
-        f"{side['governed']['latency_p50_ms']:.1f}",
-        f"{side['ratio']['latency_p50']:.2f}",
-    )
-    t.add_row(
-        "latency p99 (ms)",
-        f"{side['bare']['latency_p99_ms']:.1f}",
-        f"{side['governed']['latency_p99_ms']:.1f}",
-        f"{side['ratio']['latency_p99']:.2f}",
-    )
+    ratio = side["ratio"]
+    for label, key, fmt, r in (
+        ("throughput (calls/s)", "throughput_per_s", ".0f", "throughput"),
+        ("latency p50 (ms)", "latency_p50_ms", ".1f", "latency_p50"),
+        ("latency p99 (ms)", "latency_p99_ms", ".1f", "latency_p99"),
+    ):
+        t.add_row(
+            label,
+            format(side["bare"][key], fmt),
+            format(side["governed"][key], fmt),
+            format(side["api"][key], fmt),
+            f"{ratio[r]:.2f}",
+            f"{ratio['api_' + r]:.2f}",
+        )
     return t
 
 
@@ -251,11 +281,13 @@ def overhead(ns: argparse.Namespace) -> dict[str, Any]:
             timeout=30,
             what="bare worker",
         )
-        client = stack.client(stack.tenant("bench"))
-        sides = Sides(bare_app, client, submitters=ns.submitters)
-        for _ in range(20):  # warm both paths: connections, imports, policy, index
+        token = stack.tenant("bench")
+        client = stack.client(token)
+        sides = Sides(bare_app, client, stack.http(token), submitters=ns.submitters)
+        for _ in range(20):  # warm every path: connections, imports, policy, index
             sides.bare_one()
             sides.governed_one()
+            sides.api_one()
         pids = {
             "control": stack.pid("control"),
             "worker-read_repo_file": stack.pid("worker-read_repo_file"),

@@ -17,6 +17,7 @@ certificate): no database, broker or key. Every rule is enforced by the server.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,13 +68,15 @@ class ClientSettings(BaseSettings):
 
     def httpx_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"base_url": self.url.rstrip("/")}
-        if self.ca_bundle is not None:
-            import ssl
-
-            options["verify"] = ssl.create_default_context(cafile=str(self.ca_bundle))
-        if self.client_cert is not None:
-            cert = str(self.client_cert)
-            options["cert"] = (cert, str(self.client_key)) if self.client_key else cert
+        if self.ca_bundle is not None or self.client_cert is not None:
+            context = ssl.create_default_context(
+                cafile=str(self.ca_bundle) if self.ca_bundle is not None else None
+            )
+            if self.client_cert is not None:
+                context.load_cert_chain(
+                    str(self.client_cert), str(self.client_key) if self.client_key else None
+                )
+            options["verify"] = context
         if self.token is not None:
             options["headers"] = {"Authorization": f"Bearer {self.token.get_secret_value()}"}
         return options
@@ -273,13 +276,29 @@ class Client(Requests):
                 time.sleep(0.2)  # reconnect with Last-Event-ID: nothing is missed
 
     def wait_all(self, run_ids: list[str], *, timeout: float = 120.0) -> dict[str, str]:
-        """Wait until every run has ended; returns run id -> status."""
+        """Wait until every run has ended; returns run id -> status. Reads them in bulk,
+        and follows the event stream of one that has not ended before reading again."""
         deadline = time.monotonic() + timeout
         done: dict[str, str] = {}
-        for run_id in run_ids:
-            remaining = max(deadline - time.monotonic(), 0.001)
-            done[run_id] = self.wait(run_id, timeout=remaining).status
-        return done
+        pending = list(dict.fromkeys(run_ids))
+        while pending:
+            for start in range(0, len(pending), 1000):  # one request per 1000 runs
+                chunk = pending[start : start + 1000]
+                for run in self.runs(ids=chunk, limit=len(chunk)):
+                    if run.status in TERMINAL:
+                        done[run.run_id] = run.status
+            unknown = [r for r in pending if r not in done]
+            if not unknown:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(unknown[0], timeout)
+            # follow one that has not ended; the others are read again in bulk after it
+            ended = self.wait(unknown[0], timeout=remaining)
+            if ended.status not in TERMINAL:
+                raise WaitTimeout(unknown[0], timeout)
+            pending = unknown
+        return {run_id: done[run_id] for run_id in dict.fromkeys(run_ids)}
 
     # -- governance ----------------------------------------------------------------------
     def issue_token(
