@@ -216,9 +216,13 @@ def worker(
     ] = None,
     loglevel: str = "INFO",
 ) -> None:
-    """Run one sandbox worker for tool.TOOL (consumes only that queue)."""
+    """Run one sandbox worker for tool.TOOL (consumes only that queue).
+
+    Operator command: finds the embedded broker's URL for the tool's own user, then
+    becomes `toolplane-worker TOOL` (python -m sandbox_tasks), which loads nothing of the
+    control plane.
+    """
     from control.embedded import embedded_broker_urls, find_embedded
-    from sandbox_tasks.main import run_worker
     from sandbox_tasks.registry import load_tools
 
     if autoscale is not None:
@@ -234,7 +238,14 @@ def worker(
         if find_embedded(settings.home) is None:
             raise UsageError("not set and no embedded broker runs", field="TOOLPLANE_BROKER_URL")
         broker = embedded_broker_urls(settings.home, [tool])[f"worker-{tool}"]
-    run_worker(settings, tool, broker_url=broker, concurrency=concurrency, autoscale=autoscale)
+    # The worker is its own program (sandbox_tasks): this process becomes it, so that
+    # nothing of the control plane stays loaded in a process that runs tools.
+    import os
+    import sys
+
+    argv = [sys.executable, "-m", "sandbox_tasks", tool, "--concurrency", str(concurrency)]
+    argv += ["--loglevel", loglevel] + (["--autoscale", autoscale] if autoscale else [])
+    os.execve(sys.executable, argv, {**os.environ, "TOOLPLANE_BROKER_URL": broker})  # noqa: S606
 
 
 @app.command()

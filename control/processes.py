@@ -29,7 +29,12 @@ from control.runtime import ControlPlane
 from ledger.models import ToolManifest
 from toolplane.settings import Settings
 
-WORKER_ONLY_SECRETS = ("TOOLPLANE_DATABASE_URL", "TOOLPLANE_TOKEN", "TOOLPLANE_FLOWER_PASSWORD")
+WORKER_ONLY_SECRETS = (  # never in a worker's environment
+    "TOOLPLANE_DATABASE_URL",
+    "TOOLPLANE_REDIS_URL",
+    "TOOLPLANE_TOKEN",
+    "TOOLPLANE_FLOWER_PASSWORD",
+)
 
 __all__ = [
     "ProcessSpec",
@@ -138,6 +143,8 @@ def plan_processes(
         "TOOLPLANE_QUEUE_WAIT_S": str(settings.queue_wait_s),
         "TOOLPLANE_ENVIRONMENT": settings.environment,
     }
+    if settings.redis_url is not None:  # entitlements: the control's and the API's Redis
+        common["TOOLPLANE_REDIS_URL"] = settings.redis_url
     if settings.policy_dir is not None:
         common["TOOLPLANE_POLICY_DIR"] = str(settings.policy_dir)
     if settings.workflows_dir is not None:
@@ -160,7 +167,9 @@ def plan_processes(
         env["TOOLPLANE_BROKER_URL"] = urls.get(f"worker-{tool}", plane.broker_url)
         specs.append(
             ProcessSpec(
-                f"worker-{tool}", [*cli, "worker", tool, "--concurrency", str(concurrency)], env
+                f"worker-{tool}",
+                [sys.executable, "-m", "sandbox_tasks", tool, "--concurrency", str(concurrency)],
+                env,
             )
         )
     if flower:

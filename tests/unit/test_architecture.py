@@ -26,7 +26,7 @@ for package in packages:
     names += [
         m.name
         for m in pkgutil.walk_packages(root.__path__, package + ".")
-        if ".migrations" not in m.name
+        if ".migrations" not in m.name and not m.name.endswith(".__main__")
     ]
 for name in names:
     importlib.import_module(name)
@@ -74,6 +74,34 @@ def test_the_sandbox_plane_never_imports_control_or_the_database():
     assert report["leaked"] == [], f"the sandbox plane imports {report['leaked']}"
 
 
+def test_the_worker_entry_point_loads_no_control_or_database():
+    """What `toolplane-worker TOOL` (python -m sandbox_tasks) really imports."""
+    report = probe(
+        ["sandbox_tasks"], SANDBOX_FORBIDDEN, ["sandbox_tasks.cli", "sandbox_tasks.main"]
+    )
+    assert {"sandbox_tasks.cli", "sandbox_tasks.main"} <= set(report["imported"])
+    assert report["leaked"] == [], f"the worker's entry point imports {report['leaked']}"
+
+
+CALLER_FORBIDDEN = [
+    "ledger",
+    "sqlalchemy",
+    "psycopg",
+    "alembic",
+    "control.runtime",
+    "control.operations",
+    "control.api.app",
+    "toolplane.keystore",
+    "sandbox_tasks",
+]
+
+
+def test_callers_load_no_database_keys_or_control_logic():
+    """The Python client and the CLI's user commands are HTTP clients, nothing more."""
+    report = probe([], CALLER_FORBIDDEN, ["control.client", "control.cli", "control.wire"])
+    assert report["leaked"] == [], f"a caller's process imports {report['leaked']}"
+
+
 def test_policy_and_toolplane_import_nothing_above_them():
     report = probe(["policy", "toolplane"], ["control", "ledger", "sandbox_tasks"])
     assert {"policy.engine", "toolplane.signing"} <= set(report["imported"])
@@ -115,7 +143,7 @@ def submodules_with_all() -> list[str]:
         names += [
             m.name
             for m in pkgutil.walk_packages(root.__path__, package + ".")
-            if ".migrations" not in m.name
+            if ".migrations" not in m.name and not m.name.endswith(".__main__")
         ]
     return sorted(n for n in names if hasattr(importlib.import_module(n), "__all__"))
 
