@@ -414,3 +414,16 @@ def test_a_follower_is_woken_by_commits_while_it_waits(stack: Stack, http: httpx
             == "completed"
         )
     )
+
+
+def test_health_and_the_openapi_document(stack: Stack, http: httpx.Client) -> None:
+    assert http.get("/livez").json() == {"status": "ok"}
+    ready = http.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    body = ready.json()
+    assert body["status"] == "ready" and body["database"] == body["broker"] == "ok"
+    assert len(body["policy"]) == 64  # the bundle's version: the hash of its files
+    document = http.get("/openapi.json").json()
+    assert document["openapi"].startswith("3.1")
+    assert "/v1/runs/{run_id}/events" in document["paths"]
+    assert document["components"]["schemas"]["Problem"]["properties"]["code"]
