@@ -19,6 +19,7 @@ from sandbox_tasks.worker import (
 )
 from toolplane.errors import SettingsError
 from toolplane.keystore import KeyStore
+from toolplane.lifetimes import MAX_ENVELOPE_LIFETIME_S
 from toolplane.settings import Settings
 
 log = logging.getLogger("toolplane.worker")
@@ -32,6 +33,14 @@ def build_deps(settings: Settings, tool: str, *, broker_url: str) -> WorkerDeps:
         raise RegistryError(f"unknown tool {tool!r} (known: {', '.join(sorted(tools))})", tool=tool)
     if not broker_url.startswith(("redis://", "rediss://", "unix://")):
         raise SettingsError("claims need a Redis broker (redis://...)", setting="BROKER_URL")
+    lifetime = settings.queue_wait_s + settings.visibility_timeout + tools[tool].limits.timeout_s
+    if lifetime > MAX_ENVELOPE_LIFETIME_S:
+        raise SettingsError(
+            f"the time limit of {tool} ({tools[tool].limits.timeout_s:g} s) + QUEUE_WAIT_S + "
+            f"VISIBILITY_TIMEOUT make its envelopes live {lifetime:g} s, over the bound of "
+            f"{MAX_ENVELOPE_LIFETIME_S} s: the control would sign none of its jobs",
+            setting="QUEUE_WAIT_S",
+        )
     keys = KeyStoreKeys(KeyStore(settings.keys_dir), owner=f"tool.{tool}")
     scratch = settings.home / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)

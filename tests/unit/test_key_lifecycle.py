@@ -219,6 +219,16 @@ def test_settings_leave_room_for_a_tool_within_the_bound(tmp_path):
     assert MAX_ENVELOPE_LIFETIME_S == 3600
 
 
+def test_a_worker_whose_tool_cannot_fit_in_the_bound_does_not_start(tmp_path):
+    from sandbox_tasks.main import build_deps
+
+    settings = Settings(
+        home=tmp_path, queue_wait_s=1800, visibility_timeout=1795, extra_tools="tests.fixture_tools"
+    )
+    with pytest.raises(SettingsError, match=r"live 3603 s, over the bound of 3600 s"):
+        build_deps(settings, "sleepy", broker_url="redis://127.0.0.1:1/0")
+
+
 def test_a_revocation_time_is_rounded_up_to_the_millisecond():
     at = datetime(2026, 12, 8, 12, 0, 0, 123_001, tzinfo=UTC)
     assert _ceil_ms(at) == datetime(2026, 12, 8, 12, 0, 0, 124_000, tzinfo=UTC)
