@@ -301,22 +301,49 @@ def keys_rotate(tool: str, json_: JsonOpt = False) -> None:
     if json_:
         print_json({"owner": owner, "key_id": key_id})
     else:
-        console.print(f"{owner}: new key {key_id} (restart its workers to use it)")
+        console.print(
+            f"{owner}: new key {key_id} (processes that can read its private file use it from "
+            "their next job; restart those that cannot)"
+        )
+
+
+@keys_app.command("revoke")
+@handled
+def keys_revoke(
+    key_id: str,
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in KeyRevoked).")],
+    json_: JsonOpt = False,
+) -> None:
+    """Revoke KEY_ID now: it verifies nothing received from now on (KeyRevoked)."""
+    from control.keys import revoke_key
+
+    plane = _plane()
+    done = revoke_key(plane.sessions, plane.keystore, key_id, reason=reason)
+    if json_:
+        print_json(done.as_dict())
+        return
+    said = "was already revoked" if done.already else "revoked"
+    console.print(f"{key_id} {said} at {done.revoked_at.isoformat()}: {done.reason}", markup=False)
+    if done.replacement:
+        console.print(f"{done.owner}: new key {done.replacement}", markup=False)
 
 
 @keys_app.command("list")
 @handled
 def keys_list(json_: JsonOpt = False) -> None:
-    """List every key with its owner and validity window."""
+    """List every key with its owner, validity window and any revocation."""
     from toolplane.keystore import KeyStore
 
     entries = KeyStore(load_settings().keys_dir).entries()
     if json_:
-        print_json([{k: v for k, v in e.items() if k != "public"} for e in entries])
+        unrevoked = {"revoked_at": None, "revoked_reason": None}
+        print_json([{k: v for k, v in (unrevoked | e).items() if k != "public"} for e in entries])
         return
     for e in entries:
         state = "active" if e["not_after"] is None else f"retired {e['not_after'][:19]}"
-        console.print(f"{e['key_id']}  {e['algorithm']}  {state}")
+        if e.get("revoked_at"):
+            state = f"REVOKED {e['revoked_at'][:19]} ({e.get('revoked_reason')})"
+        console.print(f"{e['key_id']}  {e['algorithm']}  {state}", markup=False)
 
 
 # -- tenants and tokens ------------------------------------------------------------

@@ -17,14 +17,16 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import celeryconfig
+from control.errors import UsageError
 from ledger.models import OutboxMessage
 from toolplane.canonical import digest
+from toolplane.lifetimes import MAX_ENVELOPE_LIFETIME_S, RESULT_DUE_SLACK_S
 from toolplane.messages import Envelope, SignedEnvelope, job_id_for, new_nonce, now_ms, signed_bytes
 from toolplane.signing import Signer
 
 log = logging.getLogger("toolplane.dispatch")
 
-DUE_GRACE_S = 10
+DUE_GRACE_S = RESULT_DUE_SLACK_S
 """After an envelope expired and a run that started just before could have ended: then no
 worker runs the attempt any more, and a retry cannot overlap it."""
 
@@ -69,8 +71,18 @@ class CeleryPublisher:
 
 def envelope_ttl_s(*, visibility_timeout: int, tool_timeout_s: float, queue_wait_s: int) -> int:
     """Expiry must outlive a wait in the queue, then a redelivery after a worker died with
-    the job (visibility timeout) and the tool's own run time."""
-    return int(queue_wait_s + visibility_timeout + tool_timeout_s)
+    the job (visibility timeout) and the tool's own run time; and stay within the bound
+    every worker enforces (MAX_ENVELOPE_LIFETIME_S), which no tool's time limit may break."""
+    ttl = int(queue_wait_s + visibility_timeout + tool_timeout_s)
+    if ttl > MAX_ENVELOPE_LIFETIME_S:
+        raise UsageError(
+            f"the tool's time limit ({tool_timeout_s:g} s) + TOOLPLANE_QUEUE_WAIT_S "
+            f"({queue_wait_s}) + TOOLPLANE_VISIBILITY_TIMEOUT ({visibility_timeout}) make an "
+            f"envelope live {ttl} s, over the bound of {MAX_ENVELOPE_LIFETIME_S} s that workers "
+            "enforce",
+            field="timeout_s",
+        )
+    return ttl
 
 
 def due_at_for(expires_at: datetime, *, tool_timeout_s: float) -> datetime:

@@ -7,6 +7,11 @@ for a verified result that came too late (a redelivered copy, an attempt that
 was superseded by a retry, a node that was cancelled). An accepted result
 advances the run: nodes that needed it are decided and dispatched in the same
 transaction.
+
+A receipt's key (and a manifest's) is judged by when the control receives the
+message, under a lock on the key's row (control.keys.judge_key), never by the
+message's own timestamps; the evidence is recorded at that very time, which is what
+the ledger's verification judges the key by later.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -24,6 +29,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from control.intake import Governance, dispatching
+from control.keys import judge_key
 from control.orchestrator import (
     RunState,
     advance,
@@ -39,7 +45,7 @@ from ledger.receipts import ReceiptProblem, check_result_message
 from ledger.store import append_events
 from toolplane.canonical import CanonicalJSONError, check_json_value, contains_nul, digest
 from toolplane.errors import SignatureError
-from toolplane.messages import ResultMessage, SignedManifest, job_id_for, ms_to_datetime
+from toolplane.messages import ResultMessage, SignedManifest, job_id_for
 from toolplane.signing import KeyRing
 
 log = logging.getLogger("toolplane.ingest")
@@ -95,6 +101,11 @@ def _claimed(raw: Any) -> tuple[str | None, str | None, int | None]:
     )
 
 
+def _receipt_key_id(raw: Any) -> object:
+    receipt = raw.get("receipt") if isinstance(raw, dict) else None
+    return receipt.get("key_id") if isinstance(receipt, dict) else None
+
+
 def _attempt_of(session: Session, envelope_sha256: str) -> Attempt | None:
     return session.scalar(select(Attempt).where(Attempt.envelope_sha256 == envelope_sha256))
 
@@ -127,13 +138,14 @@ def ingest_result(
     all it reserved when its receipt is invalid), before the commit, and is
     idempotent per job.
     """
-    now = datetime.now(UTC)
     run_id, node_id, attempt = _claimed(raw)
     state = lock_run(session, run_id) if run_id else None
     node = state.nodes.get(node_id) if state is not None and node_id else None
     if node is None and state is not None:
         session.rollback()  # a run without that node: hold no lock while looking elsewhere
         state = None
+    # When the control receives it: the key's trust and every event's time.
+    keys, now = judge_key(session, keys, _receipt_key_id(raw))
     events: list[NewEvent] = []
     tenant = state.run.tenant_id if state is not None else None
 
@@ -141,7 +153,7 @@ def ingest_result(
         return n is not None and n.status == NodeStatus.QUEUED and number == n.attempt
 
     def finish(outcome: Outcome) -> Ingested:
-        append_events(session, events)
+        append_events(session, events, at=now)
         session.commit()
         return Ingested(outcome)
 
@@ -170,7 +182,7 @@ def ingest_result(
     if contains_nul(raw):
         return invalid("message contains NUL characters, which the ledger cannot store")
     try:
-        message: ResultMessage = check_result_message(raw, keys)
+        message: ResultMessage = check_result_message(raw, keys, received=now)
     except ReceiptProblem as e:
         return invalid(e.message)
     result = message.result
@@ -268,7 +280,7 @@ def ingest_result(
     # What became ready is marked due, and decided now, or else by the sweeper.
     settle_run(session, state, events, now)
     ready = mark_ready(state, now)
-    append_events(session, events)
+    append_events(session, events, at=now)
     session.commit()
     if not ready:
         return Ingested(Outcome.ACCEPTED)
@@ -337,7 +349,11 @@ def _refused(
 
 
 def register_manifest(session: Session, raw: Any, keys: KeyRing) -> str:
-    """Register a tool's signed manifest; returns the tool name. Commits."""
+    """Register a tool's signed manifest; returns the tool name. Commits.
+
+    The tool's key is judged by when the control receives the manifest, not by its
+    ``issued_at``."""
+    keys, received = judge_key(session, keys, _receipt_key_id(raw))
     try:
         signed = SignedManifest.model_validate(raw)
         tool = str(signed.manifest["name"])
@@ -347,9 +363,10 @@ def register_manifest(session: Session, raw: Any, keys: KeyRing) -> str:
             data=signed.body(),
             signature=signed.receipt.signature,
             owner=f"tool.{tool}",
-            at=ms_to_datetime(signed.issued_at),
+            received=received,
         )
     except (ValidationError, KeyError, SignatureError, CanonicalJSONError) as e:
+        session.rollback()
         log.warning("manifest.invalid problem=%s", e)
         raise ReceiptProblem(f"manifest refused: {e}") from e
     sha = digest(signed.manifest)
@@ -362,7 +379,7 @@ def register_manifest(session: Session, raw: Any, keys: KeyRing) -> str:
         "manifest": signed.manifest,
         "manifest_sha256": sha,
         "key_id": signed.receipt.key_id,
-        "registered_at": datetime.now(UTC),
+        "registered_at": received,
     }
     session.execute(
         pg_insert(ToolManifest)
@@ -382,6 +399,7 @@ def register_manifest(session: Session, raw: Any, keys: KeyRing) -> str:
                 },
             )
         ],
+        at=received,
     )
     session.commit()
     log.info("tool.registered tool=%s sha=%s", tool, sha[:12])

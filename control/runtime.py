@@ -25,6 +25,7 @@ from control.embedded import find_embedded
 from control.entitlements import EntitlementStore
 from control.errors import ServiceUnavailable
 from control.intake import Governance
+from control.keys import sync_keys
 from ledger.chain import NewEvent
 from ledger.db import make_engine, make_sessionmaker
 from ledger.models import PolicyVersion, SigningKey, ToolManifest
@@ -33,13 +34,13 @@ from policy.bundle import PolicyBundle, bundle_files, load_bundle
 from policy.engine import PolicyEngine
 from policy.errors import BundleError
 from toolplane.canonical import digest
-from toolplane.keystore import KeyStore
+from toolplane.keystore import IndexWatch, KeyStore
 from toolplane.settings import Settings
 from toolplane.signing import KeyRing, PublicKey, Signer, b64decode
 
 log = logging.getLogger("toolplane.control")
 
-KEYRING_TTL_S = 30.0
+KEYRING_TTL_S = 30.0  # the ledger's key table is read again after this; the index at once
 MANIFEST_TTL_S = 10.0
 POLICY_CHECK_S = 1.0  # how often the bundle directory is looked at for a new version
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -75,6 +76,8 @@ class ControlPlane:
         self.broker_url = broker_url
         self.database_url = database_url
         self.keystore = KeyStore(settings.keys_dir)
+        self._signer = IndexWatch(self.keystore, lambda store: store.signer("control"))
+        self._index = IndexWatch(self.keystore, lambda store: store.stamp())
         self._keyring: KeyRing | None = None
         self._keyring_at = 0.0
         self._manifests: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -123,9 +126,11 @@ class ControlPlane:
     def publisher(self) -> CeleryPublisher:
         return CeleryPublisher(self.celery)
 
-    @cached_property
+    @property
     def signer(self) -> Signer:
-        return self.keystore.signer("control")
+        """The control's active key, as of the key store's index now: a rotation or a
+        revocation (which replaces an active key) takes effect without a restart."""
+        return self._signer.get()
 
     @property
     def policy(self) -> PolicyEngine:
@@ -267,39 +272,31 @@ class ControlPlane:
 
     # -- keys ------------------------------------------------------------------
     def sync_keys(self) -> int:
-        """Register every public key of the key store in the ledger's key table."""
-        count = 0
+        """Mirror the key store in the ledger's key table, and its revocations back."""
         with self.sessions() as session:
-            for entry in self.keystore.entries():
-                values = {
-                    "key_id": entry["key_id"],
-                    "owner": entry["owner"],
-                    "algorithm": entry["algorithm"],
-                    "public_key": entry["public"],
-                    "not_before": datetime.fromisoformat(entry["not_before"]),
-                    "not_after": (
-                        datetime.fromisoformat(entry["not_after"]) if entry["not_after"] else None
-                    ),
-                }
-                session.execute(
-                    pg_insert(SigningKey)
-                    .values(**values)
-                    .on_conflict_do_update(index_elements=["key_id"], set_=values)
-                )
-                count += 1
-            session.commit()
+            count = sync_keys(session, self.keystore)
         self._keyring = None
         return count
 
     def keyring(self, *, refresh: bool = False) -> KeyRing:
-        """Keys to verify receipts: the ledger's key table plus local HMAC secrets."""
+        """Keys to verify receipts: the key store's (with local HMAC secrets) and the ledger's
+        key table, each key with the earliest retirement and revocation either knows.
+
+        Built again when the key store's index changes, and at least every KEYRING_TTL_S
+        (ingest also reads the revocation of each receipt's key from the table itself:
+        control.keys.judge_key)."""
+        index_changed = self._index.changed()
         fresh = time.monotonic() - self._keyring_at < KEYRING_TTL_S
-        if self._keyring is not None and fresh and not refresh:
+        if self._keyring is not None and fresh and not refresh and not index_changed:
             return self._keyring
+        self._index.get()
         ring = KeyRing(self.keystore.public_keys(with_secrets=True))
         with self.sessions() as session:
             for row in session.scalars(select(SigningKey)):
-                if row.algorithm == "ed25519" and row.public_key and ring.get(row.key_id) is None:
+                known = ring.get(row.key_id)
+                if known is not None:
+                    ring.add(known.merged(not_after=row.not_after, revoked_at=row.revoked_at))
+                elif row.algorithm == "ed25519" and row.public_key:
                     ring.add(
                         PublicKey(
                             key_id=row.key_id,
@@ -308,6 +305,7 @@ class ControlPlane:
                             material=b64decode(row.public_key),
                             not_before=row.not_before,
                             not_after=row.not_after,
+                            revoked_at=row.revoked_at,
                         )
                     )
         self._keyring, self._keyring_at = ring, time.monotonic()

@@ -36,7 +36,7 @@ def variables(keys_dir: Path) -> dict[str, str]:
     store = KeyStore(keys_dir)
     active: dict[str, dict[str, str]] = {}
     for entry in store.entries():
-        if entry["not_after"] is not None:
+        if entry["not_after"] is not None or entry.get("revoked_at"):
             continue
         best = active.get(entry["owner"])
         if best is None or entry["not_before"] > best["not_before"]:

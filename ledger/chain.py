@@ -42,6 +42,7 @@ EVIDENCE_KINDS = frozenset(
         "TenantCreated",
         "TokenIssued",
         "TokenRevoked",
+        "KeyRevoked",
     }
 )
 

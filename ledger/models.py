@@ -209,7 +209,8 @@ class Freeze(Base):
 
 
 class SigningKey(Base):
-    """The public half (Ed25519) of every key that signed something in the ledger."""
+    """The public half (Ed25519) of every key that signed something in the ledger, its
+    window, and its revocation (never cleared once set; the earliest one is kept)."""
 
     __tablename__ = "signing_keys"
     key_id: Mapped[str] = mapped_column(String(120), primary_key=True)
@@ -218,6 +219,8 @@ class SigningKey(Base):
     public_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     not_before: Mapped[datetime] = mapped_column(TZ)
     not_after: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+    revoked_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class PolicyVersion(Base):

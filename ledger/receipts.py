@@ -1,14 +1,21 @@
-"""Checking a signed tool result (receipt) against a key ring (pure)."""
+"""Checking a signed tool result (receipt) against a key ring (pure).
+
+The tool's key is judged at ``received``: when the control received the result
+(ingest), or, when the ledger is verified later, when the control accepted it (the
+evidence event's time). Never at the result's own ``finished_at``, which whoever
+holds a retired key could backdate.
+"""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from toolplane.canonical import digest
 from toolplane.errors import CanonicalJSONError, SignatureError, first_problem
-from toolplane.messages import ResultMessage, ms_to_datetime, signed_bytes
+from toolplane.messages import ResultMessage, signed_bytes
 from toolplane.signing import KeyRing
 
 __all__ = ["ReceiptProblem", "check_result_message"]
@@ -23,8 +30,9 @@ class ReceiptProblem(Exception):
         self.message = message
 
 
-def check_result_message(raw: Any, keys: KeyRing) -> ResultMessage:
-    """Parse and verify a result message: signature by the tool's key, and result hash."""
+def check_result_message(raw: Any, keys: KeyRing, *, received: datetime) -> ResultMessage:
+    """Parse and verify a result message: signature by a key of the tool trusted at
+    ``received``, and the result hash."""
     try:
         message = ResultMessage.model_validate(raw)
     except ValidationError as e:
@@ -38,7 +46,7 @@ def check_result_message(raw: Any, keys: KeyRing) -> ResultMessage:
             data=signed_bytes(result),
             signature=receipt.signature,
             owner=f"tool.{result.tool}",
-            at=ms_to_datetime(result.finished_at),
+            received=received,
         )
         result_digest = None if result.result is None else digest(result.result)
     except (SignatureError, CanonicalJSONError, ValueError, OverflowError) as e:

@@ -21,14 +21,19 @@ from toolplane.canonical import check_json_value
 __all__ = ["append_events"]
 
 
-def append_events(session: Session, events: list[NewEvent]) -> list[tuple[str, int]]:
-    """Append ``events`` in order; returns (chain_id, seq) of each. Does not commit."""
+def append_events(
+    session: Session, events: list[NewEvent], *, at: datetime | None = None
+) -> list[tuple[str, int]]:
+    """Append ``events`` in order; returns (chain_id, seq) of each. Does not commit.
+
+    ``at`` is the events' time (default: now). Ingest passes the time it judged a
+    receipt's key at, so that verifying the ledger later judges it at that very time."""
     by_chain: dict[str, list[NewEvent]] = defaultdict(list)
     for event in events:
         check_json_value(event.payload)
         by_chain[chain_for(event.tenant_id)].append(event)
     placed: dict[int, tuple[str, int]] = {}
-    now = datetime.now(UTC)
+    now = at if at is not None else datetime.now(UTC)
     for chain_id in sorted(by_chain):
         # One round trip: create the head if new, else lock it, and read it either way.
         head = pg_insert(ChainHead).values(chain_id=chain_id, seq=0, hash=GENESIS)

@@ -2,6 +2,13 @@
 
 Names each broken event. A chain whose head row says more events exist than the
 table holds is reported as truncated.
+
+A receipt is judged by when the control accepted it, the time of its evidence event
+in the chain (``created_at``, covered by the event's hash; ingest records the events
+at the very time it judged the key), never by the time the result claims. So the
+evidence of a key's work verifies after that key was rotated (its grace covers what
+arrived late) or revoked (what was accepted before the revocation stays valid), and a
+receipt that the control took after a revocation is named as broken.
 """
 
 from __future__ import annotations
@@ -120,7 +127,7 @@ def check_rows(rows: list[Row], keys: KeyRing | None = None) -> list[tuple[str, 
         if kind in RECEIPT_KINDS and "message" in payload:
             had = True
             try:
-                check_result_message(payload["message"], ring)
+                check_result_message(payload["message"], ring, received=created_at)
             except ReceiptProblem as e:
                 problem = e.message
         out.append((recomputed, problem, had))

@@ -8,6 +8,7 @@ from pathlib import Path
 from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
 from sandbox_tasks.errors import RegistryError
 from sandbox_tasks.executor import ForkExecutor
+from sandbox_tasks.keys import KeyStoreKeys
 from sandbox_tasks.registry import ToolContext, ToolSpec, load_tools
 from sandbox_tasks.worker import (
     Executor,
@@ -18,8 +19,8 @@ from sandbox_tasks.worker import (
 )
 from toolplane.errors import SettingsError
 from toolplane.keystore import KeyStore
+from toolplane.lifetimes import MAX_ENVELOPE_LIFETIME_S
 from toolplane.settings import Settings
-from toolplane.signing import KeyRing
 
 log = logging.getLogger("toolplane.worker")
 
@@ -32,17 +33,21 @@ def build_deps(settings: Settings, tool: str, *, broker_url: str) -> WorkerDeps:
         raise RegistryError(f"unknown tool {tool!r} (known: {', '.join(sorted(tools))})", tool=tool)
     if not broker_url.startswith(("redis://", "rediss://", "unix://")):
         raise SettingsError("claims need a Redis broker (redis://...)", setting="BROKER_URL")
-    keystore = KeyStore(settings.keys_dir)
-    control_keys = KeyRing(keystore.public_keys(["control"]))
-    if not len(control_keys):
-        raise SettingsError("no public key of control (run `toolplane keys init`)", setting="HOME")
+    lifetime = settings.queue_wait_s + settings.visibility_timeout + tools[tool].limits.timeout_s
+    if lifetime > MAX_ENVELOPE_LIFETIME_S:
+        raise SettingsError(
+            f"the time limit of {tool} ({tools[tool].limits.timeout_s:g} s) + QUEUE_WAIT_S + "
+            f"VISIBILITY_TIMEOUT make its envelopes live {lifetime:g} s, over the bound of "
+            f"{MAX_ENVELOPE_LIFETIME_S} s: the control would sign none of its jobs",
+            setting="QUEUE_WAIT_S",
+        )
+    keys = KeyStoreKeys(KeyStore(settings.keys_dir), owner=f"tool.{tool}")
     scratch = settings.home / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     return WorkerDeps(
         spec=tools[tool],
         executor=make_executor(settings, tools[tool], scratch),
-        signer=keystore.signer(f"tool.{tool}"),
-        control_keys=control_keys,
+        keys=keys,
         claims=make_claims(broker_url, tool),
         context=ToolContext(
             repo_root=settings.repo_root,

@@ -1,9 +1,10 @@
 """The sandbox worker: one Celery app per tool, consuming only ``tool.<name>``.
 
-For each message: verify the envelope (signature, audience, expiry), claim the
-job, validate the arguments with the tool's strict model, run the tool in the
-contained executor, sign the result with the tool's key and publish it to
-``results``. Anything it will not run becomes a signed refusal.
+For each message: verify the envelope (signature by a control key trusted when the
+job is received, audience, lifetime, expiry), claim the job, validate the arguments
+with the tool's strict model, run the tool in the contained executor, sign the
+result with the tool's key and publish it to ``results``. Anything it will not run
+becomes a signed refusal.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from sandbox_tasks.claims import ClaimState, RedisClaims
 from sandbox_tasks.envelope import verify_envelope
 from sandbox_tasks.errors import EnvelopeRefused
 from sandbox_tasks.executor import Outcome
+from sandbox_tasks.keys import WorkerKeys
 from sandbox_tasks.receipts import build_result, sign_manifest, sign_result
 from sandbox_tasks.registry import ToolContext, ToolSpec, constrained
 from toolplane.canonical import CanonicalJSONError
 from toolplane.canonical import digest as canonical_digest
-from toolplane.errors import first_problem
+from toolplane.errors import SettingsError, first_problem
 from toolplane.messages import ToolResult, now_ms
-from toolplane.signing import KeyRing, Signer
 
 log = logging.getLogger("toolplane.worker")
 
@@ -52,8 +53,7 @@ class WorkerDeps:
     """Everything a worker needs, built once by its composition root."""
 
     spec: ToolSpec
-    signer: Signer  # the tool's receipt key
-    control_keys: KeyRing  # control's public keys
+    keys: WorkerKeys  # control's public keys and the tool's receipt key, as of each job
     claims: RedisClaims
     executor: Executor
     context: ToolContext
@@ -91,7 +91,12 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
         )
 
     try:
-        signed = verify_envelope(raw, tool=spec.name, keys=deps.control_keys, now_ms=started)
+        try:
+            control_keys = deps.keys.control_ring()  # revocations are seen at every job
+        except SettingsError as e:  # fail closed: no job runs on keys we cannot read
+            log.error("keys.unreadable problem=%s", e)
+            raise EnvelopeRefused("envelope_invalid", f"control's keys: {e}") from e
+        signed = verify_envelope(raw, tool=spec.name, keys=control_keys, now_ms=started)
     except EnvelopeRefused as e:
         code, message = e.code, e.message
         if code == "envelope_expired" and _already_ran(raw, deps.claims):
@@ -188,7 +193,7 @@ def build_worker_app(
             raise self.retry(countdown=seconds)
 
         result = handle_job(raw, deps, retry_in=retry_in)
-        message = sign_result(result, deps.signer)
+        message = sign_result(result, deps.keys.signer())
         app.send_task(
             celeryconfig.INGEST_TASK,
             args=[message.model_dump(mode="json")],
@@ -212,13 +217,14 @@ def build_worker_app(
 
     @signals.worker_ready.connect(weak=False)
     def announce(sender: Any = None, **_: Any) -> None:
-        manifest = sign_manifest(deps.spec.manifest(), deps.signer)
+        signer = deps.keys.signer()
+        manifest = sign_manifest(deps.spec.manifest(), signer)
         app.send_task(
             celeryconfig.MANIFEST_TASK,
             args=[manifest.model_dump(mode="json")],
             queue=celeryconfig.RESULTS_QUEUE,
         )
-        log.info("tool.announced tool=%s key=%s", deps.spec.name, deps.signer.key_id)
+        log.info("tool.announced tool=%s key=%s", deps.spec.name, signer.key_id)
 
     return app
 

@@ -1,24 +1,30 @@
 """Keys on disk under ``$TOOLPLANE_HOME/keys``.
 
     keys/index.json            every key's id, owner, algorithm, public material
-                               (Ed25519) and validity window; no secrets
+                               (Ed25519), validity window and revocation; no secrets
     keys/private/<id>.key      the private key (Ed25519 raw seed) or HMAC secret,
                                base64, mode 0600
 
 The control's signing key is owned by ``control``; each tool's receipt key by
-``tool.<name>``. Rotation adds a new key and closes the old key's window for
-signing only: verification of what it signed stays possible.
+``tool.<name>``. Rotation adds a new key and retires the old one (``not_after``):
+it signs nothing more, and verifies what arrives within its grace
+(toolplane.lifetimes). Revocation (``revoked_at``, ``revoked_reason``) ends a
+key's trust at once; nothing here ever clears it, and rotation keeps it. The
+index is the channel by which revocations reach the workers: they read it again
+whenever it changes (:class:`IndexWatch`), and the writers replace it atomically.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -35,7 +41,9 @@ from toolplane.signing import (
     key_id_for,
 )
 
-__all__ = ["KeyStore"]
+__all__ = ["IndexWatch", "KeyStore"]
+
+T = TypeVar("T")
 
 
 def _iso(at: datetime | None) -> str | None:
@@ -52,6 +60,11 @@ def _parse(at: str | None) -> datetime | None:
     return None if at is None else datetime.fromisoformat(at)
 
 
+def _signs(entry: dict[str, Any]) -> bool:
+    """Whether a key may sign: neither retired nor revoked."""
+    return entry["not_after"] is None and entry.get("revoked_at") is None
+
+
 class KeyStore:
     def __init__(self, keys_dir: Path) -> None:
         self.dir = keys_dir
@@ -60,9 +73,35 @@ class KeyStore:
 
     # -- reading ---------------------------------------------------------------
     def entries(self) -> list[dict[str, Any]]:
-        if not self.index_path.exists():
+        """Every key's entry; ``revoked_at`` and ``revoked_reason`` only once it is revoked."""
+        try:
+            text = self.index_path.read_text()
+        except FileNotFoundError:
             return []
-        return list(json.loads(self.index_path.read_text())["keys"])
+        except OSError as e:
+            raise SettingsError(
+                f"cannot read the key index {self.index_path}: {e}", setting="HOME"
+            ) from e
+        try:
+            entries = json.loads(text)["keys"]
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise TypeError("keys: not a list of objects")
+        except (ValueError, KeyError, TypeError) as e:
+            raise SettingsError(
+                f"the key index {self.index_path} is malformed: {e}", setting="HOME"
+            ) from e
+        return list(entries)
+
+    def entry(self, key_id: str) -> dict[str, Any] | None:
+        return next((e for e in self.entries() if e["key_id"] == key_id), None)
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        """What changes whenever the index is written (inode, size, mtime); None if absent."""
+        try:
+            st = self.index_path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def owners(self) -> set[str]:
         return {entry["owner"] for entry in self.entries()}
@@ -75,9 +114,7 @@ class KeyStore:
         active = [
             e
             for e in self.entries()
-            if e["owner"] == owner
-            and e["not_after"] is None
-            and datetime.fromisoformat(e["not_before"]) <= now
+            if e["owner"] == owner and _signs(e) and datetime.fromisoformat(e["not_before"]) <= now
         ]
         if not active:
             raise SettingsError(
@@ -120,11 +157,20 @@ class KeyStore:
                     material=material,
                     not_before=datetime.fromisoformat(e["not_before"]),
                     not_after=_parse(e["not_after"]),
+                    revoked_at=_parse(e.get("revoked_at")),
                 )
             )
         return keys
 
     # -- writing ---------------------------------------------------------------
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One writer at a time (a rotation must not drop a revocation written meanwhile)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
     def _write_index(self, entries: list[dict[str, Any]]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.index_path.with_suffix(".tmp")
@@ -158,10 +204,12 @@ class KeyStore:
 
     def ensure(self, owner: str, algorithm: Algorithm) -> bool:
         """Create a key for ``owner`` unless one is active; True if one was created."""
-        if owner in {e["owner"] for e in self.entries() if e["not_after"] is None}:
-            return False
-        self._write_index([*self.entries(), self._new_key(owner, algorithm)])
-        return True
+        with self._writing():
+            entries = self.entries()
+            if owner in {e["owner"] for e in entries if _signs(e)}:
+                return False
+            self._write_index([*entries, self._new_key(owner, algorithm)])
+            return True
 
     def ensure_all(self, tools: Iterable[str], *, receipt_algorithm: str) -> list[str]:
         """Control's key and a receipt key per tool, where missing; returns the owners created."""
@@ -172,12 +220,57 @@ class KeyStore:
         return created
 
     def rotate(self, owner: str, algorithm: Algorithm) -> str:
-        """A new active key for ``owner``; the old ones stop signing now."""
-        now = _iso(_now())
-        entries = self.entries()
-        for e in entries:
-            if e["owner"] == owner and e["not_after"] is None:
-                e["not_after"] = now
-        new = self._new_key(owner, algorithm)
-        self._write_index([*entries, new])
-        return str(new["key_id"])
+        """A new active key for ``owner``; the old ones stop signing now (revocations stay)."""
+        with self._writing():
+            now = _iso(_now())
+            entries = self.entries()
+            for e in entries:
+                if e["owner"] == owner and e["not_after"] is None:
+                    e["not_after"] = now
+            new = self._new_key(owner, algorithm)
+            self._write_index([*entries, new])
+            return str(new["key_id"])
+
+    def record_revocation(self, key_id: str, *, revoked_at: datetime, reason: str) -> bool:
+        """Mark ``key_id`` revoked at ``revoked_at``; False if unknown or revoked no later.
+
+        An earlier revocation is never replaced by a later one, nor ever cleared."""
+        with self._writing():
+            entries = self.entries()
+            for e in entries:
+                if e["key_id"] != key_id:
+                    continue
+                known = _parse(e.get("revoked_at"))
+                if known is not None and known <= revoked_at:
+                    return False
+                e["revoked_at"], e["revoked_reason"] = _iso(revoked_at), reason
+                self._write_index(entries)
+                return True
+            return False
+
+
+class IndexWatch(Generic[T]):
+    """A value built from the key store, and built again whenever the index changes.
+
+    Each :meth:`get` costs one ``stat`` of the index, so a caller may ask at every job.
+    The stamp is taken before the index is read: a change made while it is read is
+    seen at the next call. A build that fails raises, and the next call tries again.
+    """
+
+    def __init__(self, store: KeyStore, build: Callable[[KeyStore], T]) -> None:
+        self.store = store
+        self.build = build
+        self._stamp: tuple[int, int, int] | None = None
+        self._value: T | None = None
+        self._built = False
+
+    def get(self) -> T:
+        stamp = self.store.stamp()
+        if not self._built or stamp != self._stamp:
+            value = self.build(self.store)
+            self._stamp, self._value, self._built = stamp, value, True
+        return self._value  # type: ignore[return-value]
+
+    def changed(self) -> bool:
+        """Whether the index changed since the value was last built."""
+        return not self._built or self.store.stamp() != self._stamp

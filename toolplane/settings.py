@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from toolplane.lifetimes import MAX_ENVELOPE_LIFETIME_S
 from toolplane.signing import ALGORITHMS
 
 __all__ = ["Settings"]
@@ -87,6 +88,18 @@ class Settings(BaseSettings):
         if value not in ALGORITHMS:
             raise ValueError(f"must be one of {', '.join(ALGORITHMS)}")
         return value
+
+    @model_validator(mode="after")
+    def _fits_an_envelope(self) -> Settings:
+        """An envelope lives the queue wait + the visibility timeout + a tool's time limit,
+        and never longer than MAX_ENVELOPE_LIFETIME_S: leave room for the tool."""
+        if self.queue_wait_s + self.visibility_timeout >= MAX_ENVELOPE_LIFETIME_S:
+            raise ValueError(
+                f"queue_wait_s ({self.queue_wait_s}) + visibility_timeout "
+                f"({self.visibility_timeout}) must stay below the envelope lifetime bound of "
+                f"{MAX_ENVELOPE_LIFETIME_S} s, with room for the tools' time limits"
+            )
+        return self
 
     @property
     def environment_order(self) -> tuple[str, ...]:

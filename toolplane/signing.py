@@ -2,9 +2,20 @@
 
 A key belongs to an owner: ``control`` (signs job envelopes) or ``tool.<name>``
 (signs that tool's receipts, refusals and manifests). Ed25519 is the default;
-HMAC-SHA256 is supported where both sides share a secret. A signature is checked
-against the key that was valid at the moment of signing, so rotating a key never
-breaks the verification of what the old key signed.
+HMAC-SHA256 is supported where both sides share a secret.
+
+A key is judged by when the verifier *receives* the message (a worker when it
+takes a job, the control when it ingests a result or a manifest, the ledger's
+verification by when the control accepted the evidence), never by a time the
+message claims: whoever holds a retired key cannot backdate a message into its
+old window. A key's life:
+
+    active    from not_before (less the clock skew) on, until it is retired
+    retired   from not_after (rotation): it signs nothing new, and verifies what
+              arrives within RETIRED_KEY_GRACE after (jobs that were in flight)
+    revoked   from revoked_at: verifies nothing received from then on, no grace
+
+so rotating a key never breaks work in flight, and revoking one cuts it off at once.
 """
 
 from __future__ import annotations
@@ -14,14 +25,15 @@ import binascii
 import hashlib
 import hmac
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from toolplane.errors import SignatureError, UnknownKeyError
+from toolplane.lifetimes import CLOCK_SKEW_S, RETIRED_KEY_GRACE
 
 Algorithm = Literal["ed25519", "hmac-sha256"]
 ALGORITHMS: tuple[Algorithm, ...] = ("ed25519", "hmac-sha256")
@@ -89,6 +101,10 @@ class HmacSigner:
         return b64encode(hmac.new(self.secret, data, hashlib.sha256).digest())
 
 
+def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
 @dataclass(frozen=True)
 class PublicKey:
     """What a verifier knows of a key: for HMAC, the shared secret itself."""
@@ -98,10 +114,36 @@ class PublicKey:
     algorithm: Algorithm
     material: bytes
     not_before: datetime
-    not_after: datetime | None = None
+    not_after: datetime | None = None  # retired: signs nothing from then on
+    revoked_at: datetime | None = None  # revoked: verifies nothing received from then on
 
-    def valid_at(self, at: datetime) -> bool:
-        return self.not_before <= at and (self.not_after is None or at < self.not_after)
+    def refusal_at(self, received: datetime) -> str | None:
+        """Why this key verifies nothing received at ``received``; None when it does."""
+        when = f"(received {received.isoformat()})"
+        if self.revoked_at is not None and received >= self.revoked_at:
+            return (
+                f"key {self.key_id!r} was revoked at {self.revoked_at.isoformat()} and verifies "
+                f"nothing received from then on {when}"
+            )
+        if received < self.not_before - timedelta(seconds=CLOCK_SKEW_S):
+            return f"key {self.key_id!r} is not valid before {self.not_before.isoformat()} {when}"
+        if self.not_after is not None and received >= self.not_after + RETIRED_KEY_GRACE:
+            return (
+                f"key {self.key_id!r} was retired at {self.not_after.isoformat()} and its grace "
+                f"ended at {(self.not_after + RETIRED_KEY_GRACE).isoformat()} {when}"
+            )
+        return None
+
+    def accepts_at(self, received: datetime) -> bool:
+        return self.refusal_at(received) is None
+
+    def merged(self, *, not_after: datetime | None, revoked_at: datetime | None) -> PublicKey:
+        """This key with the earliest retirement and revocation known to either source."""
+        return replace(
+            self,
+            not_after=_earliest(self.not_after, not_after),
+            revoked_at=_earliest(self.revoked_at, revoked_at),
+        )
 
 
 class KeyRing:
@@ -114,6 +156,12 @@ class KeyRing:
 
     def add(self, key: PublicKey) -> None:
         self._keys[key.key_id] = key
+
+    def with_key(self, key: PublicKey) -> KeyRing:
+        """A copy of this ring with ``key`` added or replaced (this ring is left as it is)."""
+        ring = KeyRing(self._keys.values())
+        ring.add(key)
+        return ring
 
     def get(self, key_id: str) -> PublicKey | None:
         return self._keys.get(key_id)
@@ -132,9 +180,13 @@ class KeyRing:
         data: bytes,
         signature: str,
         owner: str,
-        at: datetime,
+        received: datetime,
     ) -> PublicKey:
-        """Return the key that verified ``signature`` or raise SignatureError."""
+        """Return the key that verified ``signature`` or raise SignatureError.
+
+        ``received`` is when the verifier received the message (never a time the message
+        claims): the key must accept messages received then (see the module's docstring).
+        """
         key = self._keys.get(key_id)
         if key is None:
             raise UnknownKeyError(f"unknown key id {key_id!r}", key_id=key_id)
@@ -146,10 +198,9 @@ class KeyRing:
             raise SignatureError(
                 f"key {key_id!r} is {key.algorithm}, signature claims {algorithm}", key_id=key_id
             )
-        if not key.valid_at(at):
-            raise UnknownKeyError(
-                f"key {key_id!r} was not valid at {at.isoformat()}", key_id=key_id
-            )
+        refusal = key.refusal_at(received)
+        if refusal is not None:
+            raise UnknownKeyError(refusal, key_id=key_id)
         raw = b64decode(signature)
         if key.algorithm == "ed25519":
             try:

@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from control.dispatch import sign_envelope
-from sandbox_tasks.envelope import CLOCK_SKEW_MS, verify_envelope
+from sandbox_tasks.envelope import CLOCK_SKEW_MS, MAX_LIFETIME_MS, verify_envelope
 from sandbox_tasks.errors import EnvelopeRefused
 from toolplane.canonical import digest
-from toolplane.messages import Envelope, SignedEnvelope, now_ms, signed_bytes
+from toolplane.lifetimes import MAX_ENVELOPE_LIFETIME_S, RETIRED_KEY_GRACE
+from toolplane.messages import Envelope, SignedEnvelope, ms_to_datetime, now_ms, signed_bytes
 from toolplane.signing import Ed25519Signer, KeyRing, PublicKey, b64encode, key_id_for
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -184,18 +185,106 @@ def test_unknown_control_key_is_invalid():
     assert refusal(make(signer=stranger).model_dump(mode="json")).code == "envelope_invalid"
 
 
-def test_control_key_outside_its_window_is_invalid(signed):
-    retired = PublicKey(
-        key_id=CONTROL_KEY.key_id,
-        owner="control",
-        algorithm="ed25519",
-        material=CONTROL_KEY.material,
-        not_before=EPOCH,
-        not_after=datetime.fromtimestamp(signed.envelope.issued_at / 1000, tz=UTC),
+# -- the control's key, judged when the worker receives the job ---------------------
+
+T = 1_800_000_000_000  # a fixed "now" (epoch ms): every time below is relative to it
+GRACE_MS = int(RETIRED_KEY_GRACE.total_seconds() * 1000)
+
+
+def control_key(**window: int) -> KeyRing:
+    """The control's key with a window in epoch ms (not_after, revoked_at)."""
+    return KeyRing(
+        [
+            PublicKey(
+                key_id=CONTROL_KEY.key_id,
+                owner="control",
+                algorithm="ed25519",
+                material=CONTROL_KEY.material,
+                not_before=EPOCH,
+                not_after=ms_to_datetime(window["not_after"]) if "not_after" in window else None,
+                revoked_at=ms_to_datetime(window["revoked_at"]) if "revoked_at" in window else None,
+            )
+        ]
     )
-    error = refusal(signed.model_dump(mode="json"), keys=KeyRing([retired]))
+
+
+def claiming(issued_at: int, lifetime_ms: int = 600_000) -> dict:
+    """An envelope signed with the control's key that claims to be issued at ``issued_at``."""
+    envelope = make().envelope.model_copy(
+        update={"issued_at": issued_at, "expires_at": issued_at + lifetime_ms}
+    )
+    return resign(envelope)
+
+
+def test_a_retired_key_verifies_jobs_in_flight_within_its_grace():
+    """Rotation never breaks work in flight: signed before the rotation, received after."""
+    keys = control_key(not_after=T)
+    raw = claiming(T - 1_000, lifetime_ms=MAX_LIFETIME_MS)
+    assert check(raw, keys=keys, now=T + 1_000).envelope.issued_at == T - 1_000
+    assert check(raw, keys=keys, now=T - 1_000 + MAX_LIFETIME_MS - 1)
+
+
+def test_a_retired_key_is_refused_after_its_grace_whatever_the_envelope_claims():
+    keys = control_key(not_after=T)
+    now = T + GRACE_MS
+    for raw in (
+        claiming(now),  # honest about its time
+        claiming(T - 60_000, lifetime_ms=GRACE_MS + 600_000),  # backdated, lives on
+        claiming(now - MAX_LIFETIME_MS + 1, lifetime_ms=MAX_LIFETIME_MS),  # within the bound
+    ):
+        error = refusal(raw, keys=keys, now=now)
+        assert error.code == "envelope_invalid"
+        assert "grace ended" in error.message and CONTROL_KEY.key_id in error.message
+    assert check(claiming(now - 1), keys=keys, now=now - 1)  # one ms earlier: in the grace
+
+
+def test_a_revoked_key_is_refused_from_its_revocation_on():
+    keys = control_key(revoked_at=T)
+    signed_before = claiming(T - 5_000)
+    assert check(signed_before, keys=keys, now=T - 1)
+    for now in (T, T + 1, T + 300_000):
+        error = refusal(signed_before, keys=keys, now=now)  # signed before, received after
+        assert error.code == "envelope_invalid"
+        assert "revoked" in error.message and CONTROL_KEY.key_id in error.message
+    backdated = claiming(T - 60_000)  # signed after the revocation, claiming before it
+    assert "revoked" in refusal(backdated, keys=keys, now=T + 10).message
+
+
+def test_a_revoked_key_has_no_grace_even_when_retired():
+    keys = control_key(not_after=T - 60_000, revoked_at=T)
+    assert "revoked" in refusal(claiming(T - 90_000), keys=keys, now=T).message
+
+
+# -- the envelope's own claims: bounded lifetime, not from the future ---------------
+
+
+def test_the_lifetime_bound_is_one_hour():
+    assert MAX_ENVELOPE_LIFETIME_S == 3600 and MAX_LIFETIME_MS == 3_600_000
+
+
+def test_an_envelope_living_longer_than_the_bound_is_invalid():
+    assert check(claiming(T, lifetime_ms=MAX_LIFETIME_MS), now=T)
+    for lifetime in (MAX_LIFETIME_MS + 1, 24 * MAX_LIFETIME_MS, 2**52):
+        error = refusal(claiming(T, lifetime_ms=lifetime), now=T)
+        assert error.code == "envelope_invalid"
+        assert "envelope.expires_at" in error.message
+        assert f"over the bound of {MAX_LIFETIME_MS} ms" in error.message
+        assert "run_1/n1/1" in error.message
+
+
+def test_a_backdated_envelope_that_lives_on_is_invalid_even_with_a_trusted_key():
+    """Issued a day ago, expiring in ten minutes: its expiry alone would not stop it."""
+    day = 24 * 3_600_000
+    error = refusal(claiming(T - day, lifetime_ms=day + 600_000), now=T)
+    assert error.code == "envelope_invalid" and "over the bound" in error.message
+
+
+def test_an_envelope_issued_beyond_the_clock_skew_is_invalid():
+    assert check(claiming(T + CLOCK_SKEW_MS), now=T)
+    error = refusal(claiming(T + CLOCK_SKEW_MS + 1), now=T)
     assert error.code == "envelope_invalid"
-    assert "not valid at" in error.message
+    assert "envelope.issued_at" in error.message and "in the future" in error.message
+    assert f"{CLOCK_SKEW_MS} ms" in error.message
 
 
 # -- tampering ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,10 @@ def test_hmac_receipts_verify_with_the_shared_secret_only(tmp_path: Path) -> Non
     ]
     message = signed(store)
     assert message["receipt"]["algorithm"] == "hmac-sha256"
-    check_result_message(message, KeyRing(store.public_keys(with_secrets=True)))
+    now = datetime.now(UTC)
+    check_result_message(message, KeyRing(store.public_keys(with_secrets=True)), received=now)
     with pytest.raises(ReceiptProblem, match="unknown key"):  # public keys alone cannot verify HMAC
-        check_result_message(message, KeyRing(store.public_keys()))
+        check_result_message(message, KeyRing(store.public_keys()), received=now)
     message["result"]["result"] = {"findings": [{"code": "X"}]}
     with pytest.raises(ReceiptProblem):
-        check_result_message(message, KeyRing(store.public_keys(with_secrets=True)))
+        check_result_message(message, KeyRing(store.public_keys(with_secrets=True)), received=now)

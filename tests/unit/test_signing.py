@@ -6,7 +6,6 @@ import base64
 import json
 import secrets
 import stat
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 
 from toolplane.errors import SettingsError, SignatureError, UnknownKeyError
 from toolplane.keystore import KeyStore
+from toolplane.lifetimes import CLOCK_SKEW_S, RETIRED_KEY_GRACE
 from toolplane.signing import (
     Ed25519Signer,
     HmacSigner,
@@ -43,6 +43,7 @@ def ed25519_key(owner: str, **window: datetime | None) -> tuple[Ed25519Signer, P
         material=public,
         not_before=window.get("not_before") or EPOCH,
         not_after=window.get("not_after"),
+        revoked_at=window.get("revoked_at"),
     )
     return signer, key
 
@@ -58,6 +59,7 @@ def hmac_key(owner: str, **window: datetime | None) -> tuple[HmacSigner, PublicK
         material=secret,
         not_before=window.get("not_before") or EPOCH,
         not_after=window.get("not_after"),
+        revoked_at=window.get("revoked_at"),
     )
     return signer, key
 
@@ -77,7 +79,7 @@ def verify(ring: KeyRing, signer, signature: str, **over):
         "data": DATA,
         "signature": signature,
         "owner": signer.owner,
-        "at": NOW,
+        "received": NOW,
     }
     kwargs.update(over)
     return ring.verify(**kwargs)
@@ -149,21 +151,76 @@ def test_public_key_used_as_hmac_secret_is_refused():
         verify(KeyRing([key]), signer, forger.sign(DATA), algorithm="ed25519")
 
 
-def test_not_yet_valid_key_fails(make_key):
-    signer, key = make_key("control", not_before=NOW + timedelta(seconds=1))
-    with pytest.raises(UnknownKeyError, match="not valid at"):
+def test_a_key_is_trusted_from_its_not_before_less_the_clock_skew(make_key):
+    skew = timedelta(seconds=CLOCK_SKEW_S)
+    signer, key = make_key("control", not_before=NOW + skew + timedelta(milliseconds=1))
+    with pytest.raises(UnknownKeyError, match="not valid before") as info:
         verify(KeyRing([key]), signer, signer.sign(DATA))
-    assert verify(KeyRing([key]), signer, signer.sign(DATA), at=NOW + timedelta(seconds=1))
+    assert info.value.key_id == key.key_id
+    assert verify(
+        KeyRing([key]), signer, signer.sign(DATA), received=NOW + timedelta(milliseconds=1)
+    )
 
 
-def test_key_is_invalid_from_not_after_on(make_key):
+def test_a_retired_key_verifies_what_arrives_within_its_grace_and_nothing_after(make_key):
     signer, key = make_key("control", not_before=EPOCH, not_after=NOW)
     ring = KeyRing([key])
     signature = signer.sign(DATA)
-    assert verify(ring, signer, signature, at=NOW - timedelta(microseconds=1)) is key
-    for at in (NOW, NOW + timedelta(days=1)):
-        with pytest.raises(UnknownKeyError, match="not valid at"):
-            verify(ring, signer, signature, at=at)
+    end = NOW + RETIRED_KEY_GRACE
+    for received in (NOW - timedelta(days=1), NOW, end - timedelta(microseconds=1)):
+        assert verify(ring, signer, signature, received=received) is key
+    for received in (end, end + timedelta(days=365)):
+        with pytest.raises(UnknownKeyError, match="grace ended") as info:
+            verify(ring, signer, signature, received=received)
+        assert info.value.key_id == key.key_id
+        assert end.isoformat() in str(info.value)
+
+
+def test_the_grace_covers_the_longest_job_in_flight():
+    """An envelope lives an hour at most, its tool runs within that, its result is due 10 s
+    later, and the clocks may be 30 s apart: two hours and 40 seconds."""
+    assert RETIRED_KEY_GRACE == timedelta(hours=2, seconds=40)
+
+
+def test_a_revoked_key_verifies_nothing_received_from_its_revocation_on(make_key):
+    signer, key = make_key("tool.x", not_before=EPOCH, revoked_at=NOW)
+    ring = KeyRing([key])
+    signature = signer.sign(DATA)  # signed before the revocation, whatever it claims
+    assert verify(ring, signer, signature, received=NOW - timedelta(microseconds=1)) is key
+    for received in (NOW, NOW + timedelta(microseconds=1), NOW + timedelta(days=30)):
+        with pytest.raises(UnknownKeyError, match="was revoked at") as info:
+            verify(ring, signer, signature, received=received)
+        assert info.value.key_id == key.key_id
+
+
+def test_a_revoked_retired_key_has_no_grace_left(make_key):
+    retired = NOW - timedelta(minutes=10)
+    signer, key = make_key("control", not_before=EPOCH, not_after=retired, revoked_at=NOW)
+    assert verify(KeyRing([key]), signer, signer.sign(DATA), received=NOW - timedelta(seconds=1))
+    with pytest.raises(UnknownKeyError, match="revoked"):
+        verify(KeyRing([key]), signer, signer.sign(DATA), received=NOW)
+
+
+def test_merged_keeps_the_earliest_retirement_and_revocation():
+    _, key = ed25519_key("control", not_after=NOW, revoked_at=NOW)
+    later, earlier = NOW + timedelta(hours=1), NOW - timedelta(hours=1)
+    assert key.merged(not_after=later, revoked_at=later) == key
+    assert key.merged(not_after=None, revoked_at=None) == key
+    both = key.merged(not_after=earlier, revoked_at=earlier)
+    assert (both.not_after, both.revoked_at) == (earlier, earlier)
+    _, fresh = ed25519_key("control")
+    assert fresh.merged(not_after=None, revoked_at=NOW).revoked_at == NOW
+
+
+def test_with_key_leaves_the_ring_it_came_from_alone():
+    signer, key = ed25519_key("control")
+    ring = KeyRing([key])
+    revoked = key.merged(not_after=None, revoked_at=NOW)
+    other = ring.with_key(revoked)
+    assert ring.get(key.key_id) is key and other.get(key.key_id) is revoked
+    assert verify(ring, signer, signer.sign(DATA))
+    with pytest.raises(UnknownKeyError, match="revoked"):
+        verify(other, signer, signer.sign(DATA))
 
 
 @pytest.mark.parametrize(
@@ -309,7 +366,7 @@ def test_signer_signs_and_public_keys_verify(store, algorithm):
     assert signer.algorithm == algorithm
     assert signer.owner == "tool.x"
     ring = KeyRing(store.public_keys(with_secrets=True))
-    key = verify(ring, signer, signer.sign(DATA), at=datetime.now(UTC))
+    key = verify(ring, signer, signer.sign(DATA), received=datetime.now(UTC))
     assert key.key_id == signer.key_id
     # A second store over the same directory sees the same key.
     again = KeyStore(store.dir).signer("tool.x")
@@ -345,13 +402,10 @@ def test_hmac_keys_are_listed_only_with_secrets(store):
 
 
 @pytest.mark.parametrize("algorithm", ["ed25519", "hmac-sha256"])
-def test_rotation_keeps_old_signatures_verifiable(store, algorithm):
+def test_rotation_keeps_work_in_flight_verifiable_for_the_grace(store, algorithm):
     store.ensure("tool.x", algorithm)
     old = store.signer("tool.x")
     old_signature = old.sign(DATA)
-    old_key = {k.key_id: k for k in store.public_keys(with_secrets=True)}[old.key_id]
-    signed_at = old_key.not_before
-    time.sleep(0.002)  # the rotation must happen strictly after signed_at
 
     new_id = store.rotate("tool.x", algorithm)
     assert new_id != old.key_id
@@ -363,19 +417,21 @@ def test_rotation_keeps_old_signatures_verifiable(store, algorithm):
     assert len(ring) == 2
     closed = ring.get(old.key_id)
     assert closed is not None and closed.not_after is not None
-    assert closed.not_before <= signed_at < closed.not_after
-
-    # Signed before the rotation: still verifies.
-    assert verify(ring, old, old_signature, at=signed_at).key_id == old.key_id
-    # "Signed" by the old key after the rotation: refused.
-    after = datetime.now(UTC)
-    with pytest.raises(UnknownKeyError, match="not valid at"):
-        verify(ring, old, old.sign(DATA), at=after)
-    # The new key verifies now.
-    assert verify(ring, new, new.sign(DATA), at=after).key_id == new_id
-    # And the new key did not exist before the rotation.
-    with pytest.raises(UnknownKeyError):
-        verify(ring, new, new.sign(DATA), at=signed_at)
+    retired = closed.not_after
+    # What the old key signed verifies when it arrives within the grace after the rotation.
+    end = retired + RETIRED_KEY_GRACE
+    assert verify(ring, old, old_signature, received=retired).key_id == old.key_id
+    assert verify(ring, old, old_signature, received=end - timedelta(microseconds=1))
+    # And nothing it signs (or signed) arrives in time after that, whatever it claims.
+    with pytest.raises(UnknownKeyError, match="grace ended"):
+        verify(ring, old, old.sign(DATA), received=end)
+    # The new key verifies from its creation on (less the clock skew), not before.
+    new_key = ring.get(new_id)
+    assert new_key is not None and new_key.not_after is None
+    assert verify(ring, new, new.sign(DATA), received=end).key_id == new_id
+    before = new_key.not_before - timedelta(seconds=CLOCK_SKEW_S + 1)
+    with pytest.raises(UnknownKeyError, match="not valid before"):
+        verify(ring, new, new.sign(DATA), received=before)
 
 
 def test_rotation_of_one_owner_leaves_others_alone(store):
