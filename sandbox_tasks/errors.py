@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from toolplane.errors import ToolplaneError
 
-# Error codes of the public contract (DESIGN.md).
+# Error codes of the public contract (docs/orchestration.md lists them).
 ERROR_CODES = (
     "invalid_argument",
     "path_outside_root",
