@@ -93,6 +93,7 @@ class Governance:
     queue_wait_s: int
     manifests: Callable[[Session, str], dict[str, Any] | None]
     entitlements: EntitlementStore | None  # None where no Redis is configured
+    classifications: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
 
 
 @dataclass
@@ -405,7 +406,10 @@ def decide_node(
             role=submitter.role,
             tool=node.tool,
             environment=run.environment,
-            classification=run.classification,
+            # the run's, raised by the bundle's labels on the data this call reads
+            classification=gov.engine.bundle.labels.classify(
+                node.tool, node.args, run.classification, gov.classifications
+            ),
             workflow=run.workflow,
             args=node.args,
             on_behalf_of=run.on_behalf_of,

@@ -225,6 +225,7 @@ class ControlPlane:
                                 "log_only": sorted(
                                     p.id for p in bundle.policies.values() if p.mode == "log_only"
                                 ),
+                                "labels": bundle.labels.as_dict(),
                                 "plans": {
                                     name: plan.as_dict()
                                     for name, plan in bundle.plans.plans.items()
@@ -255,6 +256,7 @@ class ControlPlane:
             queue_wait_s=self.settings.queue_wait_s,
             manifests=self.manifest,
             entitlements=self.entitlements,
+            classifications=self.settings.classification_order,
         )
 
     # -- tool manifests ------------------------------------------------------------

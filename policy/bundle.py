@@ -28,6 +28,7 @@ import cedarpy
 from policy.constraints import ConstraintSet, load_constraints
 from policy.entitlements import EntitlementPlans, load_plans
 from policy.errors import BundleError
+from policy.labels import DataLabels, load_labels
 from toolplane.canonical import digest, sha256_hex
 
 POLICY_SUFFIX = ".cedar"
@@ -78,6 +79,7 @@ class PolicyBundle:
     schema: cedarpy.Schema
     constraints: ConstraintSet
     plans: EntitlementPlans = field(default_factory=EntitlementPlans)
+    labels: DataLabels = field(default_factory=DataLabels)
 
     @property
     def has_log_only(self) -> bool:
@@ -174,7 +176,7 @@ def load_bundle(path: Path) -> PolicyBundle:
         raise BundleError(f"cannot parse schema: {e}", path=path) from e
 
     enforced = [c for c, i in by_cedar_id.items() if i.mode == "enforce"]
-    constraints, plans = load_constraints(path), load_plans(path)
+    constraints, plans, labels = load_constraints(path), load_plans(path), load_labels(path)
     try:
         unchanged = bundle_files(path) == files
     except OSError:
@@ -196,6 +198,7 @@ def load_bundle(path: Path) -> PolicyBundle:
         schema=schema,
         constraints=constraints,
         plans=plans,
+        labels=labels,
     )
 
 

@@ -427,3 +427,33 @@ def test_health_and_the_openapi_document(stack: Stack, http: httpx.Client) -> No
     assert document["openapi"].startswith("3.1")
     assert "/v1/runs/{run_id}/events" in document["paths"]
     assert document["components"]["schemas"]["Problem"]["properties"]["code"]
+
+
+def test_data_labels_raise_a_calls_classification(stack: Stack, http: httpx.Client) -> None:
+    """The bundle's labels.json: config/* is confidential, secrets/* restricted, whatever the
+    caller says; the decision records the classification it was made at."""
+    admin = bearer(stack.tenant())
+    secret = http.post(
+        "/v1/calls",
+        json={
+            "tool": "read_repo_file",
+            "args": {"path": "secrets/token.txt"},
+            "classification": "public",
+        },
+        headers=admin,
+    ).json()
+    assert secret["status"] == "denied"
+    assert "no-restricted-data" in secret["nodes"][0]["error"]["message"]
+    config = http.post(
+        "/v1/calls",
+        json={"tool": "read_repo_file", "args": {"path": "config/app.toml"}, "environment": "prod"},
+        headers=admin,
+    ).json()
+    assert config["status"] == "denied"
+    assert "no-confidential-repo-reads-in-prod" in config["nodes"][0]["error"]["message"]
+    decisions = [
+        e["payload"]
+        for e in http.get(f"/v1/runs/{config['run_id']}/evidence", headers=admin).json()
+        if e["kind"] == "PolicyDecision"
+    ]
+    assert decisions[0]["request"]["classification"] == "confidential"

@@ -60,6 +60,7 @@ def test_version_is_sha256_hex_and_stable():
         "safe-paths.cedar",
         "schema.cedarschema",
         "entitlements.json",
+        "labels.json",
         "tests/shipped.json",
     }
 

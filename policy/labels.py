@@ -1,0 +1,94 @@
+"""Data labels: the classification an operator puts on the data that calls read.
+
+``labels.json`` in a bundle (optional; part of the bundle's version, so a change
+is a new version, recorded like any other):
+
+    {"rules": [
+      {"tool": "read_repo_file", "arg": "path", "glob": "secrets/*",
+       "classification": "restricted"},
+      {"tool": "search_docs", "classification": "confidential"}
+    ]}
+
+A rule without ``arg`` labels everything the tool reads (its data root); with
+``arg`` and ``glob`` it labels the calls whose string argument matches the glob
+(``fnmatch``, case-sensitive, on the argument as given: the bundle's path rules
+see the same string). Labels only raise a call's classification: the call is
+decided at the strictest of what the run says and every rule that matches, in
+the deployment's order of classifications.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from policy.errors import BundleError
+from toolplane.errors import first_problem
+
+FILE = "labels.json"
+
+__all__ = ["DataLabels", "load_labels"]
+
+
+class _Rule(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    tool: str = Field(min_length=1, max_length=63)
+    arg: str | None = Field(default=None, min_length=1, max_length=100)
+    glob: str | None = Field(default=None, min_length=1, max_length=500)
+    classification: str = Field(min_length=1, max_length=40)
+
+    @model_validator(mode="after")
+    def _arg_and_glob(self) -> _Rule:
+        if (self.arg is None) != (self.glob is None):
+            raise ValueError("arg and glob go together (or neither, for the whole tool)")
+        return self
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    rules: list[_Rule] = Field(default_factory=list, max_length=1000)
+
+
+@dataclass(frozen=True)
+class DataLabels:
+    rules: tuple[_Rule, ...] = ()
+
+    def classify(
+        self, tool: str, args: dict[str, Any], floor: str, order: tuple[str, ...]
+    ) -> str:
+        """The strictest of ``floor`` and every label that matches this call."""
+        rank = {name: i for i, name in enumerate(order)}
+        strictest = floor
+        for rule in self.rules:
+            if rule.tool not in (tool, "*"):
+                continue
+            if rule.arg is not None:
+                value = args.get(rule.arg)
+                if not isinstance(value, str) or not fnmatchcase(value, str(rule.glob)):
+                    continue
+            # a label the order does not know is the strictest there is: never laxer
+            if rank.get(rule.classification, len(order)) > rank.get(strictest, -1):
+                strictest = rule.classification
+        return strictest
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rules": [r.model_dump(exclude_none=True) for r in self.rules]}
+
+
+def load_labels(bundle: Path) -> DataLabels:
+    path = bundle / FILE
+    if not path.exists():
+        return DataLabels()
+    try:
+        parsed = _File.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:
+        if isinstance(e, ValidationError):
+            where, rule = first_problem(e, where="labels")
+            raise BundleError(f"{FILE}: {where}: {rule}", path=path) from e
+        raise BundleError(f"{FILE}: {e}", path=path) from e
+    return DataLabels(tuple(parsed.rules))
