@@ -93,6 +93,7 @@ def up(
     from control import processes
     from control.embedded import embedded_acl_summary, embedded_broker_urls, start_embedded
     from control.runtime import ControlPlane
+    from control.runtime_database import ensure_runtime_url
     from ledger.migrate import upgrade
     from sandbox_tasks.registry import load_tools
 
@@ -114,10 +115,18 @@ def up(
     plane = ControlPlane(settings, broker_url=str(broker), database_url=str(database))
     plane.check_database()
     upgrade(plane.engine)
+    runtime_url, role = ensure_runtime_url(settings, plane.engine)
+    console.print(f"the control connects as database role {role.name}")
     plane.keystore.ensure_all(sorted(tools), receipt_algorithm=settings.receipt_algorithm)
     plane.sync_keys()
     plane.policy  # noqa: B018 - validate the bundle before starting anything
-    specs = processes.plan_processes(plane, workers=counts, flower=flower, broker_urls=broker_urls)
+    specs = processes.plan_processes(
+        plane,
+        workers=counts,
+        flower=flower,
+        runtime_database_url=runtime_url,
+        broker_urls=broker_urls,
+    )
     processes.start_processes(settings.home, specs)
     try:
         processes.wait_ready(plane, sorted(counts))
@@ -251,15 +260,20 @@ def worker(
 @app.command()
 @handled
 def migrate() -> None:
-    """Create or upgrade the ledger's tables (operator command, on the control host)."""
+    """Create or upgrade the ledger's tables, then grant the control's database role
+    (operator command, on the control host)."""
+    from control.runtime_database import ensure_runtime_url
     from ledger.migrate import current_revision, upgrade
 
     plane = _plane()
     plane.check_database()
     upgrade(plane.engine)
+    _, role = ensure_runtime_url(plane.settings, plane.engine)
     if plane.keystore.entries():
         plane.sync_keys()
     console.print(f"ledger at revision {current_revision(plane.engine)}")
+    made = "created, " if role.created else ""
+    console.print(f"runtime role {role.name}: {made}granted on {len(role.tables)} tables")
 
 
 # -- keys --------------------------------------------------------------------------

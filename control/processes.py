@@ -3,7 +3,8 @@
 Each process is started detached (its own session, output to
 ``$TOOLPLANE_HOME/logs/<name>.log``) and recorded in ``$TOOLPLANE_HOME/run/processes.json``
 so that ``down`` (from any shell) stops exactly what ``up`` started. Workers get
-no database URL: the sandbox plane holds no database credentials.
+no database URL: the sandbox plane holds no database credentials. The control process
+gets the runtime role's URL (control.runtime_database), never the owner's.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def plan_processes(
     *,
     workers: dict[str, int],
     flower: bool,
+    runtime_database_url: str,
     base_env: dict[str, str] | None = None,
     broker_urls: Mapping[str, str] | None = None,
 ) -> list[ProcessSpec]:
@@ -126,6 +128,8 @@ def plan_processes(
 
     ``broker_urls`` gives a process (``control``, ``worker-<tool>``, ``flower``) its own broker
     URL, i.e. its own ACL user (control.brokeracl); a process not in it gets the control's.
+    ``runtime_database_url`` is the control's database URL: the runtime role's, which may
+    append evidence but not change it (control.runtime_database), not ``plane``'s owner URL.
     """
     urls = broker_urls or {}
     settings = plane.settings
@@ -157,7 +161,7 @@ def plan_processes(
             {
                 **common,
                 **api_env(settings),
-                "TOOLPLANE_DATABASE_URL": plane.database_url,
+                "TOOLPLANE_DATABASE_URL": runtime_database_url,
                 "TOOLPLANE_BROKER_URL": urls.get("control", plane.broker_url),
             },
         )

@@ -22,6 +22,11 @@ class Settings(BaseSettings):
 
     broker_url: str | None = Field(default=None, description="kombu broker URL; embedded if unset")
     database_url: str | None = Field(default=None, description="PostgreSQL URL; embedded if unset")
+    runtime_database_url: str | None = Field(
+        default=None,
+        description="the control processes' PostgreSQL URL (a role the deployment made); "
+        "if unset, migrate and up make <database>_runtime",
+    )
     redis_url: str | None = Field(
         default=None, description="Redis for entitlements; defaults to a Redis broker's URL"
     )
