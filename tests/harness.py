@@ -26,6 +26,7 @@ import psutil
 import psycopg
 import pytest
 import redis
+from psycopg import sql
 from sqlalchemy.engine import make_url
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,8 +80,13 @@ class Services:
                 redis.Redis.from_url(f"{base}/{db}").flushdb()
             except redis.RedisError:
                 pass
+        from ledger.roles import runtime_role_name
+
         with psycopg.connect(_libpq(self.admin_url), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+            # the stacks' runtime role (control.runtime_database): its grants went with the database
+            role = sql.Identifier(runtime_role_name(self.database))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role))
         if self.embedded_home is not None:
             from control.embedded import stop_embedded
 
@@ -127,11 +133,15 @@ def start_services(tmp: Path) -> Services:
 
 @dataclass
 class Stack:
-    """A running control process and one worker per tool, on the test services."""
+    """A running control process and one worker per tool, on the test services.
+
+    The control process connects as the runtime role (``runtime_url``); ``env`` and the
+    clients keep the owner's URL, to look into (and tamper with) the database."""
 
     services: Services
     home: Path
     env: dict[str, str]
+    runtime_url: str = ""
     processes: list[dict[str, Any]] = field(default_factory=list)
     clients: list[Any] = field(default_factory=list)
     http_clients: list[Any] = field(default_factory=list)
@@ -258,7 +268,11 @@ class Stack:
                 database_url=self.env["TOOLPLANE_DATABASE_URL"],
             )
             specs = processes.plan_processes(
-                plane, workers=self.workers, flower=False, base_env=self.env
+                plane,
+                workers=self.workers,
+                flower=False,
+                runtime_database_url=self.runtime_url,
+                base_env=self.env,
             )
             plane.engine.dispose()
             self._supervisor = processes.Supervisor(self.home, specs)
@@ -380,12 +394,14 @@ def start_stack(
     extra_env: dict[str, str] | None = None,
     broker_urls: dict[str, str] | None = None,
 ) -> Stack:
-    """Keys, migrations, then the control process and workers, as `toolplane up` does.
+    """Keys, migrations, the runtime role, then the control process and workers, as
+    `toolplane up` does.
 
     ``broker_urls``: each process's own broker URL (its ACL user), as control.processes takes.
     """
     from control import processes
     from control.runtime import ControlPlane
+    from control.runtime_database import ensure_runtime_url
     from ledger.migrate import upgrade
     from sandbox_tasks.registry import load_tools
 
@@ -396,13 +412,19 @@ def start_stack(
         settings, broker_url=services.redis_url, database_url=services.database_url
     )
     upgrade(plane.engine)
+    stack.runtime_url, _ = ensure_runtime_url(settings, plane.engine)
     tools = sorted(load_tools(settings.extra_tool_modules))
     plane.keystore.ensure_all(tools, receipt_algorithm=settings.receipt_algorithm)
     plane.sync_keys()
     counts = workers or {t: 1 for t in tools}
     stack.workers = counts
     specs = processes.plan_processes(
-        plane, workers=counts, flower=False, base_env=env, broker_urls=broker_urls
+        plane,
+        workers=counts,
+        flower=False,
+        runtime_database_url=stack.runtime_url,
+        base_env=env,
+        broker_urls=broker_urls,
     )
     stack.processes = processes.start_processes(home, specs)
     try:

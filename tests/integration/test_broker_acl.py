@@ -182,6 +182,7 @@ def test_flower_sees_every_worker_and_its_tasks_and_resizes_a_pool(
             plane,
             workers={},
             flower=True,
+            runtime_database_url=acl_stack.runtime_url,
             base_env=acl_stack.env,
             broker_urls=acl_stack.broker_urls,  # type: ignore[attr-defined]
         )

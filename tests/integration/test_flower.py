@@ -53,7 +53,13 @@ def test_flower_requires_auth_and_shows_tools(stack: Stack, token: str) -> None:
     )
     spec = next(
         s
-        for s in processes.plan_processes(plane, workers={}, flower=True, base_env=stack.env)
+        for s in processes.plan_processes(
+            plane,
+            workers={},
+            flower=True,
+            runtime_database_url=stack.runtime_url,
+            base_env=stack.env,
+        )
         if s.name == "flower"
     )
     assert "--address=127.0.0.1" in spec.argv
