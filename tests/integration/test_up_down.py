@@ -11,8 +11,10 @@ from pathlib import Path
 import psutil
 import pytest
 from celery import Celery
+from sqlalchemy.engine import make_url
 
 import celeryconfig
+from ledger.roles import runtime_role_name
 from tests.harness import REPO, Services, Stack, make_env, wait_for
 
 pytestmark = pytest.mark.integration
@@ -47,10 +49,14 @@ def test_up_and_down_with_external_services(services: Services, tmp_path: Path) 
             "worker-search_docs",
             "worker-lint_python",
         }
-        # workers never get the database URL
+        # workers never get the database URL; the control gets the runtime role's
+        role = runtime_role_name(services.database)
+        assert f"the control connects as database role {role}" in up.stdout
         for entry in entries:
             environ = psutil.Process(entry["pid"]).environ()
             assert ("TOOLPLANE_DATABASE_URL" in environ) == (entry["name"] == "control")
+            if entry["name"] == "control":
+                assert make_url(environ["TOOLPLANE_DATABASE_URL"]).username == role
         token = json.loads(cli("tenant", "create", "updown", "--json").stdout)["token"]
         env["TOOLPLANE_TOKEN"] = token
         called = cli("call", "read_repo_file", "--arg", "path=README.md", "--wait", "--json")
