@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from ledger.migrate import upgrade
 from ledger.models import EvidenceEvent
 from ledger.roles import RUNTIME_GRANTS, RuntimeRoleError, runtime_role_name
 from ledger.store import append_events
-from tests.harness import Services, Stack, _libpq, wait_for
+from tests.harness import REPO, Services, Stack, _libpq, wait_for
 from toolplane.errors import SettingsError
 from toolplane.settings import Settings
 
@@ -330,20 +332,40 @@ def test_a_named_runtime_url_creates_nothing(fresh: Engine, tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(180)
-def test_the_runtime_url_works_on_the_embedded_postgresql() -> None:
-    from control.embedded import start_embedded, stop_embedded
+def test_the_compose_init_file_then_migrate_then_the_runtime_url_on_embedded_postgresql() -> None:
+    """On a cluster of its own: docker/'s init file makes the role, migrate (named URL)
+    grants it, the control's URL works over the socket; then `up`'s way finds it made."""
+    from control.embedded import _package_dir, start_embedded, stop_embedded
 
     home = Path(tempfile.mkdtemp(prefix="tproles"))
     try:
         urls = start_embedded(home)
+        owner_url = make_url(urls.database_url)
+        (home / "runtime_password").write_text("from-the-secret-file\n")
+        psql = _package_dir("pgserver") / "pginstall" / "bin" / "psql"
+        init = REPO / "docker" / "postgres" / "10-runtime-role.sql"
+        done = subprocess.run(
+            [str(psql), "-X", "-q", "-h", str(owner_url.query["host"]), "-U", "postgres"]
+            + ["-d", "toolplane", "-f", str(init)],
+            env={
+                "PATH": os.environ["PATH"],
+                "RUNTIME_PASSWORD_FILE": str(home / "runtime_password"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
         owner = create_engine(urls.database_url)
         try:
             upgrade(owner)
-            url, role = ensure_runtime_url(settings_for(home), owner)
-            assert (
-                role.name == "toolplane_runtime"
-                and make_url(url).query == make_url(urls.database_url).query
+            assert scram_verifies(verifier_of(owner, "toolplane_runtime"), "from-the-secret-file")
+            named = owner_url.set(username="toolplane_runtime", password="from-the-secret-file")
+            url, role = ensure_runtime_url(
+                settings_for(home, named.render_as_string(hide_password=False)), owner
             )
+            assert not role.created and make_url(url).query == owner_url.query
             runtime = create_engine(url)
             try:
                 with Session(runtime) as session:
@@ -355,6 +377,10 @@ def test_the_runtime_url_works_on_the_embedded_postgresql() -> None:
                     conn.execute(text("DELETE FROM evidence_events"))
             finally:
                 runtime.dispose()
+            derived, again = ensure_runtime_url(settings_for(home), owner)  # as `up` does
+            assert again.name == "toolplane_runtime" and not again.created
+            with connect(derived) as conn:
+                assert conn.execute("SELECT current_user").fetchone() == ("toolplane_runtime",)
         finally:
             owner.dispose()
     finally:

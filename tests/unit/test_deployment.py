@@ -191,10 +191,16 @@ def test_no_secret_in_a_service_environment_or_command(name):
 
 
 def test_secrets_are_files_and_only_control_and_migrate_get_the_database():
+    """migrate holds the owner's URL, the control the runtime role's: no one holds both."""
     for name, secret in COMPOSE["secrets"].items():
         assert set(secret) == {"file"}, f"{name}: a file, not an environment variable"
-    holders = {name for name, s in SERVICES.items() if "database_url" in secrets_of(s)}
-    assert holders == {"control", "migrate"}
+    target = "/run/secrets/env/TOOLPLANE_DATABASE_URL"
+    for source, holder in (("database_url", "migrate"), ("database_url_runtime", "control")):
+        holders = {name for name, s in SERVICES.items() if source in secrets_of(s)}
+        assert holders == {holder}, source
+        assert secrets_of(SERVICES[holder])[source] == target
+    files = {COMPOSE["secrets"][s]["file"] for s in ("database_url", "database_url_runtime")}
+    assert len(files) == 2, "two secrets, one file"
     control_keys = {k for k in secrets_of(SERVICES["control"]) if k.startswith("key_")}
     assert control_keys == {"key_control"}
 
