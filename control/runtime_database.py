@@ -38,29 +38,45 @@ def password_path(home: Path, role: str) -> Path:
 def runtime_password(home: Path, role: str) -> str:
     """The role's password: generated the first time, then read from the same file."""
     path = password_path(home, role)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        password = path.read_text(encoding="utf-8").strip()
-        if not password:
-            raise SettingsError(
-                f"{path} is empty; delete it and run `toolplane migrate` again (a new "
-                "password is set then)",
-                setting="TOOLPLANE_HOME",
-            ) from None
-        return password
+        return _read_password(path)
+    except OSError as e:
+        raise _unkept(path, e) from e
     password = secrets.token_urlsafe(32)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(password + "\n")
     return password
 
 
-def _named(settings: Settings, owner: URL) -> URL | None:
-    if not settings.runtime_database_url:
-        return None
+def _read_password(path: Path) -> str:
     try:
-        named = make_url(settings.runtime_database_url)
+        password = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise _unkept(path, e) from e
+    if not password:
+        raise SettingsError(
+            f"{path} is empty; delete it and run `toolplane migrate` again (a new "
+            "password is set then)",
+            setting="TOOLPLANE_HOME",
+        )
+    return password
+
+
+def _unkept(path: Path, error: OSError) -> SettingsError:
+    return SettingsError(
+        f"cannot keep the runtime role's password in {path} ({error.strerror}); make it "
+        f"readable and writable, or create the role yourself and set {SETTING}",
+        setting="TOOLPLANE_HOME",
+    )
+
+
+def _named_role(url: str, owner: URL) -> str:
+    """The role a deployment's runtime URL names, checked against the owner's URL."""
+    try:
+        named = make_url(url)
     except ArgumentError as e:
         raise SettingsError(f"not a database URL ({e})", setting=SETTING) from e
     if not named.username:
@@ -71,17 +87,16 @@ def _named(settings: Settings, owner: URL) -> URL | None:
             "both must be the same database",
             setting=SETTING,
         )
-    return named
+    return named.username
 
 
 def ensure_runtime_url(settings: Settings, engine: Engine) -> tuple[str, RuntimeRole]:
     """The control's database URL, and what was done to its role; ``engine`` is the owner's."""
     owner = engine.url
-    named = _named(settings, owner)
-    if named is not None:
-        assert named.username is not None
-        role = ensure_runtime_role(engine, role=named.username, password=None)
-        return settings.runtime_database_url or "", role
+    if settings.runtime_database_url:
+        name = _named_role(settings.runtime_database_url, owner)
+        role = ensure_runtime_role(engine, role=name, password=None)
+        return settings.runtime_database_url, role
     if not owner.database:
         raise SettingsError("names no database", setting="TOOLPLANE_DATABASE_URL")
     name = runtime_role_name(owner.database)

@@ -79,6 +79,9 @@ def test_the_password_is_made_once_and_kept_private(tmp_path: Path) -> None:
     path.write_text("\n")
     with pytest.raises(SettingsError, match="is empty; delete it"):
         runtime_password(tmp_path, "tp_runtime")
+    (tmp_path / "file").write_text("")  # a HOME that cannot hold it (read-only, say)
+    with pytest.raises(SettingsError, match="TOOLPLANE_HOME: cannot keep the runtime role"):
+        runtime_password(tmp_path / "file", "tp_runtime")
 
 
 @pytest.mark.parametrize(
