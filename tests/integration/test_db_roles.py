@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from control.runtime_database import ensure_runtime_url, password_path
 from ledger.chain import NewEvent
+from ledger.db import normalize_url
 from ledger.migrate import upgrade
 from ledger.models import EvidenceEvent
 from ledger.roles import RUNTIME_GRANTS, RuntimeRoleError, runtime_role_name
@@ -101,7 +102,7 @@ def test_what_the_runtime_role_may_do_it_can(runtime: psycopg.Connection) -> Non
 
 
 def test_the_runtime_role_appends_evidence(stack: Stack, runtime: psycopg.Connection) -> None:
-    engine = create_engine(stack.runtime_url)
+    engine = create_engine(normalize_url(stack.runtime_url))
     try:
         with Session(engine) as session:
             assert session.scalar(text("SELECT current_user")) == runtime_role_name(
@@ -187,7 +188,8 @@ def fresh(services: Services) -> Iterator[Engine]:
     name = f"tp_roles_{secrets.token_hex(5)}"
     with connect(services.admin_url) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    engine = create_engine(make_url(services.admin_url).set(database=name))
+    url = make_url(services.admin_url).set(database=name)
+    engine = create_engine(normalize_url(url.render_as_string(hide_password=False)))
     upgrade(engine)
     try:
         yield engine
