@@ -101,7 +101,9 @@ def test_what_the_runtime_role_may_do_it_can(runtime: psycopg.Connection) -> Non
         runtime.execute("DELETE FROM tenants WHERE false")  # tenants are the operator's
 
 
-def test_the_runtime_role_appends_evidence(stack: Stack, runtime: psycopg.Connection) -> None:
+def test_the_runtime_role_appends_evidence(stack: Stack, token: str) -> None:
+    tenant = stack.client(token).identity.tenant_id  # a fresh tenant's chain: no one else's
+    payload = {"problem": "appended by test_db_roles as the runtime role"}
     engine = create_engine(normalize_url(stack.runtime_url))
     try:
         with Session(engine) as session:
@@ -109,7 +111,7 @@ def test_the_runtime_role_appends_evidence(stack: Stack, runtime: psycopg.Connec
                 stack.services.database
             )
             ((chain, seq),) = append_events(
-                session, [NewEvent("PolicyBundleRefused", {"problem": "a test"})]
+                session, [NewEvent("PolicyBundleRefused", payload, tenant_id=tenant)]
             )
             session.commit()
             row = session.scalar(
@@ -117,19 +119,20 @@ def test_the_runtime_role_appends_evidence(stack: Stack, runtime: psycopg.Connec
                     EvidenceEvent.chain_id == chain, EvidenceEvent.seq == seq
                 )
             )
-            assert row is not None and row.payload == {"problem": "a test"}
+            assert row is not None and row.payload == payload
     finally:
         engine.dispose()
+    assert stack.client(token).verify_ledger().ok  # the chain it extended still verifies
 
 
 def test_the_control_connects_as_the_runtime_role(stack: Stack) -> None:
     role = runtime_role_name(stack.services.database)
     control = psutil.Process(stack.pid("control"))
     assert make_url(control.environ()["TOOLPLANE_DATABASE_URL"]).username == role
+    if make_url(stack.runtime_url).query.get("host"):
+        pytest.skip("PostgreSQL on a unix socket: its sessions cannot be matched to a pid")
     port = make_url(stack.runtime_url).port or 5432
     with connect(stack.services.database_url) as owner:
-        if make_url(stack.runtime_url).query.get("host"):
-            pytest.skip("PostgreSQL on a unix socket: its sessions cannot be matched to a pid")
 
         def sessions() -> dict[int, str]:
             ours = {
