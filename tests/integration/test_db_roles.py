@@ -71,6 +71,8 @@ EVIDENCE_OWNER = "must be owner of table evidence_events"
         ("DROP TRIGGER evidence_events_no_update_delete ON evidence_events",
          "must be owner of relation evidence_events"),
         ("DROP TABLE evidence_events", EVIDENCE_OWNER),
+        ("ALTER TABLE signing_keys DISABLE TRIGGER signing_keys_keep_revocation",
+         "must be owner of table signing_keys"),  # no un-revoking a key around it
         ("DROP TABLE chain_heads", "must be owner of table chain_heads"),
         ("CREATE OR REPLACE FUNCTION evidence_events_append_only() RETURNS trigger"
          " LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$",
