@@ -58,9 +58,7 @@ class _File(BaseModel):
 class DataLabels:
     rules: tuple[_Rule, ...] = ()
 
-    def classify(
-        self, tool: str, args: dict[str, Any], floor: str, order: tuple[str, ...]
-    ) -> str:
+    def classify(self, tool: str, args: dict[str, Any], floor: str, order: tuple[str, ...]) -> str:
         """The strictest of ``floor`` and every label that matches this call."""
         rank = {name: i for i, name in enumerate(order)}
         strictest = floor
