@@ -28,7 +28,7 @@ check: install
 	$(PY) -m control.cli policy test policy/bundles/default
 
 demo: install
-	$(PY) -m control.demo
+	$(PY) -m control.ops.demo
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PIP) install -e ".[test,bench]"

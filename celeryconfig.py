@@ -36,7 +36,7 @@ def unacked_keys(owner: str) -> dict[str, str]:
 
     kombu shares ``unacked``, ``unacked_index`` and ``unacked_mutex`` between every consumer of a
     Redis database; keys of their own let the broker's ACL keep each tool's workers to theirs
-    (control.brokeracl). A message held by a dead worker is restored by the next consumer of the
+    (control.broker.acl). A message held by a dead worker is restored by the next consumer of the
     same keys: another worker of that tool, or the same one started again.
     """
     return {

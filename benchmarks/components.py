@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.progress import Progress
 from rich.table import Table
 
-from control.dispatch import sign_envelope
+from control.orchestration.dispatch import sign_envelope
 from ledger.chain import NewEvent
 from ledger.receipts import check_result_message
 from ledger.store import append_events

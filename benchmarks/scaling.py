@@ -101,7 +101,7 @@ def resize(app: Any, worker: str, size: int) -> dict[str, Any]:
 
 def probe_loop(settings: Any, tool: str, every_s: float, stop: Any, out: Any) -> None:
     """Call ``tool`` one call at a time until ``stop``; put (start, end, ms) on ``out``."""
-    from control.operations import Operations as Client
+    from control.orchestration.operations import Operations as Client
 
     client = Client.from_env(settings)
     try:

@@ -13,7 +13,7 @@ replaces itself with the program named. Only ``TOOLPLANE_*`` and ``FLOWER_*`` ma
 be set this way, and a variable that is also set in the container's environment
 is refused rather than silently overridden. Not ``CELERY_BROKER_URL``: Celery
 prefers it to any app's configured broker, so it would replace the process's own
-broker user (control.brokeracl) with whatever it held.
+broker user (control.broker.acl) with whatever it held.
 
 The program is one of a fixed set, run from the image's venv. Exit code 2 and
 one line on stderr for anything refused.

@@ -7,7 +7,7 @@ It looks at what PID 1 runs (``/proc/1/cmdline``) and asks that process itself:
   heartbeat (``$TOOLPLANE_HOME/scratch/heartbeat.TOOL``, every 2 s; see
   sandbox_tasks.worker.heartbeat_path): the broker answers, the credentials work and
   the worker's event loop runs. Not a Celery ping of its node: that user may not
-  broadcast remote control nor read the replies (control.brokeracl).
+  broadcast remote control nor read the replies (control.broker.acl).
 - ``toolplane control``: a Celery remote-control ping of ``control@<hostname>``
   (the reply comes from its consumer loop over the broker, so it proves a live
   process), and ``select 1`` on the database.

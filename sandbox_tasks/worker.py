@@ -175,7 +175,7 @@ def build_worker_app(
     )
     app.conf.task_default_queue = queue
     # A pidbox queue without x-expires: the worker then runs none of kombu's binding scripts,
-    # and its broker user needs no write on shared binding tables (control.brokeracl).
+    # and its broker user needs no write on shared binding tables (control.broker.acl).
     app.conf.control_queue_expires = None
     # The control declares the queues; a worker's broker user may not write their bindings.
     app.conf.task_queues = [

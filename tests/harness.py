@@ -84,11 +84,11 @@ class Services:
 
         with psycopg.connect(_libpq(self.admin_url), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-            # the stacks' runtime role (control.runtime_database): its grants went with the database
+            # the stacks' runtime role (control.ops.runtime_database): its grants went with the database
             role = sql.Identifier(runtime_role_name(self.database))
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role))
         if self.embedded_home is not None:
-            from control.embedded import stop_embedded
+            from control.ops.embedded import stop_embedded
 
             stop_embedded(self.embedded_home)
 
@@ -110,7 +110,7 @@ def start_services(tmp: Path) -> Services:
     admin = os.environ.get("TOOLPLANE_TEST_DATABASE_URL", DEFAULT_PG)
     embedded_home = None
     if not (_redis_ok(redis_base) and _pg_ok(admin)):
-        from control.embedded import start_embedded
+        from control.ops.embedded import start_embedded
 
         embedded_home = Path(tmp) / "embedded"
         urls = start_embedded(embedded_home)
@@ -189,7 +189,7 @@ class Stack:
     def client(self, token: str) -> Any:
         """The control's operations for ``token``, in this process (for tests of the
         control's logic that also look into its database through ``.plane``)."""
-        from control.operations import Operations as Client
+        from control.orchestration.operations import Operations as Client
 
         client = Client.from_env(self.settings(token))
         self.clients.append(client)
@@ -210,7 +210,7 @@ class Stack:
     def tenant(self, name: str | None = None) -> str:
         """A new tenant; returns its admin token (in process: `tenant create` has its own tests,
         and a CLI process per test costs seconds)."""
-        from control.auth import create_tenant
+        from control.governance.auth import create_tenant
 
         name = name or f"t-{secrets.token_hex(4)}"
         if self._sessions is None:
@@ -251,7 +251,7 @@ class Stack:
 
     def start_missing(self) -> None:
         """Start again whatever of the stack is not running (now, without any backoff)."""
-        from control import processes
+        from control.ops import processes
 
         self.processes = processes.start_processes(self.home, self.supervisor.specs)
 
@@ -259,8 +259,8 @@ class Stack:
     def supervisor(self) -> Any:
         """The stack's supervisor (`toolplane up` runs the same in the foreground)."""
         if self._supervisor is None:
-            from control import processes
-            from control.runtime import ControlPlane
+            from control.ops import processes
+            from control.ops.runtime import ControlPlane
 
             plane = ControlPlane(
                 self.settings(),
@@ -397,11 +397,11 @@ def start_stack(
     """Keys, migrations, the runtime role, then the control process and workers, as
     `toolplane up` does.
 
-    ``broker_urls``: each process's own broker URL (its ACL user), as control.processes takes.
+    ``broker_urls``: each process's own broker URL (its ACL user), as control.ops.processes takes.
     """
-    from control import processes
-    from control.runtime import ControlPlane
-    from control.runtime_database import ensure_runtime_url
+    from control.ops import processes
+    from control.ops.runtime import ControlPlane
+    from control.ops.runtime_database import ensure_runtime_url
     from ledger.migrate import upgrade
     from sandbox_tasks.registry import load_tools
 
@@ -437,7 +437,7 @@ def start_stack(
 
 
 def stop_stack(stack: Stack) -> None:
-    from control.processes import stop_processes
+    from control.ops.processes import stop_processes
 
     stop_processes(stack.home)
     for client in stack.clients:
@@ -461,7 +461,7 @@ def wait_for(predicate: Any, *, timeout: float = 30, interval: float = 0.1, what
 
 def require_redis7(why: str) -> tuple[str, str]:
     """The redis-server embedded mode would use, if it is Redis 7 (else skip; under CI, fail)."""
-    from control.embedded import _redis_binary
+    from control.ops.embedded import _redis_binary
 
     binary, version = _redis_binary()
     if int(version.split(".")[0]) < 7:

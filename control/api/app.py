@@ -17,7 +17,7 @@ from control.api.events import RunEventHub
 from control.api.models import Problem
 from control.api.problems import PROBLEMS, BodyLimit, install_problem_handlers
 from control.api.routes import catalog, governance, health, runs
-from control.runtime import ControlPlane
+from control.ops.runtime import ControlPlane
 
 __all__ = ["API_VERSION", "build_app"]
 

@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from control.auth import authenticate
-from control.operations import Operations
-from control.runtime import ControlPlane
+from control.governance.auth import authenticate
+from control.ops.runtime import ControlPlane
+from control.orchestration.operations import Operations
 
 __all__ = ["Caller", "Plane", "bearer", "caller"]
 

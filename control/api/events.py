@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from control.states import TERMINAL_RUN
+from control.orchestration.states import TERMINAL_RUN
 from ledger.models import Run, RunEvent
 
 log = logging.getLogger("toolplane.api.events")

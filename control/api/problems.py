@@ -19,7 +19,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.api.fields import api_field
-from control.approvals import ApprovalRefused
 from control.errors import (
     AuthError,
     Conflict,
@@ -30,6 +29,7 @@ from control.errors import (
     ServiceUnavailable,
     UsageError,
 )
+from control.governance.approvals import ApprovalRefused
 from toolplane.errors import ToolplaneError, first_problem
 
 log = logging.getLogger("toolplane.api")

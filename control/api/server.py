@@ -10,7 +10,7 @@ import uvicorn
 
 from control.api.app import build_app
 from control.errors import UsageError
-from control.runtime import ControlPlane
+from control.ops.runtime import ControlPlane
 from toolplane.settings import Settings
 
 __all__ = ["ApiServer", "api_url", "parse_bind", "serve_in_thread", "uvicorn_config"]

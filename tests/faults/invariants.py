@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from control.operations import Operations as Client
-from control.states import TERMINAL_RUN
+from control.orchestration.operations import Operations as Client
+from control.orchestration.states import TERMINAL_RUN
 from ledger.models import EvidenceEvent, Node, Run
 from tests.harness import Stack
 from toolplane.messages import job_id_for

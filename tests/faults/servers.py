@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 from sqlalchemy.engine import make_url
 
-from control.embedded import (
+from control.ops.embedded import (
     _alive,
     _free_port,
     _package_dir,
@@ -145,7 +145,7 @@ class DedicatedRedis:
 class DedicatedPostgres:
     """A PostgreSQL cluster under ``home``, reached over a unix socket whose path never changes.
 
-    The cluster is control.embedded's: as root it runs as the system user ``pgserver``
+    The cluster is control.ops.embedded's: as root it runs as the system user ``pgserver``
     (created on first use), because postgres refuses to run as root.
     """
 

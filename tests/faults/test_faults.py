@@ -19,9 +19,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from control.operations import Operations as Client
-from control.states import TERMINAL_RUN
-from control.workflows import WorkflowSpec, parse_workflow
+from control.orchestration.operations import Operations as Client
+from control.orchestration.states import TERMINAL_RUN
+from control.orchestration.workflows import WorkflowSpec, parse_workflow
 from ledger.models import EvidenceEvent, Node, Run
 from tests.faults.conftest import MakeFaultStack
 from tests.faults.invariants import check_invariants

@@ -9,8 +9,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from control.auth import Role
-from control.operations import Operations as Client
+from control.governance.auth import Role
+from control.orchestration.operations import Operations as Client
 from ledger.models import EvidenceEvent, OutboxMessage
 from tests.harness import Stack
 

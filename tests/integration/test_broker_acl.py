@@ -1,7 +1,7 @@
 """Least privilege at the broker, against a real Redis 7 started with our ACL file.
 
 A stack whose control, workers and Flower each connect as their own ACL user
-(control.brokeracl): every tool's worker serves its queue and returns results, Flower sees every
+(control.broker.acl): every tool's worker serves its queue and returns results, Flower sees every
 worker and its tasks and can resize a pool, and Redis denies nothing on the way (ACL LOG stays
 empty). Then each user is tried as an attacker who holds it would: another tool's queue, the
 results, the shared unacked keys, other tools' claims, remote-control broadcasts, the event
@@ -27,8 +27,9 @@ import pytest
 import redis
 from sqlalchemy.engine import make_url
 
-from control import brokeracl, processes
-from control.runtime import ControlPlane
+from control.broker import acl as brokeracl
+from control.ops import processes
+from control.ops.runtime import ControlPlane
 from sandbox_tasks.registry import load_tools
 from sandbox_tasks.worker import heartbeat_path
 from tests.harness import (

@@ -21,7 +21,7 @@ import pytest
 import redis
 from kombu.exceptions import OperationalError
 
-from control import brokeracl
+from control.broker import acl as brokeracl
 from sandbox_tasks.registry import load_tools
 from tests.harness import require_redis7, wait_for
 

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from control.runtime_database import ensure_runtime_url, password_path
+from control.ops.runtime_database import ensure_runtime_url, password_path
 from ledger.chain import NewEvent
 from ledger.db import normalize_url
 from ledger.migrate import upgrade
@@ -342,7 +342,7 @@ def test_a_named_runtime_url_creates_nothing(fresh: Engine, tmp_path: Path) -> N
 def test_the_compose_init_file_then_migrate_then_the_runtime_url_on_embedded_postgresql() -> None:
     """On a cluster of its own: docker/'s init file makes the role, migrate (named URL)
     grants it, the control's URL works over the socket; then `up`'s way finds it made."""
-    from control.embedded import _package_dir, start_embedded, stop_embedded
+    from control.ops.embedded import _package_dir, start_embedded, stop_embedded
 
     home = Path(tempfile.mkdtemp(prefix="tproles"))
     try:

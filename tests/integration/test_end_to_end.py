@@ -7,7 +7,7 @@ import json
 import pytest
 from sqlalchemy import select
 
-from control.operations import Operations as Client
+from control.orchestration.operations import Operations as Client
 from ledger.models import EvidenceEvent, OutboxMessage
 from tests.harness import REPO, Stack
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis
 
-from control.entitlements import EntitlementStore
 from control.errors import ServiceUnavailable
+from control.governance.entitlements import EntitlementStore
 from policy.entitlements import Plan
 from tests.harness import Services, Stack, wait_for
 from tests.integration.govern import bundle_with, client_on, evidence, outbox_rows
@@ -154,7 +154,7 @@ def plan_bundle(stack: Stack, token: str, tmp_path, name: str, plan: dict) -> An
 
 
 def _submit_many(settings: dict, start: Any, n: int) -> list[str]:
-    from control.operations import Operations as Client
+    from control.orchestration.operations import Operations as Client
     from toolplane.settings import Settings
 
     client = Client.from_env(Settings(**settings))
@@ -292,7 +292,7 @@ def test_redis_down_fails_closed(stack: Stack, token, tmp_path):
     settings = stack.settings(token).model_copy(
         update={"policy_dir": bundle, "redis_url": "redis://127.0.0.1:1/0"}
     )
-    from control.operations import Operations as Client
+    from control.orchestration.operations import Operations as Client
 
     client = Client.from_env(settings)
     stack.clients.append(client)
@@ -323,7 +323,7 @@ def test_a_call_cut_off_at_its_time_limit_is_charged(stack: Stack, token, tmp_pa
 def test_a_dispatch_that_fails_before_commit_gives_its_reservation_back(
     stack: Stack, token, tmp_path, monkeypatch
 ):
-    import control.intake
+    import control.orchestration.intake
 
     bundle = plan_bundle(stack, token, tmp_path, "p", {"daily_calls": 5})
     client = client_on(stack, token, bundle)
@@ -332,7 +332,7 @@ def test_a_dispatch_that_fails_before_commit_gives_its_reservation_back(
     def broken(*args, **kwargs):
         raise RuntimeError("outbox unavailable")
 
-    monkeypatch.setattr(control.intake, "stage_job", broken)
+    monkeypatch.setattr(control.orchestration.intake, "stage_job", broken)
     with pytest.raises(RuntimeError, match="outbox unavailable"):
         client.call("search_docs", {"query": "x"})
     usage = client.plane.entitlements.usage(tenant_id)
@@ -346,8 +346,8 @@ def test_attempts_that_end_without_a_result_give_their_reservations_back(
     reservation once its result is due (and a result that still comes settles nothing)."""
     from sqlalchemy import update
 
-    from control.orchestrator import release_reservations
-    from control.submission import CallRequest, submit_run
+    from control.orchestration.orchestrator import release_reservations
+    from control.orchestration.submission import CallRequest, submit_run
     from ledger.models import Attempt
 
     bundle = plan_bundle(stack, token, tmp_path, "r", {"daily_calls": 10})

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from control import processes
-from control.runtime import ControlPlane
+from control.ops import processes
+from control.ops.runtime import ControlPlane
 from tests.harness import Stack, wait_for
 
 pytestmark = pytest.mark.integration
@@ -110,7 +110,7 @@ def test_flower_requires_auth_and_shows_tools(stack: Stack, token: str) -> None:
         assert {f"tool.{t}" for t in TOOLS} <= names
 
         # A tool's workers may publish events: what is not an event does not stop Flower's
-        # receiver (control.broker_screen).
+        # receiver (control.broker.screen).
         redis = stack.services.redis()
         db = redis.connection_pool.connection_kwargs["db"]
         typeless = json.dumps(  # a well-formed envelope of an event without a type

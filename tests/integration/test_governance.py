@@ -11,10 +11,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from control.approvals import ApprovalRefused, binding_problem, expire_approvals, use_approval
-from control.auth import Role
 from control.errors import AuthError, NotFound, UsageError
-from control.freeze import active_freeze, freeze
+from control.governance.approvals import (
+    ApprovalRefused,
+    binding_problem,
+    expire_approvals,
+    use_approval,
+)
+from control.governance.auth import Role
+from control.governance.freeze import active_freeze, freeze
 from ledger.models import Approval, Node, Principal, Run
 from tests.harness import REPO, Stack, wait_for
 from tests.integration.govern import (

@@ -10,7 +10,7 @@ import json
 import pytest
 
 import celeryconfig
-from control.broker_screen import REJECTED_KEY
+from control.broker.screen import REJECTED_KEY
 from tests.harness import Stack, wait_for
 
 pytestmark = pytest.mark.integration

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from control.auth import Role
 from control.errors import AuthError, NotFound, UsageError
-from control.operations import Operations as Client
-from control.workflows import parse_workflow
+from control.governance.auth import Role
+from control.orchestration.operations import Operations as Client
+from control.orchestration.workflows import parse_workflow
 from ledger.models import Attempt, EvidenceEvent, Node
 from tests.harness import Stack, wait_for
 from tests.integration.govern import evidence
@@ -297,7 +297,7 @@ def test_a_lost_binding_does_not_drop_jobs(stack: Stack, token: str) -> None:
 def test_a_submitter_that_dies_before_publishing_loses_nothing(stack: Stack, token: str) -> None:
     """The run and its job are committed together; the process that committed them dies
     before publishing (here: never publishes). The control's relay publishes it once."""
-    from control.submission import RunRequest, submit_run
+    from control.orchestration.submission import RunRequest, submit_run
     from ledger.models import OutboxMessage
 
     client = stack.client(token)
@@ -329,7 +329,7 @@ def test_the_sweeper_waits_until_the_results_are_read(stack: Stack) -> None:
     from celery import Celery
 
     import celeryconfig
-    from control.service import CaughtUp
+    from control.ops.service import CaughtUp
 
     app = Celery("caught-up-test", set_as_current=False)
     app.conf.update(celeryconfig.build_config(stack.services.spare_redis_url()))

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 
 import celeryconfig
-from control.dispatch import sign_envelope
-from control.operations import Operations as Client
+from control.orchestration.dispatch import sign_envelope
+from control.orchestration.operations import Operations as Client
 from ledger.models import EvidenceEvent, Node
 from sandbox_tasks.receipts import build_result, sign_result
 from tests.harness import Stack, wait_for

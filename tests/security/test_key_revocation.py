@@ -24,7 +24,7 @@ from celery import Celery
 from sqlalchemy import select, text
 
 import celeryconfig
-from control.dispatch import sign_envelope
+from control.orchestration.dispatch import sign_envelope
 from ledger.models import EvidenceEvent, Node
 from sandbox_tasks.receipts import build_result, sign_result
 from tests.harness import Stack, _libpq, wait_for
@@ -382,7 +382,7 @@ def test_no_sync_or_rotation_ever_un_revokes_a_key(stack: Stack) -> None:
 def test_a_revocation_waits_for_an_ingest_that_is_judging_the_key(stack: Stack, token: str) -> None:
     """Ingest locks the key's row, then reads its clock; a revocation locks it, then reads
     its own: the receipt ingest accepts is never newer than the revocation the ledger has."""
-    from control.keys import judge_key, revoke_key
+    from control.governance.keys import judge_key, revoke_key
 
     plane = stack.client(token).plane
     store = keys(stack)

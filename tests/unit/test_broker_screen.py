@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from control.broker_screen import envelope_problem
+from control.broker.screen import envelope_problem
 
 
 def envelope(**over: object) -> bytes:
@@ -61,7 +61,7 @@ def test_a_kombu_message_passes_and_each_rule_names_itself() -> None:
 PROBE = """
 import json, sys
 from celery import Celery
-from control import broker_screen
+from control.broker import screen as broker_screen
 
 broker_screen.install(keep=sys.argv[1] == "keep")
 out = {}
@@ -113,7 +113,7 @@ def test_install_screens_redis_urls_and_leaves_them_kombus() -> None:
 def test_install_after_kombu_resolved_redis_is_refused() -> None:
     script = (
         "from kombu.transport import get_transport_cls; get_transport_cls('redis');"
-        "from control import broker_screen; broker_screen.install()"
+        "from control.broker import screen; screen.install()"
     )
     done = subprocess.run(
         [sys.executable, "-c", script],

@@ -13,9 +13,9 @@ import pytest
 from kombu import Connection
 from typer.testing import CliRunner
 
-from control import brokeracl
+from control.broker import acl as brokeracl
 from control.cli import app
-from control.cli_broker import broker_files
+from control.cli.broker import broker_files
 from control.errors import EXIT_USAGE
 from sandbox_tasks.registry import load_tools
 

@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
-from control.processes import plan_processes
-from control.runtime import ControlPlane
-from control.runtime_database import ensure_runtime_url, password_path, runtime_password
+from control.ops.processes import plan_processes
+from control.ops.runtime import ControlPlane
+from control.ops.runtime_database import ensure_runtime_url, password_path, runtime_password
 from ledger.models import Base
 from ledger.roles import RUNTIME_GRANTS, RuntimeRoleError, runtime_role_name
 from toolplane.errors import SettingsError

@@ -29,8 +29,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from control import brokeracl
-from control.cli_broker import broker_files, url_file
+from control.broker import acl as brokeracl
+from control.cli.broker import broker_files, url_file
 from toolplane.errors import SettingsError
 from toolplane.keystore import KeyStore
 
@@ -213,12 +213,12 @@ def test_flower_is_on_loopback_behind_basic_auth():
 
 
 def test_flower_runs_our_app_as_its_own_broker_user():
-    """control.flower_app: its broker from TOOLPLANE_BROKER_URL (Flower's user), its own
+    """control.broker.flower_app: its broker from TOOLPLANE_BROKER_URL (Flower's user), its own
     unacked keys; a bare `celery flower` would take kombu's shared keys, which the user lacks."""
     flower = SERVICES["flower"]
     assert flower["entrypoint"][-2:] == ["/app/entrypoint.py", "celery"]
-    assert flower["command"][:3] == ["-A", "control.flower_app", "flower"]
-    assert importlib.util.find_spec("control.flower_app") is not None
+    assert flower["command"][:3] == ["-A", "control.broker.flower_app", "flower"]
+    assert importlib.util.find_spec("control.broker.flower_app") is not None
     assert secrets_of(flower)["broker_url_flower"] == BROKER_URL_TARGET
     assert not any(t.endswith("CELERY_BROKER_URL") for t in secrets_of(flower).values())
     visibility = environment_of(SERVICES["control"])["TOOLPLANE_VISIBILITY_TIMEOUT"]
@@ -901,7 +901,7 @@ def test_flower_is_cluster_internal_behind_basic_auth_from_a_secret():
     assert ("toolplane-flower", "FLOWER_BASIC_AUTH") in paths
     assert ("toolplane-broker-flower", "TOOLPLANE_BROKER_URL") in paths
     assert not any(path == "CELERY_BROKER_URL" for _, path in paths)
-    assert container["args"][:3] == ["-A", "control.flower_app", "flower"]
+    assert container["args"][:3] == ["-A", "control.broker.flower_app", "flower"]
     visibility = {v["name"]: v["value"] for v in container["env"]}["TOOLPLANE_VISIBILITY_TIMEOUT"]
     control = of_kind("Deployment")["control"]["spec"]["template"]["spec"]["containers"][0]
     assert (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from control.embedded import EmbeddedError, _credentials
+from control.ops.embedded import EmbeddedError, _credentials
 
 
 def test_passwords_are_made_once_and_kept(tmp_path: Path) -> None:

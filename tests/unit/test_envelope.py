@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from control.dispatch import sign_envelope
+from control.orchestration.dispatch import sign_envelope
 from sandbox_tasks.envelope import CLOCK_SKEW_MS, MAX_LIFETIME_MS, verify_envelope
 from sandbox_tasks.errors import EnvelopeRefused
 from toolplane.canonical import digest

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from control.dispatch import envelope_ttl_s, sign_envelope
 from control.errors import UsageError
-from control.keys import _ceil_ms
+from control.governance.keys import _ceil_ms
+from control.orchestration.dispatch import envelope_ttl_s, sign_envelope
 from sandbox_tasks.executor import Outcome
 from sandbox_tasks.keys import KeyStoreKeys
 from sandbox_tasks.registry import ToolContext

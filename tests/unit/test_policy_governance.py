@@ -389,7 +389,7 @@ def test_a_bundle_that_changes_while_loading_is_refused(bundle, monkeypatch):
 
 
 def test_terminal_output_never_carries_control_characters():
-    from control.output import safe
+    from control.cli.output import safe
 
     assert safe("ok\x1b[2J\x07 done\n") == "ok\\x1b[2J\\x07 done\\n"
     assert safe("naïve — fine") == "naïve — fine"

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from control.dispatch import DUE_GRACE_S, due_at_for, envelope_ttl_s
-from control.intake import max_attempts
-from control.orchestrator import RETRY_CAP_S, retry_delay_s
+from control.orchestration.dispatch import DUE_GRACE_S, due_at_for, envelope_ttl_s
+from control.orchestration.intake import max_attempts
+from control.orchestration.orchestrator import RETRY_CAP_S, retry_delay_s
 from sandbox_tasks.errors import RegistryError
 from sandbox_tasks.registry import ToolSpec, load_tools
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from control.states import (
+from control.orchestration.states import (
     FAILING_NODE,
     NODE_TRANSITIONS,
     RUN_TRANSITIONS,

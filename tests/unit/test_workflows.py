@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from control.errors import UsageError
-from control.workflows import (
+from control.orchestration.workflows import (
     TemplateError,
     coerce_inputs,
     escape,

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from control.api.deps import Caller
 from control.api.models import ToolOut, VerifyOut, WorkflowOut
 from control.errors import UsageError
-from control.workflows import list_workflows, load_workflow
+from control.orchestration.workflows import list_workflows, load_workflow
 from ledger.models import ToolManifest
 
 router = APIRouter(prefix="/v1", tags=["catalog"])

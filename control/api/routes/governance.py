@@ -16,8 +16,8 @@ from control.api.models import (
     TokenIn,
     TokenOut,
 )
-from control.auth import Role
 from control.errors import require_text
+from control.governance.auth import Role
 from policy.engine import PolicyRequest
 
 router = APIRouter(prefix="/v1", tags=["governance"])

@@ -29,11 +29,11 @@ from control.api.models import (
     RunPage,
     WorkflowIn,
 )
-from control.approvals import Decided
 from control.errors import UsageError
-from control.operations import Operations
-from control.runs import RunView
-from control.states import RunStatus
+from control.governance.approvals import Decided
+from control.orchestration.operations import Operations
+from control.orchestration.runs import RunView
+from control.orchestration.states import RunStatus
 from ledger.models import EvidenceEvent
 
 router = APIRouter(prefix="/v1", tags=["runs"])

@@ -4,7 +4,7 @@ Each process is started detached (its own session, output to
 ``$TOOLPLANE_HOME/logs/<name>.log``) and recorded in ``$TOOLPLANE_HOME/run/processes.json``
 so that ``down`` (from any shell) stops exactly what ``up`` started. Workers get
 no database URL: the sandbox plane holds no database credentials. The control process
-gets the runtime role's URL (control.runtime_database), never the owner's.
+gets the runtime role's URL (control.ops.runtime_database), never the owner's.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import psutil
 from sqlalchemy import select
 
 from control.errors import ControlError
-from control.runtime import ControlPlane
+from control.ops.runtime import ControlPlane
 from ledger.models import ToolManifest
 from toolplane.settings import Settings
 
@@ -127,9 +127,9 @@ def plan_processes(
     """What to start; each child gets ``base_env`` (default: ours) without TOOLPLANE_*.
 
     ``broker_urls`` gives a process (``control``, ``worker-<tool>``, ``flower``) its own broker
-    URL, i.e. its own ACL user (control.brokeracl); a process not in it gets the control's.
+    URL, i.e. its own ACL user (control.broker.acl); a process not in it gets the control's.
     ``runtime_database_url`` is the control's database URL: the runtime role's, which may
-    append evidence but not change it (control.runtime_database), not ``plane``'s owner URL.
+    append evidence but not change it (control.ops.runtime_database), not ``plane``'s owner URL.
     """
     urls = broker_urls or {}
     settings = plane.settings
@@ -185,7 +185,7 @@ def plan_processes(
                     "-m",
                     "celery",
                     "-A",
-                    "control.flower_app",
+                    "control.broker.flower_app",
                     "flower",
                     "--address=127.0.0.1",
                     f"--port={settings.flower_port}",

@@ -18,17 +18,17 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from control.auth import APPROVERS, Identity, require_role
 from control.errors import Forbidden, NotFound, UsageError, require_text
-from control.intake import (
+from control.governance.auth import APPROVERS, Identity, require_role
+from control.orchestration.intake import (
     Governance,
     binding_problem,
     deny_node,
     dispatch_node,
     dispatching,
 )
-from control.orchestrator import RunState, lock_run, settle_run
-from control.states import NodeStatus
+from control.orchestration.orchestrator import RunState, lock_run, settle_run
+from control.orchestration.states import NodeStatus
 from ledger.chain import NewEvent
 from ledger.models import Approval, Node, Principal, Run
 from ledger.store import append_events

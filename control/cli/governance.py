@@ -6,14 +6,15 @@ from typing import Annotated
 
 import typer
 
-from control.cli_support import (
+from control.cli.output import console, err, print_json, print_run, safe
+from control.cli.support import (
     JsonOpt,
     exit_for,
     handled,
     load_settings,
     parse_args,
 )
-from control.cli_support import (
+from control.cli.support import (
     client as _client,
 )
 from control.errors import (
@@ -24,7 +25,6 @@ from control.errors import (
     UsageError,
     require_text,
 )
-from control.output import console, err, print_json, print_run, safe
 
 __all__ = ["approve", "policy_app", "reject", "token_app"]
 

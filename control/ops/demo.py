@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from control.api.models import NodeOut
+from control.cli.output import console, err, summarize
 from control.client import Client
-from control.output import console, err, summarize
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from control.cli_support import (
+from control.cli.output import console, err, print_json, print_run, safe
+from control.cli.support import (
     ClassificationOpt,
     EnvOpt,
     IdempotencyOpt,
@@ -17,8 +18,7 @@ from control.cli_support import (
     parse_args,
     tell_waiting,
 )
-from control.cli_support import client as cli_client
-from control.output import console, err, print_json, print_run, safe
+from control.cli.support import client as cli_client
 
 __all__ = ["submit", "workflows_app"]
 

@@ -12,9 +12,18 @@ from typing import Annotated
 
 import typer
 
-from control.cli_broker import broker_acl
-from control.cli_governance import approve, policy_app, reject, token_app
-from control.cli_support import (
+from control.cli.broker import broker_acl
+from control.cli.governance import approve, policy_app, reject, token_app
+from control.cli.output import (
+    console,
+    err,
+    print_awaiting,
+    print_json,
+    print_run,
+    print_runs,
+    safe,
+)
+from control.cli.support import (
     ClassificationOpt,
     EnvOpt,
     IdempotencyOpt,
@@ -29,27 +38,18 @@ from control.cli_support import (
     setup_logging,
     tell_waiting,
 )
-from control.cli_support import (
+from control.cli.support import (
     client as _client,
 )
-from control.cli_support import (
+from control.cli.support import (
     plane as _plane,
 )
-from control.cli_workflows import submit, workflows_app
+from control.cli.workflows import submit, workflows_app
 from control.errors import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_USAGE,
     UsageError,
-)
-from control.output import (
-    console,
-    err,
-    print_awaiting,
-    print_json,
-    print_run,
-    print_runs,
-    safe,
 )
 from toolplane.errors import ToolplaneError
 
@@ -90,10 +90,10 @@ def up(
     detach: Annotated[bool, typer.Option("--detach", help="Return once everything is up.")] = False,
 ) -> None:
     """Start (embedded servers if needed,) the control process and a worker per tool."""
-    from control import processes
-    from control.embedded import embedded_acl_summary, embedded_broker_urls, start_embedded
-    from control.runtime import ControlPlane
-    from control.runtime_database import ensure_runtime_url
+    from control.ops import processes
+    from control.ops.embedded import embedded_acl_summary, embedded_broker_urls, start_embedded
+    from control.ops.runtime import ControlPlane
+    from control.ops.runtime_database import ensure_runtime_url
     from ledger.migrate import upgrade
     from sandbox_tasks.registry import load_tools
 
@@ -105,7 +105,7 @@ def up(
     broker_urls: dict[str, str] = {}
     if embedded:
         urls = start_embedded(settings.home)
-        if not broker:  # ours: each process connects as its own ACL user (control.brokeracl)
+        if not broker:  # ours: each process connects as its own ACL user (control.broker.acl)
             broker_urls = embedded_broker_urls(settings.home, sorted(tools))
             broker = broker_urls["control"]
         database = database or urls.database_url
@@ -158,7 +158,7 @@ def up(
         pass
     processes.stop_processes(settings.home)
     if embedded:
-        from control.embedded import stop_embedded
+        from control.ops.embedded import stop_embedded
 
         stop_embedded(settings.home)
 
@@ -167,8 +167,8 @@ def up(
 @handled
 def down() -> None:
     """Stop what `toolplane up` started, embedded servers included."""
-    from control.embedded import stop_embedded
-    from control.processes import stop_processes, stop_supervisor
+    from control.ops.embedded import stop_embedded
+    from control.ops.processes import stop_processes, stop_supervisor
 
     settings = load_settings()
     stop_supervisor(settings.home)  # else it would start again what is stopped here
@@ -190,7 +190,7 @@ def control(
 
     Operator command: runs on the control host with the control's settings.
     """
-    from control.service import run_control
+    from control.ops.service import run_control
 
     setup_logging(loglevel)
     run_control(_plane(), concurrency=concurrency, loglevel=loglevel, api=api)
@@ -231,7 +231,7 @@ def worker(
     becomes `toolplane-worker TOOL` (python -m sandbox_tasks), which loads nothing of the
     control plane.
     """
-    from control.embedded import embedded_broker_urls, find_embedded
+    from control.ops.embedded import embedded_broker_urls, find_embedded
     from sandbox_tasks.registry import load_tools
 
     if autoscale is not None:
@@ -262,7 +262,7 @@ def worker(
 def migrate() -> None:
     """Create or upgrade the ledger's tables, then grant the control's database role
     (operator command, on the control host)."""
-    from control.runtime_database import ensure_runtime_url
+    from control.ops.runtime_database import ensure_runtime_url
     from ledger.migrate import current_revision, upgrade
 
     plane = _plane()
@@ -329,7 +329,7 @@ def keys_revoke(
     json_: JsonOpt = False,
 ) -> None:
     """Revoke KEY_ID now: it verifies nothing received from now on (KeyRevoked)."""
-    from control.keys import revoke_key
+    from control.governance.keys import revoke_key
 
     plane = _plane()
     done = revoke_key(plane.sessions, plane.keystore, key_id, reason=reason)
@@ -377,7 +377,7 @@ def tenant_create(
     Operator command: runs on the control host with the control's database settings;
     the user commands need only TOOLPLANE_URL and a token.
     """
-    from control.auth import create_tenant
+    from control.governance.auth import create_tenant
 
     plane = _plane()
     with plane.sessions() as session:

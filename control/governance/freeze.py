@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
 
-from control.auth import ADMINS, Identity, require_role
 from control.errors import Forbidden, UsageError, require_text
+from control.governance.auth import ADMINS, Identity, require_role
 from ledger.chain import NewEvent
 from ledger.models import Freeze
 from ledger.store import append_events

@@ -1,6 +1,6 @@
-"""The Celery app that Flower runs (``celery -A control.flower_app flower``).
+"""The Celery app that Flower runs (``celery -A control.broker.flower_app flower``).
 
-Its broker is ``TOOLPLANE_BROKER_URL`` (Flower's own broker user, control.brokeracl), read from
+Its broker is ``TOOLPLANE_BROKER_URL`` (Flower's own broker user, control.broker.acl), read from
 the environment so that no password shows in a process list; it keeps its unacked keys apart
 from the control's and the workers', as its ACL user requires.
 """
@@ -12,7 +12,7 @@ import os
 from celery import Celery
 
 import celeryconfig
-from control import broker_screen
+from control.broker import screen as broker_screen
 
 _url = os.environ.get("TOOLPLANE_BROKER_URL")
 if not _url:

@@ -9,7 +9,7 @@ advances the run: nodes that needed it are decided and dispatched in the same
 transaction.
 
 A receipt's key (and a manifest's) is judged by when the control receives the
-message, under a lock on the key's row (control.keys.judge_key), never by the
+message, under a lock on the key's row (control.governance.keys.judge_key), never by the
 message's own timestamps; the evidence is recorded at that very time, which is what
 the ledger's verification judges the key by later.
 """
@@ -28,9 +28,9 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from control.intake import Governance, dispatching
-from control.keys import judge_key
-from control.orchestrator import (
+from control.governance.keys import judge_key
+from control.orchestration.intake import Governance, dispatching
+from control.orchestration.orchestrator import (
     RunState,
     advance,
     lock_run,
@@ -38,7 +38,7 @@ from control.orchestrator import (
     schedule_retry,
     settle_run,
 )
-from control.states import NodeStatus, move_node
+from control.orchestration.states import NodeStatus, move_node
 from ledger.chain import NewEvent
 from ledger.models import Attempt, Node, ToolManifest
 from ledger.receipts import ReceiptProblem, check_result_message

@@ -4,7 +4,7 @@
 
 writes, each mode 0600 in a directory of mode 0700 (docs/deployment.md says where each goes):
 
-    users.acl              Redis' --aclfile: every user (control.brokeracl) with its password's
+    users.acl              Redis' --aclfile: every user (control.broker.acl) with its password's
                            SHA-256, the default user off, and the health user (PING only)
     broker_url.control     redis://toolplane-control:PASSWORD@HOST:PORT/DB
     broker_url.flower      Flower's user
@@ -28,10 +28,10 @@ from typing import Annotated
 
 import typer
 
-from control import brokeracl
-from control.cli_support import handled, load_settings
+from control.broker import acl as brokeracl
+from control.cli.output import console, err
+from control.cli.support import handled, load_settings
 from control.errors import UsageError
-from control.output import console, err
 
 __all__ = ["broker_acl", "broker_files"]
 

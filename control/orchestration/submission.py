@@ -18,13 +18,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from control.auth import Identity
 from control.errors import Conflict, UsageError, require_text
-from control.intake import Governance, Submitter, dispatching
-from control.orchestrator import RunState, advance
-from control.states import NodeStatus, RunStatus
-from control.validation import check_label, validate_args
-from control.workflows import WorkflowSpec, coerce_inputs, render, single_call
+from control.governance.auth import Identity
+from control.orchestration.intake import Governance, Submitter, dispatching
+from control.orchestration.orchestrator import RunState, advance
+from control.orchestration.states import NodeStatus, RunStatus
+from control.orchestration.validation import check_label, validate_args
+from control.orchestration.workflows import WorkflowSpec, coerce_inputs, render, single_call
 from ledger.chain import NewEvent
 from ledger.models import Node, Run, ToolManifest
 from ledger.store import append_events

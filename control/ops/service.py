@@ -25,12 +25,12 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 import celeryconfig
 from celeryconfig import RESTORE_INTERVAL_S
-from control import broker_screen
-from control.approvals import expire_approvals
-from control.dispatch import publish_pending
-from control.ingest import ingest_result, record_unprocessable, register_manifest
-from control.orchestrator import release_reservations, sweep
-from control.runtime import ControlPlane
+from control.broker import screen as broker_screen
+from control.governance.approvals import expire_approvals
+from control.ops.runtime import ControlPlane
+from control.orchestration.dispatch import publish_pending
+from control.orchestration.ingest import ingest_result, record_unprocessable, register_manifest
+from control.orchestration.orchestrator import release_reservations, sweep
 from ledger.receipts import ReceiptProblem
 
 log = logging.getLogger("toolplane.control")

@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from control.api.fields import cli_field
+from control.cli.output import err, safe
 from control.errors import (
     EXIT_AWAITING_APPROVAL,
     EXIT_DENIED,
@@ -20,7 +21,6 @@ from control.errors import (
     EXIT_TOOL_FAILED,
     UsageError,
 )
-from control.output import err, safe
 from toolplane.canonical import CanonicalJSONError, parse_json_strict
 from toolplane.errors import ToolplaneError, first_problem
 from toolplane.settings import Settings
@@ -57,7 +57,7 @@ OnBehalfOpt = Annotated[
 
 def plane():  # type: ignore[no-untyped-def]
     """The control plane of these settings (operator commands on the control host only)."""
-    from control.runtime import ControlPlane
+    from control.ops.runtime import ControlPlane
 
     return ControlPlane.from_settings(load_settings())
 

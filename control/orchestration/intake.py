@@ -22,12 +22,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from control.auth import Identity
-from control.dispatch import due_at_for, envelope_ttl_s, sign_envelope, stage_job
-from control.entitlements import EntitlementStore, reserve_ms_for
 from control.errors import ServiceUnavailable, UsageError
-from control.freeze import active_freeze
-from control.states import NodeStatus, move_node
+from control.governance.auth import Identity
+from control.governance.entitlements import EntitlementStore, reserve_ms_for
+from control.governance.freeze import active_freeze
+from control.orchestration.dispatch import due_at_for, envelope_ttl_s, sign_envelope, stage_job
+from control.orchestration.states import NodeStatus, move_node
 from ledger.chain import NewEvent
 from ledger.models import Approval, Attempt, Node, Principal, Run, Tenant
 from policy.constraints import Constraints

@@ -15,8 +15,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from control.approvals import Decided, decide_approval, waiting_for
-from control.auth import (
+from control.errors import ControlError
+from control.governance.approvals import Decided, decide_approval, waiting_for
+from control.governance.auth import (
     ADMINS,
     SUBMITTERS,
     Identity,
@@ -28,16 +29,15 @@ from control.auth import (
     require_role,
     revoke_token,
 )
-from control.dispatch import publish_pending
-from control.errors import ControlError
-from control.freeze import freeze, list_freezes, unfreeze
-from control.orchestrator import cancel_run
-from control.runs import RunView, get_run, list_runs
-from control.runtime import ControlPlane
-from control.scope import Scope, decide_scope
-from control.states import TERMINAL_RUN, RunStatus
-from control.submission import CallRequest, RunRequest, submit_run
-from control.workflows import WorkflowSpec, load_workflow
+from control.governance.freeze import freeze, list_freezes, unfreeze
+from control.governance.scope import Scope, decide_scope
+from control.ops.runtime import ControlPlane
+from control.orchestration.dispatch import publish_pending
+from control.orchestration.orchestrator import cancel_run
+from control.orchestration.runs import RunView, get_run, list_runs
+from control.orchestration.states import TERMINAL_RUN, RunStatus
+from control.orchestration.submission import CallRequest, RunRequest, submit_run
+from control.orchestration.workflows import WorkflowSpec, load_workflow
 from ledger.models import Node, Run
 from ledger.verify import VerifyReport, verify_ledger
 from toolplane.settings import Settings

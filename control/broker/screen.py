@@ -1,6 +1,6 @@
 """A kombu Redis transport that sets aside what is not a kombu message instead of dying on it.
 
-A tool's workers may LPUSH onto ``results`` (control.brokeracl), so whoever runs code in a
+A tool's workers may LPUSH onto ``results`` (control.broker.acl), so whoever runs code in a
 worker can push anything there. kombu's Redis transport decodes each popped item before any
 of Celery's error handling sees it: an item that is not JSON, or JSON that is not a kombu
 envelope (``properties.delivery_tag``, a base64 ``body``...), raises out of the event loop and
@@ -62,9 +62,9 @@ REJECTED_KEEP = 1000
 HEAD_BYTES = 512
 """How much of a rejected item is kept (its size and sha256 are kept whole)."""
 
-TRANSPORT_PATH = "control.broker_screen:ScreenedTransport"
-LOGGING_PATH = "control.broker_screen:LoggingTransport"
-CONSUMER_PATH = "control.broker_screen:GuardedConsumer"
+TRANSPORT_PATH = "control.broker.screen:ScreenedTransport"
+LOGGING_PATH = "control.broker.screen:LoggingTransport"
+CONSUMER_PATH = "control.broker.screen:GuardedConsumer"
 
 
 def _check_envelope(payload: Any, queue: str | None = None) -> str | None:
@@ -299,7 +299,7 @@ class GuardedConsumer(Consumer):
 _EMBEDDED = ("callbacks", "errbacks", "chain", "chord")
 CONTROL_TASKS = frozenset({celeryconfig.INGEST_TASK, celeryconfig.MANIFEST_TASK})
 MAX_ETA_S = 300
-"""The control's own retries wait at most 30 s (control.service); a later ETA is refused."""
+"""The control's own retries wait at most 30 s (control.ops.service); a later ETA is refused."""
 
 
 def task_problem(message: Any) -> str | None:
