@@ -159,6 +159,8 @@ def broker_acl(
     Each tool's workers get a Redis user of their own (their queue, results write-only), so
     that no worker holds another's or the control's password. Passwords are kept in
     OUT_DIR/passwords.json: running it again changes nothing, a new tool adds its user.
+
+    Operator command: runs where the deployment's secrets are made, not by callers.
     """
     _base_url(host, port, db, tls)  # bad options fail before anything is loaded or written
     try:

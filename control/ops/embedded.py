@@ -10,93 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import importlib.util
 import json
 import os
-import pwd
 import re
-import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import time
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-import psycopg
 import redis
 
 from control.broker import acl as brokeracl
+from control.ops.daemons import EmbeddedError, _alive, _escalate, _package_dir, _tail
+from control.ops.embedded_postgres import _pg_ok, _start_postgres, _stop_postgres
 
 STATE_FILE = "embedded.json"
-PG_SYSTEM_USER = "pgserver"  # the user pgserver itself runs postgres as, when root
-PG_PORT = 5432  # only names the unix socket file; no TCP listener
-DATABASE = "toolplane"
-_MAX_SOCKET_PATH = 100  # sun_path is 108 bytes incl. NUL; keep a margin
-
-
-class EmbeddedError(Exception):
-    """An embedded server could not be started or stopped."""
 
 
 @dataclass(frozen=True)
 class EmbeddedUrls:
     broker_url: str
     database_url: str
-
-
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)  # locates without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedError(f"package {name!r} is not installed")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _alive(pid: int | None, name: str, marker: str = "") -> bool:
-    """pid runs a live (non-zombie) ``name`` process whose command line contains ``marker``."""
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if name not in proc.name():
-            return False
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
-            return False
-        return not marker or any(marker in part for part in proc.cmdline())
-    except psutil.Error:
-        return False
-
-
-def _escalate(pid: int, name: str, timeout: float, signals: tuple[int, ...]) -> bool:
-    """Wait ``timeout`` for pid to exit, then send each signal in turn (5 s apart)."""
-    for sig in (None, *signals):
-        if sig is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + (timeout if sig is None else 5.0)
-        while _alive(pid, name):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        else:
-            return True
-    return False
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()[-lines:]
-    except OSError:
-        return "(no log)"
-    return " | ".join(line.strip() for line in text) or "(empty log)"
 
 
 def _free_port() -> int:
@@ -333,143 +272,6 @@ def _start_redis(home: Path, timeout: float) -> dict[str, Any]:
                 code = os.waitstatus_to_exitcode(status[1])
                 raise EmbeddedError(f"redis failed to start (exit {code}): {_tail(log)}")
     raise EmbeddedError(f"redis failed to start: no free port found: {_tail(log)}")
-
-
-def _pg_socket_dir(home: Path) -> Path:
-    candidate = home / "pg" / "run"
-    if len(str(candidate / f".s.PGSQL.{PG_PORT}.lock")) <= _MAX_SOCKET_PATH:
-        return candidate
-    digest = hashlib.sha256(str(home).encode()).hexdigest()[:16]
-    return Path("/tmp") / f"toolplane-pg-{digest}"  # noqa: S108 - path too long for a socket
-
-
-def _pg_user() -> pwd.struct_passwd | None:
-    """postgres refuses to run as root: like pgserver, use a dedicated system user."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        return pwd.getpwnam(PG_SYSTEM_USER)
-    except KeyError:
-        cmd = "useradd --system --no-create-home --shell /usr/sbin/nologin".split()
-        subprocess.run([*cmd, PG_SYSTEM_USER], check=True, capture_output=True)
-        return pwd.getpwnam(PG_SYSTEM_USER)
-
-
-def _pg_run(home: Path, args: list[str], timeout: float) -> None:
-    kw: dict[str, Any] = {"cwd": home / "pg", "stdin": subprocess.DEVNULL, "timeout": timeout}
-    kw["env"] = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    if (user := _pg_user()) is not None:
-        kw.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
-    exe = _package_dir("pgserver") / "pginstall" / "bin" / args[0]
-    with open(home / "pg" / "ctl.log", "ab") as out:
-        kw.update(stdout=out, stderr=subprocess.STDOUT, check=True, start_new_session=True)
-        subprocess.run([str(exe), *args[1:]], **kw)
-
-
-def _pg_prepare(home: Path, socket_dir: Path) -> None:
-    pg_dir = home / "pg"
-    pg_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if socket_dir.is_symlink() or not socket_dir.is_dir():
-        raise EmbeddedError(f"postgresql socket dir {socket_dir} is not a plain directory")
-    user = _pg_user()
-    if user is None:
-        return
-    for path in (pg_dir, socket_dir):
-        os.chown(path, user.pw_uid, user.pw_gid)
-        os.chmod(path, 0o700)  # only the pgserver user (and root) may use the socket
-    bin_dir = _package_dir("pgserver") / "pginstall" / "bin"
-    for target in (pg_dir, socket_dir, bin_dir):  # let the pgserver user traverse the prefixes
-        for parent in target.parents:
-            mode = parent.stat().st_mode
-            if mode & 0o001 == 0:
-                parent.chmod(mode | 0o011)
-
-
-def _pg_connect(socket_dir: str, dbname: str, timeout: float = 2.0) -> psycopg.Connection:
-    kw = {"user": "postgres", "connect_timeout": max(1, int(timeout)), "autocommit": True}
-    return psycopg.connect(host=socket_dir, port=PG_PORT, dbname=dbname, **kw)
-
-
-def _pg_ok(info: dict[str, Any] | None) -> bool:
-    if not info or not _alive(info.get("pid"), "postgres", info.get("data_dir", "")):
-        return False
-    try:
-        _pg_connect(info["socket_dir"], DATABASE).close()
-        return True
-    except psycopg.Error:
-        return False
-
-
-def _postmaster_pid(data: Path) -> int | None:
-    try:
-        return int((data / "postmaster.pid").read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _clear_stale_postmaster(data: Path, pid: int | None) -> None:
-    """A killed postmaster may linger as a zombie until init reaps it (postgres would then refuse
-    to start: "lock file already exists"); wait for it, and drop the lock if its pid was reused."""
-    deadline = time.monotonic() + 10.0
-    while pid and psutil.pid_exists(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if pid and psutil.pid_exists(pid):
-        (data / "postmaster.pid").unlink(missing_ok=True)
-
-
-def _stop_postgres(home: Path, timeout: float) -> bool:
-    data = home / "pg" / "data"
-    pid = _postmaster_pid(data)
-    if not _alive(pid, "postgres", str(data)):
-        return False
-    assert pid is not None
-    stop = ["pg_ctl", "-D", str(data), "-m", "fast", "-w", "-t", f"{timeout:.0f}", "stop"]
-    with contextlib.suppress(subprocess.SubprocessError, OSError):
-        _pg_run(home, stop, timeout + 5)
-    gone = _escalate(pid, "postgres", timeout, (signal.SIGINT, signal.SIGQUIT, signal.SIGKILL))
-    socket_dir = _pg_socket_dir(home)
-    if home not in socket_dir.parents:  # our private dir under /tmp: don't leave it behind
-        with contextlib.suppress(OSError):
-            socket_dir.rmdir()
-    return gone
-
-
-def _start_postgres(home: Path, timeout: float) -> dict[str, Any]:
-    data, log = home / "pg" / "data", home / "pg" / "postgres.log"
-    socket_dir = _pg_socket_dir(home)
-    _pg_prepare(home, socket_dir)
-    info = {"pid": _postmaster_pid(data), "socket_dir": str(socket_dir), "data_dir": str(data)}
-    if _alive(info["pid"], "postgres", str(data)) and not _pg_ok(info):
-        _stop_postgres(home, timeout)  # a stray server we cannot use (e.g. other socket dir)
-    try:
-        if not (data / "PG_VERSION").exists():
-            initdb = "initdb -U postgres --auth=trust --encoding=UTF8 --locale=C -D".split()
-            _pg_run(home, [*initdb, str(data)], timeout)
-        if not _alive(pid := _postmaster_pid(data), "postgres", str(data)):
-            _clear_stale_postmaster(data, pid)
-            opts = f"-h '' -p {PG_PORT} -k {shlex.quote(str(socket_dir))}"
-            ctl = ["pg_ctl", "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t"]
-            _pg_run(home, [*ctl, f"{timeout:.0f}", "start"], timeout + 5)
-        with _pg_connect(str(socket_dir), "postgres", timeout) as conn:
-            sql = "SELECT 1 FROM pg_database WHERE datname = %s"
-            if conn.execute(sql, (DATABASE,)).fetchone() is None:
-                conn.execute(f'CREATE DATABASE "{DATABASE}"')
-        _pg_connect(str(socket_dir), DATABASE, timeout).close()
-    except (subprocess.SubprocessError, OSError, psycopg.Error) as exc:
-        detail = _tail(log) if log.exists() else _tail(home / "pg" / "ctl.log")
-        what = str(exc)
-        if isinstance(exc, subprocess.CalledProcessError):
-            what = f"{Path(exc.cmd[0]).name} {exc.cmd[-1]}: exit {exc.returncode}"
-        elif isinstance(exc, subprocess.TimeoutExpired):
-            what = f"{Path(exc.cmd[0]).name} {exc.cmd[-1]}: timed out after {exc.timeout:.0f}s"
-        msg = f"postgresql failed to start ({what}): {detail}".replace("\n", " ")
-        raise EmbeddedError(msg) from exc
-    info["pid"] = _postmaster_pid(data)
-    host = urllib.parse.quote(str(socket_dir), safe="/")  # SQLAlchemy unquotes query values
-    info["url"] = f"postgresql+psycopg://postgres@/{DATABASE}?host={host}"
-    info["log"] = str(log)
-    return info
 
 
 def find_embedded(home: Path) -> EmbeddedUrls | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,18 +23,17 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from control.errors import ServiceUnavailable, UsageError
-from control.governance.auth import Identity
-from control.governance.entitlements import EntitlementStore, reserve_ms_for
+from control.governance.entitlements import reserve_ms_for
 from control.governance.freeze import active_freeze
+from control.orchestration.context import Governance, Submitter, submitter_of
 from control.orchestration.dispatch import due_at_for, envelope_ttl_s, sign_envelope, stage_job
 from control.orchestration.states import NodeStatus, move_node
 from ledger.chain import NewEvent
-from ledger.models import Approval, Attempt, Node, Principal, Run, Tenant
+from ledger.models import Approval, Attempt, Node, Run
 from policy.constraints import Constraints
-from policy.engine import Decision, PolicyEngine, PolicyRequest
+from policy.engine import Decision, PolicyRequest
 from toolplane.canonical import digest
 from toolplane.messages import job_id_for, ms_to_datetime
-from toolplane.signing import Signer
 
 __all__ = [
     "Governance",
@@ -50,50 +49,6 @@ __all__ = [
 
 
 log = logging.getLogger("toolplane.intake")
-
-
-@dataclass(frozen=True)
-class Submitter:
-    """Whose call a node is: every node of a run is decided as its submitter's."""
-
-    tenant_id: str
-    tenant_name: str
-    principal_id: str
-    principal: str
-    role: str
-
-    @classmethod
-    def of(cls, identity: Identity) -> Submitter:
-        return cls(
-            identity.tenant_id,
-            identity.tenant_name,
-            identity.principal_id,
-            identity.principal,
-            identity.role.value,
-        )
-
-
-def submitter_of(session: Session, run: Run) -> Submitter:
-    """The run's submitter as they are now (a role changed since counts from now on)."""
-    principal, tenant = session.execute(
-        select(Principal, Tenant)
-        .join(Tenant, Tenant.id == Principal.tenant_id)
-        .where(Principal.id == run.principal_id)
-    ).one()
-    return Submitter(tenant.id, tenant.name, principal.id, principal.name, principal.role)
-
-
-@dataclass(frozen=True)
-class Governance:
-    """What deciding and dispatching a call needs besides the database session."""
-
-    engine: PolicyEngine
-    signer: Signer
-    visibility_timeout: int
-    queue_wait_s: int
-    manifests: Callable[[Session, str], dict[str, Any] | None]
-    entitlements: EntitlementStore | None  # None where no Redis is configured
-    classifications: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
 
 
 @dataclass

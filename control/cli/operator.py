@@ -1,0 +1,160 @@
+"""``toolplane`` operator commands on the control host: migrations, keys and tenants.
+
+They use the control's own settings (the database's owner URL, the key store);
+no caller needs them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from control.cli.output import console, print_json
+from control.cli.support import JsonOpt, handled, load_settings
+from control.cli.support import plane as _plane
+from control.errors import UsageError
+
+__all__ = ["keys_app", "migrate", "tenant_app"]
+
+keys_app = typer.Typer(
+    help="Signing keys of control and the tools (operator commands, on the control host).",
+    no_args_is_help=True,
+)
+tenant_app = typer.Typer(
+    help="Tenants (operator commands, on the control host).", no_args_is_help=True
+)
+
+
+@handled
+def migrate() -> None:
+    """Create or upgrade the ledger's tables, then grant the control's database role
+    (operator command, on the control host)."""
+    from control.ops.runtime_database import ensure_runtime_url
+    from ledger.migrate import current_revision, upgrade
+
+    plane = _plane()
+    plane.check_database()
+    upgrade(plane.engine)
+    _, role = ensure_runtime_url(plane.settings, plane.engine)
+    if plane.keystore.entries():
+        plane.sync_keys()
+    console.print(f"ledger at revision {current_revision(plane.engine)}")
+    made = "created, " if role.created else ""
+    console.print(f"runtime role {role.name}: {made}granted on {len(role.tables)} tables")
+
+
+# -- keys --------------------------------------------------------------------------
+
+
+@keys_app.command("init")
+@handled
+def keys_init(json_: JsonOpt = False) -> None:
+    """Create the control key and a receipt key for every registered tool (if missing)."""
+    from sandbox_tasks.registry import load_tools
+    from toolplane.keystore import KeyStore
+
+    settings = load_settings()
+    created = KeyStore(settings.keys_dir).ensure_all(
+        sorted(load_tools(settings.extra_tool_modules)),
+        receipt_algorithm=settings.receipt_algorithm,
+    )
+    if json_:
+        print_json({"created": created, "keys_dir": str(settings.keys_dir)})
+    else:
+        console.print(
+            f"created: {', '.join(created) or 'none (all present)'} in {settings.keys_dir}"
+        )
+
+
+@keys_app.command("rotate")
+@handled
+def keys_rotate(tool: str, json_: JsonOpt = False) -> None:
+    """Give TOOL (or `control`) a new key; the old one still verifies what it signed."""
+    from toolplane.keystore import KeyStore
+
+    settings = load_settings()
+    store = KeyStore(settings.keys_dir)
+    owner = "control" if tool == "control" else f"tool.{tool}"
+    if owner not in store.owners():
+        raise UsageError(f"no key for {owner!r} to rotate", field="TOOL")
+    algorithm = "ed25519" if owner == "control" else settings.receipt_algorithm
+    key_id = store.rotate(owner, algorithm)  # type: ignore[arg-type]
+    if json_:
+        print_json({"owner": owner, "key_id": key_id})
+    else:
+        console.print(
+            f"{owner}: new key {key_id} (processes that can read its private file use it from "
+            "their next job; restart those that cannot)"
+        )
+
+
+@keys_app.command("revoke")
+@handled
+def keys_revoke(
+    key_id: str,
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in KeyRevoked).")],
+    json_: JsonOpt = False,
+) -> None:
+    """Revoke KEY_ID now: it verifies nothing received from now on (KeyRevoked)."""
+    from control.governance.keys import revoke_key
+
+    plane = _plane()
+    done = revoke_key(plane.sessions, plane.keystore, key_id, reason=reason)
+    if json_:
+        print_json(done.as_dict())
+        return
+    said = "was already revoked" if done.already else "revoked"
+    console.print(f"{key_id} {said} at {done.revoked_at.isoformat()}: {done.reason}", markup=False)
+    if done.replacement:
+        console.print(f"{done.owner}: new key {done.replacement}", markup=False)
+
+
+@keys_app.command("list")
+@handled
+def keys_list(json_: JsonOpt = False) -> None:
+    """List every key with its owner, validity window and any revocation."""
+    from toolplane.keystore import KeyStore
+
+    entries = KeyStore(load_settings().keys_dir).entries()
+    if json_:
+        unrevoked = {"revoked_at": None, "revoked_reason": None}
+        print_json([{k: v for k, v in (unrevoked | e).items() if k != "public"} for e in entries])
+        return
+    for e in entries:
+        state = "active" if e["not_after"] is None else f"retired {e['not_after'][:19]}"
+        if e.get("revoked_at"):
+            state = f"REVOKED {e['revoked_at'][:19]} ({e.get('revoked_reason')})"
+        console.print(f"{e['key_id']}  {e['algorithm']}  {state}", markup=False)
+
+
+# -- tenants and tokens ------------------------------------------------------------
+
+
+@tenant_app.command("create")
+@handled
+def tenant_create(
+    name: str,
+    operator: Annotated[
+        bool, typer.Option("--operator", help="Its admins may freeze every tenant.")
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Create a tenant and print its first admin token (shown once).
+
+    Operator command: runs on the control host with the control's database settings;
+    the user commands need only TOOLPLANE_URL and a token.
+    """
+    from control.governance.auth import create_tenant
+
+    plane = _plane()
+    with plane.sessions() as session:
+        tenant, token = create_tenant(session, name, operator=operator)
+        session.commit()
+    if json_:
+        print_json(
+            {"tenant_id": tenant.id, "name": tenant.name, "principal": "admin", "token": token}
+        )
+    else:
+        console.print(f"tenant {tenant.name} ({tenant.id}) created; admin token (shown once):")
+        console.print(token)
