@@ -20,16 +20,9 @@ from pathlib import Path
 import psycopg
 from sqlalchemy.engine import make_url
 
-from control.ops.embedded import (
-    _alive,
-    _free_port,
-    _package_dir,
-    _postmaster_pid,
-    _redis_ping,
-    _start_postgres,
-    _stop_postgres,
-    _tail,
-)
+from control.ops.daemons import _alive, _package_dir, _tail
+from control.ops.embedded import _free_port, _redis_ping
+from control.ops.embedded_postgres import _postmaster_pid, _start_postgres, _stop_postgres
 from tests.harness import Services, _libpq
 
 _PORT_ATTEMPTS = 5  # a free port may be taken between choosing it and binding it

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control.cli.support import parse_args
-from control.cli.support import parse_autoscale, parse_worker_counts
+from control.cli.support import parse_args, parse_autoscale, parse_worker_counts
 from control.errors import EXIT_USAGE, UsageError
 from control.orchestration.validation import validate_args
 from sandbox_tasks.tools.read_repo_file import TOOL as READ_REPO_FILE
