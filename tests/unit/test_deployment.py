@@ -112,10 +112,12 @@ def interpolate(text: str, variables: dict[str, str]) -> str:
 
 
 def test_every_builtin_tool_has_its_worker_service():
+    """The worker image runs `toolplane-worker`: a service's command is TOOL and options."""
     assert set(WORKERS) >= {f"worker-{tool}" for tool in builtin_tools()}
     for name in WORKERS:
         command = SERVICES[name]["command"]
-        assert command[:2] == ["worker", name.removeprefix("worker-")], name
+        assert command[0] == name.removeprefix("worker-"), name
+        assert SERVICES[name]["image"].startswith("toolplane-worker:"), name
 
 
 @pytest.mark.parametrize("name", WORKERS)
@@ -418,13 +420,65 @@ def test_image_is_multi_stage_slim_non_root_with_healthcheck_and_entrypoint(name
     healthcheck = next(rest for keyword, rest in final if keyword == "HEALTHCHECK")
     assert json.loads(healthcheck.split("CMD", 1)[1])[-1] == "/app/healthcheck.py"
     entry = json.loads(next(rest for keyword, rest in final if keyword == "ENTRYPOINT"))
-    assert entry[0] == "/opt/venv/bin/python" and entry[-2:] == ["/app/entrypoint.py", "toolplane"]
+    program = {"Dockerfile.control": "toolplane", "Dockerfile.worker": "toolplane-worker"}[name]
+    assert entry[0] == "/opt/venv/bin/python" and entry[-2:] == ["/app/entrypoint.py", program]
+    assert program in load_module("entrypoint").PROGRAMS
     for keyword, rest in steps:
         assert not re.search(r"\.toolplane|secrets|keys/private|\.key\b", rest) or (
             keyword == "RUN" and "mkdir" in rest
         ), f"{keyword} {rest}"
         if keyword == "ENV":
             assert not re.search(r"DATABASE_URL|BROKER_URL|PASSWORD", rest), rest
+
+
+CONTROL_ONLY = ("control", "ledger", "policy")
+
+
+def copied_sources(name: str) -> list[str]:
+    """What a Dockerfile's COPY instructions take from the build context (not --from)."""
+    sources = []
+    for keyword, rest in instructions(name):
+        if keyword == "COPY" and "--from=" not in rest:
+            sources += [arg for arg in rest.split()[:-1] if not arg.startswith("--")]
+    return sources
+
+
+def test_the_worker_image_holds_no_control_plane(tmp_path):
+    """Dockerfile.worker copies no control/, ledger/ or policy/, so the wheel it builds has
+    none (setuptools finds only the packages present); its build imports the worker's entry
+    points and tools, fails on any control or database module, and runs toolplane-worker."""
+    sources = copied_sources("Dockerfile.worker")
+    assert {"pyproject.toml", "celeryconfig.py", "toolplane", "sandbox_tasks"} <= set(sources)
+    for source in sources:
+        top = source.split("/")[0]
+        assert top not in CONTROL_ONLY and top not in ("workflows", "examples"), source
+    for source in sources:
+        if source.startswith("docker/"):
+            continue
+        path = ROOT / source
+        if path.is_dir():
+            shutil.copytree(path, tmp_path / source, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, tmp_path / source)
+    from setuptools import find_packages
+
+    found = tomllib.loads((tmp_path / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = find_packages(tmp_path, include=found["packages"]["find"]["include"])
+    assert {p.split(".")[0] for p in packages} == {"toolplane", "sandbox_tasks"}, packages
+    assert found["py-modules"] == ["celeryconfig"]
+    build = " ".join(
+        rest for keyword, rest in instructions("Dockerfile.worker") if keyword == "RUN"
+    )
+    check = re.search(r'python -c "([^"]+)"', build)
+    assert check, "an import check in the build stage"
+    assert "import sys, sandbox_tasks.cli, sandbox_tasks.main" in check[1]
+    assert "load_tools()" in check[1]
+    for module in ("control", "ledger", "policy", "sqlalchemy", "psycopg", "fastapi"):
+        assert f"'{module}'" in check[1], f"the import check must refuse {module}"
+    assert "import control" not in check[1] and "toolplane --help" not in build
+    assert "/opt/venv/bin/toolplane-worker --help" in build
+    assert "rm /opt/venv/bin/toolplane " in build, "no `toolplane` program it cannot run"
+    assert set(CONTROL_ONLY) <= set(copied_sources("Dockerfile.control"))
 
 
 def test_the_build_context_keeps_keys_and_secrets_out():
@@ -790,7 +844,8 @@ def test_worker_deployment_is_hardened(name):
     volumes = {v["name"]: v for v in pod["volumes"]}
     (container,) = pod["containers"]
     assert not pod.get("initContainers")
-    assert container["args"][:2] == ["worker", tool]
+    assert container["image"].startswith("toolplane-worker:")
+    assert container["args"][0] == tool, "the image runs toolplane-worker ARGS"
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
