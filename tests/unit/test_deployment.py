@@ -345,19 +345,28 @@ def test_the_entrypoint_reads_variables_from_secret_files(tmp_path):
 
 def test_the_healthcheck_asks_the_process_pid_1_runs():
     healthcheck = load_module("healthcheck")
-    check_for = healthcheck.check_for
-    venv = ["/opt/venv/bin/python", "/opt/venv/bin/toolplane"]
-    worker = check_for([*venv, "worker", "lint_python", "--concurrency", "2"], "c0ffee")
+    check_for, Check = healthcheck.check_for, healthcheck.Check
+    python = "/opt/venv/bin/python"
+    venv = [python, "/opt/venv/bin/toolplane"]
     # Its broker user may not broadcast a ping to its own node: a PING as that user instead,
     # and the age of the file its event loop touches at every heartbeat.
-    assert worker == healthcheck.Check(broker=True, heartbeat="lint_python")
+    lint = Check(broker=True, heartbeat="lint_python")
+    for argv in (
+        [python, "/opt/venv/bin/toolplane-worker", "lint_python", "--concurrency", "2"],
+        [python, "/opt/venv/bin/toolplane-worker", "--concurrency", "2", "lint_python"],
+        [python, "-m", "sandbox_tasks", "lint_python", "--loglevel", "INFO"],  # toolplane worker
+    ):
+        assert check_for(argv, "c0ffee") == lint, argv
+    assert check_for([python, "/opt/venv/bin/toolplane-worker", "--help"], "x") == Check()
+    # The control: its consumer loop (a ping over the broker) and its API (TOOLPLANE_API_BIND).
     control = check_for([*venv, "control", "--concurrency", "4"], "c0ffee")
-    assert (control.node, control.database) == ("control@c0ffee", True)
-    flower = check_for(
-        ["/opt/venv/bin/python", "/opt/venv/bin/celery", "flower", "--port=5566"], "x"
-    )
+    assert control == Check(node="control@c0ffee", url="http://127.0.0.1:8765/readyz")
+    no_api = check_for([*venv, "control", "--no-api"], "c0ffee")
+    assert no_api == Check(node="control@c0ffee", database=True)
+    assert check_for([*venv, "api"], "x") == Check(url="http://127.0.0.1:8765/readyz")
+    flower = check_for([python, "/opt/venv/bin/celery", "flower", "--port=5566"], "x")
     assert flower.url == "http://127.0.0.1:5566/healthcheck"
-    assert check_for([*venv, "migrate"], "x") == healthcheck.Check()
+    assert check_for([*venv, "migrate"], "x") == Check()
 
 
 def test_a_worker_whose_heartbeats_stopped_is_unhealthy(tmp_path):
