@@ -180,11 +180,17 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|PRIVATE|_KEY$|AUTH")
 CREDENTIAL_URL = re.compile(r"://[^/@\s]*:[^/@\s]+@")
 
 
+def names_a_mounted_secret(service: dict[str, Any], value: str) -> bool:
+    """The value is the path of a secret file the service mounts: the variable names the
+    file (TOOLPLANE_API_KEY=/run/secrets/api/tls.key), it does not hold the secret."""
+    return value in secrets_of(service).values()
+
+
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_no_secret_in_a_service_environment_or_command(name):
     s = SERVICES[name]
     for key, value in environment_of(s).items():
-        if not key.endswith("_FILE"):
+        if not key.endswith("_FILE") and not names_a_mounted_secret(s, value):
             assert not SECRET_NAME.search(key), f"{key} belongs in a secret file"
         assert not CREDENTIAL_URL.search(value), f"{key} carries a credential"
     assert "TOOLPLANE_DATABASE_URL" not in environment_of(s)
@@ -790,6 +796,19 @@ def env_files(pod: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def names_a_mounted_secret_file(pod: dict[str, Any], container: dict[str, Any], value: str) -> bool:
+    """The value is a path inside a secret volume the container mounts: the variable names
+    the file (TOOLPLANE_API_KEY=/run/secrets/api/tls.key), it does not hold the secret."""
+    secret_volumes = {
+        v["name"] for v in pod.get("volumes", []) if "secret" in v or "projected" in v
+    }
+    return any(
+        value.startswith(mount["mountPath"].rstrip("/") + "/")
+        for mount in container.get("volumeMounts", [])
+        if mount["name"] in secret_volumes
+    )
+
+
 def tool_of(deployment: dict[str, Any]) -> str:
     return deployment["spec"]["template"]["metadata"]["labels"]["toolplane.io/tool"]
 
@@ -988,7 +1007,7 @@ def test_the_migrate_job_and_the_control_hold_what_workers_must_not():
     assert job["containers"][0]["args"] == ["migrate"]
     control = of_kind("Deployment")["control"]["spec"]["template"]["spec"]
     secret_volumes = {v["secret"]["secretName"] for v in control["volumes"] if "secret" in v}
-    assert secret_volumes == {"toolplane-key-control"}
+    assert secret_volumes == {"toolplane-key-control", "toolplane-api-tls"}
 
 
 def test_each_k8s_process_connects_to_the_broker_as_its_own_user():
@@ -1041,7 +1060,8 @@ def test_every_pod_is_non_root_read_only_and_keeps_secrets_out_of_its_spec(name)
         assert not container.get("envFrom")
         for variable in container.get("env", []):
             assert "valueFrom" not in variable, f"{variable['name']}: mount secrets as files"
-            if not variable["name"].endswith("_FILE"):
+            names_a_file = names_a_mounted_secret_file(pod, container, variable.get("value", ""))
+            if not variable["name"].endswith("_FILE") and not names_a_file:
                 assert not SECRET_NAME.search(variable["name"]), variable["name"]
             assert not CREDENTIAL_URL.search(variable.get("value", "")), variable["name"]
         for arg in [*container.get("command", []), *container.get("args", [])]:
