@@ -1,7 +1,8 @@
 """The images' entrypoint: secrets from files into the environment, then exec.
 
-    python /app/entrypoint.py toolplane worker lint_python
-    python /app/entrypoint.py celery flower ...
+    python /app/entrypoint.py toolplane control          # the control image
+    python /app/entrypoint.py celery -A ... flower       # Flower, from the control image
+    python /app/entrypoint.py toolplane-worker lint_python  # the worker image
 
 Settings are read from the environment (``TOOLPLANE_*``), but a broker or
 database URL carries a password, and a password in a container's environment
@@ -15,8 +16,9 @@ is refused rather than silently overridden. Not ``CELERY_BROKER_URL``: Celery
 prefers it to any app's configured broker, so it would replace the process's own
 broker user (control.broker.acl) with whatever it held.
 
-The program is one of a fixed set, run from the image's venv. Exit code 2 and
-one line on stderr for anything refused.
+The program is one of a fixed set, run from the image's venv (the worker image
+has no ``toolplane``: it runs ``toolplane-worker``). Exit code 2 and one line on
+stderr for anything refused.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 SECRETS_DIR = Path("/run/secrets/env")
 VENV_BIN = Path("/opt/venv/bin")
-PROGRAMS = ("toolplane", "celery")
+PROGRAMS = ("toolplane", "toolplane-worker", "celery")
 NAME = re.compile(r"^(TOOLPLANE_[A-Z0-9_]+|FLOWER_[A-Z0-9_]+)$")
 EXIT_USAGE = 2
 

