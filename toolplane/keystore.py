@@ -41,7 +41,7 @@ from toolplane.signing import (
     key_id_for,
 )
 
-__all__ = ["IndexWatch", "KeyStore"]
+__all__ = ["IndexWatch", "KeyStore", "export_keys"]
 
 T = TypeVar("T")
 
@@ -274,3 +274,48 @@ class IndexWatch(Generic[T]):
     def changed(self) -> bool:
         """Whether the index changed since the value was last built."""
         return not self._built or self.store.stamp() != self._stamp
+
+
+def export_keys(
+    store: KeyStore,
+    dest: KeyStore,
+    *,
+    public: Iterable[str],
+    signer: str,
+    owner: tuple[int, int] | None = None,
+) -> list[str]:
+    """Write into ``dest`` the key subset one signer needs: ``store``'s index entries of
+    ``public`` and ``signer`` as they are (public material, windows, revocations; no secret),
+    and the private files of ``signer``'s keys that may still sign (neither retired nor
+    revoked), mode 0400 and owned by ``owner`` (uid, gid; default ours). The private files
+    are in place before the index that names them; any other private file in ``dest`` is
+    removed after it. Returns the key ids whose files it holds.
+
+    A tool's worker gets ``public={"control"}, signer="tool.<name>"``: the control's public
+    keys to verify envelopes, its own receipt key to sign, nothing of other tools. It reads
+    its index again before every job, so what this writes reaches a running worker.
+    """
+    owners = {*public, signer}
+    dest.private_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # The source's lock (not one in ``dest``, which its reader might hold to stall us): one
+    # export at a time, of a snapshot no rotation or revocation changes meanwhile.
+    with store._writing():
+        entries = [e for e in store.entries() if e["owner"] in owners]
+        signing = [e["key_id"] for e in entries if e["owner"] == signer and _signs(e)]
+        for key_id in signing:
+            secret = store._private_path(key_id).read_bytes()
+            path = dest._private_path(key_id)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)  # left by a crash: 0400, so not writable again
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secret)
+                if owner is not None:
+                    os.fchown(handle.fileno(), *owner)
+            os.replace(tmp, path)
+        dest._write_index(entries)
+        wanted = {dest._private_path(key_id).name for key_id in signing}
+        for stale in dest.private_dir.iterdir():
+            if stale.name not in wanted:
+                stale.unlink()
+    return signing
