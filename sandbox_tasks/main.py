@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 from pathlib import Path
 
+from sandbox_tasks import cgroups
 from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
 from sandbox_tasks.errors import RegistryError
 from sandbox_tasks.executor import ForkExecutor
@@ -24,7 +27,48 @@ from toolplane.settings import Settings
 
 log = logging.getLogger("toolplane.worker")
 
-__all__ = ["build_deps", "run_worker"]
+__all__ = ["build_deps", "check_access", "run_worker"]
+
+
+def _who() -> str:
+    uid = os.geteuid()
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _blocked(path: Path) -> Path | None:
+    """The first directory on the way to ``path`` this process may not search, if any."""
+    return next((p for p in [*reversed(path.parents), path] if not os.access(p, os.X_OK)), None)
+
+
+def check_access(settings: Settings, spec: ToolSpec) -> None:
+    """Refuse to start, naming the setting, if this worker cannot read a directory it needs:
+    its home (its keys) and the tool's data root (bound into the sandbox).
+
+    A worker may run as a user of its own (``toolplane up`` as root); the directories the
+    operator names must then be readable by that user, the directories above them too.
+    """
+    needs = [("TOOLPLANE_HOME", settings.home)]
+    root = {"repo": settings.repo_root, "docs": settings.docs_root}.get(spec.data_root or "")
+    if root is not None:
+        needs.append((f"TOOLPLANE_{(spec.data_root or '').upper()}_ROOT", root))
+    for setting, path in needs:
+        if os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK):
+            continue
+        blocked = _blocked(path)
+        if blocked is not None and blocked != path and os.path.exists(blocked):
+            why = f"{blocked} may not be searched (mode {blocked.stat().st_mode & 0o777:04o})"
+        elif not os.path.exists(path):
+            why = "no such directory"
+        else:
+            why = f"mode {path.stat().st_mode & 0o777:04o}, owner uid {path.stat().st_uid}"
+        raise SettingsError(
+            f"{path} is not readable by this worker, {_who()}: {why}; it and every directory "
+            "above it must be open to that user",
+            setting=setting,
+        )
 
 
 def build_deps(settings: Settings, tool: str, *, broker_url: str) -> WorkerDeps:
@@ -41,9 +85,17 @@ def build_deps(settings: Settings, tool: str, *, broker_url: str) -> WorkerDeps:
             f"{MAX_ENVELOPE_LIFETIME_S} s: the control would sign none of its jobs",
             setting="QUEUE_WAIT_S",
         )
+    check_access(settings, tools[tool])
     keys = KeyStoreKeys(KeyStore(settings.keys_dir), owner=f"tool.{tool}")
-    scratch = settings.home / "scratch"
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = settings.home / "scratch"  # the weak executor's call directories, the heartbeat
+    try:
+        scratch.mkdir(parents=True, exist_ok=True)
+        if not os.access(scratch, os.W_OK | os.X_OK):
+            raise PermissionError(f"mode {scratch.stat().st_mode & 0o777:04o}")
+    except OSError as e:
+        raise SettingsError(
+            f"{scratch} is not writable by this worker, {_who()}: {e}", setting="TOOLPLANE_HOME"
+        ) from e
     return WorkerDeps(
         spec=tools[tool],
         executor=make_executor(settings, tools[tool], scratch),
@@ -67,6 +119,13 @@ def make_executor(settings: Settings, spec: ToolSpec, scratch: Path) -> Executor
     problem = probe_bwrap(binary)
     if problem is None:
         assert binary is not None
+        if (no_cgroup := cgroups.problem()) is not None:
+            log.warning(
+                "sandbox.no_pids_cgroup tool=%s reason=%s: each call's RLIMIT_NPROC is the "
+                "process cap (it binds a worker user that is not root)",
+                spec.name,
+                no_cgroup,
+            )
         return BwrapExecutor(
             binary=binary,
             spec=spec,
@@ -126,5 +185,11 @@ def run_worker(
     ]
     if autoscale:
         argv.append(f"--autoscale={autoscale}")
-    log.info("worker.starting tool=%s containment=%s", tool, deps.executor.containment)
+    log.info(
+        "worker.starting tool=%s containment=%s user=%s home=%s",
+        tool,
+        deps.executor.containment,
+        _who(),
+        settings.home,
+    )
     app.worker_main(argv)

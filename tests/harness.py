@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Services:
     embedded_home: Path | None = None
     _redis_db: int = 0
     spares: list[int] = field(default_factory=list)
+    reachable: list[Path] = field(default_factory=list)  # stack homes made by reachable()
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
@@ -91,6 +93,8 @@ class Services:
             from control.ops.embedded import stop_embedded
 
             stop_embedded(self.embedded_home)
+        for path in self.reachable:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def claim_redis_db(redis_base: str) -> int:
@@ -146,6 +150,7 @@ class Stack:
     clients: list[Any] = field(default_factory=list)
     http_clients: list[Any] = field(default_factory=list)
     workers: dict[str, int] = field(default_factory=dict)
+    broker_urls: dict[str, str] | None = None  # each process's own broker URL, if given
     _sessions: Any = None
     _supervisor: Any = None
 
@@ -184,7 +189,13 @@ class Stack:
             queue_wait_s=int(self.env.get("TOOLPLANE_QUEUE_WAIT_S", "60")),
             api_bind=self.env["TOOLPLANE_API_BIND"],
             token=token,
+            worker_env=self.env.get("TOOLPLANE_WORKER_ENV", ""),
+            **({"worker_user": v} if (v := self.env.get("TOOLPLANE_WORKER_USER")) else {}),
         )
+
+    def worker_home(self, tool: str) -> Path:
+        """The directory a tool's workers get as their TOOLPLANE_HOME (control.ops.identities)."""
+        return self.home / "workers" / tool
 
     def client(self, token: str) -> Any:
         """The control's operations for ``token``, in this process (for tests of the
@@ -273,6 +284,7 @@ class Stack:
                 flower=False,
                 runtime_database_url=self.runtime_url,
                 base_env=self.env,
+                broker_urls=self.broker_urls,
             )
             plane.engine.dispose()
             self._supervisor = processes.Supervisor(self.home, specs)
@@ -341,7 +353,10 @@ def make_env(
     egress: str = "",
     extra_env: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The stack's environment; ``extra_env`` (e.g. shorter timeouts for fault tests) wins."""
+    """The stack's environment; ``extra_env`` (e.g. shorter timeouts for fault tests) wins.
+
+    ``home`` becomes a link to a directory the workers' users can reach (``reachable``)."""
+    reachable(services, home)
     policy = home / "policy"
     shutil.copytree(REPO / "policy" / "bundles" / "default", policy, dirs_exist_ok=True)
     for name in ("tests.cedar", "constraints.json"):
@@ -366,6 +381,7 @@ def make_env(
             "TOOLPLANE_EXTRA_TOOLS": "tests.fixture_tools",
             "TOOLPLANE_VISIBILITY_TIMEOUT": str(visibility_timeout),
             "TP_TEST_EGRESS": egress,
+            "TOOLPLANE_WORKER_ENV": "TP_TEST_EGRESS",  # the fetcher tool's allowed host
             "PYTHONPATH": str(REPO),
         }
     )
@@ -374,6 +390,35 @@ def make_env(
     env["TOOLPLANE_URL"] = f"http://127.0.0.1:{port}"
     env.update(extra_env or {})
     return env
+
+
+STACKS_DIR = Path(tempfile.gettempdir()) / "toolplane-test-stacks"
+
+
+def reachable(services: Services, path: Path) -> Path:
+    """``path`` as a link to a new directory that other users can reach, removed with
+    ``services``; ``path`` itself where we are not root.
+
+    As root, `toolplane up` runs each tool's workers as a user of its own, which must reach
+    its directory under the stack's home and the data roots put there. pytest's temporary
+    directories are 0700, and every pytest session sets /tmp/pytest-of-<user> back to 0700
+    when it starts (another session on the same machine would cut a running stack's
+    workers off), so the directory lives under STACKS_DIR (0711) instead.
+    """
+    if os.geteuid() != 0 or (path.is_symlink() and STACKS_DIR in path.resolve().parents):
+        return path
+    STACKS_DIR.mkdir(mode=0o711, exist_ok=True)
+    if STACKS_DIR.is_symlink() or STACKS_DIR.stat().st_uid != 0:
+        raise RuntimeError(f"{STACKS_DIR} is not root's own directory")
+    STACKS_DIR.chmod(0o711)
+    real = Path(tempfile.mkdtemp(prefix=f"{path.name}-", dir=STACKS_DIR))
+    real.chmod(0o711)
+    if path.is_dir() and not path.is_symlink():
+        path.rmdir()  # an empty one, from tmp_path_factory.mktemp
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(real)
+    services.reachable.append(real)
+    return path
 
 
 def free_port() -> int:
@@ -418,6 +463,11 @@ def start_stack(
     plane.sync_keys()
     counts = workers or {t: 1 for t in tools}
     stack.workers = counts
+    if broker_urls is None and services.embedded_home is not None:
+        # The test services' own embedded Redis (none answered on the machine): its URL is
+        # its control user's, which `toolplane up` never hands to a worker unasked.
+        broker_urls = {f"worker-{t}": services.redis_url for t in counts}
+    stack.broker_urls = broker_urls
     specs = processes.plan_processes(
         plane,
         workers=counts,

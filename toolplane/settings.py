@@ -72,6 +72,16 @@ class Settings(BaseSettings):
     allow_weak_containment: bool = Field(
         default=False, description="run tools without namespaces where bwrap cannot"
     )
+    worker_user: str = Field(
+        default="toolplane-{tool}",
+        description="user of a tool's workers when `toolplane up` is root ({tool}: its name)",
+    )
+    worker_env: str = Field(
+        default="", description="comma-separated names of further variables the workers get"
+    )
+    broker_acl_dir: Path | None = Field(
+        default=None, description="`toolplane broker-acl`'s files: a broker user per process"
+    )
 
     @field_validator(
         "home",
@@ -82,6 +92,7 @@ class Settings(BaseSettings):
         "api_cert",
         "api_key",
         "api_client_ca",
+        "broker_acl_dir",
     )
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
@@ -117,6 +128,10 @@ class Settings(BaseSettings):
     @property
     def extra_tool_modules(self) -> list[str]:
         return [name.strip() for name in self.extra_tools.split(",") if name.strip()]
+
+    @property
+    def worker_env_names(self) -> list[str]:
+        return [name.strip() for name in self.worker_env.split(",") if name.strip()]
 
     @property
     def keys_dir(self) -> Path:

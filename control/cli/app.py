@@ -94,6 +94,7 @@ def up(
     """
     from control.ops import processes
     from control.ops.embedded import embedded_acl_summary, embedded_broker_urls, start_embedded
+    from control.ops.identities import describe, prepare_workers
     from control.ops.runtime import ControlPlane
     from control.ops.runtime_database import ensure_runtime_url
     from ledger.migrate import upgrade
@@ -122,12 +123,15 @@ def up(
     plane.keystore.ensure_all(sorted(tools), receipt_algorithm=settings.receipt_algorithm)
     plane.sync_keys()
     plane.policy  # noqa: B018 - validate the bundle before starting anything
+    ids = prepare_workers(settings, counts)  # users, directories, keys (control.ops.identities)
+    console.print(describe(ids))
     specs = processes.plan_processes(
         plane,
         workers=counts,
         flower=flower,
         runtime_database_url=runtime_url,
         broker_urls=broker_urls,
+        identities=ids,
     )
     processes.start_processes(settings.home, specs)
     try:
@@ -232,11 +236,14 @@ def worker(
 ) -> None:
     """Run one sandbox worker for tool.TOOL (consumes only that queue).
 
-    Operator command: finds the embedded broker's URL for the tool's own user, then
-    becomes `toolplane-worker TOOL` (python -m sandbox_tasks), which loads nothing of the
-    control plane.
+    Operator command: finds the embedded broker's URL for the tool's own user, then becomes
+    `toolplane-worker TOOL` (python -m sandbox_tasks) as `toolplane up` would start it
+    (environment; from the control's HOME, its own directory and user: control.ops.processes).
     """
+    import sys
+
     from control.ops.embedded import embedded_broker_urls, find_embedded
+    from control.ops.processes import exec_worker
     from sandbox_tasks.registry import load_tools
 
     if autoscale is not None:
@@ -254,12 +261,9 @@ def worker(
         broker = embedded_broker_urls(settings.home, [tool])[f"worker-{tool}"]
     # The worker is its own program (sandbox_tasks): this process becomes it, so that
     # nothing of the control plane stays loaded in a process that runs tools.
-    import os
-    import sys
-
     argv = [sys.executable, "-m", "sandbox_tasks", tool, "--concurrency", str(concurrency)]
     argv += ["--loglevel", loglevel] + (["--autoscale", autoscale] if autoscale else [])
-    os.execve(sys.executable, argv, {**os.environ, "TOOLPLANE_BROKER_URL": broker})  # noqa: S606
+    exec_worker(settings, tool, broker_url=broker, argv=argv)
 
 
 # -- calls and runs ----------------------------------------------------------------

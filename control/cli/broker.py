@@ -33,7 +33,7 @@ from control.cli.output import console, err
 from control.cli.support import handled, load_settings
 from control.errors import UsageError
 
-__all__ = ["broker_acl", "broker_files"]
+__all__ = ["acl_dir_urls", "broker_acl", "broker_files"]
 
 PASSWORDS = "passwords.json"
 ACLFILE = "users.acl"
@@ -199,3 +199,24 @@ def broker_acl(
         "(docs/deployment.md, 'Broker ACL users').",
         markup=False,
     )
+
+
+def acl_dir_urls(directory: Path, tools: Iterable[str]) -> dict[str, str]:
+    """The broker URLs ``toolplane up`` gives its processes from a directory this command wrote:
+    ``worker-<tool>`` from ``broker_url.<tool>`` (each one required) and ``flower`` from
+    ``broker_url.flower`` where it is there. The control keeps TOOLPLANE_BROKER_URL."""
+    urls = {}
+    for process, name in [*((f"worker-{t}", t) for t in tools), ("flower", "flower")]:
+        path = directory / url_file(name)
+        try:
+            urls[process] = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            if process == "flower":
+                continue
+            raise UsageError(
+                f"{path} is missing: run `toolplane broker-acl {directory}` with every tool",
+                field="TOOLPLANE_BROKER_ACL_DIR",
+            ) from None
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e}", field="TOOLPLANE_BROKER_ACL_DIR") from e
+    return urls

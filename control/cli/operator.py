@@ -71,6 +71,7 @@ def keys_init(json_: JsonOpt = False) -> None:
 @handled
 def keys_rotate(tool: str, json_: JsonOpt = False) -> None:
     """Give TOOL (or `control`) a new key; the old one still verifies what it signed."""
+    from control.ops.identities import refresh_worker_keys
     from toolplane.keystore import KeyStore
 
     settings = load_settings()
@@ -80,8 +81,9 @@ def keys_rotate(tool: str, json_: JsonOpt = False) -> None:
         raise UsageError(f"no key for {owner!r} to rotate", field="TOOL")
     algorithm = "ed25519" if owner == "control" else settings.receipt_algorithm
     key_id = store.rotate(owner, algorithm)  # type: ignore[arg-type]
+    refreshed = refresh_worker_keys(settings)  # the workers' own key directories, at once
     if json_:
-        print_json({"owner": owner, "key_id": key_id})
+        print_json({"owner": owner, "key_id": key_id, "worker_dirs_refreshed": refreshed})
     else:
         console.print(
             f"{owner}: new key {key_id} (processes that can read its private file use it from "
@@ -98,9 +100,11 @@ def keys_revoke(
 ) -> None:
     """Revoke KEY_ID now: it verifies nothing received from now on (KeyRevoked)."""
     from control.governance.keys import revoke_key
+    from control.ops.identities import refresh_worker_keys
 
     plane = _plane()
     done = revoke_key(plane.sessions, plane.keystore, key_id, reason=reason)
+    refresh_worker_keys(plane.settings)  # the workers' own key directories, at once
     if json_:
         print_json(done.as_dict())
         return

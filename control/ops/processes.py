@@ -2,9 +2,12 @@
 
 Each process is started detached (its own session, output to
 ``$TOOLPLANE_HOME/logs/<name>.log``) and recorded in ``$TOOLPLANE_HOME/run/processes.json``
-so that ``down`` (from any shell) stops exactly what ``up`` started. Workers get
-no database URL: the sandbox plane holds no database credentials. The control process
-gets the runtime role's URL (control.ops.runtime_database), never the owner's.
+so that ``down`` (from any shell) stops exactly what ``up`` started. A worker's
+environment is built here (``worker_env``) from an allowlist: its own home and broker
+user, its roots and timings, and no database URL, token, or password of the control's.
+It runs in its own directory and, when we are root, as its own user
+(``control.ops.identities``). The control process gets the runtime role's URL
+(control.ops.runtime_database), never the owner's.
 """
 
 from __future__ import annotations
@@ -12,40 +15,47 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import psutil
 from sqlalchemy import select
 
 from control.errors import ControlError
+from control.ops.identities import WorkerIdentity, prepare_workers
 from control.ops.runtime import ControlPlane
 from ledger.models import ToolManifest
+from toolplane.errors import SettingsError
+from toolplane.keystore import KeyStore
 from toolplane.settings import Settings
 
-WORKER_ONLY_SECRETS = (  # never in a worker's environment
-    "TOOLPLANE_DATABASE_URL",
-    "TOOLPLANE_REDIS_URL",
-    "TOOLPLANE_TOKEN",
-    "TOOLPLANE_FLOWER_PASSWORD",
-)
+# What a worker may get of the environment it is started from (LC_* too); every TOOLPLANE_*
+# setting it gets is set by worker_env itself, and TOOLPLANE_WORKER_ENV may name more.
+WORKER_BASE_ENV = tuple("PATH LANG LANGUAGE TZ PYTHONPATH PYTHONDONTWRITEBYTECODE".split())
+WORKER_BASE_ENV += ("PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONUTF8")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 __all__ = [
     "ProcessSpec",
     "Supervisor",
+    "exec_worker",
     "flower_password",
     "start_processes",
     "stop_processes",
     "stop_supervisor",
     "supervising",
     "wait_ready",
+    "worker_env",
 ]
 
 
@@ -54,6 +64,8 @@ class ProcessSpec:
     name: str
     argv: list[str]
     env: dict[str, str]
+    uid: int | None = None  # run as this user (and its group, no other groups); None: ours
+    gid: int | None = None
 
 
 def _state_path(home: Path) -> Path:
@@ -115,6 +127,66 @@ def api_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def worker_env(
+    settings: Settings, *, tool: str, home: Path, broker_url: str, source: Mapping[str, str]
+) -> dict[str, str]:
+    """A worker's whole environment: of ``source``, only WORKER_BASE_ENV, ``LC_*`` and what
+    TOOLPLANE_WORKER_ENV names; then its own settings (home, broker URL of its own user)."""
+    extra = set(settings.worker_env_names)
+    for name in extra:
+        if not ENV_NAME.fullmatch(name) or name.startswith(("TOOLPLANE_", "CELERY_")):
+            raise SettingsError(
+                f"{name!r}: a variable name, not TOOLPLANE_* or CELERY_* (those are set "
+                "for the worker here, or would override its broker)",
+                setting="TOOLPLANE_WORKER_ENV",
+            )
+    env = {
+        k: v for k, v in source.items() if k in WORKER_BASE_ENV or k.startswith("LC_") or k in extra
+    }
+    env.update(
+        {
+            "HOME": str(home),
+            "TOOLPLANE_HOME": str(home),
+            "TOOLPLANE_BROKER_URL": broker_url,
+            "TOOLPLANE_REPO_ROOT": str(settings.repo_root),
+            "TOOLPLANE_DOCS_ROOT": str(settings.docs_root),
+            "TOOLPLANE_EXTRA_TOOLS": settings.extra_tools,
+            "TOOLPLANE_RECEIPT_ALGORITHM": settings.receipt_algorithm,
+            "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
+            "TOOLPLANE_QUEUE_WAIT_S": str(settings.queue_wait_s),
+        }
+    )
+    if settings.allow_weak_containment:
+        env["TOOLPLANE_ALLOW_WEAK_CONTAINMENT"] = "true"
+    return env
+
+
+def exec_worker(settings: Settings, tool: str, *, broker_url: str, argv: list[str]) -> NoReturn:
+    """Become ``tool``'s worker (``toolplane worker``) as ``up`` would start it: where HOME is
+    the control's (its private key is there), in its own directory and, as root, as its own
+    user; a HOME without the control's key (a worker's container) is used as it is."""
+    home, identity = settings.home, None
+    try:
+        KeyStore(settings.keys_dir).signer("control")
+    except SettingsError:
+        pass
+    else:
+        identity = prepare_workers(settings, [tool])[tool]
+        home = identity.home
+    env = worker_env(settings, tool=tool, home=home, broker_url=broker_url, source=os.environ)
+    if identity is not None and identity.uid is not None and identity.gid is not None:
+        env["USER"] = env["LOGNAME"] = str(identity.user)
+        os.setgroups([])
+        os.setgid(identity.gid)
+        os.setuid(identity.uid)
+        os.umask(0o077)
+    os.execve(argv[0], argv, env)  # noqa: S606 - our own interpreter and module
+
+
+def _has_password(url: str) -> bool:
+    return bool(urllib.parse.urlsplit(url).password)
+
+
 def plan_processes(
     plane: ControlPlane,
     *,
@@ -123,16 +195,25 @@ def plan_processes(
     runtime_database_url: str,
     base_env: dict[str, str] | None = None,
     broker_urls: Mapping[str, str] | None = None,
+    identities: Mapping[str, WorkerIdentity] | None = None,
 ) -> list[ProcessSpec]:
-    """What to start; each child gets ``base_env`` (default: ours) without TOOLPLANE_*.
+    """What to start; each child gets ``base_env`` (default: ours) without TOOLPLANE_*, and a
+    worker only what ``worker_env`` lets through.
 
     ``broker_urls`` gives a process (``control``, ``worker-<tool>``, ``flower``) its own broker
-    URL, i.e. its own ACL user (control.broker.acl); a process not in it gets the control's.
+    URL, i.e. its own ACL user (control.broker.acl); a process not in it gets the control's,
+    which a worker gets only if it carries no password (name it here to hand it over).
     ``runtime_database_url`` is the control's database URL: the runtime role's, which may
     append evidence but not change it (control.ops.runtime_database), not ``plane``'s owner URL.
+    ``identities`` (default: made here, control.ops.identities.prepare_workers) are the
+    workers' users and directories.
     """
-    urls = broker_urls or {}
     settings = plane.settings
+    urls = dict(broker_urls or {})
+    if settings.broker_url and settings.broker_acl_dir is not None:  # a broker user per process
+        from control.cli.broker import acl_dir_urls
+
+        urls = {**acl_dir_urls(settings.broker_acl_dir, sorted(workers)), **urls}
     source = os.environ if base_env is None else base_env
     base = {k: v for k, v in source.items() if not k.startswith("TOOLPLANE_")}
     common = {
@@ -166,14 +247,30 @@ def plan_processes(
             },
         )
     ]
+    if workers and identities is None:
+        identities = prepare_workers(settings, workers)
     for tool, concurrency in workers.items():
-        env = {k: v for k, v in common.items() if k not in WORKER_ONLY_SECRETS}
-        env["TOOLPLANE_BROKER_URL"] = urls.get(f"worker-{tool}", plane.broker_url)
+        broker_url = urls.get(f"worker-{tool}", plane.broker_url)
+        if f"worker-{tool}" not in urls and _has_password(broker_url):
+            raise SettingsError(
+                f"carries a password, and the workers of {tool!r} would get it: give each "
+                "tool's workers a broker user of their own (TOOLPLANE_BROKER_ACL_DIR, the "
+                "files of `toolplane broker-acl`), or leave it unset for the embedded broker",
+                setting="TOOLPLANE_BROKER_URL",
+            )
+        identity = (identities or {})[tool]
+        env = worker_env(
+            settings, tool=tool, home=identity.home, broker_url=broker_url, source=source
+        )
+        if identity.user is not None:
+            env["USER"] = env["LOGNAME"] = identity.user
         specs.append(
             ProcessSpec(
                 f"worker-{tool}",
                 [sys.executable, "-m", "sandbox_tasks", tool, "--concurrency", str(concurrency)],
                 env,
+                uid=identity.uid,
+                gid=identity.gid,
             )
         )
     if flower:
@@ -203,29 +300,45 @@ def plan_processes(
 
 
 def start_processes(home: Path, specs: list[ProcessSpec]) -> list[dict[str, object]]:
+    """Start what of ``specs`` does not run; each one's log (ours, 0600) is handed to it."""
     logs = home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True, mode=0o700)
     entries = [e for e in _read(home) if _alive(e)]
     running = {str(e["name"]) for e in entries}
     for spec in specs:
         if spec.name in running:
             continue
-        log = open(logs / f"{spec.name}.log", "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(
-            spec.argv,
-            env=spec.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
+        path = logs / f"{spec.name}.log"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            proc = subprocess.Popen(
+                spec.argv,
+                env=spec.env,
+                stdout=fd,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                user=spec.uid,  # None: ours, as the rest below
+                group=spec.gid,
+                extra_groups=None if spec.uid is None else [],
+                umask=-1 if spec.uid is None else 0o077,
+            )
+        except OSError as e:  # e.g. the worker's user may not run our Python
+            _write(home, entries)
+            if spec.uid is None:
+                raise
+            raise ControlError(
+                f"{spec.name}: cannot start {spec.argv[0]} as uid {spec.uid}: {e}; the Python "
+                "installation and the code must be readable by that user"
+            ) from e
+        finally:
+            os.close(fd)
         entries.append(
             {
                 "name": spec.name,
                 "pid": proc.pid,
                 "create_time": psutil.Process(proc.pid).create_time(),
-                "log": str(logs / f"{spec.name}.log"),
+                "log": str(path),
             }
         )
     _write(home, entries)

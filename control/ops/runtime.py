@@ -24,6 +24,7 @@ from control.errors import ServiceUnavailable
 from control.governance.entitlements import EntitlementStore
 from control.governance.keys import sync_keys
 from control.ops.embedded import find_embedded
+from control.ops.identities import refresh_worker_keys
 from control.orchestration.dispatch import CeleryPublisher
 from control.orchestration.intake import Governance
 from ledger.chain import NewEvent
@@ -34,6 +35,7 @@ from policy.bundle import PolicyBundle, bundle_files, load_bundle
 from policy.engine import PolicyEngine
 from policy.errors import BundleError
 from toolplane.canonical import digest
+from toolplane.errors import SettingsError
 from toolplane.keystore import IndexWatch, KeyStore
 from toolplane.settings import Settings
 from toolplane.signing import KeyRing, PublicKey, Signer, b64decode
@@ -278,6 +280,10 @@ class ControlPlane:
         with self.sessions() as session:
             count = sync_keys(session, self.keystore)
         self._keyring = None
+        try:  # a revocation learnt here reaches the workers' own copies (control.ops.identities)
+            refresh_worker_keys(self.settings)
+        except SettingsError as e:
+            log.error("keys.workers_not_refreshed error=%s", e)
         return count
 
     def keyring(self, *, refresh: bool = False) -> KeyRing:

@@ -161,7 +161,7 @@ def test_every_worker_serves_its_queue_as_its_own_user_and_nothing_is_denied(
     assert acl_redis.denials() == [], "the ACL refused something the stack needs"
     # Each worker's event loop touches its heartbeat file (containers' healthcheck reads it).
     for tool in CALLS:
-        beat = heartbeat_path(acl_stack.home / "scratch", tool)
+        beat = heartbeat_path(acl_stack.worker_home(tool) / "scratch", tool)
         assert time.time() - beat.stat().st_mtime < 10, tool
 
 

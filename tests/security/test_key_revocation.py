@@ -270,7 +270,10 @@ def test_a_retired_keys_work_in_flight_is_accepted_within_the_grace(
 
 def retire_long_ago(stack: Stack, key_ids: list[str]) -> datetime:
     """Move these retired keys' retirement back past their grace, in the key store's index
-    (where the control and the workers read it) and in the ledger's key table."""
+    (where the control reads it; the workers read their copies of it, written again here as
+    `toolplane keys` does: control.ops.identities) and in the ledger's key table."""
+    from control.ops.identities import refresh_worker_keys
+
     store = keys(stack)
     retired = datetime.fromisoformat(
         next(e["not_after"] for e in store.entries() if e["key_id"] == key_ids[0])
@@ -282,6 +285,7 @@ def retire_long_ago(stack: Stack, key_ids: list[str]) -> datetime:
     tmp = store.index_path.with_suffix(".test")
     tmp.write_text(json.dumps(index))
     tmp.replace(store.index_path)
+    refresh_worker_keys(stack.settings())
     return retired
 
 
