@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ import pytest
 import redis
 from psycopg import sql
 from sqlalchemy.engine import make_url
+
+from tests.stackdirs import reachable
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
@@ -390,35 +391,6 @@ def make_env(
     env["TOOLPLANE_URL"] = f"http://127.0.0.1:{port}"
     env.update(extra_env or {})
     return env
-
-
-STACKS_DIR = Path(tempfile.gettempdir()) / "toolplane-test-stacks"
-
-
-def reachable(services: Services, path: Path) -> Path:
-    """``path`` as a link to a new directory that other users can reach, removed with
-    ``services``; ``path`` itself where we are not root.
-
-    As root, `toolplane up` runs each tool's workers as a user of its own, which must reach
-    its directory under the stack's home and the data roots put there. pytest's temporary
-    directories are 0700, and every pytest session sets /tmp/pytest-of-<user> back to 0700
-    when it starts (another session on the same machine would cut a running stack's
-    workers off), so the directory lives under STACKS_DIR (0711) instead.
-    """
-    if os.geteuid() != 0 or (path.is_symlink() and STACKS_DIR in path.resolve().parents):
-        return path
-    STACKS_DIR.mkdir(mode=0o711, exist_ok=True)
-    if STACKS_DIR.is_symlink() or STACKS_DIR.stat().st_uid != 0:
-        raise RuntimeError(f"{STACKS_DIR} is not root's own directory")
-    STACKS_DIR.chmod(0o711)
-    real = Path(tempfile.mkdtemp(prefix=f"{path.name}-", dir=STACKS_DIR))
-    real.chmod(0o711)
-    if path.is_dir() and not path.is_symlink():
-        path.rmdir()  # an empty one, from tmp_path_factory.mktemp
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.symlink_to(real)
-    services.reachable.append(real)
-    return path
 
 
 def free_port() -> int:

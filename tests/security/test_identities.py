@@ -33,7 +33,8 @@ import pytest
 from control.broker import acl as brokeracl
 from control.client import Client
 from control.ops.processes import WORKER_BASE_ENV
-from tests.harness import REPO, Services, make_env, reachable
+from tests.harness import REPO, Services, make_env
+from tests.stackdirs import reachable
 
 pytestmark = pytest.mark.integration
 
