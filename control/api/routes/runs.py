@@ -166,6 +166,7 @@ async def follow_run(
         run_id,
         after=int(last_event_id or 0),
         disconnected=request.is_disconnected,
+        token_id=ops.identity.token_id,
     )
     return StreamingResponse(
         stream,
