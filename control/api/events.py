@@ -34,8 +34,9 @@ CHANNEL = "toolplane_run_events"
 KEEPALIVE_S = 15.0  # a comment line so that proxies and clients see the stream alive
 REREAD_S = 5.0  # a stream reads again this often even without a notification
 BATCH = 500
+LAST_ID = 2**63 - 1  # run_events.id is a bigint: no event's id is larger
 
-__all__ = ["CHANNEL", "RunEventHub", "event_stream", "libpq_url"]
+__all__ = ["CHANNEL", "LAST_ID", "RunEventHub", "event_stream", "libpq_url"]
 
 
 def libpq_url(url: str) -> str:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from control.api.deps import Caller
-from control.api.events import event_stream
+from control.api.events import LAST_ID, event_stream
 from control.api.models import (
     BatchIn,
     BatchOut,
@@ -164,7 +164,7 @@ async def follow_run(
         request.app.state.events,
         ops.plane.sessions,
         run_id,
-        after=int(last_event_id or 0),
+        after=min(int(last_event_id or 0), LAST_ID),  # no id is larger (bigint)
         disconnected=request.is_disconnected,
         token_id=ops.identity.token_id,
     )
