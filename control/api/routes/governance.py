@@ -18,6 +18,7 @@ from control.api.models import (
 )
 from control.errors import require_text
 from control.governance.auth import Role
+from control.orchestration.validation import check_json
 from policy.engine import PolicyRequest
 
 router = APIRouter(prefix="/v1", tags=["governance"])
@@ -105,6 +106,7 @@ def policy_status(ops: Caller) -> StatusOut:
 def explain(body: ExplainIn, ops: Caller) -> dict[str, Any]:
     """How the bundle in force decides this call for you (nothing runs; no evidence):
     the decision, the policies that decided it and their reasons."""
+    check_json(body.args, "--arg")
     identity = ops.identity
     scope = ops.scope(body.environment, body.classification)
     decision = ops.plane.policy.decide(

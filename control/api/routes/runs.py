@@ -34,6 +34,7 @@ from control.governance.approvals import Decided
 from control.orchestration.operations import Operations
 from control.orchestration.runs import RunView
 from control.orchestration.states import RunStatus
+from control.orchestration.validation import check_json
 from ledger.models import EvidenceEvent
 
 router = APIRouter(prefix="/v1", tags=["runs"])
@@ -62,6 +63,7 @@ def _key(header: str | None, body: str | None) -> str | None:
 
 
 def _submit_call(ops: Operations, call: CallIn, key: str | None) -> RunOut:
+    check_json(call.args, "--arg")
     run_id = ops.submit(
         call.tool,
         call.args,
@@ -91,6 +93,7 @@ def submit_workflow(
     body: WorkflowIn, ops: Caller, idempotency_key: IdempotencyKey = None
 ) -> RunOut:
     """Start a run of a workflow of the server's workflows directory."""
+    check_json(body.inputs, "--input")
     run_id = ops.submit_workflow(
         body.workflow,
         body.inputs,
