@@ -131,6 +131,9 @@ def install_problem_handlers(app: FastAPI) -> None:
         status, code = _classify(error)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         field, detail = _field_and_detail(error)
+        if isinstance(error, ServiceUnavailable):  # its text names hosts, ports, settings
+            log.warning("api.unavailable path=%r %s", request.url.path, detail)
+            field, detail = None, f"{error.service} unavailable; try again"
         return problem_response(status, code, detail, field=field, headers=headers)
 
     @app.exception_handler(RequestValidationError)
