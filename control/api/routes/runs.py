@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -16,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from control.api.deps import Caller
 from control.api.events import LAST_ID, event_stream
+from control.api.fields import api_field
 from control.api.models import (
     BatchIn,
     BatchOut,
@@ -81,11 +84,37 @@ def submit_call(body: CallIn, ops: Caller, idempotency_key: IdempotencyKey = Non
     return _submit_call(ops, body, _key(idempotency_key, body.idempotency_key))
 
 
+@contextlib.contextmanager
+def _item(index: int) -> Iterator[None]:
+    """A batch's problem names the call at fault: ``calls.2.args.query``."""
+    try:
+        yield
+    except UsageError as e:  # Conflict too, keeping its type
+        field = f"calls.{index}." + (api_field(str(e.field)) if e.field else "")
+        raise type(e)(e.rule, field=field.rstrip(".")) from e
+
+
 @router.post("/calls/batch", status_code=status.HTTP_201_CREATED, response_model=BatchOut)
 def submit_calls(body: BatchIn, ops: Caller) -> BatchOut:
     """Submit up to 100 calls at once; each is decided on its own (its own run), in order.
-    Each call may carry its own `idempotency_key`."""
-    return BatchOut(runs=[_submit_call(ops, call, call.idempotency_key) for call in body.calls])
+    Each call may carry its own `idempotency_key`. Every call is checked (tool, arguments,
+    labels, keys) before any is submitted: a batch refused with 422 or 409 ran nothing."""
+    for index, call in enumerate(body.calls):
+        with _item(index):
+            check_json(call.args, "--arg")
+            ops.check_call(
+                call.tool,
+                call.args,
+                environment=call.environment,
+                classification=call.classification,
+                idempotency_key=call.idempotency_key,
+                on_behalf_of=call.on_behalf_of,
+            )
+    runs = []
+    for index, call in enumerate(body.calls):
+        with _item(index):
+            runs.append(_submit_call(ops, call, call.idempotency_key))
+    return BatchOut(runs=runs)
 
 
 @router.post("/runs", status_code=status.HTTP_201_CREATED, response_model=RunOut)
