@@ -376,3 +376,58 @@ def test_the_cli_says_in_one_line_what_an_odd_answer_was(stack: Stack, odd_api: 
     done = stack.cli("runs", "list", env=env, timeout=60)
     assert done.returncode == 2 and "\x1b" not in done.stderr and "\x07" not in done.stderr
     assert "\\x1b[2J" in done.stderr, done.stderr
+
+
+# -- what one token can make the control process do -------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="finding: verify spawns a process pool per request")
+@pytest.mark.timeout(120)
+def test_concurrent_ledger_verifies_do_not_multiply_processes(stack: Stack) -> None:
+    """A chain past ledger.verify.PARALLEL_FROM is verified by a pool of cpu_count
+    processes, spawned for each request: an auditor's concurrent verifies must not
+    multiply them in the control process (which also ingests every result)."""
+    import os
+
+    import psutil
+
+    from control.governance.auth import Role
+    from ledger.chain import NewEvent
+    from ledger.store import append_events
+    from ledger.verify import PARALLEL_FROM
+
+    admin = stack.tenant()
+    auditor = issue(stack, admin, "auditor", Role.AUDITOR.value)["token"]
+    tenant = stack.client(admin).identity.tenant_id
+    with stack.client(admin).plane.sessions() as session:  # a busy tenant's evidence
+        events = [NewEvent("RunSubmitted", {"i": i}, tenant_id=tenant) for i in range(500)]
+        for _ in range(PARALLEL_FROM // 500 + 1):
+            append_events(session, events)
+        session.commit()
+    control = psutil.Process(stack.pid("control"))
+    peak, done = 0, threading.Event()
+
+    def verify() -> None:
+        send(stack, "GET", "/v1/ledger/verify", auditor)
+
+    workers = [threading.Thread(target=verify) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    while any(w.is_alive() for w in workers):
+        peak = max(peak, len(control.children(recursive=True)))
+        done.wait(0.02)
+    assert peak <= (os.cpu_count() or 1) + 1, f"{peak} processes under the control process"
+
+
+@pytest.mark.xfail(strict=True, reason="finding: a list of runs carries every result in full")
+def test_listing_runs_does_not_carry_every_result(stack: Stack) -> None:
+    """GET /v1/runs?limit=1000 builds every run's results (up to 1 MB a node) in the
+    control's memory, about four times over: any role can ask for a tenant's 1000 largest."""
+    repo_file(stack, "src/big.py", ("x = 1  # " + "a" * 80 + "\n") * 10_000)  # 0.9 MB
+    admin = stack.tenant()
+    call = {"tool": "read_repo_file", "args": {"path": "src/big.py"}}
+    for _ in range(2):
+        ended(stack, admin, send(stack, "POST", "/v1/calls", admin, json=call).json()["run_id"])
+    listed = send(stack, "GET", "/v1/runs", admin, params={"limit": 1000})
+    assert listed.status_code == 200
+    assert len(listed.content) < 1_000_000, f"{len(listed.content)} bytes for two runs"
