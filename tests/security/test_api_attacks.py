@@ -294,6 +294,11 @@ def test_a_refused_batch_runs_nothing_and_names_the_call_at_fault(stack: Stack) 
     not_5xx(refused, 422)
     assert refused.json()["field"].startswith("calls.2."), refused.json()
     assert send(stack, "GET", "/v1/runs", admin).json()["runs"] == []  # nothing ran
+    one_key = [dict(c, idempotency_key="same") for c in calls[:2]]
+    conflict = send(stack, "POST", "/v1/calls/batch", admin, json={"calls": one_key})
+    not_5xx(conflict, 409)
+    assert conflict.json()["field"] == "calls.1.idempotency_key", conflict.json()
+    assert send(stack, "GET", "/v1/runs", admin).json()["runs"] == []
 
 
 # -- what problems say ------------------------------------------------------------------------

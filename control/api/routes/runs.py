@@ -32,7 +32,7 @@ from control.api.models import (
     RunPage,
     WorkflowIn,
 )
-from control.errors import UsageError
+from control.errors import Conflict, UsageError
 from control.governance.approvals import Decided
 from control.orchestration.operations import Operations
 from control.orchestration.runs import RunView
@@ -99,8 +99,14 @@ def submit_calls(body: BatchIn, ops: Caller) -> BatchOut:
     """Submit up to 100 calls at once; each is decided on its own (its own run), in order.
     Each call may carry its own `idempotency_key`. Every call is checked (tool, arguments,
     labels, keys) before any is submitted: a batch refused with 422 or 409 ran nothing."""
+    keyed: dict[str, CallIn] = {}
     for index, call in enumerate(body.calls):
         with _item(index):
+            key = call.idempotency_key
+            if key is not None and keyed.setdefault(key, call) != call:
+                raise Conflict(
+                    f"{key!r} is used for another call of this batch", field="--idempotency-key"
+                )
             check_json(call.args, "--arg")
             ops.check_call(
                 call.tool,
