@@ -41,7 +41,7 @@ from control.api.models import (
     WorkflowOut,
 )
 from control.errors import ControlError
-from control.wire import ApiRequest, Requests, raise_for_problem, unreachable
+from control.wire import ApiRequest, Requests, parsed, raise_for_problem, unreachable
 
 __all__ = ["AsyncClient", "Client", "ClientSettings", "WaitTimeout"]
 
@@ -141,7 +141,7 @@ class Client(Requests):
         except httpx.TransportError as e:
             raise unreachable(self.settings.url, e) from e
         raise_for_problem(response)
-        return request.parse(response)
+        return parsed(request, response)
 
     # -- runs --------------------------------------------------------------------------
     def submit(self, tool: str, args: dict[str, Any], **options: Any) -> str:
@@ -385,7 +385,7 @@ class AsyncClient(Requests):
         except httpx.TransportError as e:
             raise unreachable(self.settings.url, e) from e
         raise_for_problem(response)
-        return request.parse(response)
+        return parsed(request, response)
 
     async def submit(self, tool: str, args: dict[str, Any], **options: Any) -> str:
         run: RunOut = await self._send(self.r_call(tool, args, **options))

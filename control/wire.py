@@ -39,7 +39,7 @@ from control.errors import (
     UsageError,
 )
 
-__all__ = ["ApiRequest", "Requests", "raise_for_problem", "unreachable"]
+__all__ = ["ApiRequest", "Requests", "parsed", "raise_for_problem", "unreachable"]
 
 
 def _nothing(response: httpx.Response) -> None:
@@ -202,6 +202,19 @@ def _segment(value: str, what: str) -> str:
 def unreachable(url: str, error: Exception) -> ServiceUnavailable:
     first = str(error).splitlines()[0] if str(error) else type(error).__name__
     return ServiceUnavailable("api", f"cannot reach {url}: {first}")
+
+
+def parsed(request: ApiRequest, response: httpx.Response) -> Any:
+    """The answer as the operation's model; an answer that is not one (a proxy's page, a
+    captive portal, another service at that URL) is one error naming what came back."""
+    try:
+        return request.parse(response)
+    except (ValueError, TypeError) as e:  # pydantic's ValidationError is a ValueError
+        kind = response.headers.get("content-type", "no content type")
+        raise ControlError(
+            f"the API answered {response.status_code} ({kind}) to {request.method} "
+            f"{request.path} with a body this client cannot read; is TOOLPLANE_URL the API?"
+        ) from e
 
 
 def raise_for_problem(response: httpx.Response) -> None:

@@ -11,15 +11,17 @@ is a new version, recorded like any other):
 
 A rule without ``arg`` labels everything the tool reads (its data root); with
 ``arg`` and ``glob`` it labels the calls whose string argument matches the glob
-(``fnmatch``, case-sensitive, on the argument as given: the bundle's path rules
-see the same string). Labels only raise a call's classification: the call is
-decided at the strictest of what the run says and every rule that matches, in
-the deployment's order of classifications.
+(``fnmatch``, case-sensitive, on the argument as given and on the path it names
+once ``.``, ``..`` and empty segments are resolved: either matching labels it).
+Labels only raise a call's classification: the call is decided at the strictest
+of what the run says and every rule that matches, in the deployment's order of
+classifications.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -67,7 +69,9 @@ class DataLabels:
                 continue
             if rule.arg is not None:
                 value = args.get(rule.arg)
-                if not isinstance(value, str) or not fnmatchcase(value, str(rule.glob)):
+                if not isinstance(value, str) or not any(
+                    fnmatchcase(spelling, str(rule.glob)) for spelling in _spellings(value)
+                ):
                     continue
             # a label the order does not know is the strictest there is: never laxer
             if rank.get(rule.classification, len(order)) > rank.get(strictest, -1):
@@ -76,6 +80,15 @@ class DataLabels:
 
     def as_dict(self) -> dict[str, Any]:
         return {"rules": [r.model_dump(exclude_none=True) for r in self.rules]}
+
+
+def _spellings(value: str) -> tuple[str, ...]:
+    """The argument as given, and as the path it names: ``./config/x``, ``config//x`` and
+    ``src/../config/x`` all name ``config/x``, which a tool resolving the path reads.
+    Matching both can only raise a classification (a bundle without plain-paths-only
+    would otherwise decide ``./config/x`` below ``config/*``'s label)."""
+    plain = posixpath.normpath(value).lstrip("/") if value else value
+    return (value,) if plain == value else (value, plain)
 
 
 def load_labels(bundle: Path) -> DataLabels:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from control.orchestration.states import TERMINAL_RUN
-from ledger.models import Run, RunEvent
+from ledger.models import ApiToken, Run, RunEvent
 
 log = logging.getLogger("toolplane.api.events")
 
@@ -33,8 +34,9 @@ CHANNEL = "toolplane_run_events"
 KEEPALIVE_S = 15.0  # a comment line so that proxies and clients see the stream alive
 REREAD_S = 5.0  # a stream reads again this often even without a notification
 BATCH = 500
+LAST_ID = 2**63 - 1  # run_events.id is a bigint: no event's id is larger
 
-__all__ = ["CHANNEL", "RunEventHub", "event_stream", "libpq_url"]
+__all__ = ["CHANNEL", "LAST_ID", "RunEventHub", "event_stream", "libpq_url"]
 
 
 def libpq_url(url: str) -> str:
@@ -94,11 +96,14 @@ class RunEventHub:
 
 
 def _read(
-    sessions: sessionmaker[Session], run_id: str, after: int
-) -> tuple[list[RunEvent], str | None]:
+    sessions: sessionmaker[Session], run_id: str, after: int, token_id: str | None
+) -> tuple[list[RunEvent], str | None, bool]:
     """The run's status, then its events after ``after``: read in that order, the events
-    include every change committed before a terminal status was seen (none follow it)."""
+    include every change committed before a terminal status was seen (none follow it).
+    Last, whether the follower's token is still good (not revoked, not expired)."""
     with sessions() as session:
+        if token_id is not None and not _token_good(session, token_id):
+            return [], None, False
         status = session.scalar(select(Run.status).where(Run.id == run_id))
         rows = list(
             session.scalars(
@@ -109,7 +114,16 @@ def _read(
             )
         )
         session.expunge_all()
-    return rows, status
+    return rows, status, True
+
+
+def _token_good(session: Session, token_id: str) -> bool:
+    found = session.execute(
+        select(ApiToken.revoked_at, ApiToken.expires_at).where(ApiToken.id == token_id)
+    ).first()
+    if found is None or found.revoked_at is not None:
+        return False
+    return found.expires_at is None or found.expires_at > datetime.now(UTC)
 
 
 def _frame(row: RunEvent) -> str:
@@ -132,15 +146,22 @@ async def event_stream(
     *,
     after: int,
     disconnected: Callable[[], Any],
+    token_id: str | None = None,
 ) -> AsyncIterator[str]:
     """The run's events after ``after``, then each new one as it commits; ends after the
-    run's terminal status (an ``end`` event), or when the client goes away."""
+    run's terminal status (an ``end`` event), when the client goes away, or when the
+    follower's token (``token_id``) is revoked or expires: the stream closes without
+    ``end``, and reconnecting gets 401."""
     with hub.subscribe(run_id) as woken:
         yield "retry: 1000\n\n"
         idle = 0.0
         while True:
             woken.clear()
-            rows, run_status = await run_in_threadpool(_read, sessions, run_id, after)
+            rows, run_status, allowed = await run_in_threadpool(
+                _read, sessions, run_id, after, token_id
+            )
+            if not allowed:
+                return
             for row in rows:
                 after = row.id
                 yield _frame(row)

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -131,6 +131,9 @@ def install_problem_handlers(app: FastAPI) -> None:
         status, code = _classify(error)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         field, detail = _field_and_detail(error)
+        if isinstance(error, ServiceUnavailable):  # its text names hosts, ports, settings
+            log.warning("api.unavailable path=%r %s", request.url.path, detail)
+            field, detail = None, f"{error.service} unavailable; try again"
         return problem_response(status, code, detail, field=field, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -159,9 +162,21 @@ def install_problem_handlers(app: FastAPI) -> None:
         log.warning("api.database_unavailable %s", str(error).splitlines()[0])
         return problem_response(503, "unavailable", "database unavailable; try again")
 
+    @app.exception_handler(DataError)
+    async def value_refused(request: Request, error: DataError) -> JSONResponse:
+        # A value from the request that PostgreSQL cannot take: a NUL character in an id
+        # or a filter, a number out of range. The caller's input, not the server's fault.
+        log.info("api.value_refused path=%r %s", request.url.path, str(error.orig).strip())
+        return problem_response(
+            422,
+            "invalid_argument",
+            "a value in the request cannot be stored or compared (a NUL character, or a "
+            "number out of range)",
+        )
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("api.internal_error path=%s", request.url.path)
+        log.exception("api.internal_error path=%r", request.url.path)
         return problem_response(500, "internal", "internal error (logged by the server)")
 
 

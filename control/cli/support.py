@@ -92,7 +92,7 @@ def handled(func: F) -> F:
         except typer.Exit:
             raise
         except ToolplaneError as e:
-            err.print(f"error: {_shown(e)}", markup=False)
+            err.print(_lines(f"error: {_shown(e)}"), markup=False)  # the API's words, escaped
             raise typer.Exit(getattr(e, "exit_code", EXIT_ERROR)) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -103,12 +103,18 @@ def handled(func: F) -> F:
                 raise typer.Exit(EXIT_ERROR) from None
             trace = save_trace()
             err.print(
-                f"error: internal error: {type(e).__name__}: {e}".splitlines()[0], markup=False
+                safe(f"error: internal error: {type(e).__name__}: {e}".splitlines()[0]),
+                markup=False,
             )
             err.print(f"(traceback saved to {trace})", markup=False)
             raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _lines(text: str) -> str:
+    """``text`` for a terminal: its lines kept, every other control character escaped."""
+    return "\n".join(safe(line) for line in text.split("\n"))
 
 
 def _shown(error: ToolplaneError) -> str:

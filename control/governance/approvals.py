@@ -223,8 +223,12 @@ def decide_approval(
             node=node,
             submitter=state.submitter,
             decision_id=approval.decision_id,
-            constraints=engine.bundle.constraints.for_call(
-                tool=node.tool, environment=run.environment, classification=run.classification
+            constraints=engine.bundle.constraints.for_call(  # at the class it was decided at
+                tool=node.tool,
+                environment=run.environment,
+                classification=engine.bundle.labels.classify(
+                    node.tool, node.args or {}, run.classification, gov.classifications
+                ),
             ),
             approval_id=approval.id,
             events=events,

@@ -36,7 +36,7 @@ from control.orchestration.dispatch import publish_pending
 from control.orchestration.orchestrator import cancel_run
 from control.orchestration.runs import RunView, get_run, list_runs
 from control.orchestration.states import TERMINAL_RUN, RunStatus
-from control.orchestration.submission import CallRequest, RunRequest, submit_run
+from control.orchestration.submission import CallRequest, RunRequest, check_run, submit_run
 from control.orchestration.workflows import WorkflowSpec, load_workflow
 from ledger.models import Node, Run
 from ledger.verify import VerifyReport, verify_ledger
@@ -116,6 +116,37 @@ class Operations:
             on_behalf_of=on_behalf_of,
         )
         return self._start(request.as_run(), call=True)
+
+    def check_call(
+        self,
+        tool: str,
+        args: dict[str, Any],
+        *,
+        environment: str | None = None,
+        classification: str | None = None,
+        idempotency_key: str | None = None,
+        on_behalf_of: str | None = None,
+    ) -> None:
+        """Refuse what :meth:`submit` would refuse before recording anything (role, scope,
+        tool, arguments, a reused key), recording nothing: a batch checks every call first."""
+        require_role(self.identity, SUBMITTERS, "submit calls")
+        scope = self.scope(environment, classification)
+        request = CallRequest(
+            tool=tool,
+            args=args,
+            environment=scope.environment,
+            classification=scope.classification,
+            idempotency_key=idempotency_key,
+            on_behalf_of=on_behalf_of,
+        )
+        with self.plane.sessions() as session:
+            check_run(
+                session,
+                identity=self.identity,
+                request=request.as_run(),
+                gov=self.plane.governance(),
+                call=True,
+            )
 
     def _start(self, request: RunRequest, *, call: bool = False) -> str:
         """Record the run, decide its first nodes, publish what was allowed."""

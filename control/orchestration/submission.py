@@ -30,7 +30,7 @@ from ledger.models import Node, Run, ToolManifest
 from ledger.store import append_events
 from toolplane.canonical import digest
 
-__all__ = ["CallRequest", "RunRequest", "Submitted", "submit_run"]
+__all__ = ["CallRequest", "RunRequest", "Submitted", "check_run", "submit_run"]
 
 _TICK = timedelta(microseconds=1)
 
@@ -106,6 +106,58 @@ def _existing(session: Session, tenant_id: str, key: str, request_sha256: str) -
     return str(found[0])
 
 
+def _request_sha256(request: RunRequest, inputs: dict[str, Any]) -> str:
+    return digest(
+        {
+            "workflow": request.spec.sha256,
+            "inputs": inputs,
+            "environment": request.environment,
+            "classification": request.classification,
+            "on_behalf_of": request.on_behalf_of,
+        }
+    )
+
+
+def _first_args(
+    session: Session, gov: Governance, node_spec: Any, inputs: dict[str, Any], *, call: bool
+) -> dict[str, Any]:
+    """A node's arguments, known at submission (it needs nothing), checked against the
+    tool's schema: bad ones are refused before anything is recorded."""
+    where = "--arg" if call else f"node {node_spec.id}: args"
+    args: dict[str, Any] = render(node_spec.args, inputs, {}, where=where)
+    manifest = gov.manifests(session, node_spec.tool)
+    assert manifest is not None  # checked by _check_request
+    try:
+        validate_args(manifest, args)
+    except UsageError as e:
+        if call:
+            raise
+        raise UsageError(f"node {node_spec.id}: {e}") from e
+    return args
+
+
+def check_run(
+    session: Session,
+    *,
+    identity: Identity,
+    request: RunRequest,
+    gov: Governance,
+    call: bool = False,
+) -> None:
+    """What :func:`submit_run` would refuse before recording anything, checked without
+    recording anything (a batch checks every call before it submits any)."""
+    inputs = coerce_inputs(request.spec, request.inputs)
+    key = request.idempotency_key
+    if key is not None and _existing(
+        session, identity.tenant_id, key, _request_sha256(request, inputs)
+    ):
+        return  # the same request again: it returns its run
+    _check_request(session, request, gov, call=call)
+    for node_spec in request.spec.nodes:
+        if not node_spec.needs:
+            _first_args(session, gov, node_spec, inputs, call=call)
+
+
 def submit_run(
     session: Session,
     *,
@@ -117,15 +169,7 @@ def submit_run(
     """Record a run of ``request.spec``, decide its first nodes, stage what is allowed. Commits."""
     spec = request.spec
     inputs = coerce_inputs(spec, request.inputs)
-    request_sha256 = digest(
-        {
-            "workflow": spec.sha256,
-            "inputs": inputs,
-            "environment": request.environment,
-            "classification": request.classification,
-            "on_behalf_of": request.on_behalf_of,
-        }
-    )
+    request_sha256 = _request_sha256(request, inputs)
     key = request.idempotency_key
     if key is not None and (run_id := _existing(session, identity.tenant_id, key, request_sha256)):
         return Submitted(run_id, (), created=False)
@@ -165,16 +209,7 @@ def submit_run(
             updated_at=now,
         )
         if not node_spec.needs:  # its arguments are known now: refuse bad ones before anything
-            where = "--arg" if call else f"node {node_spec.id}: args"
-            node.args = render(node_spec.args, inputs, {}, where=where)
-            manifest = gov.manifests(session, node.tool)
-            assert manifest is not None  # checked above
-            try:
-                validate_args(manifest, node.args)
-            except UsageError as e:
-                if call:
-                    raise
-                raise UsageError(f"node {node_spec.id}: {e}") from e
+            node.args = _first_args(session, gov, node_spec, inputs, call=call)
             node.args_sha256 = digest(node.args)
         nodes[node.node_id] = node
     session.add(run)

@@ -7,9 +7,9 @@ from typing import Any
 from jsonschema import Draft202012Validator, validators
 
 from control.errors import UsageError
-from toolplane.canonical import CanonicalJSONError, check_json_value, contains_nul
+from toolplane.canonical import CanonicalJSONError, canonical_json, check_json_value, contains_nul
 
-__all__ = ["NAME_RULE", "check_label", "validate_args"]
+__all__ = ["NAME_RULE", "check_json", "check_label", "validate_args"]
 
 NAME_RULE = "1-40 characters of a-z, 0-9, '-' or '_'"
 
@@ -25,6 +25,16 @@ StrictValidator = validators.extend(
 def check_label(value: str, field: str) -> None:
     if not (0 < len(value) <= 40) or not all(c.isalnum() or c in "-_" for c in value):
         raise UsageError(f"must be {NAME_RULE}", field=field)
+
+
+def check_json(value: Any, field: str) -> None:
+    """Refuse what canonical JSON cannot carry (nested over 64 levels, a lone surrogate,
+    an integer past 2**53, NaN) before anything walks it: a caller's arguments and inputs
+    are checked at the API, so nothing deeper can reach recursive code."""
+    try:
+        canonical_json(value)
+    except CanonicalJSONError as e:
+        raise UsageError(str(e), field=field) from e
 
 
 def validate_args(manifest: dict[str, Any], args: dict[str, Any]) -> None:

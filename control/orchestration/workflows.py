@@ -280,13 +280,14 @@ def load_workflow(directory: Path, name: str) -> WorkflowSpec:
             break
     else:
         known = ", ".join(list_workflows(directory)) or "none"
-        raise UsageError(f"no workflow {name!r} in {directory} (known: {known})", field="WORKFLOW")
+        # the directory is the server's business: callers get only the names
+        raise UsageError(f"no workflow {name!r} (known: {known})", field="WORKFLOW")
     raw = path.read_bytes()
     if len(raw) > MAX_FILE_BYTES:
-        raise UsageError(f"larger than {MAX_FILE_BYTES} bytes", field=str(path))
-    spec = parse_workflow(raw.decode("utf-8", errors="replace"), source=str(path))
+        raise UsageError(f"larger than {MAX_FILE_BYTES} bytes", field=path.name)
+    spec = parse_workflow(raw.decode("utf-8", errors="replace"), source=path.name)
     if spec.name != name:
-        raise UsageError(f"declares name {spec.name!r}; the file is {name!r}", field=str(path))
+        raise UsageError(f"declares name {spec.name!r}; the file is {name!r}", field=path.name)
     return spec
 
 

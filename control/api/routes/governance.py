@@ -18,6 +18,7 @@ from control.api.models import (
 )
 from control.errors import require_text
 from control.governance.auth import Role
+from control.orchestration.validation import check_json
 from policy.engine import PolicyRequest
 
 router = APIRouter(prefix="/v1", tags=["governance"])
@@ -104,17 +105,22 @@ def policy_status(ops: Caller) -> StatusOut:
 @router.post("/policy/explain", response_model=dict[str, Any])
 def explain(body: ExplainIn, ops: Caller) -> dict[str, Any]:
     """How the bundle in force decides this call for you (nothing runs; no evidence):
-    the decision, the policies that decided it and their reasons."""
+    the decision, the policies that decided it and their reasons. Asked as a call is
+    decided: your tenant's id, the classification raised by the bundle's data labels."""
+    check_json(body.args, "--arg")
     identity = ops.identity
     scope = ops.scope(body.environment, body.classification)
-    decision = ops.plane.policy.decide(
-        PolicyRequest(
-            tenant=identity.tenant_name,
+    engine = ops.plane.policy
+    decision = engine.decide(
+        PolicyRequest(  # as intake asks (control/orchestration/intake.py: decide_node)
+            tenant=identity.tenant_id,
             principal=identity.principal,
             role=identity.role.value,
             tool=body.tool,
             environment=scope.environment,
-            classification=scope.classification,
+            classification=engine.bundle.labels.classify(
+                body.tool, body.args, scope.classification, ops.plane.settings.classification_order
+            ),
             args=body.args,
             on_behalf_of=body.on_behalf_of,
         )

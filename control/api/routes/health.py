@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter
@@ -11,6 +12,7 @@ from control.api.deps import Plane
 from control.api.problems import problem_response
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("toolplane.api")
 
 __all__ = ["router"]
 
@@ -30,15 +32,23 @@ def readyz(control: Plane) -> Any:
         control.check_database()
         checks["database"] = "ok"
     except Exception as e:  # a readiness probe reports, never raises
-        return problem_response(503, "unavailable", f"database: {e}")
+        return _not_ready("database", e)
     try:
         with control.celery.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=2)
         checks["broker"] = "ok"
     except Exception as e:
-        return problem_response(503, "unavailable", f"broker: {str(e).splitlines()[0]}")
+        return _not_ready("broker", e)
     try:
         checks["policy"] = control.policy.version
     except Exception as e:
-        return problem_response(503, "unavailable", f"policy: {e}")
+        return _not_ready("policy", e)
     return JSONResponse({"status": "ready", **checks})
+
+
+def _not_ready(service: str, error: Exception) -> Any:
+    """503 naming the service; why (addresses, users, paths) goes to the log, not to
+    whoever asked: /readyz needs no token."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    log.warning("api.not_ready service=%s error=%s", service, first)
+    return problem_response(503, "unavailable", f"{service} unavailable (see the control's log)")

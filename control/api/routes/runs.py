@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -15,7 +17,8 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from control.api.deps import Caller
-from control.api.events import event_stream
+from control.api.events import LAST_ID, event_stream
+from control.api.fields import api_field
 from control.api.models import (
     BatchIn,
     BatchOut,
@@ -29,11 +32,12 @@ from control.api.models import (
     RunPage,
     WorkflowIn,
 )
-from control.errors import UsageError
+from control.errors import Conflict, UsageError
 from control.governance.approvals import Decided
 from control.orchestration.operations import Operations
 from control.orchestration.runs import RunView
 from control.orchestration.states import RunStatus
+from control.orchestration.validation import check_json
 from ledger.models import EvidenceEvent
 
 router = APIRouter(prefix="/v1", tags=["runs"])
@@ -62,6 +66,7 @@ def _key(header: str | None, body: str | None) -> str | None:
 
 
 def _submit_call(ops: Operations, call: CallIn, key: str | None) -> RunOut:
+    check_json(call.args, "--arg")
     run_id = ops.submit(
         call.tool,
         call.args,
@@ -79,11 +84,43 @@ def submit_call(body: CallIn, ops: Caller, idempotency_key: IdempotencyKey = Non
     return _submit_call(ops, body, _key(idempotency_key, body.idempotency_key))
 
 
+@contextlib.contextmanager
+def _item(index: int) -> Iterator[None]:
+    """A batch's problem names the call at fault: ``calls.2.args.query``."""
+    try:
+        yield
+    except UsageError as e:  # Conflict too, keeping its type
+        field = f"calls.{index}." + (api_field(str(e.field)) if e.field else "")
+        raise type(e)(e.rule, field=field.rstrip(".")) from e
+
+
 @router.post("/calls/batch", status_code=status.HTTP_201_CREATED, response_model=BatchOut)
 def submit_calls(body: BatchIn, ops: Caller) -> BatchOut:
     """Submit up to 100 calls at once; each is decided on its own (its own run), in order.
-    Each call may carry its own `idempotency_key`."""
-    return BatchOut(runs=[_submit_call(ops, call, call.idempotency_key) for call in body.calls])
+    Each call may carry its own `idempotency_key`. Every call is checked (tool, arguments,
+    labels, keys) before any is submitted: a batch refused with 422 or 409 ran nothing."""
+    keyed: dict[str, CallIn] = {}
+    for index, call in enumerate(body.calls):
+        with _item(index):
+            key = call.idempotency_key
+            if key is not None and keyed.setdefault(key, call) != call:
+                raise Conflict(
+                    f"{key!r} is used for another call of this batch", field="--idempotency-key"
+                )
+            check_json(call.args, "--arg")
+            ops.check_call(
+                call.tool,
+                call.args,
+                environment=call.environment,
+                classification=call.classification,
+                idempotency_key=call.idempotency_key,
+                on_behalf_of=call.on_behalf_of,
+            )
+    runs = []
+    for index, call in enumerate(body.calls):
+        with _item(index):
+            runs.append(_submit_call(ops, call, call.idempotency_key))
+    return BatchOut(runs=runs)
 
 
 @router.post("/runs", status_code=status.HTTP_201_CREATED, response_model=RunOut)
@@ -91,6 +128,7 @@ def submit_workflow(
     body: WorkflowIn, ops: Caller, idempotency_key: IdempotencyKey = None
 ) -> RunOut:
     """Start a run of a workflow of the server's workflows directory."""
+    check_json(body.inputs, "--input")
     run_id = ops.submit_workflow(
         body.workflow,
         body.inputs,
@@ -164,8 +202,9 @@ async def follow_run(
         request.app.state.events,
         ops.plane.sessions,
         run_id,
-        after=int(last_event_id or 0),
+        after=min(int(last_event_id or 0), LAST_ID),  # no id is larger (bigint)
         disconnected=request.is_disconnected,
+        token_id=ops.identity.token_id,
     )
     return StreamingResponse(
         stream,
