@@ -41,7 +41,14 @@ from control.api.models import (
     WorkflowOut,
 )
 from control.errors import ControlError
-from control.wire import ApiRequest, Requests, parsed, raise_for_problem, unreachable
+from control.wire import (
+    ApiRequest,
+    Requests,
+    parsed,
+    path_segment,
+    raise_for_problem,
+    unreachable,
+)
 
 __all__ = ["AsyncClient", "Client", "ClientSettings", "WaitTimeout"]
 
@@ -246,7 +253,7 @@ class Client(Requests):
                 with connect_sse(
                     self._http,
                     "GET",
-                    f"/v1/runs/{run_id}/events",
+                    f"/v1/runs/{path_segment(run_id, 'run')}/events",
                     headers=headers,
                     timeout=httpx.Timeout(min(remaining, 30.0), read=min(remaining, 30.0)),
                 ) as source:
@@ -453,7 +460,7 @@ class AsyncClient(Requests):
                 async with aconnect_sse(
                     self._http,
                     "GET",
-                    f"/v1/runs/{run_id}/events",
+                    f"/v1/runs/{path_segment(run_id, 'run')}/events",
                     headers=headers,
                     timeout=httpx.Timeout(min(remaining, 30.0)),
                 ) as source:

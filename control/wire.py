@@ -39,7 +39,7 @@ from control.errors import (
     UsageError,
 )
 
-__all__ = ["ApiRequest", "Requests", "parsed", "raise_for_problem", "unreachable"]
+__all__ = ["ApiRequest", "Requests", "path_segment", "parsed", "raise_for_problem", "unreachable"]
 
 
 def _nothing(response: httpx.Response) -> None:
@@ -114,7 +114,7 @@ class Requests:
         return ApiRequest("POST", "/v1/runs", _of(RunOut), body, headers=headers)
 
     def r_run(self, run_id: str) -> ApiRequest:
-        return ApiRequest("GET", f"/v1/runs/{_segment(run_id, 'run')}", _of(RunOut))
+        return ApiRequest("GET", f"/v1/runs/{path_segment(run_id, 'run')}", _of(RunOut))
 
     def r_runs(
         self,
@@ -137,15 +137,17 @@ class Requests:
         return ApiRequest("GET", "/v1/runs", _of(RunPage), params=params)
 
     def r_cancel(self, run_id: str, reason: str | None) -> ApiRequest:
-        path = f"/v1/runs/{_segment(run_id, 'run')}/cancel"
+        path = f"/v1/runs/{path_segment(run_id, 'run')}/cancel"
         return ApiRequest("POST", path, _of(RunOut), _drop_none({"reason": reason}))
 
     def r_decide(self, run_id: str, node_id: str, verb: str, reason: str | None) -> ApiRequest:
-        path = f"/v1/runs/{_segment(run_id, 'run')}/nodes/{_segment(node_id, 'node')}/{verb}"
+        path = (
+            f"/v1/runs/{path_segment(run_id, 'run')}/nodes/{path_segment(node_id, 'node')}/{verb}"
+        )
         return ApiRequest("POST", path, _of(DecidedOut), _drop_none({"reason": reason}))
 
     def r_evidence(self, run_id: str) -> ApiRequest:
-        path = f"/v1/runs/{_segment(run_id, 'run')}/evidence"
+        path = f"/v1/runs/{path_segment(run_id, 'run')}/evidence"
         return ApiRequest("GET", path, _of(list[EvidenceOut]))
 
     def r_issue(
@@ -165,7 +167,7 @@ class Requests:
         return ApiRequest("GET", "/v1/tokens", _of(list[TokenOut]))
 
     def r_revoke(self, token_id: str) -> ApiRequest:
-        return ApiRequest("DELETE", f"/v1/tokens/{_segment(token_id, 'token')}", _nothing)
+        return ApiRequest("DELETE", f"/v1/tokens/{path_segment(token_id, 'token')}", _nothing)
 
     def r_freeze(self, verb: str, everything: bool, reason: str) -> ApiRequest:
         body = {"reason": reason, "all": everything}
@@ -192,7 +194,7 @@ class Requests:
         return ApiRequest("GET", "/v1/ledger/verify", _of(VerifyOut), params=params)
 
 
-def _segment(value: str, what: str) -> str:
+def path_segment(value: str, what: str) -> str:
     """An id as one path segment: an id with a slash or a dot-segment names nothing."""
     if value in ("", ".", ".."):
         raise NotFound(what, value)

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     api_client_ca: Path | None = Field(
         default=None, description="CA whose client certificates the API requires (mutual TLS)"
     )
+    api_max_connections: int = Field(
+        default=1000, ge=10, le=100_000, description="open connections and event streams"
+    )
     api_max_body: int = Field(
         default=1_048_576, ge=1024, le=64 * 1_048_576, description="largest request body, bytes"
     )

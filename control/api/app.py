@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -49,11 +50,12 @@ def build_app(plane: ControlPlane) -> FastAPI:
         ),
         lifespan=lifespan,
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,  # Swagger UI would load scripts from a CDN: /openapi.json is the contract
         redoc_url=None,
     )
     app.state.plane = plane
     app.state.events = hub
+    app.state.verifying = threading.BoundedSemaphore(1)  # ledger verifications at once
     install_problem_handlers(app)
     app.include_router(health.router)
     for module in (runs, governance, catalog):

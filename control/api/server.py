@@ -60,6 +60,7 @@ def uvicorn_config(plane: ControlPlane, *, log_level: str = "info") -> uvicorn.C
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=5,
+        limit_concurrency=settings.api_max_connections,  # past it: 503, never a pile-up
         **tls,  # type: ignore[arg-type]
     )
 

@@ -271,8 +271,10 @@ class Operations:
         status: RunStatus | None = None,
         before: tuple[datetime, str] | None = None,
         ids: list[str] | None = None,
+        summary: bool = False,
     ) -> list[RunView]:
-        """This tenant's runs, newest first (``before``: the page after that run)."""
+        """This tenant's runs, newest first (``before``: the page after that run;
+        ``summary``: without results and receipts)."""
         with self.plane.sessions() as session:
             return list_runs(
                 session,
@@ -282,6 +284,7 @@ class Operations:
                 status=status,
                 before=before,
                 ids=ids,
+                summary=summary,
             )
 
     def wait(

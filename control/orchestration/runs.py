@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, select, tuple_
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session, aliased, defer
 
 from control.errors import NotFound
 from control.governance.auth import Identity
@@ -93,14 +93,19 @@ def _approval(approval: Approval, requested_by: str, decided_by: str | None) -> 
     }
 
 
-def _views(session: Session, identity: Identity, runs: list[tuple[Run, str]]) -> list[RunView]:
+def _views(
+    session: Session, identity: Identity, runs: list[tuple[Run, str]], *, summary: bool = False
+) -> list[RunView]:
     """Views of runs (each with its submitter's name): one query for the nodes, one for
-    the approvals with their principals' names."""
+    the approvals with their principals' names. A ``summary`` leaves out (and does not
+    load) each node's result and receipt: a list of runs is not a way to read results."""
     if not runs:
         return []
     ids = [r.id for r, _ in runs]
     nodes: dict[str, list[Node]] = {r.id: [] for r, _ in runs}
     ordered = select(Node).where(Node.run_id.in_(ids)).order_by(Node.created_at, Node.node_id)
+    if summary:
+        ordered = ordered.options(defer(Node.result), defer(Node.receipt), defer(Node.envelope))
     for node in session.scalars(ordered):
         nodes[node.run_id].append(node)
     requester, decider = aliased(Principal), aliased(Principal)
@@ -132,9 +137,9 @@ def _views(session: Session, identity: Identity, runs: list[tuple[Run, str]]) ->
                     tool=n.tool,
                     status=n.status,
                     attempt=n.attempt,
-                    result=n.result,
+                    result=None if summary else n.result,
                     result_sha256=n.result_sha256,
-                    receipt=n.receipt,
+                    receipt=None if summary else n.receipt,
                     error=n.error,
                     args=n.args,
                     approval=approvals.get((run.id, n.node_id)),
@@ -171,6 +176,7 @@ def list_runs(
     status: RunStatus | None = None,
     before: tuple[datetime, str] | None = None,
     ids: list[str] | None = None,
+    summary: bool = False,
 ) -> list[RunView]:
     """The tenant's runs, newest first; ``before`` (created_at, run id) continues a page."""
     query = _with_submitter(identity)
@@ -183,4 +189,4 @@ def list_runs(
     if before is not None:
         query = query.where(tuple_(Run.created_at, Run.id) < tuple_(*before))
     rows = session.execute(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)).all()
-    return _views(session, identity, [(run, name) for run, name in rows])
+    return _views(session, identity, [(run, name) for run, name in rows], summary=summary)

@@ -386,7 +386,6 @@ def test_the_cli_says_in_one_line_what_an_odd_answer_was(stack: Stack, odd_api: 
 # -- what one token can make the control process do -------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding: verify spawns a process pool per request")
 @pytest.mark.timeout(120)
 def test_concurrent_ledger_verifies_do_not_multiply_processes(stack: Stack) -> None:
     """A chain past ledger.verify.PARALLEL_FROM is verified by a pool of cpu_count
@@ -424,7 +423,6 @@ def test_concurrent_ledger_verifies_do_not_multiply_processes(stack: Stack) -> N
     assert peak <= (os.cpu_count() or 1) + 1, f"{peak} processes under the control process"
 
 
-@pytest.mark.xfail(strict=True, reason="finding: a list of runs carries every result in full")
 def test_listing_runs_does_not_carry_every_result(stack: Stack) -> None:
     """GET /v1/runs?limit=1000 builds every run's results (up to 1 MB a node) in the
     control's memory, about four times over: any role can ask for a tenant's 1000 largest."""

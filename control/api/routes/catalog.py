@@ -3,13 +3,15 @@ the workflows of the server's workflows directory."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sqlalchemy import select
 
 from control.api.deps import Caller
 from control.api.models import ToolOut, VerifyOut, WorkflowOut
+from control.api.problems import problem_response
 from control.errors import UsageError
 from control.orchestration.workflows import list_workflows, load_workflow
 from ledger.models import ToolManifest
@@ -17,6 +19,8 @@ from ledger.models import ToolManifest
 router = APIRouter(prefix="/v1", tags=["catalog"])
 
 __all__ = ["router"]
+
+VERIFY_RETRY_AFTER_S = 5
 
 
 @router.get("/tools", response_model=list[ToolOut])
@@ -61,7 +65,19 @@ def workflows(ops: Caller) -> list[WorkflowOut]:
 
 
 @router.get("/ledger/verify", response_model=VerifyOut, tags=["ledger"])
-def verify(ops: Caller, run: str | None = None) -> dict[str, Any]:
+def verify(request: Request, ops: Caller, run: str | None = None) -> Any:
     """Recompute every link, result hash and receipt of your tenant's evidence chain
-    (`run`: name only that run's events)."""
-    return ops.verify_ledger(run_id=run).as_dict()
+    (`run`: name only that run's events). One verification at a time per API process (a
+    long chain is verified by a pool of processes): another gets 503 with Retry-After."""
+    gate: threading.BoundedSemaphore = request.app.state.verifying
+    if not gate.acquire(blocking=False):
+        return problem_response(
+            503,
+            "unavailable",
+            "a ledger verification is already running in this API process; retry later",
+            headers={"Retry-After": str(VERIFY_RETRY_AFTER_S)},
+        )
+    try:
+        return ops.verify_ledger(run_id=run).as_dict()
+    finally:
+        gate.release()

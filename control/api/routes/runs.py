@@ -163,13 +163,16 @@ def list_runs(
     cursor: Annotated[str | None, Query(max_length=400)] = None,
     run_id: Annotated[list[str] | None, Query(alias="id", max_length=1000)] = None,
 ) -> RunPage:
-    """Your tenant's runs, newest first; `next_cursor` continues the list."""
+    """Your tenant's runs, newest first; `next_cursor` continues the list. Each node comes
+    without its result and receipt (`result` and `receipt` are null; `result_sha256` is
+    there): `GET /v1/runs/{run_id}` has them."""
     views = ops.runs(
         limit=limit,
         awaiting_approval=awaiting_approval,
         status=status_,
         before=_after(cursor) if cursor else None,
         ids=run_id,
+        summary=True,
     )
     following = _cursor(views[-1]) if len(views) == limit else None
     return RunPage(runs=[out(v) for v in views], next_cursor=following)
