@@ -263,8 +263,8 @@ class Client(Requests):
                     for event in source.iter_sse():
                         if event.event == "end":
                             return self.run(run_id)
-                        if not event.id:
-                            continue
+                        if event.event not in ("node", "run") or not event.id or not event.data:
+                            continue  # a keep-alive: the decoder repeats the last id on it
                         last_id = event.id
                         data = event.json()
                         if event.event == "node" and on_progress is not None:
@@ -470,7 +470,7 @@ class AsyncClient(Requests):
                     async for event in source.aiter_sse():
                         if event.event == "end":
                             return await self.run(run_id)
-                        if event.id:
+                        if event.event in ("node", "run") and event.id and event.data:
                             last_id = event.id
                             if event.event == "run":
                                 status = event.json()["status"]

@@ -175,7 +175,7 @@ def test_a_workers_healthcheck_works_as_its_own_user_where_a_celery_ping_cannot(
     healthcheck = load_healthcheck()
     tool = TOOLS[0]
     url = (server.files / f"broker_url.{tool}").read_text()
-    assert healthcheck.check_for(["/opt/venv/bin/toolplane", "worker", tool], "h").broker
+    assert healthcheck.check_for(["/opt/venv/bin/toolplane-worker", tool], "h").broker
     healthcheck._broker(url)  # its PING, as the worker's own user
     with pytest.raises(redis.AuthenticationError):
         healthcheck._broker(url.replace("toolplane-tool-", "toolplane-nobody-"))
