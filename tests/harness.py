@@ -448,6 +448,9 @@ def start_stack(
         base_env=env,
         broker_urls=broker_urls,
     )
+    from control.broker.queues import declare_results_queue
+
+    declare_results_queue(plane.celery)  # as `toolplane up` does, before any worker announces
     stack.processes = processes.start_processes(home, specs)
     try:
         processes.wait_ready(plane, sorted(counts), timeout=60)

@@ -133,6 +133,9 @@ def up(
         broker_urls=broker_urls,
         identities=ids,
     )
+    from control.broker.queues import declare_results_queue
+
+    declare_results_queue(plane.celery)  # before any worker announces itself
     processes.start_processes(settings.home, specs)
     try:
         processes.wait_ready(plane, sorted(counts))

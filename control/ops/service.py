@@ -26,6 +26,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 import celeryconfig
 from celeryconfig import RESTORE_INTERVAL_S
 from control.broker import screen as broker_screen
+from control.broker.queues import declare_results_queue
 from control.governance.approvals import expire_approvals
 from control.ops.runtime import ControlPlane
 from control.orchestration.dispatch import publish_pending
@@ -251,6 +252,7 @@ def run_control(
         from control.api.server import serve_in_thread
 
         serve_in_thread(ControlPlane.from_plane(plane), log_level=loglevel.lower())
+    declare_results_queue(plane.celery)  # a worker's announcement must find its binding
     app = build_control_app(plane, threading.Event())
     app.worker_main(
         [
