@@ -3,7 +3,7 @@ tool's signer, both read from the key store and read again whenever its index ch
 
 This is how revocations reach a worker: ``toolplane keys revoke`` (and ``keys rotate``)
 replace the key store's index, and a worker looks at the index before every job (one
-``stat``; it parses the index again only when it changed). So a job received after a
+read; it parses the index again only when its content changed). So a job received after a
 revocation is judged with it, without a restart. An index that cannot be read or
 parsed fails closed: the worker then refuses jobs until it can read it again.
 

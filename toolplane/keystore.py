@@ -17,6 +17,7 @@ whenever it changes (:class:`IndexWatch`), and the writers replace it atomically
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -95,13 +96,16 @@ class KeyStore:
     def entry(self, key_id: str) -> dict[str, Any] | None:
         return next((e for e in self.entries() if e["key_id"] == key_id), None)
 
-    def stamp(self) -> tuple[int, int, int] | None:
-        """What changes whenever the index is written (inode, size, mtime); None if absent."""
+    def stamp(self) -> str | None:
+        """What changes whenever the index's content changes: its SHA-256 (None if absent).
+
+        Not a ``stat``: two writes within one tick of a coarse filesystem clock, of the same
+        size, onto a reused inode (``os.replace`` frees one and the next write may get it)
+        look the same to it, and a worker would keep trusting a key retired since."""
         try:
-            st = self.index_path.stat()
+            return hashlib.sha256(self.index_path.read_bytes()).hexdigest()
         except FileNotFoundError:
             return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def owners(self) -> set[str]:
         return {entry["owner"] for entry in self.entries()}
@@ -252,7 +256,7 @@ class KeyStore:
 class IndexWatch(Generic[T]):
     """A value built from the key store, and built again whenever the index changes.
 
-    Each :meth:`get` costs one ``stat`` of the index, so a caller may ask at every job.
+    Each :meth:`get` costs one read of the (small) index, so a caller may ask at every job.
     The stamp is taken before the index is read: a change made while it is read is
     seen at the next call. A build that fails raises, and the next call tries again.
     """
@@ -260,7 +264,7 @@ class IndexWatch(Generic[T]):
     def __init__(self, store: KeyStore, build: Callable[[KeyStore], T]) -> None:
         self.store = store
         self.build = build
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: str | None = None
         self._value: T | None = None
         self._built = False
 
