@@ -115,7 +115,7 @@ def test_every_user_command_with_only_url_and_token(stack: Stack, tmp_path: Path
         as_approver, "reject", held_again["run_id"], "read_repo_file", "--reason", "no", code=3
     )
     assert rejected["run"]["status"] == "denied"
-    slow = ok(as_submitter, "call", "sleepy", "--arg", "seconds=5")
+    slow = ok(as_submitter, "call", "sleepy", "--arg", "seconds=3")
     cancelled = ok(as_submitter, "runs", "cancel", slow["run_id"], "--reason", "enough")
     assert cancelled["status"] == "cancelled"
     issued = ok(as_admin, "token", "issue", "--principal", "another", "--role", "auditor")
@@ -191,7 +191,7 @@ PYTHON_CALLER = textwrap.dedent(
             "awaiting_approval")
         assert waiting and waiting[0][0]["node_id"] == "read_repo_file"
         held2 = sub.call("read_repo_file", {"path": "pyproject.toml"}, environment="prod")
-        slow = c.call("sleepy", {"seconds": 5})
+        slow = c.call("sleepy", {"seconds": 3})
         assert c.cancel(slow.run_id, reason="enough").status == "cancelled"
         issued = c.issue_token("py-auditor", "auditor")
         assert issued.token_id in [t.token_id for t in c.tokens()]
@@ -226,7 +226,7 @@ PYTHON_CALLER = textwrap.dedent(
                 h = await asub.call("read_repo_file", {"path": "README.md"}, environment="prod")
                 h2 = await asub.call("read_repo_file", {"path": "pyproject.toml"},
                                      environment="prod")
-            s = await ac.call("sleepy", {"seconds": 5})
+            s = await ac.call("sleepy", {"seconds": 3})
             assert (await ac.cancel(s.run_id)).status == "cancelled"
             assert (await ac.verify_ledger()).ok
         async with track(AsyncClient(token=approver_token,

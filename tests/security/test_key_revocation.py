@@ -96,7 +96,8 @@ def refusal(client: Any, body: dict[str, Any]) -> dict[str, Any]:
                     return payload
         return None
 
-    return wait_for(find, timeout=30, what=f"JobRefused for {received[:12]}")
+    # a sleepy job of an earlier test may still hold the worker (up to its 8 s limit)
+    return wait_for(find, timeout=60, what=f"JobRefused for {received[:12]}")
 
 
 def evidence(client: Any, run_id: str, kind: str) -> list[dict[str, Any]]:
@@ -304,6 +305,8 @@ def test_backdating_into_a_rotated_keys_old_window_is_refused(
 
     honest = envelope(old_control)
     backdated = envelope(old_control, issued_at=in_old_window, expires_at=in_old_window + 600_000)
+    queued = stack.services.redis()  # earlier tests' sleepy jobs (cancelled runs') drain first
+    wait_for(lambda: queued.llen("tool.sleepy") == 0, timeout=60, what="tool.sleepy to drain")
     started = jobs_started(stack)
     for body in (honest, backdated):
         push(broker, "tool.sleepy", "tool.sleepy", body)
