@@ -90,8 +90,7 @@ def _claimed(raw: Any) -> dict[str, Any]:
         return {}
 
     def ident(value: Any) -> str | None:  # short strings only: the rest is in the message
-        ok = isinstance(value, str) and 0 < len(value) <= 200 and "\x00" not in value
-        return value if ok else None
+        return value if _storable(value, 200) else None
 
     attempt = result.get("attempt")
     return {
@@ -102,9 +101,30 @@ def _claimed(raw: Any) -> dict[str, Any]:
     }
 
 
+def _storable(value: Any, limit: int) -> bool:
+    """A non-empty string of at most ``limit`` characters that the database can take (no
+    NUL, no lone surrogate, which JSON may carry as an escape)."""
+    if not isinstance(value, str) or not 0 < len(value) <= limit or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(value: str, limit: int) -> str:
+    """``value`` cut to ``limit`` characters, storable (NUL and lone surrogates escaped)."""
+    cut = value[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+    return cut.replace("\x00", "\\x00")
+
+
 def _receipt_key_id(raw: Any) -> object:
+    """The key id a message names: it only selects the key to verify with (None when it
+    could not name one)."""
     receipt = raw.get("receipt") if isinstance(raw, dict) else None
-    return receipt.get("key_id") if isinstance(receipt, dict) else None
+    key_id = receipt.get("key_id") if isinstance(receipt, dict) else None
+    return key_id if _storable(key_id, 120) else None
 
 
 def _dispatched_to(session: Session, envelope_sha256: str | None) -> tuple[str, str, int] | None:
@@ -164,14 +184,14 @@ def ingest_result(
             problem,
             claimed.get("run_id"),
             claimed.get("node_id"),
-            detail[:200],
+            _text(detail, 200),
         )
         record_unverified(
             session,
             raw,
             evidence="ToolReceiptInvalid",
             problem=problem,
-            payload={"problem": detail[:DETAIL_CAP], "claimed": claimed},
+            payload={"problem": _text(detail, DETAIL_CAP), "claimed": claimed},
             at=now,
         )
         session.commit()
@@ -336,7 +356,7 @@ def record_unprocessable(session: Session, raw: Any, error: BaseException) -> No
         raw,
         evidence="IngestFailed",
         problem="ingest_failed",
-        payload={"error": f"{type(error).__name__}: {error}"[:DETAIL_CAP]},
+        payload={"error": _text(f"{type(error).__name__}: {error}", DETAIL_CAP)},
         at=utc_now(),
     )
     session.commit()

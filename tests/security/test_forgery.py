@@ -20,6 +20,7 @@ from sqlalchemy import select
 import celeryconfig
 from control.orchestration.dispatch import sign_envelope
 from control.orchestration.operations import Operations as Client
+from control.orchestration.unverified import keep
 from ledger.models import EvidenceEvent, Node
 from sandbox_tasks.receipts import build_result, sign_result
 from tests.harness import Stack, wait_for
@@ -301,6 +302,34 @@ def test_malformed_results_are_recorded_not_crashing_ingest(
             )
         )
     assert any("NUL" in p for p in problems)
+
+
+def test_a_result_with_lone_surrogates_is_recorded_not_retried(
+    stack: Stack, token: str, broker: Celery
+) -> None:
+    """JSON may carry a lone surrogate as an escape; no database column takes it. Such a
+    message (in its ids, its key id, its body) is recorded at once as ToolReceiptInvalid,
+    with its repr, not retried until it becomes IngestFailed."""
+    client = stack.client(token)
+    junk = {
+        "result": {"run_id": "run_\ud800", "node_id": "n\udfff", "tool": "x", "attempt": 1},
+        "receipt": {"key_id": "tool.x:\ud800", "algorithm": "ed25519", "signature": "AA"},
+    }
+    push_result(broker, junk)
+    sha = keep(junk).sha256
+
+    def recorded() -> list[tuple[str, dict[str, Any]]]:
+        with client.plane.sessions() as session:
+            rows = session.execute(
+                select(EvidenceEvent.kind, EvidenceEvent.payload).where(
+                    EvidenceEvent.payload["message_sha256"].astext == sha
+                )
+            )
+            return [(kind, payload) for kind, payload in rows]
+
+    ((kind, payload),) = wait_for(recorded, timeout=20, what="the surrogate message recorded")
+    assert kind == "ToolReceiptInvalid" and payload["kind"] == "malformed"
+    assert payload["claimed"]["run_id"] is None and "\\ud800" in payload["message"]["head"]
 
 
 def test_results_replayed_twice_are_accepted_once(stack: Stack, token: str, broker: Celery) -> None:
