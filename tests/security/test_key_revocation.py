@@ -251,12 +251,14 @@ def test_a_retired_keys_work_in_flight_is_accepted_within_the_grace(
     client = stack.client(token)
     old_control, old_tool = keys(stack).signer("control"), keys(stack).signer("tool.sleepy")
     in_flight = envelope(old_control)  # signed before the rotation, received after it
-    view = client.call("sleepy", {"seconds": 3})  # its envelope too
+    # its envelope too; 6 s: two `keys rotate` processes run before the push (on a loaded
+    # machine they took over 3 s, and the real result won the race)
+    view = client.call("sleepy", {"seconds": 6})
     cli_json(stack, "keys", "rotate", "control")
     cli_json(stack, "keys", "rotate", "sleepy")
 
     # A result the worker signed with the old tool key (before it saw the rotation) arrives
-    # after it: accepted, before the real worker's own result (3 s) is in.
+    # after it: accepted, before the real worker's own result (6 s) is in.
     push(
         broker,
         celeryconfig.INGEST_TASK,
@@ -334,7 +336,7 @@ def test_backdating_into_a_rotated_keys_old_window_is_refused(
     push(broker, celeryconfig.INGEST_TASK, celeryconfig.RESULTS_QUEUE, forged)
     (invalid,) = wait_for(lambda: unverified(client, forged), timeout=30, what="invalid")
     assert "grace ended" in invalid["problem"] and old_tool.key_id in invalid["problem"]
-    final = client.wait(view.run_id, timeout=30)  # the real worker's own result
+    final = client.wait(view.run_id, timeout=60)  # the real worker's own result
     assert final.nodes[0].status == "completed"
     assert final.nodes[0].receipt["key_id"] != old_tool.key_id
 
