@@ -28,6 +28,8 @@ __all__ = [
     "ChainHead",
     "EvidenceEvent",
     "Freeze",
+    "InvalidMessage",
+    "InvalidMessageCount",
     "Node",
     "OutboxMessage",
     "PolicyVersion",
@@ -284,3 +286,27 @@ class RunEvent(Base):
     status: Mapped[str] = mapped_column(String(30))
     attempt: Mapped[int] = mapped_column(Integer)
     at: Mapped[datetime] = mapped_column(TZ)
+
+
+class InvalidMessage(Base):
+    """A distinct message on ``results`` that changed nothing and was recorded once on the
+    system chain (``ToolReceiptInvalid`` or ``IngestFailed``); ``seen`` counts its copies."""
+
+    __tablename__ = "invalid_messages"
+    message_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    evidence: Mapped[str] = mapped_column(String(40), primary_key=True)
+    problem: Mapped[str] = mapped_column(String(40))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    first_at: Mapped[datetime] = mapped_column(TZ)
+    last_at: Mapped[datetime] = mapped_column(TZ)
+    seen: Mapped[int] = mapped_column(BigInteger)
+
+
+class InvalidMessageCount(Base):
+    """Per problem: messages received (copies included) and distinct ones recorded."""
+
+    __tablename__ = "invalid_message_counts"
+    problem: Mapped[str] = mapped_column(String(40), primary_key=True)
+    received: Mapped[int] = mapped_column(BigInteger)
+    recorded: Mapped[int] = mapped_column(BigInteger)
+    last_at: Mapped[datetime] = mapped_column(TZ)

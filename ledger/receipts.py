@@ -22,11 +22,16 @@ __all__ = ["ReceiptProblem", "check_result_message"]
 
 
 class ReceiptProblem(Exception):
-    """Why a result message cannot be accepted; ``code`` is receipt_invalid or similar."""
+    """Why a result message cannot be accepted; ``code`` is receipt_invalid or similar;
+    ``kind`` names the problem in a word (``malformed``, ``signature``, ``result_hash``),
+    what ingest counts it under."""
 
-    def __init__(self, message: str, *, code: str = "receipt_invalid") -> None:
+    def __init__(
+        self, message: str, *, code: str = "receipt_invalid", kind: str = "invalid"
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.kind = kind
         self.message = message
 
 
@@ -37,7 +42,7 @@ def check_result_message(raw: Any, keys: KeyRing, *, received: datetime) -> Resu
         message = ResultMessage.model_validate(raw)
     except ValidationError as e:
         field, rule = first_problem(e, where="message")
-        raise ReceiptProblem(f"malformed result message: {field}: {rule}") from e
+        raise ReceiptProblem(f"malformed result message: {field}: {rule}", kind="malformed") from e
     result, receipt = message.result, message.receipt
     try:
         keys.verify(
@@ -50,10 +55,10 @@ def check_result_message(raw: Any, keys: KeyRing, *, received: datetime) -> Resu
         )
         result_digest = None if result.result is None else digest(result.result)
     except (SignatureError, CanonicalJSONError, ValueError, OverflowError) as e:
-        raise ReceiptProblem(f"receipt signature: {e}") from e
+        raise ReceiptProblem(f"receipt signature: {e}", kind="signature") from e
     if result.ok:
         if result.result is None or result.result_sha256 != result_digest:
-            raise ReceiptProblem("result_sha256 does not match the result")
+            raise ReceiptProblem("result_sha256 does not match the result", kind="result_hash")
     elif result.error is None:
-        raise ReceiptProblem("a failed result carries no error")
+        raise ReceiptProblem("a failed result carries no error", kind="malformed")
     return message

@@ -59,6 +59,8 @@ RUNTIME_GRANTS: Mapping[str, frozenset[str]] = MappingProxyType(
         "chain_heads": _WRITE,  # the append's upsert and move
         "evidence_events": _APPEND,  # append-only: never UPDATE, DELETE or TRUNCATE
         "freezes": frozenset({"SELECT", "INSERT", "DELETE"}),  # freeze, unfreeze
+        "invalid_message_counts": _WRITE,  # counted by ingest's upsert
+        "invalid_messages": _WRITE,  # one row per distinct unverified message (upsert)
         "nodes": _WRITE,
         "outbox": frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"}),  # a cancelled job's row
         "policy_versions": _APPEND,

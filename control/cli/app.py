@@ -14,7 +14,7 @@ import typer
 
 from control.cli.broker import broker_acl
 from control.cli.governance import approve, policy_app, reject, token_app
-from control.cli.operator import keys_app, migrate, tenant_app
+from control.cli.operator import keys_app, ledger_unverified, migrate, tenant_app
 from control.cli.output import (
     console,
     err,
@@ -391,6 +391,7 @@ def ledger_verify(
     raise typer.Exit(EXIT_OK if report.ok else EXIT_ERROR)
 
 
+ledger_app.command("unverified")(ledger_unverified)
 app.command()(approve)
 app.command()(reject)
 app.command()(submit)

@@ -15,7 +15,7 @@ from control.cli.support import JsonOpt, handled, load_settings
 from control.cli.support import plane as _plane
 from control.errors import UsageError
 
-__all__ = ["keys_app", "migrate", "tenant_app"]
+__all__ = ["keys_app", "ledger_unverified", "migrate", "tenant_app"]
 
 keys_app = typer.Typer(
     help="Signing keys of control and the tools (operator commands, on the control host).",
@@ -42,6 +42,31 @@ def migrate() -> None:
     console.print(f"ledger at revision {current_revision(plane.engine)}")
     made = "created, " if role.created else ""
     console.print(f"runtime role {role.name}: {made}granted on {len(role.tables)} tables")
+
+
+@handled
+def ledger_unverified(json_: JsonOpt = False) -> None:
+    """Count the messages on `results` that changed nothing, per problem (operator command).
+
+    A receipt that did not verify, a result not bound to its dispatched envelope, or a
+    message ingest kept failing on: how many arrived, and how many distinct ones are
+    recorded on the system chain."""
+    from control.orchestration.unverified import counts
+
+    plane = _plane()
+    with plane.sessions() as session:
+        rows = counts(session)
+    if json_:
+        print_json([r.as_dict() for r in rows])
+        return
+    if not rows:
+        console.print("no unverified messages")
+    for r in rows:
+        console.print(
+            f"{r.problem}: {r.received} received, {r.recorded} distinct recorded, "
+            f"last {r.last_at.isoformat(timespec='seconds')}",
+            markup=False,
+        )
 
 
 # -- keys --------------------------------------------------------------------------

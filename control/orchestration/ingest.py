@@ -1,12 +1,21 @@
 """Result ingest: verify each receipt, bind it to a dispatched attempt, accept once.
 
+Nothing unverified changes state. Any tool's workers may push onto ``results``, so
+a message's ids are not looked up, and no run is locked, until its receipt verifies;
+the run is then the one dispatched with the envelope digest that the verified
+result names (its ``attempts`` row), and the result's tool, run, node and attempt
+must be that attempt's. A message that does not verify or is not so bound changes
+no node, run, attempt or reservation: it is recorded once, size-capped, as
+ToolReceiptInvalid on the system chain, and counted
+(control.orchestration.unverified). A node whose worker never answers with a
+verified result times out like any lost attempt.
+
 Acceptance is exactly once per node: the run is locked (then its nodes), and a
 result is accepted only while its node is ``queued`` at that very attempt. What
-is not accepted is recorded: ToolReceiptInvalid, JobRefused, or ResultIgnored
-for a verified result that came too late (a redelivered copy, an attempt that
-was superseded by a retry, a node that was cancelled). An accepted result
-advances the run: nodes that needed it are decided and dispatched in the same
-transaction.
+else is verified and bound is recorded: JobRefused, or ResultIgnored for a result
+that came too late (a redelivered copy, an attempt that was superseded by a retry,
+a node that was cancelled). An accepted result advances the run: nodes that needed
+it are decided and dispatched in the same transaction.
 
 A receipt's key (and a manifest's) is judged by when the control receives the
 message, under a lock on the key's row (control.governance.keys.judge_key), never by the
@@ -28,7 +37,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from control.governance.keys import judge_key
+from control.governance.keys import judge_key, utc_now
 from control.orchestration.intake import Governance, dispatching
 from control.orchestration.orchestrator import (
     RunState,
@@ -39,11 +48,12 @@ from control.orchestration.orchestrator import (
     settle_run,
 )
 from control.orchestration.states import NodeStatus, move_node
+from control.orchestration.unverified import DETAIL_CAP, record_unverified
 from ledger.chain import NewEvent
 from ledger.models import Attempt, Node, ToolManifest
 from ledger.receipts import ReceiptProblem, check_result_message
 from ledger.store import append_events
-from toolplane.canonical import CanonicalJSONError, check_json_value, contains_nul, digest
+from toolplane.canonical import CanonicalJSONError, contains_nul, digest
 from toolplane.errors import SignatureError
 from toolplane.messages import ResultMessage, SignedManifest, job_id_for
 from toolplane.signing import KeyRing
@@ -64,7 +74,8 @@ class Outcome(StrEnum):
     ACCEPTED = "accepted"
     """A verified result was accepted for its node and attempt."""
     RECEIPT_INVALID = "receipt_invalid"
-    """Signature, hash or binding failed; recorded as ToolReceiptInvalid."""
+    """Signature, hash or binding failed: nothing changed; recorded (once per distinct
+    message) as ToolReceiptInvalid on the system chain."""
     REFUSED = "refused"
     """A worker's signed refusal; recorded as JobRefused."""
     IGNORED = "ignored"
@@ -72,42 +83,60 @@ class Outcome(StrEnum):
     as ResultIgnored, not accepted."""
 
 
-def _safe(raw: Any) -> Any:
-    """What we can store of an untrusted message: itself if JSON-safe, else its repr."""
-    try:
-        check_json_value(raw)
-        digest(raw)
-    except CanonicalJSONError:
-        return {"unparseable": repr(raw)[:4000]}
-    if contains_nul(raw):  # repr escapes it
-        return {"unparseable": repr(raw)[:4000]}
-    return raw
-
-
-def _claimed(raw: Any) -> tuple[str | None, str | None, int | None]:
+def _claimed(raw: Any) -> dict[str, Any]:
+    """The ids an unverified message names: kept as its claim, never looked up."""
     result = raw.get("result") if isinstance(raw, dict) else None
     if not isinstance(result, dict):
-        return None, None, None
-    run_id, node_id, attempt = result.get("run_id"), result.get("node_id"), result.get("attempt")
+        return {}
 
-    def ident(value: Any) -> str | None:  # an id the database can look up
-        ok = isinstance(value, str) and 0 < len(value) <= 200 and "\x00" not in value
-        return value if ok else None
+    def ident(value: Any) -> str | None:  # short strings only: the rest is in the message
+        return value if _storable(value, 200) else None
 
-    return (
-        ident(run_id),
-        ident(node_id),
-        attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
-    )
+    attempt = result.get("attempt")
+    return {
+        "run_id": ident(result.get("run_id")),
+        "node_id": ident(result.get("node_id")),
+        "attempt": attempt if type(attempt) is int and abs(attempt) < 2**53 else None,
+        "tool": ident(result.get("tool")),
+    }
+
+
+def _storable(value: Any, limit: int) -> bool:
+    """A non-empty string of at most ``limit`` characters that the database can take (no
+    NUL, no lone surrogate, which JSON may carry as an escape)."""
+    if not isinstance(value, str) or not 0 < len(value) <= limit or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(value: str, limit: int) -> str:
+    """``value`` cut to ``limit`` characters, storable (NUL and lone surrogates escaped)."""
+    cut = value[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+    return cut.replace("\x00", "\\x00")
 
 
 def _receipt_key_id(raw: Any) -> object:
+    """The key id a message names: it only selects the key to verify with (None when it
+    could not name one)."""
     receipt = raw.get("receipt") if isinstance(raw, dict) else None
-    return receipt.get("key_id") if isinstance(receipt, dict) else None
+    key_id = receipt.get("key_id") if isinstance(receipt, dict) else None
+    return key_id if _storable(key_id, 120) else None
 
 
-def _attempt_of(session: Session, envelope_sha256: str) -> Attempt | None:
-    return session.scalar(select(Attempt).where(Attempt.envelope_sha256 == envelope_sha256))
+def _dispatched_to(session: Session, envelope_sha256: str | None) -> tuple[str, str, int] | None:
+    """Run, node and attempt dispatched with this (verified) envelope digest, if any."""
+    if not envelope_sha256:
+        return None
+    row = session.execute(
+        select(Attempt.run_id, Attempt.node_id, Attempt.attempt).where(
+            Attempt.envelope_sha256 == envelope_sha256
+        )
+    ).first()
+    return (row.run_id, row.node_id, row.attempt) if row is not None else None
 
 
 Settle = Callable[[str, str, int | None], None]
@@ -133,84 +162,91 @@ def ingest_result(
 ) -> Ingested:
     """Ingest one message from the ``results`` queue; advance its run. Commits.
 
-    ``settle`` is told how much tool time each settled job used (its verified
-    duration when it ran; nothing when it failed without running or was refused;
-    all it reserved when its receipt is invalid), before the commit, and is
-    idempotent per job.
-    """
-    run_id, node_id, attempt = _claimed(raw)
-    state = lock_run(session, run_id) if run_id else None
-    node = state.nodes.get(node_id) if state is not None and node_id else None
-    if node is None and state is not None:
-        session.rollback()  # a run without that node: hold no lock while looking elsewhere
-        state = None
-    # When the control receives it: the key's trust and every event's time.
-    keys, now = judge_key(session, keys, _receipt_key_id(raw))
-    events: list[NewEvent] = []
-    tenant = state.run.tenant_id if state is not None else None
+    Nothing is looked up or locked by what the message says until its receipt verifies;
+    then the run is found by the verified envelope digest (the attempt dispatched with
+    it), never by the ids the message names. A message that does not verify, or is not
+    bound to the attempt dispatched with that digest, changes nothing: it is recorded on
+    the system chain (control.orchestration.unverified).
 
-    def current(n: Node | None, number: int | None) -> bool:
-        return n is not None and n.status == NodeStatus.QUEUED and number == n.attempt
+    ``settle`` is told how much tool time each settled job used (its verified
+    duration when it ran; nothing when it failed without running or was refused),
+    before the commit, and is idempotent per job.
+    """
+    # When the control receives it: the key's trust and every event's time. The key id
+    # only selects the key to verify with.
+    keys, now = judge_key(session, keys, _receipt_key_id(raw))
+
+    def unverified(problem: str, detail: str) -> Ingested:
+        session.rollback()  # no lock held while recording (a bound check may have taken one)
+        claimed = _claimed(raw)
+        log.warning(
+            "receipt.invalid problem=%s claimed_run=%s claimed_node=%s detail=%s",
+            problem,
+            claimed.get("run_id"),
+            claimed.get("node_id"),
+            _text(detail, 200),
+        )
+        record_unverified(
+            session,
+            raw,
+            evidence="ToolReceiptInvalid",
+            problem=problem,
+            payload={"problem": _text(detail, DETAIL_CAP), "claimed": claimed},
+            at=now,
+        )
+        session.commit()
+        return Ingested(Outcome.RECEIPT_INVALID)
+
+    if contains_nul(raw):
+        return unverified("nul", "message contains NUL characters, which the ledger cannot store")
+    try:
+        message: ResultMessage = check_result_message(raw, keys, received=now)
+    except ReceiptProblem as e:
+        return unverified(e.kind, e.message)
+    # Verified: signed by a key of ``tool.<result.tool>``, trusted now. Bind it by the
+    # digest of the envelope it names to the attempt dispatched with that digest.
+    result = message.result
+    body = message.model_dump(mode="json")
+    where = _dispatched_to(session, result.envelope_sha256)
+    state = lock_run(session, where[0]) if where is not None else None
+    node = state.nodes.get(where[1]) if state is not None and where is not None else None
+    dispatched = (
+        session.get(Attempt, (node.run_id, node.node_id, where[2]), populate_existing=True)
+        if node is not None and where is not None
+        else None
+    )
+    bound = (
+        dispatched is not None
+        and node is not None
+        and result.tool == node.tool
+        and (
+            result.kind == "refusal"  # a refusal trusts no id of what it could not verify
+            or (result.run_id, result.node_id, result.attempt)
+            == (dispatched.run_id, dispatched.node_id, dispatched.attempt)
+        )
+    )
+    events: list[NewEvent] = []
+
+    def current(n: Node, number: int) -> bool:
+        return n.status == NodeStatus.QUEUED and number == n.attempt
 
     def finish(outcome: Outcome) -> Ingested:
         append_events(session, events, at=now)
         session.commit()
         return Ingested(outcome)
 
-    def invalid(problem: str) -> Ingested:
-        log.warning("receipt.invalid run=%s node=%s problem=%s", run_id, node_id, problem)
-        events.append(
-            NewEvent(
-                "ToolReceiptInvalid",
-                {
-                    "problem": problem,
-                    "claimed": {"run_id": run_id, "node_id": node_id, "attempt": attempt},
-                    "message": _safe(raw),
-                },
-                tenant_id=tenant,
-                run_id=run_id if state is not None else None,
-            )
-        )
-        if state is not None and node is not None and current(node, attempt):
-            settle(state.run.tenant_id, job_id_for(state.run.id, node.node_id, node.attempt), None)
-            _close_attempt(session, node, "rejected", now)
-            move_node(node, NodeStatus.REJECTED, now)
-            node.error = {"code": "receipt_invalid", "message": problem}
-            settle_run(session, state, events, now)
-        return finish(Outcome.RECEIPT_INVALID)
-
-    if contains_nul(raw):
-        return invalid("message contains NUL characters, which the ledger cannot store")
-    try:
-        message: ResultMessage = check_result_message(raw, keys, received=now)
-    except ReceiptProblem as e:
-        return invalid(e.message)
-    result = message.result
-    body = message.model_dump(mode="json")
-    dispatched = _attempt_of(session, result.envelope_sha256) if result.envelope_sha256 else None
-    if result.kind == "refusal" and dispatched is not None and state is None:
-        # A worker that could not verify an envelope trusts none of its ids, but names
-        # the digest of what it received: the exact envelope we dispatched.
-        state = lock_run(session, dispatched.run_id)
-        node = state.nodes.get(dispatched.node_id) if state is not None else None
-        tenant = state.run.tenant_id if state is not None else None
-        run_id = dispatched.run_id
-    bound = (
-        dispatched is not None
-        and node is not None
-        and (dispatched.run_id, dispatched.node_id) == (node.run_id, node.node_id)
-        and result.tool == node.tool
-        and (result.kind == "refusal" or result.attempt == dispatched.attempt)
-    )
-
     if result.kind == "refusal":
+        # A worker that could not verify an envelope trusts none of its ids, but names
+        # the digest of what it received: bound when that is the exact envelope we
+        # dispatched to that tool.
         code = result.error.code if result.error else "envelope_invalid"
+        tenant = state.run.tenant_id if bound and state is not None else None
         events.append(
             NewEvent(
                 "JobRefused",
                 {"bound": bound, "code": code, "message": body},
-                tenant_id=tenant if bound else None,
-                run_id=run_id if bound else None,
+                tenant_id=tenant,
+                run_id=state.run.id if bound and state is not None else None,
             )
         )
         if bound and state is not None and node is not None and code != "replay":
@@ -223,7 +259,10 @@ def ingest_result(
         return finish(Outcome.REFUSED)
 
     if not bound or state is None or node is None or dispatched is None:
-        return invalid("result is not bound to a dispatched envelope of this node and attempt")
+        return unverified(
+            "unbound",
+            "result is not bound to a dispatched envelope of its tool, run, node and attempt",
+        )
     # A failure is refunded, except a call cut off at its time limit: it spent that time.
     timed_out = result.error is not None and result.error.code == "timeout"
     charged = result.duration_ms if result.ok or timed_out else 0
@@ -233,7 +272,12 @@ def ingest_result(
         if dispatched.settled_at is None:
             settle(state.run.tenant_id, dispatched.job_id, charged)
             dispatched.settled_at = now
-        log.info("result.ignored run=%s node=%s attempt=%s", run_id, node_id, result.attempt)
+        log.info(
+            "result.ignored run=%s node=%s attempt=%s",
+            node.run_id,
+            node.node_id,
+            dispatched.attempt,
+        )
         events.append(
             state.event(
                 "ResultIgnored",
@@ -303,15 +347,17 @@ def _advance_now(session: Session, gov: Governance, run_id: str) -> tuple[int, .
 
 
 def record_unprocessable(session: Session, raw: Any, error: BaseException) -> None:
-    """Evidence of a message that ingest failed on again and again (then acknowledged)."""
-    append_events(
+    """Evidence of a message that ingest failed on again and again (then acknowledged):
+    on the system chain, once per distinct message, size-capped, counted as
+    ``ingest_failed`` (control.orchestration.unverified)."""
+    session.rollback()
+    record_unverified(
         session,
-        [
-            NewEvent(
-                "IngestFailed",
-                {"error": f"{type(error).__name__}: {error}"[:2000], "message": _safe(raw)},
-            )
-        ],
+        raw,
+        evidence="IngestFailed",
+        problem="ingest_failed",
+        payload={"error": _text(f"{type(error).__name__}: {error}", DETAIL_CAP)},
+        at=utc_now(),
     )
     session.commit()
 
