@@ -12,6 +12,7 @@ over a pipe as JSON; the parent parses it strictly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -28,7 +29,7 @@ from pydantic import BaseModel
 
 from sandbox_tasks import egress
 from sandbox_tasks.channel import Fetcher, child_fetch, recv_frame, send_frame
-from sandbox_tasks.confine import Confinement, ConfinementError, confine
+from sandbox_tasks.confine import Confinement, ConfinementError, confine, seccomp
 from sandbox_tasks.confine import containment as containment_name
 from sandbox_tasks.confine.trees import read_only_trees
 from sandbox_tasks.errors import ToolFailure
@@ -170,6 +171,9 @@ class ForkExecutor:
         (``sandbox_tasks.confine``); a call whose layers cannot be applied fails unrun."""
         self.scratch_root = scratch_root
         self.layers = tuple(layers)
+        if "seccomp" in self.layers:  # once here, not in each call's child
+            with contextlib.suppress(OSError):  # if it fails, each call fails closed
+                seccomp.load_library()
         if containment is None:
             containment = containment_name("fork", (*layers, "rlimits")) if layers else CONTAINMENT
         self.containment = containment

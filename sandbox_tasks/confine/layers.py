@@ -125,6 +125,11 @@ def confine(c: Confinement) -> tuple[str, ...]:
             raise ConfinementError("rlimits", str(e)) from e
         applied.append("rlimits")
     wanted = [n for n in c.layers if n.startswith("landlock") or n == "seccomp"]
+    if "seccomp" in wanted:
+        try:
+            seccomp.load_library()  # while the file system is still open
+        except OSError as e:
+            raise ConfinementError("seccomp", str(e)) from e
     if "no_new_privs" in c.layers or wanted:  # the kernel requires it before those
         try:
             prctl.set_no_new_privs()

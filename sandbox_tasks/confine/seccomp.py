@@ -25,12 +25,14 @@ default for a foreign architecture), so none goes around the list.
 
 from __future__ import annotations
 
+import ctypes.util
 import errno
 import os
 import socket
+import sys
 from typing import Any
 
-__all__ = ["DENIED", "SeccompError", "available", "install"]
+__all__ = ["DENIED", "SeccompError", "available", "install", "load_library"]
 
 DENIED = (
     # other processes
@@ -139,12 +141,37 @@ class SeccompError(OSError):
     """libseccomp is missing here, or the filter could not be built or loaded."""
 
 
+SONAMES = {"seccomp": "libseccomp.so.2", "c": "libc.so.6"}
+
+
 def _library() -> Any:
+    """pyseccomp, loaded once per process (call it before Landlock closes the file system).
+
+    pyseccomp finds libseccomp with ``ctypes.util.find_library``, which asks ``ldconfig -p``
+    (or a compiler): inside bubblewrap there is no ``/etc/ld.so.cache`` and no compiler,
+    while the dynamic loader still finds ``libseccomp.so.2`` on its own search path; so
+    the soname stands in where ``find_library`` finds nothing.
+    """
+    if "pyseccomp" in sys.modules:
+        return sys.modules["pyseccomp"]
+    original = ctypes.util.find_library
+
+    def find_library(name: str) -> str | None:
+        return original(name) or SONAMES.get(name)
+
+    ctypes.util.find_library = find_library
     try:
         import pyseccomp
     except (ImportError, RuntimeError, OSError) as e:  # RuntimeError: no libseccomp.so
         raise SeccompError(0, f"seccomp: libseccomp is not usable here ({e})") from e
+    finally:
+        ctypes.util.find_library = original
     return pyseccomp
+
+
+def load_library() -> None:
+    """Load libseccomp now (before Landlock), so that ``install`` opens no file."""
+    _library()
 
 
 def available() -> str | None:
