@@ -19,8 +19,8 @@ no_new_privs. The default is to allow; what is refused is what reaches outside t
   clocks, swap, reboot, ``iopl``/``ioperm``, ``TIOCSTI``/``TIOCLINUX`` on terminals,
   and ``personality`` flags that weaken the address space (ASLR off, READ_IMPLIES_EXEC).
 
-System calls of another ABI (32-bit calls from a 64-bit process) are killed (libseccomp's
-default for a foreign architecture), so none goes around the list.
+System calls of another ABI (32-bit calls from a 64-bit process) kill the process, so
+none goes around the list.
 """
 
 from __future__ import annotations
@@ -221,6 +221,7 @@ def install() -> None:
     lib = _library()
     try:
         flt = lib.SyscallFilter(lib.ALLOW)
+        flt.set_attr(lib.Attr.ACT_BADARCH, lib.KILL_PROCESS)  # a 32-bit call from 64-bit code
         for action, name, args in _rules(lib, os.getppid()):
             number = lib.resolve_syscall(lib.Arch.NATIVE, name)
             if number < 0:
