@@ -71,8 +71,10 @@ def _limits(spec: ToolSpec) -> dict[int, tuple[int, int]]:
 def _close_inherited(keep: set[int]) -> None:
     """Close every descriptor but stdio and ``keep``: a fork of the worker holds its broker
     connection, its log files and anything else the worker had open."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    top = 1 << 20 if hard == resource.RLIM_INFINITY else min(max(hard, 65536), 1 << 20)
     low = 3
-    for fd in sorted(keep | {65536}):
+    for fd in sorted(keep | {top}):
         if fd >= low:
             os.closerange(low, fd)
             low = fd + 1

@@ -161,7 +161,7 @@ def _library() -> Any:
 
     ctypes.util.find_library = find_library
     try:
-        import pyseccomp
+        import pyseccomp  # type: ignore[import-untyped]
     except (ImportError, RuntimeError, OSError) as e:  # RuntimeError: no libseccomp.so
         raise SeccompError(0, f"seccomp: libseccomp is not usable here ({e})") from e
     finally:
