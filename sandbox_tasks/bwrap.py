@@ -34,9 +34,10 @@ from pydantic import BaseModel
 
 from sandbox_tasks import egress, frames
 from sandbox_tasks.cgroups import PidsCgroup, create_pids_cgroup
+from sandbox_tasks.confine import containment
 from sandbox_tasks.executor import Outcome
 from sandbox_tasks.registry import ToolContext, ToolSpec
-from sandbox_tasks.runner import SANDBOX_TMP
+from sandbox_tasks.runner import LAYERS_ENV, SANDBOX_TMP
 from toolplane.canonical import CanonicalJSONError
 
 log = logging.getLogger("toolplane.sandbox")
@@ -92,8 +93,6 @@ def _package_dir(module: str) -> Path:
 class BwrapExecutor:
     """Runs one tool's calls in a warm runner inside bubblewrap."""
 
-    containment = "bwrap"
-
     def __init__(
         self,
         *,
@@ -103,8 +102,11 @@ class BwrapExecutor:
         docs_root: Path,
         extra_modules: list[str],
         forbidden: list[Path],
+        layers: tuple[str, ...] = (),
     ) -> None:
         self.binary = binary
+        self.layers = tuple(layers)  # applied in each call's process, inside the runner
+        self.containment = containment("bwrap", (*layers, "rlimits")) if layers else "bwrap"
         self.spec = spec
         self.repo_root = repo_root
         self.docs_root = docs_root
@@ -156,6 +158,7 @@ class BwrapExecutor:
             "--setenv", "PATH", f"{Path(sys.prefix) / 'bin'}:/usr/local/bin:/usr/bin:/bin",
             "--setenv", "PYTHONPATH", ":".join(pythonpath),
             "--setenv", "HOME", str(SANDBOX_TMP),
+            "--setenv", LAYERS_ENV, ",".join(self.layers),
             "--chdir", str(SANDBOX_TMP),
             "--",
             sys.executable, "-s", "-B", "-m", "sandbox_tasks.runner",

@@ -2,13 +2,17 @@
 
 The child gets a clean environment, a private scratch directory as its working
 directory, and setrlimit caps on CPU time, address space, written file size,
-open files and core dumps; the parent enforces the wall time (killing the
-child's whole process group) and the cap on the size of what it returns. The
-child sends its outcome over a pipe as JSON; the parent parses it strictly.
+open files and core dumps; it closes every descriptor it inherited but its
+outcome pipe and its fetch channel, and then applies the kernel layers it was
+given (no_new_privs, Landlock, seccomp: ``sandbox_tasks.confine``) before the
+tool runs. The parent enforces the wall time (killing the child's whole process
+group) and the cap on the size of what it returns. The child sends its outcome
+over a pipe as JSON; the parent parses it strictly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -25,6 +29,9 @@ from pydantic import BaseModel
 
 from sandbox_tasks import egress
 from sandbox_tasks.channel import Fetcher, child_fetch, recv_frame, send_frame
+from sandbox_tasks.confine import Confinement, ConfinementError, confine, seccomp
+from sandbox_tasks.confine import containment as containment_name
+from sandbox_tasks.confine.trees import read_only_trees
 from sandbox_tasks.errors import ToolFailure
 from sandbox_tasks.registry import ToolContext, ToolSpec
 from toolplane.canonical import (
@@ -48,8 +55,45 @@ class Outcome:
     fetches: tuple[dict[str, Any], ...] = ()  # egress carried out for the call
 
 
-def _child(spec: ToolSpec, args: BaseModel, ctx: ToolContext, out_fd: int) -> None:
-    """Runs in the forked child; never returns."""
+def _limits(spec: ToolSpec) -> dict[int, tuple[int, int]]:
+    limits = spec.limits
+    mem = limits.memory_mb * 1024 * 1024
+    return {
+        resource.RLIMIT_CPU: (limits.cpu_s, limits.cpu_s + 1),
+        resource.RLIMIT_AS: (mem, mem),
+        resource.RLIMIT_FSIZE: (limits.file_bytes, limits.file_bytes),
+        resource.RLIMIT_NOFILE: (limits.open_files, limits.open_files),
+        resource.RLIMIT_CORE: (0, 0),
+        resource.RLIMIT_NPROC: (limits.processes, limits.processes),
+    }
+
+
+def _close_inherited(keep: set[int]) -> None:
+    """Close every descriptor but stdio and ``keep``: a fork of the worker holds its broker
+    connection, its log files and anything else the worker had open."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    top = 1 << 20 if hard == resource.RLIM_INFINITY else min(max(hard, 65536), 1 << 20)
+    low = 3
+    for fd in sorted(keep | {top}):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+
+
+def _child(
+    spec: ToolSpec,
+    args: BaseModel,
+    ctx: ToolContext,
+    out_fd: int,
+    *,
+    layers: tuple[str, ...] = (),
+    keep_fds: tuple[int, ...] = (),
+) -> None:
+    """Runs in the forked child; never returns.
+
+    The tool runs only once every layer in ``layers`` (and the rlimits) holds; if one
+    cannot be applied the call fails with ``confinement failed``, the tool never starts.
+    """
     status = 0
     try:
         os.setsid()
@@ -59,39 +103,24 @@ def _child(spec: ToolSpec, args: BaseModel, ctx: ToolContext, out_fd: int) -> No
         os.dup2(null_in, 0)
         os.dup2(null_out, 1)
         os.dup2(null_out, 2)
-        limits = spec.limits
-        mem = limits.memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+        _close_inherited({out_fd, *keep_fds})
         os.environ.clear()
         os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(ctx.scratch_dir)})
         os.chdir(ctx.scratch_dir)
         try:
-            value = spec.func(args, ctx)
-            if not isinstance(value, spec.result_model):
-                raise ToolFailure("tool_error", f"tool returned {type(value).__name__}")
-            dumped = value.model_dump(mode="json")
-            if contains_nul(dumped):
-                raise ToolFailure("tool_error", "result contains NUL characters")
-            body = canonical_json({"ok": True, "result": dumped})
-            if len(body) > limits.output_bytes:
-                raise ToolFailure(
-                    "too_large", f"result is {len(body)} bytes, cap {limits.output_bytes}"
+            confine(
+                Confinement(
+                    read_only=read_only_trees(spec, ctx),
+                    read_write=(Path(ctx.scratch_dir).resolve(),),
+                    rlimits=_limits(spec),
+                    layers=("rlimits", *layers),
                 )
-        except ToolFailure as e:
-            body = canonical_json({"ok": False, "code": e.code, "message": e.message[:2000]})
-        except MemoryError:
-            body = canonical_json({"ok": False, "code": "tool_error", "message": "memory limit"})
-        except CanonicalJSONError as e:
-            body = canonical_json({"ok": False, "code": "tool_error", "message": f"result: {e}"})
-        except Exception as e:  # the tool's own bug: report it, never crash the worker
-            body = canonical_json(
-                {"ok": False, "code": "tool_error", "message": f"{type(e).__name__}: {e}"[:2000]}
             )
+        except (ConfinementError, ValueError) as e:  # fail closed: the tool never runs
+            failure = {"ok": False, "code": "tool_error", "message": f"confinement failed: {e}"}
+            body = canonical_json(failure)
+        else:
+            body = _run_tool(spec, args, ctx)
         view = memoryview(body)
         while view:
             written = os.write(out_fd, view)
@@ -102,11 +131,53 @@ def _child(spec: ToolSpec, args: BaseModel, ctx: ToolContext, out_fd: int) -> No
         os._exit(status)
 
 
+def _run_tool(spec: ToolSpec, args: BaseModel, ctx: ToolContext) -> bytes:
+    """The tool's call, as the outcome's canonical JSON."""
+    limits = spec.limits
+    try:
+        value = spec.func(args, ctx)
+        if not isinstance(value, spec.result_model):
+            raise ToolFailure("tool_error", f"tool returned {type(value).__name__}")
+        dumped = value.model_dump(mode="json")
+        if contains_nul(dumped):
+            raise ToolFailure("tool_error", "result contains NUL characters")
+        body = canonical_json({"ok": True, "result": dumped})
+        if len(body) > limits.output_bytes:
+            raise ToolFailure(
+                "too_large", f"result is {len(body)} bytes, cap {limits.output_bytes}"
+            )
+    except ToolFailure as e:
+        body = canonical_json({"ok": False, "code": e.code, "message": e.message[:2000]})
+    except MemoryError:
+        body = canonical_json({"ok": False, "code": "tool_error", "message": "memory limit"})
+    except CanonicalJSONError as e:
+        body = canonical_json({"ok": False, "code": "tool_error", "message": f"result: {e}"})
+    except Exception as e:  # the tool's own bug: report it, never crash the worker
+        body = canonical_json(
+            {"ok": False, "code": "tool_error", "message": f"{type(e).__name__}: {e}"[:2000]}
+        )
+    return body
+
+
 class ForkExecutor:
     """Runs one tool call in a contained child process."""
 
-    def __init__(self, *, scratch_root: Path | None = None, containment: str = CONTAINMENT) -> None:
+    def __init__(
+        self,
+        *,
+        scratch_root: Path | None = None,
+        containment: str | None = None,
+        layers: tuple[str, ...] = (),
+    ) -> None:
+        """``layers``: the kernel layers each call's process gets beyond its rlimits
+        (``sandbox_tasks.confine``); a call whose layers cannot be applied fails unrun."""
         self.scratch_root = scratch_root
+        self.layers = tuple(layers)
+        if "seccomp" in self.layers:  # once here, not in each call's child
+            with contextlib.suppress(OSError):  # if it fails, each call fails closed
+                seccomp.load_library()
+        if containment is None:
+            containment = containment_name("fork", (*layers, "rlimits")) if layers else CONTAINMENT
         self.containment = containment
 
     def run(
@@ -149,7 +220,8 @@ class ForkExecutor:
                 if outside is not None and inside is not None:
                     outside.close()
                     ctx = dataclasses.replace(ctx, fetch=child_fetch(inside))
-                _child(spec, args, ctx, write_fd)
+                keep = (inside.fileno(),) if inside is not None else ()
+                _child(spec, args, ctx, write_fd, layers=self.layers, keep_fds=keep)
             os.close(write_fd)
             if inside is not None:
                 inside.close()

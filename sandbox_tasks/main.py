@@ -9,6 +9,8 @@ from pathlib import Path
 
 from sandbox_tasks import cgroups
 from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
+from sandbox_tasks.confine import containment, worker_layers
+from sandbox_tasks.confine.trees import read_only_trees
 from sandbox_tasks.errors import RegistryError
 from sandbox_tasks.executor import ForkExecutor
 from sandbox_tasks.keys import KeyStoreKeys
@@ -110,13 +112,23 @@ def build_deps(settings: Settings, tool: str, *, broker_url: str) -> WorkerDeps:
     )
 
 
-WEAK = "fork-rlimits (weak: no namespaces)"
+WEAK = "(no namespaces)"
 
 
 def make_executor(settings: Settings, spec: ToolSpec, scratch: Path) -> Executor:
-    """bubblewrap where the host allows it; weaker only where the operator said so."""
+    """bubblewrap where the host allows it; weaker only where the operator said so. Either
+    way each call's process gets every kernel layer this host has (refused below
+    TOOLPLANE_SANDBOX_MIN_LAYERS)."""
     binary = bwrap_path()
     problem = probe_bwrap(binary)
+    roots = ToolContext(
+        repo_root=settings.repo_root, docs_root=settings.docs_root, scratch_dir=scratch
+    )
+    layers = worker_layers(
+        settings.sandbox_layers_required(namespaces=problem is None),
+        read_only=read_only_trees(spec, roots),
+        forbidden=[settings.keys_dir],
+    )
     if problem is None:
         assert binary is not None
         if (no_cgroup := cgroups.problem()) is not None:
@@ -133,6 +145,7 @@ def make_executor(settings: Settings, spec: ToolSpec, scratch: Path) -> Executor
             docs_root=settings.docs_root,
             extra_modules=settings.extra_tool_modules,
             forbidden=[settings.home, settings.keys_dir],
+            layers=layers,
         )
     if not settings.allow_weak_containment:
         raise SettingsError(
@@ -140,8 +153,9 @@ def make_executor(settings: Settings, spec: ToolSpec, scratch: Path) -> Executor
             "to run them in rlimited children without namespaces (recorded in every receipt)",
             setting="ALLOW_WEAK_CONTAINMENT",
         )
-    log.warning("sandbox.weak tool=%s reason=%s: NO network or mount isolation", spec.name, problem)
-    return ForkExecutor(scratch_root=scratch, containment=WEAK)
+    log.warning("sandbox.weak tool=%s reason=%s: no namespaces", spec.name, problem)
+    name = f"{containment('fork', (*layers, 'rlimits'))} {WEAK}"
+    return ForkExecutor(scratch_root=scratch, containment=name, layers=layers)
 
 
 def run_worker(

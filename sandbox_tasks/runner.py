@@ -19,10 +19,12 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 
 from sandbox_tasks import frames
+from sandbox_tasks.confine import available
 from sandbox_tasks.executor import ForkExecutor
 from sandbox_tasks.registry import ToolContext, constrained, load_tools
 
 SANDBOX_TMP = Path("/tmp")  # noqa: S108 - the sandbox's own private tmpfs
+LAYERS_ENV = "TOOLPLANE_SANDBOX_LAYERS"  # the kernel layers each call gets (the receipt's)
 
 __all__ = ["read_frame", "write_frame", "main"]
 
@@ -44,7 +46,10 @@ def write_frame(stream: BinaryIO, value: Any) -> None:
 def main(argv: list[str]) -> int:
     tool_name, repo_root, docs_root, extra = argv[0], Path(argv[1]), Path(argv[2]), argv[3]
     spec = load_tools([m for m in extra.split(",") if m])[tool_name]
-    executor = ForkExecutor(scratch_root=SANDBOX_TMP)
+    # the layers the worker names in its receipts; all this host has if it named none
+    named = os.environ.get(LAYERS_ENV)
+    layers = named.split(",") if named is not None else [n for n in available() if n != "rlimits"]
+    executor = ForkExecutor(scratch_root=SANDBOX_TMP, layers=tuple(n for n in layers if n))
     base = ToolContext(repo_root=repo_root, docs_root=docs_root, scratch_dir=SANDBOX_TMP)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     if spec.prepare is not None:  # build what the tool keeps (an index, ...) before serving

@@ -71,13 +71,16 @@ def probe(args: ProbeArgs, ctx: ToolContext) -> ProbeResult:
         except OSError as e:
             return ProbeResult(outcome="refused", detail={"error": str(e)})
     if action == "interfaces":  # reaching any other address needs an interface and a route
-        return ProbeResult(
-            outcome="listed",
-            detail={
-                "interfaces": [name for _, name in socket.if_nameindex()],
-                "routes": open("/proc/net/route").read().splitlines()[1:],
-            },
-        )
+        try:  # if_nameindex needs a socket, the routes /proc: the layers may refuse both
+            return ProbeResult(
+                outcome="listed",
+                detail={
+                    "interfaces": [name for _, name in socket.if_nameindex()],
+                    "routes": open("/proc/net/route").read().splitlines()[1:],
+                },
+            )
+        except OSError as e:
+            return ProbeResult(outcome="refused", detail={"error": str(e)})
     if action == "write_data_root":
         try:
             (ctx.repo_root / "pwned.txt").write_text("x")

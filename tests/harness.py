@@ -191,6 +191,8 @@ class Stack:
             api_bind=self.env["TOOLPLANE_API_BIND"],
             token=token,
             worker_env=self.env.get("TOOLPLANE_WORKER_ENV", ""),
+            allow_weak_containment=self.env.get("TOOLPLANE_ALLOW_WEAK_CONTAINMENT") == "true",
+            sandbox_min_layers=self.env.get("TOOLPLANE_SANDBOX_MIN_LAYERS", "auto"),
             **({"worker_user": v} if (v := self.env.get("TOOLPLANE_WORKER_USER")) else {}),
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -13,6 +14,8 @@ from toolplane.signing import ALGORITHMS
 __all__ = ["Settings"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+SANDBOX_LAYER = re.compile(r"^(rlimits|no_new_privs|seccomp|landlock[1-7]?)$")
+AUTO_LAYERS = ("seccomp", "no_new_privs", "rlimits")  # + landlock without namespaces
 
 
 class Settings(BaseSettings):
@@ -75,6 +78,12 @@ class Settings(BaseSettings):
     allow_weak_containment: bool = Field(
         default=False, description="run tools without namespaces where bwrap cannot"
     )
+    sandbox_min_layers: str = Field(
+        default="auto",
+        description="kernel layers a worker requires in each tool call's process, "
+        "comma-separated from landlock[N], seccomp, no_new_privs, rlimits; auto: "
+        "seccomp,no_new_privs,rlimits, plus landlock where bubblewrap cannot run",
+    )
     worker_user: str = Field(
         default="toolplane-{tool}",
         description="user of a tool's workers when `toolplane up` is root ({tool}: its name)",
@@ -100,6 +109,23 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
+
+    @field_validator("sandbox_min_layers")
+    @classmethod
+    def _layers(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        if names == ["auto"]:
+            return "auto"
+        if not names:
+            raise ValueError("must name at least one layer (rlimits), or be auto")
+        for name in names:
+            if not SANDBOX_LAYER.match(name):
+                raise ValueError(
+                    f"{name!r} is not a layer: use auto, or a comma-separated list of "
+                    "landlock, landlock1 to landlock7 (that ABI or newer), seccomp, "
+                    "no_new_privs, rlimits"
+                )
+        return ",".join(names)
 
     @field_validator("receipt_algorithm")
     @classmethod
@@ -135,6 +161,13 @@ class Settings(BaseSettings):
     @property
     def worker_env_names(self) -> list[str]:
         return [name.strip() for name in self.worker_env.split(",") if name.strip()]
+
+    def sandbox_layers_required(self, *, namespaces: bool) -> tuple[str, ...]:
+        """The layers TOOLPLANE_SANDBOX_MIN_LAYERS requires of a worker, with or without
+        bubblewrap's namespaces."""
+        if self.sandbox_min_layers == "auto":
+            return AUTO_LAYERS if namespaces else ("landlock", *AUTO_LAYERS)
+        return tuple(self.sandbox_min_layers.split(","))
 
     @property
     def keys_dir(self) -> Path:

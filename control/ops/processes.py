@@ -158,6 +158,8 @@ def worker_env(
     )
     if settings.allow_weak_containment:
         env["TOOLPLANE_ALLOW_WEAK_CONTAINMENT"] = "true"
+    if settings.sandbox_min_layers != "auto":  # the operator's floor of kernel layers
+        env["TOOLPLANE_SANDBOX_MIN_LAYERS"] = settings.sandbox_min_layers
     return env
 
 

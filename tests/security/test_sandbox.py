@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sandbox_tasks.confine import available, containment
 from tests.harness import REPO, Stack
 
 pytestmark = pytest.mark.integration
@@ -38,7 +39,8 @@ def test_calls_run_under_bubblewrap(stack: Stack, token: str) -> None:
                 EvidenceEvent.run_id == view.run_id, EvidenceEvent.kind == "ToolCallCompleted"
             )
         )
-    assert payload["message"]["result"]["containment"] == "bwrap"  # signed into the receipt
+    # signed into the receipt: bubblewrap, and the kernel layers in the tool's own process
+    assert payload["message"]["result"]["containment"] == containment("bwrap", available())
 
 
 @pytest.mark.parametrize("action", ["connect_redis", "connect_postgres"])
@@ -50,8 +52,12 @@ def test_no_network_to_the_hosts_services(stack: Stack, token: str, action: str)
 
 def test_no_interface_or_route_to_anywhere_else(stack: Stack, token: str) -> None:
     node = probe(stack, token, "interfaces")
-    assert node.result["detail"]["interfaces"] == ["lo"]
-    assert node.result["detail"]["routes"] == []
+    if node.result["outcome"] == "refused":  # seccomp refused the socket, Landlock /proc
+        assert "not permitted" in node.result["detail"]["error"], node.result
+        assert "seccomp" in available()
+    else:
+        assert node.result["detail"]["interfaces"] == ["lo"]
+        assert node.result["detail"]["routes"] == []
 
 
 def test_data_root_is_read_only(stack: Stack, token: str) -> None:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from sandbox_tasks import confine
 from sandbox_tasks import main as worker_main
 from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
 from sandbox_tasks.executor import ForkExecutor
+from sandbox_tasks.runner import LAYERS_ENV
 from sandbox_tasks.tools.read_repo_file import TOOL
 from toolplane.errors import SettingsError
 from toolplane.settings import Settings
@@ -33,7 +35,10 @@ def test_weak_containment_only_when_asked_and_it_says_so(
         settings(tmp_path, allow_weak_containment=True), TOOL, tmp_path
     )
     assert isinstance(executor, ForkExecutor)
-    assert executor.containment == "fork-rlimits (weak: no namespaces)"
+    layers = confine.available()
+    assert executor.layers == tuple(n for n in layers if n != "rlimits")
+    assert executor.containment == confine.containment("fork", layers) + " (no namespaces)"
+    assert executor.containment.startswith("fork+") and "rlimits" in executor.containment
 
 
 @pytest.mark.skipif(
@@ -41,7 +46,9 @@ def test_weak_containment_only_when_asked_and_it_says_so(
 )
 def test_bwrap_where_the_host_allows_it(tmp_path: Path) -> None:
     executor = worker_main.make_executor(settings(tmp_path), TOOL, tmp_path)
-    assert isinstance(executor, BwrapExecutor) and executor.containment == "bwrap"
+    assert isinstance(executor, BwrapExecutor)
+    assert executor.containment == confine.containment("bwrap", confine.available())
+    assert f"{LAYERS_ENV}" in executor.argv()
     assert not any((tmp_path / "home").resolve().is_relative_to(m) for m in executor.mounts)
 
 
@@ -58,3 +65,52 @@ def test_a_home_inside_a_mount_is_refused(tmp_path: Path) -> None:
             extra_modules=[],
             forbidden=[inside],
         )
+
+
+# -- the minimum layers (TOOLPLANE_SANDBOX_MIN_LAYERS) -------------------------------------
+
+
+def test_a_worker_refuses_to_start_below_its_minimum_layers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from sandbox_tasks.confine import layers
+
+    monkeypatch.setattr(worker_main, "probe_bwrap", lambda binary: "no bwrap binary")
+    monkeypatch.setattr(layers.landlock, "abi", lambda: 0)  # a kernel without Landlock
+    loose = settings(tmp_path, allow_weak_containment=True)
+    # auto: without namespaces Landlock is required
+    with pytest.raises(SettingsError, match="SANDBOX_MIN_LAYERS: this host cannot apply landlock"):
+        worker_main.make_executor(loose, TOOL, tmp_path)
+    # an operator who lowers the minimum gets the rest, and the receipt says which
+    lowered = settings(tmp_path, allow_weak_containment=True, sandbox_min_layers="seccomp")
+    executor = worker_main.make_executor(lowered, TOOL, tmp_path)
+    assert "landlock" not in executor.containment
+    assert executor.containment == "fork+seccomp+nnp+rlimits (no namespaces)"
+
+
+def test_an_abi_floor_is_enforced(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from sandbox_tasks.confine import layers
+
+    monkeypatch.setattr(worker_main, "probe_bwrap", lambda binary: "no bwrap binary")
+    monkeypatch.setattr(layers.landlock, "abi", lambda: 5)
+    strict = settings(tmp_path, allow_weak_containment=True, sandbox_min_layers="landlock6")
+    with pytest.raises(SettingsError, match="cannot apply landlock6 .*it has .*landlock5"):
+        worker_main.make_executor(strict, TOOL, tmp_path)
+
+
+def test_keys_inside_a_readable_tree_are_refused(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setattr(worker_main, "probe_bwrap", lambda binary: "no bwrap binary")
+    home = Path(sys.prefix)  # the Python installation: every call may read it
+    loose = Settings(home=home, allow_weak_containment=True)  # type: ignore[arg-type]
+    with pytest.raises(SettingsError, match="HOME: .*keys would be readable by the tools"):
+        worker_main.make_executor(loose, TOOL, tmp_path)
+
+
+@pytest.mark.parametrize("value", ["landlock9", "selinux", "seccomp,,bogus", ","])
+def test_a_bad_minimum_names_the_setting(tmp_path: Path, value: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="sandbox_min_layers"):
+        settings(tmp_path, sandbox_min_layers=value)

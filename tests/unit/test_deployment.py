@@ -690,6 +690,12 @@ with tempfile.TemporaryDirectory() as tmp:
     out = ForkExecutor(scratch_root=Path(tmp)).run(spec, spec.args_model(code="eval(x)\n"), ctx)
     report["lint_python"] = [out.ok, out.error_message,
                              sorted(f["code"] for f in (out.result or {}).get("findings", []))]
+    # the kernel layers (sandbox_tasks.confine) install under the profile too
+    from sandbox_tasks.confine import available
+    layers = tuple(n for n in available() if n != "rlimits")
+    out = ForkExecutor(scratch_root=Path(tmp), layers=layers).run(
+        spec, spec.args_model(code="eval(x)\n"), ctx)
+    report["layers"] = [list(layers), out.ok, out.error_message]
 
 libc = ctypes.CDLL(None, use_errno=True)
 def eperm(fn, *args):
@@ -745,6 +751,10 @@ def test_a_worker_runs_a_tool_under_the_profile_and_is_refused_what_it_denies(tm
     report = run_under(DOCKER / "seccomp" / "sandbox.json")
     assert report["pool"] == 3 and report["tcp"] == "refused" and report["dns"]
     assert report["lint_python"] == [True, None, ["F821", "S307"]], "ruff ran in the child"
+    from sandbox_tasks.confine import available
+
+    here = [n for n in available() if n != "rlimits"]
+    assert report["layers"] == [here, True, None], "the same layers as outside the profile"
     assert report["bwrap_refused"], "no namespaces: bubblewrap must fail to start"
     assert all(report["denied"].values()), report["denied"]
     # The probe tells the difference: without the profile's denials they succeed.
