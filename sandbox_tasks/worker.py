@@ -41,11 +41,13 @@ CLAIM_MARGIN_MS = 5_000  # time between claim and publish beyond the tool's own 
 
 
 class Executor(Protocol):
-    """Runs one call of a tool in containment; ``containment`` goes into every receipt."""
+    """Runs one call of a tool in containment; ``containment`` goes into every receipt.
+
+    ``tenant`` is the envelope's: calls of different tenants never share a runner."""
 
     containment: str
 
-    def run(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext) -> Outcome: ...
+    def run(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext, *, tenant: str) -> Outcome: ...
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
     else:
         log.info("job.start job=%s containment=%s", envelope.job_id, deps.executor.containment)
         try:
-            outcome = deps.executor.run(spec, args, deps.context)
+            outcome = deps.executor.run(spec, args, deps.context, tenant=envelope.tenant)
         except OSError as e:  # fork, pipe or scratch failed: the call fails, the worker lives
             log.exception("executor.failed job=%s", envelope.job_id)
             outcome = Outcome(False, None, "tool_error", f"executor: {e}")

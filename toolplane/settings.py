@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     allow_weak_containment: bool = Field(
         default=False, description="run tools without namespaces where bwrap cannot"
     )
+    sandbox_warm_runners: int = Field(
+        default=4, ge=1, le=64, description="warm sandbox runners per worker process (one a tenant)"
+    )
     worker_user: str = Field(
         default="toolplane-{tool}",
         description="user of a tool's workers when `toolplane up` is root ({tool}: its name)",

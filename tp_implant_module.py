@@ -1,0 +1,1 @@
+HIJACKED = True
