@@ -93,7 +93,7 @@ def _survivor(runner: int, root: Path, marker: str) -> int:
                 "2>/dev/null; sleep 0.05; done"
             )
             argv = ["sh", "-c", script, "sh", str(runner), marker, str(root), str(call)]
-            os.execv("/bin/sh", argv)
+            os.execv("/bin/sh", argv)  # noqa: S606 - a fixed shell script
         finally:
             os._exit(0)
     return pid
@@ -139,19 +139,24 @@ def _session(pid: int) -> int | str:
 
 
 def _plant(ctx: ToolContext) -> dict[str, object]:
-    """(e): a module in each directory we can write; which of them is on sys.path."""
+    """(e): a module in each directory we can write; which of them is on sys.path. A module
+    written into a directory on sys.path is removed at once (it would poison the host's
+    Python where the test runs as root without namespaces); that it could be is reported."""
     import importlib.util
 
     planted, writable_on_path = [], []
     for entry in {*sys.path, os.getcwd(), str(ctx.scratch_dir), str(ctx.scratch_dir.parent)}:
         where = Path(entry or os.getcwd())
+        module = where / f"{MODULE}.py"
         try:
-            (where / f"{MODULE}.py").write_text("HIJACKED = True\n")
+            module.write_text("HIJACKED = True\n")
         except OSError:
             continue
-        planted.append(str(where))
         if entry in sys.path:
             writable_on_path.append(entry)
+            module.unlink()
+        else:
+            planted.append(str(where))
     importlib.invalidate_caches()
     found = importlib.util.find_spec(MODULE)
     return {

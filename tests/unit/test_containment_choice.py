@@ -9,7 +9,7 @@ import pytest
 
 from sandbox_tasks import main as worker_main
 from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
-from sandbox_tasks.executor import ForkExecutor
+from sandbox_tasks.plain import PlainExecutor
 from sandbox_tasks.tools.read_repo_file import TOOL
 from toolplane.errors import SettingsError
 from toolplane.settings import Settings
@@ -32,8 +32,9 @@ def test_weak_containment_only_when_asked_and_it_says_so(
     executor = worker_main.make_executor(
         settings(tmp_path, allow_weak_containment=True), TOOL, tmp_path
     )
-    assert isinstance(executor, ForkExecutor)
-    assert executor.containment == "fork-rlimits (weak: no namespaces)"
+    # the same runner, a fresh process of its own (never a fork of the worker), no namespaces
+    assert isinstance(executor, PlainExecutor)
+    assert executor.containment == "runner (no namespaces)"
 
 
 @pytest.mark.skipif(

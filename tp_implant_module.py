@@ -1,1 +1,0 @@
-HIJACKED = True
