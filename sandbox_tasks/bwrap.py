@@ -87,9 +87,14 @@ class BwrapExecutor(RunnerExecutor):
         forbidden: list[Path],
         max_runners: int = DEFAULT_WARM_RUNNERS,
         layers: tuple[str, ...] = (),
+        fresh: bool = False,
     ) -> None:
         super().__init__(
-            spec=spec, extra_modules=extra_modules, max_runners=max_runners, layers=layers
+            spec=spec,
+            extra_modules=extra_modules,
+            max_runners=max_runners,
+            layers=layers,
+            fresh=fresh,
         )
         self.binary = binary
         self.repo_root = repo_root

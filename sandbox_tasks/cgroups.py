@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandbox_tasks.errors import CgroupError
+
 V1_ROOT = Path("/sys/fs/cgroup/pids")
 V1_FREEZER = Path("/sys/fs/cgroup/freezer")
 V2_ROOT = Path("/sys/fs/cgroup")
@@ -37,10 +39,6 @@ __all__ = [
     "delegated_dir",
     "problem",
 ]
-
-
-class CgroupError(OSError):
-    """A sandbox's processes could not all be killed through its cgroup."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,10 @@ class PidsCgroup:
                     self._freeze(False)
                     frozen = False
                 if time.monotonic() > deadline:
-                    raise CgroupError(f"{len(pids)} process(es) of {self.path} would not die")
+                    raise CgroupError(
+                        f"{len(pids)} process(es) of {self.path} would not die",
+                        path=str(self.path),
+                    )
                 time.sleep(0.002)
         finally:
             if frozen:

@@ -46,9 +46,14 @@ class PlainExecutor(RunnerExecutor):
         scratch_root: Path,
         max_runners: int = DEFAULT_WARM_RUNNERS,
         layers: tuple[str, ...] = (),
+        fresh: bool = False,
     ) -> None:
         super().__init__(
-            spec=spec, extra_modules=extra_modules, max_runners=max_runners, layers=layers
+            spec=spec,
+            extra_modules=extra_modules,
+            max_runners=max_runners,
+            layers=layers,
+            fresh=fresh,
         )
         self.repo_root = repo_root
         self.docs_root = docs_root

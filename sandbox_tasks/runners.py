@@ -62,6 +62,7 @@ class RunnerExecutor:
         extra_modules: list[str],
         max_runners: int = DEFAULT_WARM_RUNNERS,
         layers: tuple[str, ...] = (),
+        fresh: bool = False,
     ) -> None:
         if max_runners < 1:
             raise ValueError("max_runners must be at least 1")
@@ -69,6 +70,7 @@ class RunnerExecutor:
         self.extra_modules = list(extra_modules)
         self.max_runners = max_runners
         self.layers = tuple(layers)
+        self.fresh = fresh  # a fresh runner for every call, as where there is no cgroup
         self.code_dirs = sorted(
             {package_dir(m) for m in ("sandbox_tasks", "toolplane", *extra_modules)}
             | {package_dir(spec.func.__module__)}
@@ -175,7 +177,7 @@ class RunnerExecutor:
         why = sandbox.problem(reply)
         if why is not None:
             self._retire(key, sandbox, why)
-        elif sandbox.cgroup is None:
+        elif sandbox.cgroup is None or self.fresh:
             self._drop(key, sandbox)
         if not isinstance(reply, dict):
             return Outcome(False, None, "tool_error", "sandbox runner sent no valid outcome")

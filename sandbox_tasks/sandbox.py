@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from sandbox_tasks import frames
-from sandbox_tasks.cgroups import CgroupError, PidsCgroup, create_pids_cgroup
+from sandbox_tasks.cgroups import PidsCgroup, create_pids_cgroup
+from sandbox_tasks.errors import CgroupError
 
 log = logging.getLogger("toolplane.sandbox")
 
