@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ __all__ = [
     "delegate",
     "delegated_dir",
     "problem",
+    "remove_stale",
 ]
 
 
@@ -212,3 +214,40 @@ def create_pids_cgroup(name: str, max_pids: int) -> PidsCgroup | None:
                 freezer = None
         return PidsCgroup(path, freezer)
     return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(tool: str) -> int:
+    """Sandbox cgroups of ``tool`` left by worker processes that died (a sandbox's cgroup
+    is named ``<tool>-<worker pid>-...``): whatever is still in one is killed, and it is
+    removed. Returns how many were removed."""
+    pattern = re.compile(rf"^{re.escape(tool)}-(\d+)-")
+    freezer = _freezer_parent()
+    removed = 0
+    for parent in _parents():
+        try:
+            entries = [p for p in parent.iterdir() if p.is_dir()]
+        except OSError:
+            continue
+        for path in entries:
+            found = pattern.match(path.name)
+            if found is None or _alive(int(found.group(1))):
+                continue
+            twin = freezer / path.name if freezer is not None else None
+            group = PidsCgroup(path, twin if twin is not None and twin.is_dir() else None)
+            try:
+                group.kill_all()
+            except OSError:
+                continue
+            group.remove()
+            removed += not path.exists()
+    return removed

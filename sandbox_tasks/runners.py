@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from sandbox_tasks import containment, egress, frames
+from sandbox_tasks import cgroups, containment, egress, frames
 from sandbox_tasks.executor import Outcome
 from sandbox_tasks.registry import ToolContext, ToolSpec
 from sandbox_tasks.sandbox import Sandbox
@@ -80,6 +80,8 @@ class RunnerExecutor:
         self._serial = 0
         self._said_fresh = False
         self.replaced = 0  # runners replaced because they were not clean (for tests, bench)
+        if stale := cgroups.remove_stale(spec.name):
+            log.warning("sandbox.stale_cgroups tool=%s removed=%d", spec.name, stale)
 
     @property
     def containment(self) -> str:
@@ -144,8 +146,10 @@ class RunnerExecutor:
         )
         sandbox.destroy()
 
-    def _drop(self, tenant: str, sandbox: Sandbox) -> None:
+    def _drop(self, tenant: str, sandbox: Sandbox, why: str | None = None) -> None:
         self._runners.pop(tenant, None)
+        if why is not None:
+            log.warning("sandbox.killed tool=%s tenant=%s reason=%s", self.spec.name, tenant, why)
         sandbox.destroy()
 
     # -- a call --------------------------------------------------------------------------
@@ -169,10 +173,10 @@ class RunnerExecutor:
         try:
             reply = sandbox.call(request, deadline, serve)
         except TimeoutError:
-            self._drop(key, sandbox)
+            self._drop(key, sandbox, "wall time")
             return Outcome(False, None, "timeout", f"wall time limit of {spec.limits.timeout_s}s")
         except (EOFError, CanonicalJSONError, frames.FrameError, OSError) as e:
-            self._drop(key, sandbox)
+            self._drop(key, sandbox, f"channel: {type(e).__name__}")
             return Outcome(False, None, "tool_error", f"sandbox runner failed: {type(e).__name__}")
         why = sandbox.problem(reply)
         if why is not None:

@@ -222,3 +222,24 @@ def test_kill_all_kills_every_process_of_the_cgroup(
         proc.wait(timeout=10)
         made.remove()
     assert not made.path.exists()
+
+
+@pytest.mark.skipif(not HAS_CGROUP, reason="no cgroup for sandboxes on this host")
+def test_the_cgroups_of_a_worker_that_died_are_swept_at_the_next_start() -> None:
+    tool = f"staletest{os.getpid()}"
+    dead = subprocess.Popen(["/bin/true"])  # noqa: S603 - a fixed command
+    dead.wait()
+    stale = cgroups.create_pids_cgroup(f"{tool}-{dead.pid}-1", 8)
+    live = cgroups.create_pids_cgroup(f"{tool}-{os.getpid()}-1", 8)
+    assert stale is not None and live is not None
+    left = subprocess.Popen(  # noqa: S603 - a fixed command
+        ["/bin/sleep", "300"], preexec_fn=stale.join, start_new_session=True
+    )
+    try:
+        assert cgroups.remove_stale(tool) == 1
+        assert left.wait(timeout=10) == -signal.SIGKILL
+        assert not stale.path.exists() and live.path.exists()
+    finally:
+        left.kill()
+        live.remove()
+        stale.remove()
