@@ -217,6 +217,15 @@ def build_worker_app(
         except OSError as e:  # a full or read-only scratch must not stop the worker
             log.warning("worker.heartbeat_file path=%s error=%s", beat, e)
 
+    @signals.worker_process_shutdown.connect(weak=False)
+    def stop_runners(**_: Any) -> None:
+        close = getattr(deps.executor, "close", None)  # kill the runners, remove their cgroups
+        if close is not None:
+            try:
+                close()
+            except Exception:  # a hook must never stop the shutdown
+                log.exception("sandbox.close_failed tool=%s", deps.spec.name)
+
     @signals.worker_ready.connect(weak=False)
     def announce(sender: Any = None, **_: Any) -> None:
         signer = deps.keys.signer()
