@@ -13,6 +13,16 @@ another only within a subtree whose ``cgroup.procs`` it can write at their commo
 ancestor, so a worker that was not started inside a delegated subtree has no pids
 cgroup there; ``problem`` says why, and the per-call ``RLIMIT_NPROC`` (which binds
 a worker user that is not root) is the cap that remains.
+
+The same cgroup is how a sandbox is swept: its ``cgroup.procs`` lists every process
+of the sandbox, whatever session or process group it moved to, so the worker can
+tell whether anything outlived a call and kill all of it (``kill_all``). Where the
+v1 ``freezer`` controller (delegated like ``pids``), or v2's ``cgroup.kill`` and
+``cgroup.freeze``, is there too, the processes are frozen first so that none forks
+while they are killed; without it ``pids.max`` is lowered to 0 first, which stops
+forks as well. A sandbox's cgroup is named ``<tool>-<worker pid>-...``: those of a
+worker process that died are swept when the tool's executor is next built
+(``remove_stale``).
 """
 
 from __future__ import annotations
