@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.progress import Progress
 from rich.table import Table
 
+from benchmarks import containment
 from control.orchestration.dispatch import sign_envelope
 from ledger.chain import NewEvent
 from ledger.receipts import check_result_message
@@ -48,56 +49,9 @@ def _signer(owner: str) -> tuple[Ed25519Signer, KeyRing]:
     return signer, ring
 
 
-def containment_overhead(settings: Any) -> dict[str, float]:
-    """p50 of one read_repo_file call: in process, forked child, warm bubblewrap runner."""
-    import statistics
-    import tempfile
-    from pathlib import Path
-
-    from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path
-    from sandbox_tasks.executor import ForkExecutor
-    from sandbox_tasks.registry import ToolContext
-    from sandbox_tasks.tools.read_repo_file import TOOL
-
-    ctx = ToolContext(
-        repo_root=settings.repo_root,
-        docs_root=settings.docs_root,
-        scratch_dir=Path(tempfile.gettempdir()),
-    )
-    args = TOOL.args_model.model_validate({"path": "src/shipit/deploy.py"})
-    runners: dict[str, Callable[[], Any]] = {"in_process": lambda: TOOL.func(args, ctx)}
-    fork = ForkExecutor()
-    runners["fork"] = lambda: fork.run(TOOL, args, ctx)
-    binary = bwrap_path()
-    bwrap = None
-    if binary is not None:
-        bwrap = BwrapExecutor(
-            binary=binary,
-            spec=TOOL,
-            repo_root=settings.repo_root,
-            docs_root=settings.docs_root,
-            extra_modules=[],
-            forbidden=[settings.home],
-        )
-        runners["bwrap"] = lambda: bwrap.run(TOOL, args, ctx)
-    out = {}
-    try:
-        for name, call in runners.items():
-            call()  # warm (starts the bwrap runner)
-            samples = []
-            for _ in range(200):
-                start = time.perf_counter()
-                call()
-                samples.append((time.perf_counter() - start) * 1000)
-            out[f"call_p50_ms_{name}"] = statistics.median(samples)
-    finally:
-        if bwrap is not None:
-            bwrap.close()
-    if "call_p50_ms_bwrap" in out:
-        out["containment_overhead_p50_ms"] = (
-            out["call_p50_ms_bwrap"] - out["call_p50_ms_in_process"]
-        )
-    return out
+def containment_overhead(settings: Any) -> dict[str, Any]:
+    """Per-call cost of each executor (benchmarks.containment), on the bench stack's roots."""
+    return containment.measure(settings.repo_root, settings.docs_root)
 
 
 def run_all(client: Any, *, progress: Progress) -> dict[str, Any]:

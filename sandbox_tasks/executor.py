@@ -8,6 +8,10 @@ given (no_new_privs, Landlock, seccomp: ``sandbox_tasks.confine``) before the
 tool runs. The parent enforces the wall time (killing the child's whole process
 group) and the cap on the size of what it returns. The child sends its outcome
 over a pipe as JSON; the parent parses it strictly.
+
+A worker never runs this in its own process: the runner (``sandbox_tasks.runner``), a
+fresh process under bubblewrap or without namespaces, does, and the worker sweeps the
+runner's cgroup after each call (a process group is no boundary: a call can leave it).
 """
 
 from __future__ import annotations
@@ -181,9 +185,16 @@ class ForkExecutor:
         self.containment = containment
 
     def run(
-        self, spec: ToolSpec, args: BaseModel, ctx: ToolContext, *, fetcher: Fetcher | None = None
+        self,
+        spec: ToolSpec,
+        args: BaseModel,
+        ctx: ToolContext,
+        *,
+        fetcher: Fetcher | None = None,
+        tenant: str | None = None,
     ) -> Outcome:
-        """Run one call; ``fetcher`` carries out its egress (default: here, and recorded)."""
+        """Run one call; ``fetcher`` carries out its egress (default: here, and recorded).
+        ``tenant`` is accepted for the worker's Executor protocol; a fork keeps no state."""
         fetches: list[dict[str, Any]] = []
         if fetcher is None:  # every tool may ask; only declared, policy-allowed hosts answer
 

@@ -7,13 +7,13 @@ import os
 import pwd
 from pathlib import Path
 
-from sandbox_tasks import cgroups
+from sandbox_tasks import cgroups, prctl
 from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
-from sandbox_tasks.confine import containment, worker_layers
+from sandbox_tasks.confine import worker_layers
 from sandbox_tasks.confine.trees import read_only_trees
 from sandbox_tasks.errors import RegistryError
-from sandbox_tasks.executor import ForkExecutor
 from sandbox_tasks.keys import KeyStoreKeys
+from sandbox_tasks.plain import PlainExecutor
 from sandbox_tasks.registry import ToolContext, ToolSpec, load_tools
 from sandbox_tasks.worker import (
     Executor,
@@ -89,7 +89,7 @@ def build_deps(settings: Settings, tool: str, *, broker_url: str) -> WorkerDeps:
         )
     check_access(settings, tools[tool])
     keys = KeyStoreKeys(KeyStore(settings.keys_dir), owner=f"tool.{tool}")
-    scratch = settings.home / "scratch"  # the weak executor's call directories, the heartbeat
+    scratch = settings.home / "scratch"  # the plain runners' scratch roots, the heartbeat
     try:
         scratch.mkdir(parents=True, exist_ok=True)
         if not os.access(scratch, os.W_OK | os.X_OK):
@@ -112,13 +112,10 @@ def build_deps(settings: Settings, tool: str, *, broker_url: str) -> WorkerDeps:
     )
 
 
-WEAK = "(no namespaces)"
-
-
 def make_executor(settings: Settings, spec: ToolSpec, scratch: Path) -> Executor:
-    """bubblewrap where the host allows it; weaker only where the operator said so. Either
-    way each call's process gets every kernel layer this host has (refused below
-    TOOLPLANE_SANDBOX_MIN_LAYERS)."""
+    """bubblewrap where the host allows it; runners without namespaces only where the
+    operator said so. Either way each call runs in a fresh process of its own (never a fork
+    of this worker), in per-tenant warm runners (``sandbox_warm_runners`` per process)."""
     binary = bwrap_path()
     problem = probe_bwrap(binary)
     roots = ToolContext(
@@ -129,15 +126,16 @@ def make_executor(settings: Settings, spec: ToolSpec, scratch: Path) -> Executor
         read_only=read_only_trees(spec, roots),
         forbidden=[settings.keys_dir],
     )
+    if (no_cgroup := cgroups.problem()) is not None:
+        log.warning(
+            "sandbox.no_pids_cgroup tool=%s reason=%s: each call's RLIMIT_NPROC is the "
+            "process cap (it binds a worker user that is not root), and every call gets a "
+            "fresh runner (nothing else proves that a call left no process behind)",
+            spec.name,
+            no_cgroup,
+        )
     if problem is None:
         assert binary is not None
-        if (no_cgroup := cgroups.problem()) is not None:
-            log.warning(
-                "sandbox.no_pids_cgroup tool=%s reason=%s: each call's RLIMIT_NPROC is the "
-                "process cap (it binds a worker user that is not root)",
-                spec.name,
-                no_cgroup,
-            )
         return BwrapExecutor(
             binary=binary,
             spec=spec,
@@ -145,17 +143,25 @@ def make_executor(settings: Settings, spec: ToolSpec, scratch: Path) -> Executor
             docs_root=settings.docs_root,
             extra_modules=settings.extra_tool_modules,
             forbidden=[settings.home, settings.keys_dir],
+            max_runners=settings.sandbox_warm_runners,
             layers=layers,
         )
     if not settings.allow_weak_containment:
         raise SettingsError(
             f"cannot contain tools here ({problem}); set TOOLPLANE_ALLOW_WEAK_CONTAINMENT=true "
-            "to run them in rlimited children without namespaces (recorded in every receipt)",
+            "to run them in runners without namespaces (recorded in every receipt)",
             setting="ALLOW_WEAK_CONTAINMENT",
         )
-    log.warning("sandbox.weak tool=%s reason=%s: no namespaces", spec.name, problem)
-    name = f"{containment('fork', (*layers, 'rlimits'))} {WEAK}"
-    return ForkExecutor(scratch_root=scratch, containment=name, layers=layers)
+    log.warning("sandbox.weak tool=%s reason=%s: NO network or mount isolation", spec.name, problem)
+    return PlainExecutor(
+        spec=spec,
+        repo_root=settings.repo_root,
+        docs_root=settings.docs_root,
+        extra_modules=settings.extra_tool_modules,
+        scratch_root=scratch,
+        max_runners=settings.sandbox_warm_runners,
+        layers=layers,
+    )
 
 
 def run_worker(
@@ -167,6 +173,9 @@ def run_worker(
     autoscale: str | None = None,
     loglevel: str = "INFO",
 ) -> None:
+    # The receipt key will be in this process's memory (and its pool children's, which
+    # inherit this): no process of the same user may read it through /proc or ptrace.
+    prctl.set_not_dumpable()
     deps = build_deps(settings, tool, broker_url=broker_url)
     if deps.spec.limits.timeout_s >= settings.visibility_timeout:
         log.warning(

@@ -1,10 +1,21 @@
-"""The runner: a long-lived process inside the sandbox that runs one tool's calls.
+"""The runner: a process that runs one tool's calls for one tenant, then is checked.
 
-Started by :class:`sandbox_tasks.bwrap.BwrapExecutor` under bubblewrap (no
-network, a read-only view of only its code and its data root, a private /tmp,
-an empty environment, no keys). It reads framed requests on stdin and answers
-on stdout; each call runs in a forked child with the tool's rlimits, through
-the same code as the plain fork executor.
+Started by a :class:`sandbox_tasks.runners.RunnerExecutor` as a fresh process (never a
+fork of the worker): under bubblewrap (``sandbox_tasks.bwrap``) or, where namespaces
+cannot be made, as a plain process (``sandbox_tasks.plain``). Either way it starts with
+``python -I`` (no environment variables, no user site, no script or working directory on
+``sys.path``) through ``BOOTSTRAP``, which puts only the code directories it is given on
+``sys.path``, makes the process not dumpable (its ``/proc/<pid>/fd``, ``mem`` and
+``environ`` are then closed to a call running as the same user) and ties its life to the
+worker's. It reads framed requests on stdin and answers on stdout (one socket: its
+``/proc`` entry cannot be opened as a file even where the process is reachable); each call
+runs in a forked child with the tool's rlimits, in a fresh scratch directory that is
+removed after it (``ForkExecutor``).
+
+After each call it reaps whatever the call orphaned (it is their subreaper; under
+bubblewrap it is the namespace's PID 1) and compares its scratch root, the one place it
+can write, with what was there when it became ready: its answer says what it found, and
+the worker replaces a runner that is not clean.
 
 Frames: see ``sandbox_tasks.frames``.
 """
@@ -13,20 +24,52 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
-from sandbox_tasks import frames
-from sandbox_tasks.confine import available
+from sandbox_tasks import frames, prctl
 from sandbox_tasks.executor import ForkExecutor
 from sandbox_tasks.registry import ToolContext, constrained, load_tools
 
 SANDBOX_TMP = Path("/tmp")  # noqa: S108 - the sandbox's own private tmpfs
-LAYERS_ENV = "TOOLPLANE_SANDBOX_LAYERS"  # the kernel layers each call gets (the receipt's)
+MAX_LISTED = 2000  # a scratch root with more entries than this counts as not clean
+REAP_GRACE_S = 0.05  # orphans killed with their call get this long to be reaped
 
-__all__ = ["read_frame", "write_frame", "main"]
+# python -I -c BOOTSTRAP CODE_DIRS ARGS...: not dumpable and tied to its parent before any
+# import, then only CODE_DIRS (":"-separated) in front of the interpreter's own paths.
+BOOTSTRAP = (
+    "import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); "
+    "libc.prctl(4, 0, 0, 0, 0) == 0 or sys.exit('runner: cannot clear dumpable'); "
+    "libc.prctl(1, 9, 0, 0, 0); "
+    "sys.path[:0] = [p for p in sys.argv[1].split(':') if p]; "
+    "from sandbox_tasks.runner import main; sys.exit(main(sys.argv[2:]))"
+)
+
+__all__ = ["BOOTSTRAP", "SANDBOX_TMP", "main", "read_frame", "runner_argv", "write_frame"]
+
+
+def runner_argv(
+    *,
+    python: str,
+    code_paths: list[str],
+    tool: str,
+    repo_root: Path,
+    docs_root: Path,
+    extra_modules: list[str],
+    scratch_root: Path,
+    layers: Sequence[str],
+) -> list[str]:
+    """The runner's command line (after any wrapper such as bwrap); ``layers``: the kernel
+    layers each call's process gets (``sandbox_tasks.confine``), as the receipts name them."""
+    return [
+        python, "-I", "-B", "-c", BOOTSTRAP, ":".join(code_paths),
+        tool, str(repo_root), str(docs_root), ",".join(extra_modules), str(scratch_root),
+        ",".join(layers),
+    ]  # fmt: skip
 
 
 def read_frame(stream: BinaryIO) -> Any | None:
@@ -43,21 +86,60 @@ def write_frame(stream: BinaryIO, value: Any) -> None:
     stream.flush()
 
 
+def snapshot(root: Path) -> dict[str, tuple[int, int, int]] | None:
+    """Every path under ``root`` with its mode, size and mtime; None if there are too many."""
+    seen: dict[str, tuple[int, int, int]] = {}
+    for top, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = os.path.join(top, name)
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            seen[os.path.relpath(path, root)] = (info.st_mode, info.st_size, info.st_mtime_ns)
+            if len(seen) > MAX_LISTED:
+                return None
+    return seen
+
+
+def reap_orphans() -> bool:
+    """Reap what the last call left as our children; True if any is still alive."""
+    deadline = time.monotonic() + REAP_GRACE_S
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            if time.monotonic() > deadline:
+                return True
+            time.sleep(0.002)
+
+
+def changes(root: Path, baseline: dict[str, tuple[int, int, int]] | None) -> list[str]:
+    now = snapshot(root)
+    if now is None or baseline is None:
+        return [f"more than {MAX_LISTED} entries"]
+    changed = sorted(p for p in now.keys() | baseline.keys() if now.get(p) != baseline.get(p))
+    return changed[:20]
+
+
 def main(argv: list[str]) -> int:
+    prctl.set_not_dumpable()
+    prctl.set_child_subreaper()
     tool_name, repo_root, docs_root, extra = argv[0], Path(argv[1]), Path(argv[2]), argv[3]
+    scratch_root, layers = Path(argv[4]), tuple(n for n in argv[5].split(",") if n)
     spec = load_tools([m for m in extra.split(",") if m])[tool_name]
-    # the layers the worker names in its receipts; all this host has if it named none
-    named = os.environ.get(LAYERS_ENV)
-    layers = named.split(",") if named is not None else [n for n in available() if n != "rlimits"]
-    executor = ForkExecutor(scratch_root=SANDBOX_TMP, layers=tuple(n for n in layers if n))
-    base = ToolContext(repo_root=repo_root, docs_root=docs_root, scratch_dir=SANDBOX_TMP)
+    executor = ForkExecutor(scratch_root=scratch_root, layers=layers)
+    base = ToolContext(repo_root=repo_root, docs_root=docs_root, scratch_dir=scratch_root)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     if spec.prepare is not None:  # build what the tool keeps (an index, ...) before serving
         try:
             spec.prepare(base)
         except Exception as e:  # the call that needs it reports the error again
             print(f"runner: prepare failed: {type(e).__name__}: {e}", file=sys.stderr)
-    write_frame(stdout, {"ready": tool_name, "pid": os.getpid()})
+    baseline = snapshot(scratch_root)
+    write_frame(stdout, {"ready": tool_name, "pid": os.getpid(), "dumpable": prctl.dumpable()})
     while True:
         request = read_frame(stdin)
         if request is None:
@@ -86,6 +168,8 @@ def main(argv: list[str]) -> int:
                 "result": outcome.result,
                 "code": outcome.error_code,
                 "message": outcome.error_message,
+                "orphans": reap_orphans(),
+                "left": changes(scratch_root, baseline),
             },
         )
 

@@ -41,11 +41,13 @@ CLAIM_MARGIN_MS = 5_000  # time between claim and publish beyond the tool's own 
 
 
 class Executor(Protocol):
-    """Runs one call of a tool in containment; ``containment`` goes into every receipt."""
+    """Runs one call of a tool in containment; ``containment`` goes into every receipt.
+
+    ``tenant`` is the envelope's: calls of different tenants never share a runner."""
 
     containment: str
 
-    def run(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext) -> Outcome: ...
+    def run(self, spec: ToolSpec, args: BaseModel, ctx: ToolContext, *, tenant: str) -> Outcome: ...
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
     else:
         log.info("job.start job=%s containment=%s", envelope.job_id, deps.executor.containment)
         try:
-            outcome = deps.executor.run(spec, args, deps.context)
+            outcome = deps.executor.run(spec, args, deps.context, tenant=envelope.tenant)
         except OSError as e:  # fork, pipe or scratch failed: the call fails, the worker lives
             log.exception("executor.failed job=%s", envelope.job_id)
             outcome = Outcome(False, None, "tool_error", f"executor: {e}")
@@ -214,6 +216,15 @@ def build_worker_app(
             beat.touch()
         except OSError as e:  # a full or read-only scratch must not stop the worker
             log.warning("worker.heartbeat_file path=%s error=%s", beat, e)
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def stop_runners(**_: Any) -> None:
+        close = getattr(deps.executor, "close", None)  # kill the runners, remove their cgroups
+        if close is not None:
+            try:
+                close()
+            except Exception:  # a hook must never stop the shutdown
+                log.exception("sandbox.close_failed tool=%s", deps.spec.name)
 
     @signals.worker_ready.connect(weak=False)
     def announce(sender: Any = None, **_: Any) -> None:

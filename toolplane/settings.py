@@ -84,6 +84,9 @@ class Settings(BaseSettings):
         "comma-separated from landlock[N], seccomp, no_new_privs, rlimits; auto: "
         "seccomp,no_new_privs,rlimits, plus landlock where bubblewrap cannot run",
     )
+    sandbox_warm_runners: int = Field(
+        default=4, ge=1, le=64, description="warm sandbox runners per worker process (one a tenant)"
+    )
     worker_user: str = Field(
         default="toolplane-{tool}",
         description="user of a tool's workers when `toolplane up` is root ({tool}: its name)",

@@ -154,6 +154,7 @@ def worker_env(
             "TOOLPLANE_RECEIPT_ALGORITHM": settings.receipt_algorithm,
             "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
             "TOOLPLANE_QUEUE_WAIT_S": str(settings.queue_wait_s),
+            "TOOLPLANE_SANDBOX_WARM_RUNNERS": str(settings.sandbox_warm_runners),
         }
     )
     if settings.allow_weak_containment:

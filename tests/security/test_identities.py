@@ -56,6 +56,7 @@ WORKER_SETTINGS = {
     "TOOLPLANE_REPO_ROOT",
     "TOOLPLANE_DOCS_ROOT",
     "TOOLPLANE_EXTRA_TOOLS",
+    "TOOLPLANE_SANDBOX_WARM_RUNNERS",
     "TOOLPLANE_RECEIPT_ALGORITHM",
     "TOOLPLANE_VISIBILITY_TIMEOUT",
     "TOOLPLANE_QUEUE_WAIT_S",
@@ -236,8 +237,7 @@ def test_an_escaped_tool_holds_its_own_key_and_a_worker_environment_without_secr
     got = seen["seen"]
     assert got[str(keys[0])]["read"] > 0, got  # its own receipt key, and nothing more
     assert "tool.lint_python" not in got[str(own / "index.json")]["text"]
-    worker_env = got["/proc/{worker}/environ"]["text"]
-    assert "TOOLPLANE_BROKER_URL=redis://toolplane-tool-escapee:" in worker_env
-    for what, secret in control_secrets(up).items():
-        if what != f"broker password of {brokeracl.tool_user('escapee')}":
-            assert secret not in worker_env, what
+    # The worker is not dumpable (its memory holds the receipt key): not even a fork of it,
+    # running as its user, opens its /proc entries. What its environment holds is checked
+    # from outside (test_workers_run_as_users_of_their_own_with_only_their_own_settings).
+    assert got["/proc/{worker}/environ"]["errno"] == "EACCES", got["/proc/{worker}/environ"]

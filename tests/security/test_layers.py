@@ -105,7 +105,7 @@ def test_the_receipt_names_the_layers_and_no_namespaces(layered: Stack) -> None:
     token = layered.tenant()
     seen, name = attempt(layered, token, ("write", "{scratch}/note"))
     assert seen == {"write {scratch}/note": "ok"}  # its own scratch is writable
-    assert name == containment("fork", available()) + " (no namespaces)"
+    assert name == containment("runner", available()) + " (no namespaces)"
     assert "landlock" in name and "+seccomp+nnp+rlimits" in name
 
 
@@ -179,5 +179,5 @@ def test_the_mediated_fetch_still_works(layered: Stack, http_server: ThreadingHT
     assert view.status == "completed", view
     assert view.nodes[0].result == {"status": 200, "body": "hello from the allowed host"}
     result = signed(layered, token, view.run_id)
-    assert result["containment"].startswith("fork+landlock")
+    assert result["containment"].startswith("runner+landlock")
     assert [f["url"] for f in result["fetches"]] == [url]

@@ -10,8 +10,7 @@ import pytest
 from sandbox_tasks import confine
 from sandbox_tasks import main as worker_main
 from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
-from sandbox_tasks.executor import ForkExecutor
-from sandbox_tasks.runner import LAYERS_ENV
+from sandbox_tasks.plain import PlainExecutor
 from sandbox_tasks.tools.read_repo_file import TOOL
 from toolplane.errors import SettingsError
 from toolplane.settings import Settings
@@ -34,11 +33,12 @@ def test_weak_containment_only_when_asked_and_it_says_so(
     executor = worker_main.make_executor(
         settings(tmp_path, allow_weak_containment=True), TOOL, tmp_path
     )
-    assert isinstance(executor, ForkExecutor)
+    # the same runner, a fresh process of its own (never a fork of the worker), no namespaces
+    assert isinstance(executor, PlainExecutor)
     layers = confine.available()
     assert executor.layers == tuple(n for n in layers if n != "rlimits")
-    assert executor.containment == confine.containment("fork", layers) + " (no namespaces)"
-    assert executor.containment.startswith("fork+") and "rlimits" in executor.containment
+    assert executor.containment == confine.containment("runner", layers) + " (no namespaces)"
+    assert executor.containment.startswith("runner+") and "rlimits" in executor.containment
 
 
 @pytest.mark.skipif(
@@ -48,7 +48,7 @@ def test_bwrap_where_the_host_allows_it(tmp_path: Path) -> None:
     executor = worker_main.make_executor(settings(tmp_path), TOOL, tmp_path)
     assert isinstance(executor, BwrapExecutor)
     assert executor.containment == confine.containment("bwrap", confine.available())
-    assert f"{LAYERS_ENV}" in executor.argv()
+    assert executor.argv()[-1] == ",".join(executor.layers)  # the runner applies them
     assert not any((tmp_path / "home").resolve().is_relative_to(m) for m in executor.mounts)
 
 
@@ -85,7 +85,7 @@ def test_a_worker_refuses_to_start_below_its_minimum_layers(
     lowered = settings(tmp_path, allow_weak_containment=True, sandbox_min_layers="seccomp")
     executor = worker_main.make_executor(lowered, TOOL, tmp_path)
     assert "landlock" not in executor.containment
-    assert executor.containment == "fork+seccomp+nnp+rlimits (no namespaces)"
+    assert executor.containment == "runner+seccomp+nnp+rlimits (no namespaces)"
 
 
 def test_an_abi_floor_is_enforced(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -77,6 +77,7 @@ def test_a_worker_gets_only_the_allowlist_and_its_own_settings(tmp_path: Path) -
         "TOOLPLANE_RECEIPT_ALGORITHM",
         "TOOLPLANE_VISIBILITY_TIMEOUT",
         "TOOLPLANE_QUEUE_WAIT_S",
+        "TOOLPLANE_SANDBOX_WARM_RUNNERS",
     }
     assert env["HOME"] == env["TOOLPLANE_HOME"] == str(home)
     assert not any("secret" in value for value in env.values()), env

@@ -124,7 +124,7 @@ class MemoryClaims:
 class Instant:
     containment = "none (unit test)"
 
-    def run(self, spec: Any, args: Any, ctx: Any) -> Outcome:
+    def run(self, spec: Any, args: Any, ctx: Any, *, tenant: str) -> Outcome:
         return Outcome(True, {"slept": 0.0, "pid": 1})
 
 

@@ -1,0 +1,136 @@
+"""Per-call cost of containment: one read_repo_file call through each executor.
+
+Measured on this host, in this process, with no broker or database: the tool's function
+called in process (the floor), a forked child of this process (what the weak mode was
+before runners), and the runners: under bubblewrap and without namespaces, each warm
+(the same tenant's runner, checked and swept after each call) and fresh (a new runner
+for every call, as where the host gives no cgroup). ``check_us`` is the sweep alone
+(``Sandbox.problem``: the runner's state, the cgroup's process set).
+
+The figure before per-tenant runners and the sweep (one warm runner, no check) is read
+from the latest earlier results file that has it (``previous``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["measure", "previous"]
+
+
+def _samples(call: Callable[[], Any], n: int) -> list[float]:
+    call()  # warm: starts the runner, imports
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def previous(results: Path) -> dict[str, Any] | None:
+    """The last earlier run's bwrap figure (one warm runner for all tenants, no sweep)."""
+    for path in sorted(results.glob("*.json"), reverse=True):
+        try:
+            comps = json.loads(path.read_text()).get("components", {})
+        except (OSError, ValueError):
+            continue
+        if "call_p50_ms_bwrap" in comps and "call_p50_ms_bwrap_warm" not in comps:
+            return {
+                "file": path.name,
+                "call_p50_ms_bwrap": comps["call_p50_ms_bwrap"],
+                "call_p50_ms_in_process": comps.get("call_p50_ms_in_process"),
+            }
+    return None
+
+
+def measure(
+    repo_root: Path, docs_root: Path, *, calls: int = 200, fresh_calls: int = 20
+) -> dict[str, Any]:
+    from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
+    from sandbox_tasks.executor import ForkExecutor
+    from sandbox_tasks.plain import PlainExecutor
+    from sandbox_tasks.registry import ToolContext
+    from sandbox_tasks.runners import RunnerExecutor
+    from sandbox_tasks.tools.read_repo_file import TOOL
+
+    scratch = Path(tempfile.mkdtemp(prefix="tpbench-scratch-"))
+    ctx = ToolContext(repo_root=repo_root, docs_root=docs_root, scratch_dir=scratch)
+    args = TOOL.args_model.model_validate({"path": "src/shipit/deploy.py"})
+    fork = ForkExecutor(scratch_root=scratch)
+    runs: dict[str, tuple[Callable[[], Any], int]] = {
+        "in_process": (lambda: TOOL.func(args, ctx), calls),
+        "fork": (lambda: fork.run(TOOL, args, ctx), calls),
+    }
+    executors: dict[str, RunnerExecutor] = {}
+    binary = bwrap_path()
+    kinds = ["plain"] + (["bwrap"] if probe_bwrap(binary) is None else [])
+    for kind in kinds:
+        for fresh in (False, True):
+            name = f"{kind}_{'fresh' if fresh else 'warm'}"
+            if kind == "bwrap":
+                assert binary is not None
+                executors[name] = BwrapExecutor(
+                    binary=binary,
+                    spec=TOOL,
+                    repo_root=repo_root,
+                    docs_root=docs_root,
+                    extra_modules=[],
+                    forbidden=[],
+                    fresh=fresh,
+                )
+            else:
+                executors[name] = PlainExecutor(
+                    spec=TOOL,
+                    repo_root=repo_root,
+                    docs_root=docs_root,
+                    extra_modules=[],
+                    scratch_root=scratch,
+                    fresh=fresh,
+                )
+            ex = executors[name]
+            runs[name] = (
+                lambda ex=ex: _ok(ex.run(TOOL, args, ctx, tenant="bench")),
+                fresh_calls if fresh else calls,
+            )
+    out: dict[str, Any] = {"calls": calls, "fresh_calls": fresh_calls}
+    try:
+        for name, (call, n) in runs.items():
+            samples = _samples(call, n)
+            out[f"call_p50_ms_{name}"] = statistics.median(samples)
+            out[f"call_p99_ms_{name}"] = _pct(samples, 0.99)
+        for name in executors:
+            out[f"overhead_p50_ms_{name}"] = (
+                out[f"call_p50_ms_{name}"] - out["call_p50_ms_in_process"]
+            )
+        warm = executors.get("bwrap_warm") or executors["plain_warm"]
+        sandbox = warm._runners["bench"]
+        start, n = time.perf_counter(), 1000
+        for _ in range(n):
+            assert sandbox.problem() is None
+        out["check_us"] = (time.perf_counter() - start) / n * 1e6
+        out["replaced"] = sum(ex.replaced for ex in executors.values())
+    finally:
+        for ex in executors.values():
+            ex.close()
+    # the keys earlier results use, for the table and for comparison
+    out["call_p50_ms_bwrap"] = out.get("call_p50_ms_bwrap_warm", out["call_p50_ms_plain_warm"])
+    out["containment_overhead_p50_ms"] = out["call_p50_ms_bwrap"] - out["call_p50_ms_in_process"]
+    return out
+
+
+def _ok(outcome: Any) -> Any:
+    if not outcome.ok:
+        raise RuntimeError(f"benchmark call failed: {outcome}")
+    return outcome
