@@ -20,6 +20,7 @@ replaced.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import select
@@ -99,15 +100,13 @@ class BwrapExecutor:
         *,
         binary: str,
         spec: ToolSpec,
-        repo_root: Path,
-        docs_root: Path,
+        roots: dict[str, Path],
         extra_modules: list[str],
         forbidden: list[Path],
     ) -> None:
         self.binary = binary
         self.spec = spec
-        self.repo_root = repo_root
-        self.docs_root = docs_root
+        self.roots = {name: path.resolve() for name, path in roots.items()}  # the tool's only
         self.extra_modules = extra_modules
         self._pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -125,9 +124,7 @@ class BwrapExecutor:
     # -- the sandbox ---------------------------------------------------------------
     def _mounts(self) -> list[Path]:
         mounts = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), *self.code_dirs}
-        root = {"repo": self.repo_root, "docs": self.docs_root}.get(self.spec.data_root or "")
-        if root is not None:
-            mounts.add(root.resolve())
+        mounts.update(self.roots.values())
         # a mount inside another one is covered by it
         return sorted(m for m in mounts if not any(m != o and m.is_relative_to(o) for o in mounts))
 
@@ -159,7 +156,7 @@ class BwrapExecutor:
             "--chdir", str(SANDBOX_TMP),
             "--",
             sys.executable, "-s", "-B", "-m", "sandbox_tasks.runner",
-            self.spec.name, str(self.repo_root.resolve()), str(self.docs_root.resolve()),
+            self.spec.name, json.dumps({n: str(p) for n, p in self.roots.items()}),
             ",".join(self.extra_modules),
         ]  # fmt: skip
         return argv

@@ -1,7 +1,7 @@
 """The runner: a long-lived process inside the sandbox that runs one tool's calls.
 
 Started by :class:`sandbox_tasks.bwrap.BwrapExecutor` under bubblewrap (no
-network, a read-only view of only its code and its data root, a private /tmp,
+network, a read-only view of only its code and its data roots, a private /tmp,
 an empty environment, no keys). It reads framed requests on stdin and answers
 on stdout; each call runs in a forked child with the tool's rlimits, through
 the same code as the plain fork executor.
@@ -11,6 +11,7 @@ Frames: see ``sandbox_tasks.frames``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -42,10 +43,14 @@ def write_frame(stream: BinaryIO, value: Any) -> None:
 
 
 def main(argv: list[str]) -> int:
-    tool_name, repo_root, docs_root, extra = argv[0], Path(argv[1]), Path(argv[2]), argv[3]
+    tool_name, extra = argv[0], argv[2]
+    roots = {name: Path(path) for name, path in json.loads(argv[1]).items()}  # the tool's own
     spec = load_tools([m for m in extra.split(",") if m])[tool_name]
     executor = ForkExecutor(scratch_root=SANDBOX_TMP)
-    base = ToolContext(repo_root=repo_root, docs_root=docs_root, scratch_dir=SANDBOX_TMP)
+    base = ToolContext(
+        scratch_dir=SANDBOX_TMP, repo_root=roots.get("repo"), docs_root=roots.get("docs"),
+        roots=roots,
+    )  # fmt: skip
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     if spec.prepare is not None:  # build what the tool keeps (an index, ...) before serving
         try:

@@ -3,11 +3,13 @@ operator accepts weaker containment, which every receipt then records."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from sandbox_tasks import main as worker_main
+from sandbox_tasks.errors import ToolFailure
 from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
 from sandbox_tasks.executor import ForkExecutor
 from sandbox_tasks.tools.read_repo_file import TOOL
@@ -53,8 +55,39 @@ def test_a_home_inside_a_mount_is_refused(tmp_path: Path) -> None:
         BwrapExecutor(
             binary="/bin/true",
             spec=TOOL,
-            repo_root=tmp_path,
-            docs_root=tmp_path,
+            roots={"repo": tmp_path},
             extra_modules=[],
             forbidden=[inside],
         )
+
+
+def test_the_sandbox_mounts_exactly_the_tools_own_roots(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    for name in ("repo", "docs", "ledgers"):
+        (tmp_path / name).mkdir()
+    configured = Settings(
+        home=tmp_path / "home",
+        repo_root=tmp_path / "repo",
+        docs_root=tmp_path / "docs",
+        data_roots={"ledgers": tmp_path / "ledgers"},
+    )
+    spec = replace(TOOL, data_roots=("ledgers",), data_root=None)
+    executor = BwrapExecutor(
+        binary="/bin/true",
+        spec=spec,
+        roots=configured.roots_for(spec.data_roots),
+        extra_modules=[],
+        forbidden=[],
+    )
+    argv = executor.argv()
+    binds = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--ro-bind"]
+    assert str((tmp_path / "ledgers").resolve()) in binds
+    assert not any(b.startswith(str(tmp_path.resolve() / "repo")) for b in binds)
+    assert not any(b.startswith(str(tmp_path.resolve() / "docs")) for b in binds)
+    assert json.loads(argv[-2]) == {"ledgers": str((tmp_path / "ledgers").resolve())}
+    context = worker_main.tool_context(configured, spec, tmp_path)
+    assert context.root("ledgers") == (tmp_path / "ledgers").resolve()
+    assert context.repo_root is None and context.roots.keys() == {"ledgers"}
+    with pytest.raises(ToolFailure, match="'repo' is not given to this tool"):
+        context.root("repo")
