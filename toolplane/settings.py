@@ -170,7 +170,9 @@ class Settings(BaseSettings):
     @staticmethod
     def root_setting(name: str) -> str:
         """The setting an operator uses to map the root ``name``."""
-        return f"TOOLPLANE_{name.upper()}_ROOT" if name in ("repo", "docs") else "TOOLPLANE_DATA_ROOTS"
+        if name in ("repo", "docs"):
+            return f"TOOLPLANE_{name.upper()}_ROOT"
+        return "TOOLPLANE_DATA_ROOTS"
 
     @property
     def extra_tool_modules(self) -> list[str]:

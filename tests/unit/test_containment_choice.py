@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from sandbox_tasks import main as worker_main
-from sandbox_tasks.errors import ToolFailure
 from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
+from sandbox_tasks.errors import ToolFailure
 from sandbox_tasks.executor import ForkExecutor
 from sandbox_tasks.tools.read_repo_file import TOOL
 from toolplane.errors import SettingsError
