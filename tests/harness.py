@@ -306,6 +306,9 @@ def _process(pid: int) -> psutil.Process | None:
         return None
 
 
+SYMLINKED_SECRET = "sk-behind-a-symlink-0451"
+
+
 def add_hostile_files(repo: Path) -> None:
     """What an attacker who can commit to the repository would leave for read_repo_file."""
     hostile = repo / "hostile"
@@ -319,6 +322,12 @@ def add_hostile_files(repo: Path) -> None:
     (hostile / "big.txt").write_text("x" * 1_100_000)
     (hostile / "binary.bin").write_bytes(b"\x7fELF\x00\x01\x02")
     (hostile / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    # a link that stays inside the root: policy judges the path as typed (src/*), the
+    # file behind it is one policy never lets a call read (.env)
+    (repo / ".env").write_text(f"API_KEY={SYMLINKED_SECRET}\n")
+    for link, target in (("src/shipit/settings.txt", "../../.env"), ("src/lib", "shipit")):
+        if not (repo / link).is_symlink():
+            (repo / link).symlink_to(target)
 
 
 class _Handler(BaseHTTPRequestHandler):
