@@ -256,7 +256,9 @@ class BwrapExecutor:
             reply = self._read(proc, deadline - time.monotonic())
             while isinstance(reply, dict) and isinstance(reply.get("fetch"), dict):
                 request = reply["fetch"]
-                answer, record = egress.serve(request, allowed=spec.egress)
+                answer, record = egress.serve(
+                    request, allowed=spec.egress, private=spec.private_egress
+                )
                 fetches.append(record)
                 proc.stdin.write(frames.encode(answer))
                 reply = self._read(proc, deadline - time.monotonic())

@@ -117,7 +117,9 @@ class ForkExecutor:
         if fetcher is None:  # every tool may ask; only declared, policy-allowed hosts answer
 
             def fetcher(request: dict[str, Any]) -> dict[str, Any]:
-                answer, record = egress.serve(request, allowed=spec.egress)
+                answer, record = egress.serve(
+                    request, allowed=spec.egress, private=spec.private_egress
+                )
                 fetches.append(record)
                 return answer
 

@@ -101,6 +101,7 @@ class ToolSpec:
     prepare: Callable[[ToolContext], Any] | None = None
     data_roots: tuple[str, ...] = ()  # the named directories it reads, mounted read-only
     follow_symlinks: bool = False  # True: it opens paths through symlinks inside its roots
+    private_egress: tuple[str, ...] = ()  # granted per call by policy (never declared)
 
     def __post_init__(self) -> None:
         if not TOOL_NAME.match(self.name):
@@ -138,9 +139,13 @@ class ToolSpec:
 
 
 def constrained(
-    spec: ToolSpec, limits: dict[str, int | float] | None, egress: list[str] | None
+    spec: ToolSpec,
+    limits: dict[str, int | float] | None,
+    egress: list[str] | None,
+    private_egress: list[str] | None = None,
 ) -> ToolSpec:
-    """The tool as policy lets this call run it: limits only lower, hosts only fewer."""
+    """The tool as policy lets this call run it: limits only lower, hosts only fewer, and
+    the hosts (among those) that policy lets resolve to non-public addresses."""
     current = spec.limits.as_dict()
     lowered = {
         name: type(current[name])(min(current[name], value))
@@ -148,9 +153,12 @@ def constrained(
         if name in current
     }
     hosts = spec.egress if egress is None else tuple(h for h in spec.egress if h in set(egress))
-    if not lowered and hosts == spec.egress:
+    private = tuple(h for h in hosts if h in set(private_egress or ()))
+    if not lowered and hosts == spec.egress and private == spec.private_egress:
         return spec
-    return replace(spec, limits=replace(spec.limits, **lowered), egress=hosts)
+    return replace(
+        spec, limits=replace(spec.limits, **lowered), egress=hosts, private_egress=private
+    )
 
 
 def _specs_from(obj: Any, origin: str) -> Iterable[ToolSpec]:
@@ -166,6 +174,11 @@ def load_tools(extra_modules: Iterable[str] = ()) -> dict[str, ToolSpec]:
     tools: dict[str, ToolSpec] = {}
 
     def add(spec: ToolSpec, origin: str) -> None:
+        if spec.private_egress:
+            raise RegistryError(
+                f"tool {spec.name!r} ({origin}) declares private_egress: only policy grants it",
+                tool=spec.name,
+            )
         if spec.name in tools and tools[spec.name] is not spec:
             raise RegistryError(f"tool {spec.name!r} registered twice ({origin})", tool=spec.name)
         tools[spec.name] = spec

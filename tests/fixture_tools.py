@@ -167,6 +167,6 @@ TOOLS.append(
         result_model=FetchResult,
         func=fetcher,
         limits=Limits(timeout_s=8),
-        egress=tuple(filter(None, [os.environ.get("TP_TEST_EGRESS", "")])),
+        egress=tuple(filter(None, os.environ.get("TP_TEST_EGRESS", "").split(","))),
     )
 )

@@ -334,6 +334,13 @@ class _Handler(BaseHTTPRequestHandler):
     """What the egress tests fetch (loopback only)."""
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        if self.path == "/host":  # which name the client asked for (Host header)
+            body = str(self.headers.get("Host", "")).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path == "/redirect":
             self.send_response(302)
             self.send_header("Location", "http://127.0.0.1:6379/")
@@ -361,6 +368,7 @@ def make_env(
     *,
     visibility_timeout: int = 30,
     egress: str = "",
+    private_egress: str = "",
     extra_env: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The stack's environment; ``extra_env`` (e.g. shorter timeouts for fault tests) wins.
@@ -369,8 +377,14 @@ def make_env(
     reachable(services, home)
     policy = home / "policy"
     shutil.copytree(REPO / "policy" / "bundles" / "default", policy, dirs_exist_ok=True)
-    for name in ("tests.cedar", "constraints.json"):
-        shutil.copy(REPO / "tests" / "fixtures" / "policy" / name, policy / name)
+    shutil.copy(REPO / "tests" / "fixtures" / "policy" / "tests.cedar", policy / "tests.cedar")
+    constraints = json.loads(
+        (REPO / "tests" / "fixtures" / "policy" / "constraints.json").read_text()
+    )
+    if private_egress:  # the loopback test server: reachable only because policy names it
+        hosts = private_egress.split(",")
+        constraints["rules"].append({"tool": "fetcher", "private_egress": hosts})
+    (policy / "constraints.json").write_text(json.dumps(constraints))
     # The shipped bundle refuses "..", "." and absolute paths before any tool sees
     # them (safe-paths.cedar; its own tests show that); the stack leaves that file out, so
     # that the whole path tests read_repo_file's own defences against them too.
@@ -391,7 +405,7 @@ def make_env(
             "TOOLPLANE_EXTRA_TOOLS": "tests.fixture_tools",
             "TOOLPLANE_VISIBILITY_TIMEOUT": str(visibility_timeout),
             "TP_TEST_EGRESS": egress,
-            "TOOLPLANE_WORKER_ENV": "TP_TEST_EGRESS",  # the fetcher tool's allowed host
+            "TOOLPLANE_WORKER_ENV": "TP_TEST_EGRESS",  # the fetcher tool's allowed hosts
             "PYTHONPATH": str(REPO),
         }
     )
@@ -417,6 +431,7 @@ def start_stack(
     *,
     workers: dict[str, int] | None = None,
     egress: str = "",
+    private_egress: str = "",
     extra_env: dict[str, str] | None = None,
     broker_urls: dict[str, str] | None = None,
 ) -> Stack:
@@ -431,7 +446,9 @@ def start_stack(
     from ledger.migrate import upgrade
     from sandbox_tasks.registry import load_tools
 
-    env = make_env(services, home, egress=egress, extra_env=extra_env)
+    env = make_env(
+        services, home, egress=egress, private_egress=private_egress, extra_env=extra_env
+    )
     stack = Stack(services=services, home=home, env=env)
     settings = stack.settings()
     plane = ControlPlane(

@@ -197,6 +197,7 @@ def dispatch_node(
             if constraints is not None and constraints.egress is not None
             else None
         ),
+        private_egress=list(constraints.private_egress) if constraints else None,
     )
     expires = ms_to_datetime(signed.envelope.expires_at)
     due = due_at_for(expires, tool_timeout_s=timeout_s)

@@ -1,8 +1,12 @@
 """Egress: no raw network, only fetches the worker makes for the tool, to declared
-hosts, with a size cap, listed in the signed result."""
+hosts, with a size cap, listed in the signed result. A host that resolves to a
+loopback, private, link-local or metadata address is refused unless policy names it
+(the stack's constraints.json names 127.0.0.1:<port> of the test server, not
+localhost:<port>, which the fetcher also declares)."""
 
 from __future__ import annotations
 
+import base64
 from http.server import ThreadingHTTPServer
 from typing import Any
 
@@ -10,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from ledger.models import EvidenceEvent
+from sandbox_tasks.egress import FetchRequest, fetch
 from tests.harness import Stack
 
 pytestmark = pytest.mark.integration
@@ -102,3 +107,58 @@ def test_policy_lowers_a_tools_limits(stack: Stack, token: str) -> None:
     assert envelope["envelope"]["limits"]["timeout_s"] == 1
     assert envelope["envelope"]["limits"]["memory_mb"] == 4096  # above the declared 512: ignored
     assert client.call("sleepy", {"seconds": 2}, wait=True).status == "completed"
+
+
+def test_a_name_resolving_to_loopback_is_refused_when_policy_does_not_name_it(
+    stack: Stack, token: str, http_server: ThreadingHTTPServer
+) -> None:
+    port = http_server.server_address[1]
+    client = stack.client(token)
+    view = client.call("fetcher", {"url": f"http://localhost:{port}/hello"}, wait=True)
+    node = view.nodes[0]
+    assert node.status == "failed" and node.error["code"] == "policy_denied", node.error
+    assert "loopback" in node.error["message"] and "private_egress" in node.error["message"]
+    [record] = signed_result(stack, token, view.run_id)["fetches"]
+    assert record["allowed"] is False and "status" not in record  # never connected
+    assert record["address"] in ("127.0.0.1", "::1") and "loopback" in record["error"]
+    assert client.verify_ledger(run_id=view.run_id).ok  # the refusal is under the receipt
+
+
+def test_the_policy_that_names_a_private_host_is_signed_into_the_envelope(
+    stack: Stack, token: str, base: str
+) -> None:
+    from ledger.models import Node
+
+    client = stack.client(token)
+    view = client.call("fetcher", {"url": f"{base}/hello"}, wait=True)
+    with client.plane.sessions() as session:
+        envelope = session.scalar(select(Node.envelope).where(Node.run_id == view.run_id))
+    assert envelope["envelope"]["private_egress"] == [base.removeprefix("http://")]
+
+
+def test_the_fetch_connects_to_the_address_it_checked_with_the_name_as_host(
+    http_server: ThreadingHTTPServer,
+) -> None:
+    port = http_server.server_address[1]
+    answers = iter([["127.0.0.1"], ["169.254.169.254"]])  # a rebinding resolver
+    asked: list[str] = []
+
+    def resolver(host: str, _port: int) -> list[str]:
+        asked.append(host)
+        return next(answers)
+
+    target = f"rebind.example:{port}"
+    answer, record = fetch(
+        FetchRequest(f"http://{target}/host"),
+        allowed=(target,),
+        private=(target,),
+        resolver=resolver,
+    )
+    assert answer["ok"] is True, answer
+    assert base64.b64decode(answer["body"]).decode() == target  # the Host header: the name
+    assert asked == ["rebind.example"]  # resolved once: what was checked is what was used
+    assert record["address"] == "127.0.0.1" and record["status"] == 200
+    refused, _ = fetch(
+        FetchRequest(f"http://{target}/host"), allowed=(target,), resolver=lambda h, p: ["::1"]
+    )
+    assert refused["code"] == "policy_denied"  # not named: the same server is not reached
