@@ -185,6 +185,7 @@ class Stack:
             policy_dir=Path(self.env["TOOLPLANE_POLICY_DIR"]),
             repo_root=Path(self.env["TOOLPLANE_REPO_ROOT"]),
             docs_root=Path(self.env["TOOLPLANE_DOCS_ROOT"]),
+            data_roots=self.env.get("TOOLPLANE_DATA_ROOTS", "{}"),
             extra_tools=self.env["TOOLPLANE_EXTRA_TOOLS"],
             visibility_timeout=int(self.env["TOOLPLANE_VISIBILITY_TIMEOUT"]),
             queue_wait_s=int(self.env.get("TOOLPLANE_QUEUE_WAIT_S", "60")),
@@ -307,6 +308,7 @@ def _process(pid: int) -> psutil.Process | None:
 
 
 SYMLINKED_SECRET = "sk-behind-a-symlink-0451"
+FIXTURE_ROOT_NOTE = "a note in the plugin's own root\n"
 
 
 def add_hostile_files(repo: Path) -> None:
@@ -393,6 +395,9 @@ def make_env(
     repo = home / "repo"
     shutil.copytree(REPO / "examples" / "repo", repo, dirs_exist_ok=True)
     add_hostile_files(repo)
+    fixture_root = home / "fixture-root"  # the plugin tool `rooted`'s own data root
+    fixture_root.mkdir(exist_ok=True)
+    (fixture_root / "note.txt").write_text(FIXTURE_ROOT_NOTE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOOLPLANE_")}
     env.update(
         {
@@ -402,6 +407,7 @@ def make_env(
             "TOOLPLANE_POLICY_DIR": str(policy),
             "TOOLPLANE_REPO_ROOT": str(repo),
             "TOOLPLANE_DOCS_ROOT": str(REPO / "examples" / "docs"),
+            "TOOLPLANE_DATA_ROOTS": json.dumps({"fixture": str(fixture_root)}),
             "TOOLPLANE_EXTRA_TOOLS": "tests.fixture_tools",
             "TOOLPLANE_VISIBILITY_TIMEOUT": str(visibility_timeout),
             "TP_TEST_EGRESS": egress,
