@@ -387,6 +387,9 @@ def make_env(
         hosts = private_egress.split(",")
         constraints["rules"].append({"tool": "fetcher", "private_egress": hosts})
     (policy / "constraints.json").write_text(json.dumps(constraints))
+    labels = json.loads((policy / "labels.json").read_text())
+    labels["rules"].append({"tool": "*", "root": "fixture", "classification": "confidential"})
+    (policy / "labels.json").write_text(json.dumps(labels))  # a plugin's root, labelled
     # The shipped bundle refuses "..", "." and absolute paths before any tool sees
     # them (safe-paths.cedar; its own tests show that); the stack leaves that file out, so
     # that the whole path tests read_repo_file's own defences against them too.

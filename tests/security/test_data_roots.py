@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from ledger.models import EvidenceEvent
 from tests.harness import FIXTURE_ROOT_NOTE, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -30,6 +32,29 @@ def test_a_plugin_reads_its_own_root_and_cannot_see_the_repository(
     assert "root('repo'): the data root 'repo' is not given to this tool" in result["peeked"]
     assert view.nodes[0].receipt["key_id"].startswith("tool.rooted:")
     assert client.verify_ledger(run_id=view.run_id).ok
+
+
+def test_a_label_on_the_plugins_root_raises_the_calls_classification(
+    stack: Stack, token: str
+) -> None:
+    # the stack's labels.json: {"tool": "*", "root": "fixture", "classification": "confidential"}
+    client = stack.client(token)
+    view = client.call("rooted", {"path": "note.txt"}, classification="internal", wait=True)
+    with client.plane.sessions() as session:
+        decision = session.scalar(
+            select(EvidenceEvent.payload).where(
+                EvidenceEvent.run_id == view.run_id, EvidenceEvent.kind == "PolicyDecision"
+            )
+        )
+    assert decision["request"]["classification"] == "confidential", decision["request"]
+    plain = client.call("probe", {"action": "environment"}, classification="internal", wait=True)
+    with client.plane.sessions() as session:
+        decision = session.scalar(
+            select(EvidenceEvent.payload).where(
+                EvidenceEvent.run_id == plain.run_id, EvidenceEvent.kind == "PolicyDecision"
+            )
+        )
+    assert decision["request"]["classification"] == "internal"  # the repo's tool: unlabelled
 
 
 def test_a_plugins_root_keeps_the_path_rules(stack: Stack, token: str) -> None:
