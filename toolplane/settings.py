@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from toolplane.lifetimes import MAX_ENVELOPE_LIFETIME_S
 from toolplane.signing import ALGORITHMS
@@ -37,7 +38,7 @@ class Settings(BaseSettings):
     policy_dir: Path | None = Field(default=None, description="Cedar policy bundle directory")
     repo_root: Path = Field(default=Path("examples/repo"), description="read_repo_file's root")
     docs_root: Path = Field(default=Path("examples/docs"), description="search_docs' root")
-    data_roots: dict[str, Path] = Field(
+    data_roots: Annotated[dict[str, Path], NoDecode] = Field(
         default_factory=dict,
         description='further named data roots, JSON: {"name": "/dir"} (repo and docs: above)',
     )
