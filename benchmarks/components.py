@@ -74,8 +74,7 @@ def containment_overhead(settings: Any) -> dict[str, float]:
         bwrap = BwrapExecutor(
             binary=binary,
             spec=TOOL,
-            repo_root=settings.repo_root,
-            docs_root=settings.docs_root,
+            roots=settings.roots_for(TOOL.data_roots),
             extra_modules=[],
             forbidden=[settings.home],
         )
