@@ -48,9 +48,11 @@ def main(argv: list[str]) -> int:
     spec = load_tools([m for m in extra.split(",") if m])[tool_name]
     executor = ForkExecutor(scratch_root=SANDBOX_TMP)
     base = ToolContext(
-        scratch_dir=SANDBOX_TMP, repo_root=roots.get("repo"), docs_root=roots.get("docs"),
+        scratch_dir=SANDBOX_TMP,
+        repo_root=roots.get("repo"),
+        docs_root=roots.get("docs"),
         roots=roots,
-    )  # fmt: skip
+    )
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     if spec.prepare is not None:  # build what the tool keeps (an index, ...) before serving
         try:
