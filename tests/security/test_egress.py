@@ -7,7 +7,12 @@ localhost:<port>, which the fetcher also declares)."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import socket
+import ssl
+import threading
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -162,3 +167,73 @@ def test_the_fetch_connects_to_the_address_it_checked_with_the_name_as_host(
         FetchRequest(f"http://{target}/host"), allowed=(target,), resolver=lambda h, p: ["::1"]
     )
     assert refused["code"] == "policy_denied"  # not named: the same server is not reached
+
+
+def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_https_to_the_checked_address_sends_the_name_as_sni_and_verifies_it(
+    tmp_path: Path,
+) -> None:
+    cert, key = _self_signed(tmp_path, "pinned.example")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    seen: list[str | None] = []
+    context.sni_callback = lambda sock, name, ctx: seen.append(name)  # type: ignore[assignment]
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def accept_one() -> None:
+        conn, _ = listener.accept()
+        with contextlib.suppress(OSError):
+            context.wrap_socket(conn, server_side=True).close()
+        conn.close()
+
+    thread = threading.Thread(target=accept_one, daemon=True)
+    thread.start()
+    target = f"pinned.example:{port}"
+    try:
+        answer, record = fetch(
+            FetchRequest(f"https://{target}/"),
+            allowed=(target,),
+            private=(target,),
+            resolver=lambda host, _port: ["127.0.0.1"],
+        )
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert seen == ["pinned.example"]  # SNI: the name, though the socket went to 127.0.0.1
+    # the certificate is checked (this one is self-signed): no body reaches the tool
+    assert answer["ok"] is False and answer["code"] == "tool_error"
+    assert "CERTIFICATE_VERIFY_FAILED" in record["error"], record
