@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixture_data import start_http_server
 from tests.harness import (
     Services,
     Stack,
-    start_http_server,
     start_services,
     start_stack,
     stop_stack,

@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import select
 
 from ledger.models import EvidenceEvent
-from tests.harness import FIXTURE_ROOT_NOTE, Stack
+from tests.fixture_data import FIXTURE_ROOT_NOTE
+from tests.harness import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

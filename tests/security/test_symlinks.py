@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import select
 
 from ledger.models import EvidenceEvent
-from tests.harness import SYMLINKED_SECRET, Stack
+from tests.fixture_data import SYMLINKED_SECRET
+from tests.harness import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
