@@ -66,7 +66,12 @@ def measure(
     from sandbox_tasks.tools.read_repo_file import TOOL
 
     scratch = Path(tempfile.mkdtemp(prefix="tpbench-scratch-"))
-    ctx = ToolContext(repo_root=repo_root, docs_root=docs_root, scratch_dir=scratch)
+    ctx = ToolContext(
+        repo_root=repo_root,
+        docs_root=docs_root,
+        scratch_dir=scratch,
+        roots={"repo": repo_root, "docs": docs_root},
+    )
     args = TOOL.args_model.model_validate({"path": "src/shipit/deploy.py"})
     fork = ForkExecutor(scratch_root=scratch)
     runs: dict[str, tuple[Callable[[], Any], int]] = {
@@ -84,8 +89,7 @@ def measure(
                 executors[name] = BwrapExecutor(
                     binary=binary,
                     spec=TOOL,
-                    repo_root=repo_root,
-                    docs_root=docs_root,
+                    roots={"repo": repo_root, "docs": docs_root},
                     extra_modules=[],
                     forbidden=[],
                     fresh=fresh,
@@ -93,8 +97,7 @@ def measure(
             else:
                 executors[name] = PlainExecutor(
                     spec=TOOL,
-                    repo_root=repo_root,
-                    docs_root=docs_root,
+                    roots={"repo": repo_root, "docs": docs_root},
                     extra_modules=[],
                     scratch_root=scratch,
                     fresh=fresh,

@@ -4,14 +4,19 @@
 
     {"rules": [
       {"tool": "lint_python", "environment": "prod", "limits": {"timeout_s": 5}},
-      {"tool": "*", "classification": "confidential", "egress": []}
+      {"tool": "*", "classification": "confidential", "egress": []},
+      {"tool": "crm_sync", "private_egress": ["crm.internal:443"]}
     ]}
 
 Every rule whose ``tool`` (or ``*``), ``environment`` and ``classification``
 (when given) match applies: limits only ever go down (the smallest value of
 each wins, and never above what the tool declares); ``egress`` lists the hosts
 a call may reach, intersected over the rules (a tool still reaches only hosts
-it declares). Control signs the result into the envelope; the worker applies it.
+it declares). ``private_egress`` names the hosts a call may reach although they
+resolve to loopback, private, link-local or metadata addresses (which the worker
+otherwise refuses), united over the rules; it grants no host the tool or the
+``egress`` rules do not. Control signs the result into the envelope; the worker
+applies it.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class _Rule(BaseModel):
     classification: str | None = None
     limits: _Limits = _Limits()
     egress: list[str] | None = None
+    private_egress: list[str] = Field(default_factory=list, max_length=100)
 
 
 class _File(BaseModel):
@@ -71,9 +77,14 @@ class Constraints:
 
     limits: dict[str, float]
     egress: tuple[str, ...] | None
+    private_egress: tuple[str, ...] = ()  # hosts that may resolve to non-public addresses
 
     def as_dict(self) -> dict[str, Any]:
-        return {"limits": self.limits, "egress": None if self.egress is None else list(self.egress)}
+        return {
+            "limits": self.limits,
+            "egress": None if self.egress is None else list(self.egress),
+            "private_egress": list(self.private_egress),
+        }
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class ConstraintSet:
     def for_call(self, *, tool: str, environment: str, classification: str) -> Constraints:
         limits: dict[str, float] = {}
         egress: set[str] | None = None
+        private: set[str] = set()
         for rule in self.rules:
             if rule.tool not in ("*", tool):
                 continue
@@ -95,7 +107,12 @@ class ConstraintSet:
             if rule.egress is not None:
                 hosts = set(rule.egress)
                 egress = hosts if egress is None else egress & hosts
-        return Constraints(limits, None if egress is None else tuple(sorted(egress)))
+            private.update(rule.private_egress)
+        if egress is not None:
+            private &= egress
+        return Constraints(
+            limits, None if egress is None else tuple(sorted(egress)), tuple(sorted(private))
+        )
 
 
 def load_constraints(bundle: Path) -> ConstraintSet:

@@ -6,10 +6,13 @@ is a new version, recorded like any other):
     {"rules": [
       {"tool": "read_repo_file", "arg": "path", "glob": "secrets/*",
        "classification": "restricted"},
-      {"tool": "search_docs", "classification": "confidential"}
+      {"tool": "search_docs", "classification": "confidential"},
+      {"tool": "*", "root": "hr_records", "classification": "restricted"}
     ]}
 
-A rule without ``arg`` labels everything the tool reads (its data root); with
+A rule without ``arg`` labels everything the tool reads (its data roots); with
+``root`` it applies only to tools that declare that named data root (``repo``,
+``docs``, or a plugin's own, as its manifest says: ``data_roots``); with
 ``arg`` and ``glob`` it labels the calls whose string argument matches the glob
 (``fnmatch``, case-sensitive, on the argument as given and on the path it names
 once ``.``, ``..`` and empty segments are resolved: either matching labels it).
@@ -34,12 +37,13 @@ from toolplane.errors import first_problem
 
 FILE = "labels.json"
 
-__all__ = ["DataLabels", "load_labels"]
+__all__ = ["DataLabels", "load_labels", "roots_of"]
 
 
 class _Rule(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
     tool: str = Field(min_length=1, max_length=63)
+    root: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]{0,31}$")
     arg: str | None = Field(default=None, min_length=1, max_length=100)
     glob: str | None = Field(default=None, min_length=1, max_length=500)
     classification: str = Field(min_length=1, max_length=40)
@@ -60,12 +64,23 @@ class _File(BaseModel):
 class DataLabels:
     rules: tuple[_Rule, ...] = ()
 
-    def classify(self, tool: str, args: dict[str, Any], floor: str, order: tuple[str, ...]) -> str:
-        """The strictest of ``floor`` and every label that matches this call."""
+    def classify(
+        self,
+        tool: str,
+        args: dict[str, Any],
+        floor: str,
+        order: tuple[str, ...],
+        *,
+        roots: tuple[str, ...] = (),
+    ) -> str:
+        """The strictest of ``floor`` and every label that matches this call; ``roots``:
+        the data roots the tool declares."""
         rank = {name: i for i, name in enumerate(order)}
         strictest = floor
         for rule in self.rules:
             if rule.tool not in (tool, "*"):
+                continue
+            if rule.root is not None and rule.root not in roots:
                 continue
             if rule.arg is not None:
                 value = args.get(rule.arg)
@@ -80,6 +95,12 @@ class DataLabels:
 
     def as_dict(self) -> dict[str, Any]:
         return {"rules": [r.model_dump(exclude_none=True) for r in self.rules]}
+
+
+def roots_of(manifest: dict[str, Any] | None) -> tuple[str, ...]:
+    """The data roots a tool's manifest declares (none if unknown)."""
+    found = (manifest or {}).get("data_roots")
+    return tuple(r for r in found if isinstance(r, str)) if isinstance(found, list) else ()
 
 
 def _spellings(value: str) -> tuple[str, ...]:

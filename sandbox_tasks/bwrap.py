@@ -81,8 +81,7 @@ class BwrapExecutor(RunnerExecutor):
         *,
         binary: str,
         spec: ToolSpec,
-        repo_root: Path,
-        docs_root: Path,
+        roots: dict[str, Path],
         extra_modules: list[str],
         forbidden: list[Path],
         max_runners: int = DEFAULT_WARM_RUNNERS,
@@ -97,8 +96,7 @@ class BwrapExecutor(RunnerExecutor):
             fresh=fresh,
         )
         self.binary = binary
-        self.repo_root = repo_root
-        self.docs_root = docs_root
+        self.roots = {name: path.resolve() for name, path in roots.items()}  # the tool's only
         self.mounts = self._mounts()
         for secret in forbidden:
             for mount in self.mounts:
@@ -107,9 +105,7 @@ class BwrapExecutor(RunnerExecutor):
 
     def _mounts(self) -> list[Path]:
         mounts = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), *self.code_dirs}
-        root = {"repo": self.repo_root, "docs": self.docs_root}.get(self.spec.data_root or "")
-        if root is not None:
-            mounts.add(root.resolve())
+        mounts.update(self.roots.values())
         # a mount inside another one is covered by it
         return sorted(m for m in mounts if not any(m != o and m.is_relative_to(o) for o in mounts))
 
@@ -147,8 +143,7 @@ class BwrapExecutor(RunnerExecutor):
                 python=sys.executable,
                 code_paths=self.code_paths,
                 tool=self.spec.name,
-                repo_root=self.repo_root.resolve(),
-                docs_root=self.docs_root.resolve(),
+                roots=self.roots,
                 extra_modules=self.extra_modules,
                 scratch_root=SANDBOX_TMP,
                 layers=self.layers,

@@ -8,6 +8,7 @@ from toolplane.errors import ToolplaneError
 ERROR_CODES = (
     "invalid_argument",
     "path_outside_root",
+    "symlink_refused",
     "not_found",
     "too_large",
     "timeout",

@@ -199,7 +199,9 @@ class ForkExecutor:
         if fetcher is None:  # every tool may ask; only declared, policy-allowed hosts answer
 
             def fetcher(request: dict[str, Any]) -> dict[str, Any]:
-                answer, record = egress.serve(request, allowed=spec.egress)
+                answer, record = egress.serve(
+                    request, allowed=spec.egress, private=spec.private_egress
+                )
                 fetches.append(record)
                 return answer
 
@@ -217,12 +219,7 @@ class ForkExecutor:
             except Exception as e:  # a tool's own bug: a failed call, never a dead worker
                 return Outcome(False, None, "tool_error", f"prepare: {type(e).__name__}: {e}")
         with tempfile.TemporaryDirectory(prefix=f"tp-{spec.name}-", dir=self.scratch_root) as tmp:
-            ctx = ToolContext(
-                repo_root=ctx.repo_root,
-                docs_root=ctx.docs_root,
-                scratch_dir=Path(tmp),
-                state=state,
-            )
+            ctx = dataclasses.replace(ctx, scratch_dir=Path(tmp), state=state, fetch=None)
             outside, inside = socket.socketpair() if fetcher else (None, None)
             read_fd, write_fd = os.pipe()
             pid = os.fork()

@@ -47,15 +47,22 @@ def _blocked(path: Path) -> Path | None:
 
 def check_access(settings: Settings, spec: ToolSpec) -> None:
     """Refuse to start, naming the setting, if this worker cannot read a directory it needs:
-    its home (its keys) and the tool's data root (bound into the sandbox).
+    its home (its keys) and each data root the tool declares (bound into the sandbox);
+    a root the tool declares that the operator did not map is refused too.
 
     A worker may run as a user of its own (``toolplane up`` as root); the directories the
     operator names must then be readable by that user, the directories above them too.
     """
     needs = [("TOOLPLANE_HOME", settings.home)]
-    root = {"repo": settings.repo_root, "docs": settings.docs_root}.get(spec.data_root or "")
-    if root is not None:
-        needs.append((f"TOOLPLANE_{(spec.data_root or '').upper()}_ROOT", root))
+    roots = settings.roots_for(spec.data_roots)
+    for name in spec.data_roots:
+        if name not in roots:
+            raise SettingsError(
+                f"tool {spec.name} reads the data root {name!r}, which no directory is mapped "
+                f'to: add it to TOOLPLANE_DATA_ROOTS (JSON, {{"{name}": "/dir"}})',
+                setting="TOOLPLANE_DATA_ROOTS",
+            )
+        needs.append((settings.root_setting(name), roots[name]))
     for setting, path in needs:
         if os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK):
             continue
@@ -103,12 +110,16 @@ def build_deps(settings: Settings, tool: str, *, broker_url: str) -> WorkerDeps:
         executor=make_executor(settings, tools[tool], scratch),
         keys=keys,
         claims=make_claims(broker_url, tool),
-        context=ToolContext(
-            repo_root=settings.repo_root,
-            docs_root=settings.docs_root,
-            scratch_dir=Path(scratch),
-        ),
+        context=tool_context(settings, tools[tool], Path(scratch)),
         worker_name=default_worker_name(tool),
+    )
+
+
+def tool_context(settings: Settings, spec: ToolSpec, scratch: Path) -> ToolContext:
+    """The context of a tool's calls: only the data roots it declares."""
+    roots = settings.roots_for(spec.data_roots)
+    return ToolContext(
+        scratch_dir=scratch, repo_root=roots.get("repo"), docs_root=roots.get("docs"), roots=roots
     )
 
 
@@ -118,12 +129,9 @@ def make_executor(settings: Settings, spec: ToolSpec, scratch: Path) -> Executor
     of this worker), in per-tenant warm runners (``sandbox_warm_runners`` per process)."""
     binary = bwrap_path()
     problem = probe_bwrap(binary)
-    roots = ToolContext(
-        repo_root=settings.repo_root, docs_root=settings.docs_root, scratch_dir=scratch
-    )
     layers = worker_layers(
         settings.sandbox_layers_required(namespaces=problem is None),
-        read_only=read_only_trees(spec, roots),
+        read_only=read_only_trees(spec, tool_context(settings, spec, scratch)),
         forbidden=[settings.keys_dir],
     )
     if (no_cgroup := cgroups.problem()) is not None:
@@ -139,8 +147,7 @@ def make_executor(settings: Settings, spec: ToolSpec, scratch: Path) -> Executor
         return BwrapExecutor(
             binary=binary,
             spec=spec,
-            repo_root=settings.repo_root,
-            docs_root=settings.docs_root,
+            roots=settings.roots_for(spec.data_roots),
             extra_modules=settings.extra_tool_modules,
             forbidden=[settings.home, settings.keys_dir],
             max_runners=settings.sandbox_warm_runners,
@@ -155,8 +162,7 @@ def make_executor(settings: Settings, spec: ToolSpec, scratch: Path) -> Executor
     log.warning("sandbox.weak tool=%s reason=%s: NO network or mount isolation", spec.name, problem)
     return PlainExecutor(
         spec=spec,
-        repo_root=settings.repo_root,
-        docs_root=settings.docs_root,
+        roots=settings.roots_for(spec.data_roots),
         extra_modules=settings.extra_tool_modules,
         scratch_root=scratch,
         max_runners=settings.sandbox_warm_runners,

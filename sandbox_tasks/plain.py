@@ -40,8 +40,7 @@ class PlainExecutor(RunnerExecutor):
         self,
         *,
         spec: ToolSpec,
-        repo_root: Path,
-        docs_root: Path,
+        roots: dict[str, Path],
         extra_modules: list[str],
         scratch_root: Path,
         max_runners: int = DEFAULT_WARM_RUNNERS,
@@ -55,8 +54,7 @@ class PlainExecutor(RunnerExecutor):
             layers=layers,
             fresh=fresh,
         )
-        self.repo_root = repo_root
-        self.docs_root = docs_root
+        self.roots = {name: path.resolve() for name, path in roots.items()}  # the tool's only
         self.scratch_root = scratch_root
 
     def argv(self, scratch: Path) -> list[str]:
@@ -64,8 +62,7 @@ class PlainExecutor(RunnerExecutor):
             python=sys.executable,
             code_paths=self.code_paths,
             tool=self.spec.name,
-            repo_root=self.repo_root.resolve(),
-            docs_root=self.docs_root.resolve(),
+            roots=self.roots,
             extra_modules=self.extra_modules,
             scratch_root=scratch,
             layers=self.layers,

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel
 
-from sandbox_tasks.errors import RegistryError
+from sandbox_tasks.errors import RegistryError, ToolFailure
 
 ENTRY_POINT_GROUP = "toolplane.tools"
 TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+ROOT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 __all__ = ["Limits", "ToolContext", "ToolSpec", "constrained", "load_tools", "ENTRY_POINT_GROUP"]
 
@@ -53,13 +54,28 @@ class Limits:
 
 @dataclass(frozen=True)
 class ToolContext:
-    """What a tool function may see of its host."""
+    """What a tool function may see of its host.
 
-    repo_root: Path
-    docs_root: Path
+    ``roots`` maps the data roots the tool declares to their directories (read-only
+    in the sandbox); ``ctx.root(name)`` gives one. ``repo_root`` and ``docs_root`` are
+    the ``repo`` and ``docs`` entries, kept for the tools written before named roots.
+    """
+
     scratch_dir: Path
+    repo_root: Path | None = None
+    docs_root: Path | None = None
     state: Any = None  # what the tool's ``prepare`` returned
     fetch: Any = None  # ctx.fetch(url, max_bytes=...) for tools that declare egress
+    roots: Mapping[str, Path] = field(default_factory=dict)
+
+    def root(self, name: str) -> Path:
+        """The directory of the data root ``name``; refused unless the tool has it."""
+        found = self.roots.get(name)
+        if found is None:
+            found = {"repo": self.repo_root, "docs": self.docs_root}.get(name)
+        if found is None:
+            raise ToolFailure("tool_error", f"the data root {name!r} is not given to this tool")
+        return found
 
 
 @dataclass(frozen=True)
@@ -81,8 +97,11 @@ class ToolSpec:
     egress: tuple[str, ...] = ()
     read_only: bool = False  # True: running it twice is harmless, so a lost attempt is retried
     max_attempts: int = 3  # attempts of a read-only tool's call when one is lost
-    data_root: Literal["repo", "docs"] | None = None
+    data_root: str | None = None  # one named data root (kept: data_roots says it better)
     prepare: Callable[[ToolContext], Any] | None = None
+    data_roots: tuple[str, ...] = ()  # the named directories it reads, mounted read-only
+    follow_symlinks: bool = False  # True: it opens paths through symlinks inside its roots
+    private_egress: tuple[str, ...] = ()  # granted per call by policy (never declared)
 
     def __post_init__(self) -> None:
         if not TOOL_NAME.match(self.name):
@@ -91,6 +110,13 @@ class ToolSpec:
             )
         if not 1 <= self.max_attempts <= 10:
             raise RegistryError("max_attempts must be 1 to 10", tool=self.name)
+        roots = tuple(dict.fromkeys((*self.data_roots, *filter(None, [self.data_root]))))
+        for root in roots:
+            if not isinstance(root, str) or not ROOT_NAME.match(root):
+                raise RegistryError(
+                    f"data root name {root!r} must match {ROOT_NAME.pattern}", tool=self.name
+                )
+        object.__setattr__(self, "data_roots", roots)
         config = self.args_model.model_config
         if config.get("extra") != "forbid" or not config.get("strict"):
             raise RegistryError("args model must be strict with extra='forbid'", tool=self.name)
@@ -107,13 +133,19 @@ class ToolSpec:
             "egress": list(self.egress),
             "read_only": self.read_only,
             "max_attempts": self.max_attempts if self.read_only else 1,
+            "data_roots": list(self.data_roots),
+            "follow_symlinks": self.follow_symlinks,
         }
 
 
 def constrained(
-    spec: ToolSpec, limits: dict[str, int | float] | None, egress: list[str] | None
+    spec: ToolSpec,
+    limits: dict[str, int | float] | None,
+    egress: list[str] | None,
+    private_egress: list[str] | None = None,
 ) -> ToolSpec:
-    """The tool as policy lets this call run it: limits only lower, hosts only fewer."""
+    """The tool as policy lets this call run it: limits only lower, hosts only fewer, and
+    the hosts (among those) that policy lets resolve to non-public addresses."""
     current = spec.limits.as_dict()
     lowered = {
         name: type(current[name])(min(current[name], value))
@@ -121,9 +153,12 @@ def constrained(
         if name in current
     }
     hosts = spec.egress if egress is None else tuple(h for h in spec.egress if h in set(egress))
-    if not lowered and hosts == spec.egress:
+    private = tuple(h for h in hosts if h in set(private_egress or ()))
+    if not lowered and hosts == spec.egress and private == spec.private_egress:
         return spec
-    return replace(spec, limits=replace(spec.limits, **lowered), egress=hosts)
+    return replace(
+        spec, limits=replace(spec.limits, **lowered), egress=hosts, private_egress=private
+    )
 
 
 def _specs_from(obj: Any, origin: str) -> Iterable[ToolSpec]:
@@ -139,6 +174,11 @@ def load_tools(extra_modules: Iterable[str] = ()) -> dict[str, ToolSpec]:
     tools: dict[str, ToolSpec] = {}
 
     def add(spec: ToolSpec, origin: str) -> None:
+        if spec.private_egress:
+            raise RegistryError(
+                f"tool {spec.name!r} ({origin}) declares private_egress: only policy grants it",
+                tool=spec.name,
+            )
         if spec.name in tools and tools[spec.name] is not spec:
             raise RegistryError(f"tool {spec.name!r} registered twice ({origin})", tool=spec.name)
         tools[spec.name] = spec

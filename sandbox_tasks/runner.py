@@ -22,10 +22,11 @@ Frames: see ``sandbox_tasks.frames``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -57,8 +58,7 @@ def runner_argv(
     python: str,
     code_paths: list[str],
     tool: str,
-    repo_root: Path,
-    docs_root: Path,
+    roots: Mapping[str, Path],
     extra_modules: list[str],
     scratch_root: Path,
     layers: Sequence[str],
@@ -67,8 +67,8 @@ def runner_argv(
     layers each call's process gets (``sandbox_tasks.confine``), as the receipts name them."""
     return [
         python, "-I", "-B", "-c", BOOTSTRAP, ":".join(code_paths),
-        tool, str(repo_root), str(docs_root), ",".join(extra_modules), str(scratch_root),
-        ",".join(layers),
+        tool, json.dumps({name: str(path) for name, path in roots.items()}),
+        ",".join(extra_modules), str(scratch_root), ",".join(layers),
     ]  # fmt: skip
 
 
@@ -127,11 +127,17 @@ def changes(root: Path, baseline: dict[str, tuple[int, int, int]] | None) -> lis
 def main(argv: list[str]) -> int:
     prctl.set_not_dumpable()
     prctl.set_child_subreaper()
-    tool_name, repo_root, docs_root, extra = argv[0], Path(argv[1]), Path(argv[2]), argv[3]
-    scratch_root, layers = Path(argv[4]), tuple(n for n in argv[5].split(",") if n)
+    tool_name, extra = argv[0], argv[2]
+    roots = {name: Path(path) for name, path in json.loads(argv[1]).items()}  # the tool's own
+    scratch_root, layers = Path(argv[3]), tuple(n for n in argv[4].split(",") if n)
     spec = load_tools([m for m in extra.split(",") if m])[tool_name]
     executor = ForkExecutor(scratch_root=scratch_root, layers=layers)
-    base = ToolContext(repo_root=repo_root, docs_root=docs_root, scratch_dir=scratch_root)
+    base = ToolContext(
+        scratch_dir=scratch_root,
+        repo_root=roots.get("repo"),
+        docs_root=roots.get("docs"),
+        roots=roots,
+    )
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     if spec.prepare is not None:  # build what the tool keeps (an index, ...) before serving
         try:

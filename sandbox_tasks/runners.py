@@ -151,7 +151,7 @@ class RunnerExecutor:
         fetches: list[dict[str, Any]] = []
 
         def serve(fetch: dict[str, Any]) -> dict[str, Any]:
-            answer, record = egress.serve(fetch, allowed=spec.egress)
+            answer, record = egress.serve(fetch, allowed=spec.egress, private=spec.private_egress)
             fetches.append(record)
             return answer
 

@@ -3,10 +3,16 @@
 The path is walked one component at a time with ``openat`` (``os.open`` with
 ``dir_fd``) and ``O_NOFOLLOW``, starting from a descriptor of the root, so a
 symlink swapped in between a check and the open is never followed by the
-kernel. Symlinks met on the way are resolved here, lexically, relative to the
-current position; one whose target leaves the root is refused. The last
-component is opened with ``O_NONBLOCK`` (a FIFO never blocks) and must be a
-regular file by ``fstat`` on the opened descriptor.
+kernel. The last component is opened with ``O_NONBLOCK`` (a FIFO never
+blocks) and must be a regular file by ``fstat`` on the opened descriptor.
+
+Symlinks are refused by default (``symlink_refused``), wherever they sit in the
+path: policy judges the path as the caller typed it, and a symlink would make
+the tool read another file than the one policy decided on (``src/settings.txt
+-> ../.env``). A tool that declares ``follow_symlinks`` passes
+``follow_symlinks=True``: symlinks are then resolved here, lexically, relative
+to the current position, one whose target leaves the root is refused, and the
+tool must report ``OpenedFile.path`` (the resolved path) in its result.
 """
 
 from __future__ import annotations
@@ -112,11 +118,14 @@ def _follow(target: str, walk: _Walk, roots: list[str], field: str) -> list[str]
     )
 
 
-def open_beneath(root: Path, relpath: str, *, field: str = "path") -> OpenedFile:
+def open_beneath(
+    root: Path, relpath: str, *, field: str = "path", follow_symlinks: bool = False
+) -> OpenedFile:
     """Open ``relpath`` under ``root`` for reading; it must be a regular file.
 
     Raises ToolFailure: ``invalid_argument`` (NUL, not a regular file, too many
-    symlinks), ``path_outside_root`` (absolute path, ``..`` or a symlink leaving
+    symlinks), ``symlink_refused`` (a component is a symlink and ``follow_symlinks``
+    is off), ``path_outside_root`` (absolute path, ``..`` or a symlink leaving
     the root), ``not_found``.
     """
     if "\x00" in relpath:
@@ -134,7 +143,7 @@ def open_beneath(root: Path, relpath: str, *, field: str = "path") -> OpenedFile
     except OSError as e:
         raise ToolFailure("tool_error", f"the root cannot be opened: {e.strerror}") from e
     try:
-        return _walk_to_file(walk, relpath, _root_spellings(root), field)
+        return _walk_to_file(walk, relpath, _root_spellings(root), field, follow_symlinks)
     finally:
         walk.close()
 
@@ -143,7 +152,9 @@ def _shown(relpath: str) -> str:
     return relpath if len(relpath) <= 120 else relpath[:117] + "..."
 
 
-def _walk_to_file(walk: _Walk, relpath: str, roots: list[str], field: str) -> OpenedFile:
+def _walk_to_file(
+    walk: _Walk, relpath: str, roots: list[str], field: str, follow: bool
+) -> OpenedFile:
     pending = deque(_components(relpath))
     hops = 0
     while pending:
@@ -163,6 +174,14 @@ def _walk_to_file(walk: _Walk, relpath: str, roots: list[str], field: str) -> Op
                 target = _symlink_target(name, walk.here)
             if target is None:
                 raise _refuse_os_error(e, _shown(relpath), field) from e
+            if not follow:
+                met = _shown("/".join([*walk.names, name]))
+                raise ToolFailure(
+                    "symlink_refused",
+                    f"{field}: {met!r} is a symlink; this tool reads no file through a "
+                    "symlink (policy judges the path as given)",
+                    field=field,
+                ) from e
             hops += 1
             if hops > MAX_SYMLINK_HOPS:
                 raise ToolFailure(

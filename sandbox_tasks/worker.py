@@ -119,7 +119,9 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
             retry_in(claim.ttl_ms / 1000 + 1)
         return report("refusal", envelope, digest, error=("replay", "job runs under a live claim"))
 
-    spec = constrained(spec, envelope.limits, envelope.egress)  # signed by control
+    spec = constrained(  # signed by control
+        spec, envelope.limits, envelope.egress, envelope.private_egress
+    )
     try:
         args = spec.args_model.model_validate(envelope.args)
     except ValidationError as e:

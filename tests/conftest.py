@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixture_data import start_http_server
 from tests.harness import (
     Services,
     Stack,
-    start_http_server,
     start_services,
     start_stack,
     stop_stack,
@@ -43,7 +43,13 @@ def stack(
     services: Services, tmp_path_factory: pytest.TempPathFactory, http_server: ThreadingHTTPServer
 ) -> Iterator[Stack]:
     home = Path(tmp_path_factory.mktemp("home"))
-    running = start_stack(services, home, egress=f"127.0.0.1:{http_server.server_address[1]}")
+    port = http_server.server_address[1]
+    running = start_stack(  # the fetcher may name both; policy names only 127.0.0.1 as private
+        services,
+        home,
+        egress=f"127.0.0.1:{port},localhost:{port}",
+        private_egress=f"127.0.0.1:{port}",
+    )
     try:
         yield running
     finally:

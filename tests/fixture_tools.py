@@ -170,6 +170,62 @@ TOOLS.append(
         result_model=FetchResult,
         func=fetcher,
         limits=Limits(timeout_s=8),
-        egress=tuple(filter(None, [os.environ.get("TP_TEST_EGRESS", "")])),
+        egress=tuple(filter(None, os.environ.get("TP_TEST_EGRESS", "").split(","))),
+    )
+)
+
+
+# -- a plugin tool that brings its own data root ("fixture", TOOLPLANE_DATA_ROOTS) --
+
+
+class RootedArgs(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    path: str = ""  # relative to the tool's own root
+    peek: str = ""  # an absolute path elsewhere (the repository's): must stay unseen
+
+
+class RootedResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    content: str
+    root: str
+    peeked: str  # what reading ``peek`` gave: "read: ..." or the error
+
+
+def rooted(args: RootedArgs, ctx: ToolContext) -> RootedResult:
+    from sandbox_tasks.safe_open import open_beneath, read_at_most
+
+    root = ctx.root("fixture")
+    content = ""
+    if args.path:
+        opened = open_beneath(root, args.path)
+        try:
+            content = read_at_most(opened.fd, 10_000).decode(errors="replace")
+        finally:
+            os.close(opened.fd)
+    peeked = ""
+    if args.peek:
+        try:
+            with open(args.peek, "rb") as seen:
+                peeked = "read: " + seen.read(200).decode(errors="replace")
+        except OSError as e:
+            peeked = f"{type(e).__name__}: {e.strerror}"
+    try:
+        ctx.root("repo")
+    except Exception as e:  # the repository is not this tool's to name either
+        peeked += f" | root('repo'): {e}"
+    return RootedResult(content=content, root=str(root), peeked=peeked)
+
+
+TOOLS.append(
+    ToolSpec(
+        name="rooted",
+        version="1.0.0",
+        description="Reads a file of its own data root, 'fixture' (tests only).",
+        args_model=RootedArgs,
+        result_model=RootedResult,
+        func=rooted,
+        limits=Limits(timeout_s=5),
+        read_only=True,
+        data_roots=("fixture",),
     )
 )

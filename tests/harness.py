@@ -15,10 +15,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import redis
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
+from tests.fixture_data import FIXTURE_ROOT_NOTE, add_hostile_files
 from tests.stackdirs import reachable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -185,6 +184,7 @@ class Stack:
             policy_dir=Path(self.env["TOOLPLANE_POLICY_DIR"]),
             repo_root=Path(self.env["TOOLPLANE_REPO_ROOT"]),
             docs_root=Path(self.env["TOOLPLANE_DOCS_ROOT"]),
+            data_roots=self.env.get("TOOLPLANE_DATA_ROOTS", "{}"),
             extra_tools=self.env["TOOLPLANE_EXTRA_TOOLS"],
             visibility_timeout=int(self.env["TOOLPLANE_VISIBILITY_TIMEOUT"]),
             queue_wait_s=int(self.env.get("TOOLPLANE_QUEUE_WAIT_S", "60")),
@@ -308,52 +308,13 @@ def _process(pid: int) -> psutil.Process | None:
         return None
 
 
-def add_hostile_files(repo: Path) -> None:
-    """What an attacker who can commit to the repository would leave for read_repo_file."""
-    hostile = repo / "hostile"
-    hostile.mkdir(exist_ok=True)
-    links = {"passwd": "/etc/passwd", "etc": "/etc", "zero": "/dev/zero", "up": "../../.."}
-    for name, target in links.items():
-        if not (hostile / name).is_symlink():
-            (hostile / name).symlink_to(target)
-    if not (hostile / "fifo").exists():
-        os.mkfifo(hostile / "fifo")
-    (hostile / "big.txt").write_text("x" * 1_100_000)
-    (hostile / "binary.bin").write_bytes(b"\x7fELF\x00\x01\x02")
-    (hostile / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """What the egress tests fetch (loopback only)."""
-
-    def do_GET(self) -> None:  # noqa: N802 - the http.server API
-        if self.path == "/redirect":
-            self.send_response(302)
-            self.send_header("Location", "http://127.0.0.1:6379/")
-            self.end_headers()
-            return
-        body = b"x" * 2_000_000 if self.path == "/big" else b"hello from the allowed host"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def start_http_server() -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def make_env(
     services: Services,
     home: Path,
     *,
     visibility_timeout: int = 30,
     egress: str = "",
+    private_egress: str = "",
     extra_env: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The stack's environment; ``extra_env`` (e.g. shorter timeouts for fault tests) wins.
@@ -362,8 +323,17 @@ def make_env(
     reachable(services, home)
     policy = home / "policy"
     shutil.copytree(REPO / "policy" / "bundles" / "default", policy, dirs_exist_ok=True)
-    for name in ("tests.cedar", "constraints.json"):
-        shutil.copy(REPO / "tests" / "fixtures" / "policy" / name, policy / name)
+    shutil.copy(REPO / "tests" / "fixtures" / "policy" / "tests.cedar", policy / "tests.cedar")
+    constraints = json.loads(
+        (REPO / "tests" / "fixtures" / "policy" / "constraints.json").read_text()
+    )
+    if private_egress:  # the loopback test server: reachable only because policy names it
+        hosts = private_egress.split(",")
+        constraints["rules"].append({"tool": "fetcher", "private_egress": hosts})
+    (policy / "constraints.json").write_text(json.dumps(constraints))
+    labels = json.loads((policy / "labels.json").read_text())
+    labels["rules"].append({"tool": "*", "root": "fixture", "classification": "confidential"})
+    (policy / "labels.json").write_text(json.dumps(labels))  # a plugin's root, labelled
     # The shipped bundle refuses "..", "." and absolute paths before any tool sees
     # them (safe-paths.cedar; its own tests show that); the stack leaves that file out, so
     # that the whole path tests read_repo_file's own defences against them too.
@@ -372,6 +342,9 @@ def make_env(
     repo = home / "repo"
     shutil.copytree(REPO / "examples" / "repo", repo, dirs_exist_ok=True)
     add_hostile_files(repo)
+    fixture_root = home / "fixture-root"  # the plugin tool `rooted`'s own data root
+    fixture_root.mkdir(exist_ok=True)
+    (fixture_root / "note.txt").write_text(FIXTURE_ROOT_NOTE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOOLPLANE_")}
     env.update(
         {
@@ -381,10 +354,11 @@ def make_env(
             "TOOLPLANE_POLICY_DIR": str(policy),
             "TOOLPLANE_REPO_ROOT": str(repo),
             "TOOLPLANE_DOCS_ROOT": str(REPO / "examples" / "docs"),
+            "TOOLPLANE_DATA_ROOTS": json.dumps({"fixture": str(fixture_root)}),
             "TOOLPLANE_EXTRA_TOOLS": "tests.fixture_tools",
             "TOOLPLANE_VISIBILITY_TIMEOUT": str(visibility_timeout),
             "TP_TEST_EGRESS": egress,
-            "TOOLPLANE_WORKER_ENV": "TP_TEST_EGRESS",  # the fetcher tool's allowed host
+            "TOOLPLANE_WORKER_ENV": "TP_TEST_EGRESS",  # the fetcher tool's allowed hosts
             "PYTHONPATH": str(REPO),
         }
     )
@@ -410,6 +384,7 @@ def start_stack(
     *,
     workers: dict[str, int] | None = None,
     egress: str = "",
+    private_egress: str = "",
     extra_env: dict[str, str] | None = None,
     broker_urls: dict[str, str] | None = None,
 ) -> Stack:
@@ -424,7 +399,9 @@ def start_stack(
     from ledger.migrate import upgrade
     from sandbox_tasks.registry import load_tools
 
-    env = make_env(services, home, egress=egress, extra_env=extra_env)
+    env = make_env(
+        services, home, egress=egress, private_egress=private_egress, extra_env=extra_env
+    )
     stack = Stack(services=services, home=home, env=env)
     settings = stack.settings()
     plane = ControlPlane(

@@ -82,6 +82,7 @@ class Envelope(_Strict):
     approval_id: str | None = None
     limits: dict[str, int | float] | None = None  # lowered by policy; never raised
     egress: list[str] | None = None  # hosts policy allows (None: whatever the tool declares)
+    private_egress: list[str] | None = None  # hosts policy lets resolve to non-public addresses
     issued_at: int  # epoch ms
     expires_at: int  # epoch ms
     nonce: str = Field(pattern=r"^[0-9a-f]{32}$")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from toolplane.lifetimes import MAX_ENVELOPE_LIFETIME_S
 from toolplane.signing import ALGORITHMS
@@ -16,6 +18,7 @@ __all__ = ["Settings"]
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_LAYER = re.compile(r"^(rlimits|no_new_privs|seccomp|landlock[1-7]?)$")
 AUTO_LAYERS = ("seccomp", "no_new_privs", "rlimits")  # + landlock without namespaces
+ROOT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 class Settings(BaseSettings):
@@ -37,6 +40,10 @@ class Settings(BaseSettings):
     policy_dir: Path | None = Field(default=None, description="Cedar policy bundle directory")
     repo_root: Path = Field(default=Path("examples/repo"), description="read_repo_file's root")
     docs_root: Path = Field(default=Path("examples/docs"), description="search_docs' root")
+    data_roots: Annotated[dict[str, Path], NoDecode] = Field(
+        default_factory=dict,
+        description='further named data roots, JSON: {"name": "/dir"} (repo and docs: above)',
+    )
     token: SecretStr | None = Field(default=None, description="API token of the principal")
     extra_tools: str = Field(default="", description="comma-separated modules registering tools")
     flower_user: str = "admin"
@@ -130,6 +137,28 @@ class Settings(BaseSettings):
                 )
         return ",".join(names)
 
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _roots_json(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError as e:
+                raise ValueError(f"not JSON ({e})") from e
+        if not isinstance(value, dict):
+            raise ValueError('must be a JSON object of names to directories: {"name": "/dir"}')
+        for name in value:
+            if not isinstance(name, str) or not ROOT_NAME.match(name):
+                raise ValueError(f"root name {str(name)[:40]!r} must match {ROOT_NAME.pattern}")
+            if name in ("repo", "docs"):
+                raise ValueError(f"{name!r} is set by TOOLPLANE_{name.upper()}_ROOT, not here")
+        return value
+
+    @field_validator("data_roots")
+    @classmethod
+    def _roots_absolute(cls, value: dict[str, Path]) -> dict[str, Path]:
+        return {name: path.expanduser().resolve() for name, path in value.items()}
+
     @field_validator("receipt_algorithm")
     @classmethod
     def _algorithm(cls, value: str) -> str:
@@ -156,6 +185,23 @@ class Settings(BaseSettings):
     @property
     def classification_order(self) -> tuple[str, ...]:
         return tuple(c.strip() for c in self.classifications.split(",") if c.strip())
+
+    @property
+    def all_data_roots(self) -> dict[str, Path]:
+        """Every named data root: repo, docs and those of TOOLPLANE_DATA_ROOTS."""
+        return {"repo": self.repo_root, "docs": self.docs_root, **self.data_roots}
+
+    def roots_for(self, names: tuple[str, ...]) -> dict[str, Path]:
+        """The directories of the roots a tool declares (unknown names left out)."""
+        known = self.all_data_roots
+        return {name: known[name] for name in names if name in known}
+
+    @staticmethod
+    def root_setting(name: str) -> str:
+        """The setting an operator uses to map the root ``name``."""
+        if name in ("repo", "docs"):
+            return f"TOOLPLANE_{name.upper()}_ROOT"
+        return "TOOLPLANE_DATA_ROOTS"
 
     @property
     def extra_tool_modules(self) -> list[str]:

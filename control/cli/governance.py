@@ -189,7 +189,7 @@ def policy_explain(
         if decision.get("approval_ttl_s") is not None:
             console.print(f"an approval would be valid for {decision['approval_ttl_s']} s")
         constraints = decision.get("constraints") or {}
-        if constraints.get("limits") or constraints.get("egress"):
+        if any(constraints.get(k) for k in ("limits", "egress", "private_egress")):
             console.print(safe(f"constraints: {constraints}"), markup=False)
         log_only = decision.get("log_only") or {}
         if log_only.get("policies"):

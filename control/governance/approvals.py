@@ -32,6 +32,7 @@ from control.orchestration.states import NodeStatus
 from ledger.chain import NewEvent
 from ledger.models import Approval, Node, Principal, Run
 from ledger.store import append_events
+from policy.labels import roots_of
 
 __all__ = [
     "ApprovalRefused",
@@ -227,7 +228,11 @@ def decide_approval(
                 tool=node.tool,
                 environment=run.environment,
                 classification=engine.bundle.labels.classify(
-                    node.tool, node.args or {}, run.classification, gov.classifications
+                    node.tool,
+                    node.args or {},
+                    run.classification,
+                    gov.classifications,
+                    roots=roots_of(gov.manifests(session, node.tool)),
                 ),
             ),
             approval_id=approval.id,

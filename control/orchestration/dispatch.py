@@ -107,6 +107,7 @@ def sign_envelope(
     on_behalf_of: str | None = None,
     limits: dict[str, int | float] | None = None,
     egress: list[str] | None = None,
+    private_egress: list[str] | None = None,
 ) -> SignedEnvelope:
     issued = now_ms()
     envelope = Envelope(
@@ -126,6 +127,7 @@ def sign_envelope(
         approval_id=approval_id,
         limits=limits or None,
         egress=egress,
+        private_egress=private_egress or None,
         issued_at=issued,
         expires_at=issued + ttl_s * 1000,
         nonce=new_nonce(),

@@ -32,6 +32,7 @@ from ledger.chain import NewEvent
 from ledger.models import Approval, Attempt, Node, Run
 from policy.constraints import Constraints
 from policy.engine import Decision, PolicyRequest
+from policy.labels import roots_of
 from toolplane.canonical import digest
 from toolplane.messages import job_id_for, ms_to_datetime
 
@@ -197,6 +198,7 @@ def dispatch_node(
             if constraints is not None and constraints.egress is not None
             else None
         ),
+        private_egress=list(constraints.private_egress) if constraints else None,
     )
     expires = ms_to_datetime(signed.envelope.expires_at)
     due = due_at_for(expires, tool_timeout_s=timeout_s)
@@ -363,7 +365,11 @@ def decide_node(
             environment=run.environment,
             # the run's, raised by the bundle's labels on the data this call reads
             classification=gov.engine.bundle.labels.classify(
-                node.tool, node.args, run.classification, gov.classifications
+                node.tool,
+                node.args,
+                run.classification,
+                gov.classifications,
+                roots=roots_of(gov.manifests(session, node.tool)),
             ),
             workflow=run.workflow,
             args=node.args,

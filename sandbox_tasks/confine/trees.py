@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from sandbox_tasks.errors import ToolFailure
 from sandbox_tasks.registry import ToolContext, ToolSpec
 
 __all__ = ["SYSTEM_DIRS", "SYSTEM_FILES", "code_dirs", "read_only_trees"]
@@ -53,7 +54,9 @@ def read_only_trees(spec: ToolSpec, ctx: ToolContext) -> tuple[Path, ...]:
     trees = {Path(p) for p in (*SYSTEM_DIRS, *SYSTEM_FILES)}
     trees |= {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
     trees |= code_dirs(spec)
-    root = {"repo": ctx.repo_root, "docs": ctx.docs_root}.get(spec.data_root or "")
-    if root is not None:
-        trees.add(Path(root).resolve())
+    for name in spec.data_roots:  # the tool's own data roots, and no other
+        try:
+            trees.add(Path(ctx.root(name)).resolve())
+        except ToolFailure:  # not given to this call: the tool will be refused it anyway
+            continue
     return tuple(sorted(p for p in trees if p.exists()))

@@ -201,5 +201,4 @@ TOOL = ToolSpec(
     func=lint_python,
     limits=Limits(timeout_s=20, memory_mb=1024),
     read_only=True,
-    data_root=None,
 )

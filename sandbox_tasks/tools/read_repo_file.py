@@ -54,7 +54,7 @@ def read_repo_file(args: ReadRepoFileArgs, ctx: ToolContext) -> ReadRepoFileResu
             raise ToolFailure(
                 "invalid_argument", "start_line must not be after end_line", field="start_line"
             )
-    opened = open_beneath(ctx.repo_root, args.path, field="path")
+    opened = open_beneath(ctx.root("repo"), args.path, field="path")
     try:
         data = read_at_most(opened.fd, args.max_bytes + 1)
     finally:
@@ -105,5 +105,5 @@ TOOL = ToolSpec(
     func=read_repo_file,
     limits=Limits(timeout_s=5, output_bytes=4_000_000),
     read_only=True,
-    data_root="repo",
+    data_roots=("repo",),
 )

@@ -87,7 +87,6 @@ _CACHE_LOCK = threading.Lock()
 
 def _candidates(root: Path) -> Signature:
     """(relative path, size, mtime_ns) of every doc file under ``root``, sorted."""
-    real_root = root.resolve()
     found: list[tuple[str, int, int]] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -96,7 +95,7 @@ def _candidates(root: Path) -> Signature:
                 continue
             full = Path(dirpath, name)
             try:
-                if full.is_symlink() and not full.resolve().is_relative_to(real_root):
+                if full.is_symlink():  # read through no symlink (see safe_open)
                     continue
                 info = full.stat()
                 rel = full.relative_to(root).as_posix()
@@ -154,8 +153,8 @@ def _build(root: Path, signature: Signature) -> DocsIndex:
 
 
 def prepare(ctx: ToolContext) -> DocsIndex:
-    """The index of ``ctx.docs_root``, rebuilt only when its files changed."""
-    root = Path(os.path.abspath(ctx.docs_root))
+    """The index of the ``docs`` root, rebuilt only when its files changed."""
+    root = Path(os.path.abspath(ctx.root("docs")))
     if not root.is_dir():
         raise ToolFailure("not_found", f"docs root {str(root)!r} is not a directory")
     signature = _candidates(root)
@@ -202,6 +201,6 @@ TOOL = ToolSpec(
     func=search_docs,
     limits=Limits(timeout_s=10, memory_mb=512),
     read_only=True,
-    data_root="docs",
+    data_roots=("docs",),
     prepare=prepare,
 )

@@ -67,6 +67,7 @@ def layered(
         home,
         workers={TOOL: 1, "fetcher": 1},
         egress=f"127.0.0.1:{http_server.server_address[1]}",
+        private_egress=f"127.0.0.1:{http_server.server_address[1]}",  # loopback: named by policy
         extra_env=env,
     )
     try:

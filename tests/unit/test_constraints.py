@@ -45,6 +45,29 @@ def test_matching_rules_lower_limits_and_intersect_hosts(tmp_path: Path) -> None
     assert dev.limits == {"timeout_s": 9, "memory_mb": 300} and dev.egress is None
 
 
+def test_private_egress_is_united_over_rules_and_kept_within_the_hosts(tmp_path: Path) -> None:
+    rules = {
+        "rules": [
+            {"tool": "fetcher", "private_egress": ["crm.internal:443"]},
+            {"tool": "*", "environment": "dev", "private_egress": ["127.0.0.1:8080"]},
+            {"tool": "fetcher", "classification": "confidential", "egress": ["crm.internal:443"]},
+        ]
+    }
+    constraints = load_constraints(bundle_with(tmp_path, rules))
+    dev = constraints.for_call(tool="fetcher", environment="dev", classification="internal")
+    assert dev.private_egress == ("127.0.0.1:8080", "crm.internal:443") and dev.egress is None
+    prod = constraints.for_call(tool="fetcher", environment="prod", classification="internal")
+    assert prod.private_egress == ("crm.internal:443",)
+    # an egress rule narrows the hosts: private_egress grants none beyond them
+    narrowed = constraints.for_call(
+        tool="fetcher", environment="dev", classification="confidential"
+    )
+    assert narrowed.private_egress == ("crm.internal:443",)
+    assert narrowed.as_dict()["private_egress"] == ["crm.internal:443"]
+    other = constraints.for_call(tool="other", environment="prod", classification="internal")
+    assert other.private_egress == ()
+
+
 def test_bundle_version_covers_constraints(tmp_path: Path) -> None:
     a = load_bundle(bundle_with(tmp_path / "1", {"rules": []}))
     b = load_bundle(bundle_with(tmp_path / "2", {"rules": [{"tool": "*", "limits": {"cpu_s": 1}}]}))
@@ -57,6 +80,7 @@ def test_bundle_version_covers_constraints(tmp_path: Path) -> None:
         ({"rules": [{"tool": "x", "limits": {"timeout_s": -1}}]}, "rules.0.limits.timeout_s"),
         ({"rules": [{"tool": "x", "limits": {"threads": 2}}]}, "rules.0.limits.threads"),
         ({"rules": [{"tool": "x", "egress": "a:1"}]}, "rules.0.egress"),
+        ({"rules": [{"tool": "x", "private_egress": "a:1"}]}, "rules.0.private_egress"),
         ({"rule": []}, "rules"),
         ("not json", ""),
     ],

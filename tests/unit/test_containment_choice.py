@@ -3,6 +3,7 @@ operator accepts weaker containment, which every receipt then records."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from sandbox_tasks import confine
 from sandbox_tasks import main as worker_main
 from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
+from sandbox_tasks.errors import ToolFailure
 from sandbox_tasks.plain import PlainExecutor
 from sandbox_tasks.tools.read_repo_file import TOOL
 from toolplane.errors import SettingsError
@@ -60,8 +62,7 @@ def test_a_home_inside_a_mount_is_refused(tmp_path: Path) -> None:
         BwrapExecutor(
             binary="/bin/true",
             spec=TOOL,
-            repo_root=tmp_path,
-            docs_root=tmp_path,
+            roots={"repo": tmp_path},
             extra_modules=[],
             forbidden=[inside],
         )
@@ -114,3 +115,35 @@ def test_a_bad_minimum_names_the_setting(tmp_path: Path, value: str) -> None:
 
     with pytest.raises(ValidationError, match="sandbox_min_layers"):
         settings(tmp_path, sandbox_min_layers=value)
+
+
+def test_the_sandbox_mounts_exactly_the_tools_own_roots(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    for name in ("repo", "docs", "ledgers"):
+        (tmp_path / name).mkdir()
+    configured = Settings(
+        home=tmp_path / "home",
+        repo_root=tmp_path / "repo",
+        docs_root=tmp_path / "docs",
+        data_roots={"ledgers": tmp_path / "ledgers"},
+    )
+    spec = replace(TOOL, data_roots=("ledgers",), data_root=None)
+    executor = BwrapExecutor(
+        binary="/bin/true",
+        spec=spec,
+        roots=configured.roots_for(spec.data_roots),
+        extra_modules=[],
+        forbidden=[],
+    )
+    argv = executor.argv()
+    binds = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--ro-bind"]
+    assert str((tmp_path / "ledgers").resolve()) in binds
+    assert not any(b.startswith(str(tmp_path.resolve() / "repo")) for b in binds)
+    assert not any(b.startswith(str(tmp_path.resolve() / "docs")) for b in binds)
+    assert json.loads(argv[-4]) == {"ledgers": str((tmp_path / "ledgers").resolve())}
+    context = worker_main.tool_context(configured, spec, tmp_path)
+    assert context.root("ledgers") == (tmp_path / "ledgers").resolve()
+    assert context.repo_root is None and context.roots.keys() == {"ledgers"}
+    with pytest.raises(ToolFailure, match="'repo' is not given to this tool"):
+        context.root("repo")

@@ -73,6 +73,7 @@ def test_a_worker_gets_only_the_allowlist_and_its_own_settings(tmp_path: Path) -
         "TOOLPLANE_BROKER_URL",
         "TOOLPLANE_REPO_ROOT",
         "TOOLPLANE_DOCS_ROOT",
+        "TOOLPLANE_DATA_ROOTS",
         "TOOLPLANE_EXTRA_TOOLS",
         "TOOLPLANE_RECEIPT_ALGORITHM",
         "TOOLPLANE_VISIBILITY_TIMEOUT",

@@ -50,6 +50,35 @@ def test_a_matching_label_raises_the_classification(tmp_path: Path) -> None:
     assert classify("read_repo_file", {"path": ["config/a"]}, "internal", ORDER) == "internal"
 
 
+def test_a_label_on_a_named_root_applies_to_the_tools_that_declare_it(tmp_path: Path) -> None:
+    from policy.labels import roots_of
+
+    found = labels(
+        tmp_path,
+        [
+            {"tool": "*", "root": "hr_records", "classification": "restricted"},
+            {
+                "tool": "*",
+                "root": "repo",
+                "arg": "path",
+                "glob": "config/*",
+                "classification": "confidential",
+            },
+        ],
+    )
+    classify = found.classify  # type: ignore[attr-defined]
+    hr = roots_of({"data_roots": ["hr_records"]})
+    assert classify("payroll", {}, "internal", ORDER, roots=hr) == "restricted"
+    assert classify("payroll", {}, "internal", ORDER) == "internal"  # not its root
+    repo = roots_of({"data_roots": ["repo"]})
+    assert classify("read_repo_file", {"path": "config/a"}, "public", ORDER, roots=repo) == (
+        "confidential"
+    )
+    assert classify("read_repo_file", {"path": "src/a"}, "public", ORDER, roots=repo) == "public"
+    assert classify("other", {"path": "config/a"}, "public", ORDER, roots=("docs",)) == "public"
+    assert roots_of(None) == () and roots_of({"data_roots": "repo"}) == ()
+
+
 def test_a_label_the_order_does_not_know_is_the_strictest(tmp_path: Path) -> None:
     found = labels(tmp_path, [{"tool": "*", "classification": "top-secret"}])
     assert found.classify("lint_python", {}, "restricted", ORDER) == "top-secret"  # type: ignore[attr-defined]
@@ -68,6 +97,10 @@ def test_no_file_no_labels(tmp_path: Path) -> None:
         ),
         ({"rules": [{"tool": "x", "classification": "public", "evil": 1}]}, "rules.0.evil"),
         ({"rules": [{"classification": "public"}]}, "rules.0.tool"),
+        (
+            {"rules": [{"tool": "*", "root": "Bad Root", "classification": "public"}]},
+            "rules.0.root",
+        ),
         ({"rules": "nope"}, "rules"),
     ],
 )

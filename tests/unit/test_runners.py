@@ -43,8 +43,7 @@ def make(kind: str, tmp_path: Path, **kw: Any) -> RunnerExecutor:
         return BwrapExecutor(
             binary=binary,
             spec=TOOL,
-            repo_root=REPO / "examples" / "repo",
-            docs_root=REPO / "examples" / "docs",
+            roots={"repo": REPO / "examples" / "repo", "docs": REPO / "examples" / "docs"},
             extra_modules=MODULES,
             forbidden=[],
             **kw,
@@ -53,8 +52,7 @@ def make(kind: str, tmp_path: Path, **kw: Any) -> RunnerExecutor:
     scratch.mkdir(exist_ok=True)
     return PlainExecutor(
         spec=TOOL,
-        repo_root=REPO / "examples" / "repo",
-        docs_root=REPO / "examples" / "docs",
+        roots={"repo": REPO / "examples" / "repo", "docs": REPO / "examples" / "docs"},
         extra_modules=MODULES,
         scratch_root=scratch,
         **kw,

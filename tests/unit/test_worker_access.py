@@ -31,6 +31,35 @@ def test_a_missing_data_root_is_named(tmp_path: Path) -> None:
     check_access(config, TOOLS["lint_python"])  # no data root: nothing to read
 
 
+def test_a_plugins_own_root_must_be_mapped_and_readable(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    spec = replace(TOOLS["lint_python"], data_roots=("ledgers",))
+    config = settings(tmp_path, tmp_path, tmp_path)
+    with pytest.raises(SettingsError, match=r"^TOOLPLANE_DATA_ROOTS: .*'ledgers'.*no directory"):
+        check_access(config, spec)
+    missing = Settings(home=tmp_path, data_roots={"ledgers": tmp_path / "gone"})
+    with pytest.raises(SettingsError, match=r"^TOOLPLANE_DATA_ROOTS: .*gone.*no such directory"):
+        check_access(missing, spec)
+    check_access(Settings(home=tmp_path, data_roots={"ledgers": tmp_path}), spec)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("[1]", "JSON object"),
+        ('{"Bad-Name": "/x"}', "must match"),
+        ('{"repo": "/x"}', "TOOLPLANE_REPO_ROOT"),
+    ],
+)
+def test_data_roots_setting_is_checked(
+    monkeypatch: pytest.MonkeyPatch, value: str, problem: str
+) -> None:
+    monkeypatch.setenv("TOOLPLANE_DATA_ROOTS", value)
+    with pytest.raises(ValueError, match=problem):
+        Settings()
+
+
 def as_user(uid: int, fn: object) -> str:
     """Run ``fn()`` in a child as ``uid``; what it raised (its message), or "ok"."""
     read, write = os.pipe()

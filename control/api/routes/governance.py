@@ -20,6 +20,7 @@ from control.errors import require_text
 from control.governance.auth import Role
 from control.orchestration.validation import check_json
 from policy.engine import PolicyRequest
+from policy.labels import roots_of
 
 router = APIRouter(prefix="/v1", tags=["governance"])
 
@@ -111,6 +112,8 @@ def explain(body: ExplainIn, ops: Caller) -> dict[str, Any]:
     identity = ops.identity
     scope = ops.scope(body.environment, body.classification)
     engine = ops.plane.policy
+    with ops.plane.sessions() as session:
+        manifest = ops.plane.manifest(session, body.tool)
     decision = engine.decide(
         PolicyRequest(  # as intake asks (control/orchestration/intake.py: decide_node)
             tenant=identity.tenant_id,
@@ -119,7 +122,11 @@ def explain(body: ExplainIn, ops: Caller) -> dict[str, Any]:
             tool=body.tool,
             environment=scope.environment,
             classification=engine.bundle.labels.classify(
-                body.tool, body.args, scope.classification, ops.plane.settings.classification_order
+                body.tool,
+                body.args,
+                scope.classification,
+                ops.plane.settings.classification_order,
+                roots=roots_of(manifest),
             ),
             args=body.args,
             on_behalf_of=body.on_behalf_of,
