@@ -274,7 +274,10 @@ def validate_args(manifest: dict[str, Any], args: dict[str, Any]) -> None:
         return
     error = errors[0]
     if error.validator == "additionalProperties":
-        extra = sorted(set(args) - set(manifest["args_schema"].get("properties", {})))
+        extra = [
+            key if len(key) <= 80 else key[:80] + "..."
+            for key in sorted(set(args) - set(manifest["args_schema"].get("properties", {})))
+        ]
         raise UsageError(
             "unexpected field: this tool takes "
             + ", ".join(sorted(manifest["args_schema"].get("properties", {}))),
