@@ -173,7 +173,15 @@ def _depth(node: Any) -> int:
     return deepest
 
 
-SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+SUBSCHEMA: tuple[str, ...] = (
+    "items",
+    "additionalProperties",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+)
 SUBSCHEMA += ("propertyNames", "unevaluatedItems", "additionalItems")
 SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
 SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
