@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -32,7 +32,7 @@ from ledger.chain import NewEvent
 from ledger.models import ToolAnnouncement, ToolApproval, ToolManifest
 from ledger.receipts import ReceiptProblem
 from ledger.store import append_events
-from toolplane.canonical import CanonicalJSONError, digest
+from toolplane.canonical import CanonicalJSONError, canonical_json, digest
 from toolplane.errors import SignatureError
 from toolplane.messages import SignedManifest
 from toolplane.signing import KeyRing
@@ -40,7 +40,8 @@ from toolplane.signing import KeyRing
 log = logging.getLogger("toolplane.manifests")
 
 TOOL_NAME = r"^[a-z][a-z0-9_]{0,62}$"
-SHA256 = r"^[0-9a-f]{64}$"
+MAX_MANIFEST_BYTES = 256 * 1024  # canonical JSON of a whole manifest
+MAX_HELD_PER_TOOL = 50  # distinct held manifests kept per tool; more are logged, not kept
 
 __all__ = [
     "approve_manifest",
@@ -136,6 +137,11 @@ def register_manifest(session: Session, raw: Any, keys: KeyRing) -> str:
             received=received,
         )
         sha = digest(signed.manifest)
+        size = len(canonical_json(signed.manifest))
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestRefused(
+                f"may have at most {MAX_MANIFEST_BYTES} bytes, not {size}", field="manifest"
+            )
         check_manifest(signed.manifest)
         problem = None
     except ManifestRefused as e:
@@ -149,6 +155,16 @@ def register_manifest(session: Session, raw: Any, keys: KeyRing) -> str:
         log.warning("manifest.invalid problem=%s", e)
         raise ReceiptProblem(f"manifest refused: {e}") from e
     _lock(session, tool)
+    pin = session.get(ToolApproval, tool, populate_existing=True)
+    pinned = pin is not None and pin.manifest_sha256 == sha
+    known = session.get(ToolAnnouncement, (tool, sha)) is not None
+    if not (pinned or known) and _held_count(session, tool) >= MAX_HELD_PER_TOOL:
+        session.rollback()
+        log.warning("manifest.not_kept tool=%s sha=%s (too many held)", tool, sha[:12])
+        raise ReceiptProblem(
+            f"manifest of {tool!r} not kept: {MAX_HELD_PER_TOOL} of its manifests are held "
+            "already (see `toolplane tools list`)"
+        )
     announced = session.execute(
         pg_insert(ToolAnnouncement)
         .values(
@@ -165,9 +181,8 @@ def register_manifest(session: Session, raw: Any, keys: KeyRing) -> str:
     ).first()
     row = session.get(ToolAnnouncement, (tool, sha), populate_existing=True)
     assert row is not None
-    pin = session.get(ToolApproval, tool, populate_existing=True)
     events: list[NewEvent] = []
-    if pin is not None and pin.manifest_sha256 == sha and problem is None:
+    if pin is not None and pinned and problem is None:
         if _put_in_force(session, row, received):
             events.append(_registered(row, pin))
             log.info("tool.registered tool=%s sha=%s", tool, sha[:12])
@@ -190,6 +205,15 @@ def register_manifest(session: Session, raw: Any, keys: KeyRing) -> str:
     append_events(session, events, at=received)
     session.commit()
     return tool
+
+
+def _held_count(session: Session, tool: str) -> int:
+    return int(
+        session.scalar(
+            select(func.count()).select_from(ToolAnnouncement).where(ToolAnnouncement.tool == tool)
+        )
+        or 0
+    )
 
 
 def _registered(row: ToolAnnouncement, pin: ToolApproval) -> NewEvent:

@@ -19,13 +19,14 @@ import httpx
 import psycopg
 import pytest
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 import celeryconfig
 from control.governance.auth import create_tenant
 from control.ops.runtime import ControlPlane
-from ledger.models import EvidenceEvent, Node, ToolApproval
+from control.orchestration.manifests import MAX_HELD_PER_TOOL
+from ledger.models import EvidenceEvent, Node, ToolAnnouncement, ToolApproval
 from ledger.verify import verify_ledger
 from sandbox_tasks.receipts import sign_manifest
 from sandbox_tasks.registry import load_tools
@@ -280,3 +281,32 @@ def test_a_catastrophic_pattern_cannot_stall_the_control(pinned: Stack, broker: 
         assert matching.status_code == 201, matching.text
     finally:
         assert approve_original(pinned, ops, original).status_code == 200
+
+
+def test_a_key_that_announces_without_end_fills_no_ledger(pinned: Stack, broker: Celery) -> None:
+    """Each distinct manifest is held once; past MAX_HELD_PER_TOOL of one tool, more are
+    logged and dropped, and the tool's approval is untouched."""
+    base = built_here("search_docs")  # has a key here, approved nothing
+    digests = []
+    for n in range(MAX_HELD_PER_TOOL + 5):
+        digests.append(announce(pinned, broker, base | {"version": f"0.0.{n}"}))
+    again = announce(pinned, broker, base | {"version": "0.0.0"})  # the same digest again
+
+    def kept() -> int | None:
+        with sessions(pinned)() as session:
+            count = session.scalar(
+                select(func.count())
+                .select_from(ToolAnnouncement)
+                .where(ToolAnnouncement.tool == "search_docs")
+            )
+        return count if count == MAX_HELD_PER_TOOL else None
+
+    wait_for(kept, timeout=60, what=f"{MAX_HELD_PER_TOOL} held manifests")
+    wait_for(
+        lambda: pinned.log("control").count("manifest.not_kept tool=search_docs") >= 5,
+        timeout=60,
+        what="the manifests past the cap logged",
+    )
+    held_events = [e for e in events(pinned, "ToolManifestHeld") if e["tool"] == "search_docs"]
+    assert len(held_events) == MAX_HELD_PER_TOOL
+    assert again == digests[0]
