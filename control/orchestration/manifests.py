@@ -324,7 +324,7 @@ def approve_manifest(
         )
     row = found[0]
     if row.problem is not None:
-        raise ManifestRefused(f"cannot be approved: {row.problem}", field=f"{tool} {version}")
+        raise ManifestRefused(f"cannot be approved: {row.problem}", field="version")
     check_manifest(row.manifest)  # the rules of this control's version
     pin_manifest(
         session,
