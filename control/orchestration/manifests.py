@@ -393,6 +393,14 @@ def not_approved(session: Session, tool: str, *, field: str) -> UsageError:
             .order_by(ToolAnnouncement.announced_at.desc())
         )
     )
+    pin = session.get(ToolApproval, tool)
+    if pin is not None and all(a.manifest_sha256 != pin.manifest_sha256 for a in held[:1]):
+        return UsageError(
+            f"tool {tool!r}: no worker announced its approved manifest (version {pin.version}, "
+            f"sha256 {pin.manifest_sha256[:16]}…) yet; start its worker (`toolplane worker "
+            f"{tool}`), or approve what it announces (`toolplane tools list`)",
+            field=field,
+        )
     if held:
         latest = held[0]
         return UsageError(

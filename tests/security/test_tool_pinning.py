@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 import celeryconfig
 from control.governance.auth import create_tenant
 from control.ops.runtime import ControlPlane
-from control.orchestration.manifests import MAX_HELD_PER_TOOL
+from control.orchestration.manifests import MAX_HELD_PER_TOOL, pin_manifest
 from ledger.models import EvidenceEvent, Node, ToolAnnouncement, ToolApproval
 from ledger.verify import verify_ledger
 from sandbox_tasks.receipts import sign_manifest
@@ -236,6 +236,24 @@ def test_a_tool_without_an_approved_manifest_cannot_be_called(
     probe = next(t for t in listed if t.tool == "probe")
     assert probe.status == "held" and probe.manifest is None
     assert [h.manifest_sha256 for h in probe.held] == [sha]
+
+    # Approved on the control host, but no worker of it announced that manifest yet.
+    expected = built_here("lint_python")
+    with sessions(pinned)() as session:
+        pin_manifest(
+            session,
+            tool="lint_python",
+            version=expected["version"],
+            sha256=digest(expected),
+            by="test",
+            via="test",
+        )
+        session.commit()
+    waiting = call(pinned, token, "lint_python", {"code": "x = 1"})
+    assert waiting.status_code == 422, waiting.text
+    assert "no worker announced its approved manifest" in waiting.json()["detail"]
+    lint = next(t for t in pinned.http(token).tools() if t.tool == "lint_python")
+    assert lint.status == "awaiting_announcement" and lint.approved_sha256 == digest(expected)
 
 
 def test_a_schema_re2_cannot_compile_is_refused_at_approval(pinned: Stack, broker: Celery) -> None:
