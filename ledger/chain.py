@@ -39,6 +39,8 @@ EVIDENCE_KINDS = frozenset(
         "PolicyFrozen",
         "PolicyUnfrozen",
         "ToolRegistered",
+        "ToolManifestHeld",
+        "ToolApproved",
         "TenantCreated",
         "TokenIssued",
         "TokenRevoked",

@@ -38,6 +38,8 @@ __all__ = [
     "RunEvent",
     "SigningKey",
     "Tenant",
+    "ToolAnnouncement",
+    "ToolApproval",
     "ToolManifest",
 ]
 
@@ -234,6 +236,9 @@ class PolicyVersion(Base):
 
 
 class ToolManifest(Base):
+    """The manifest in force for a tool: a signed announcement whose digest the operator
+    approved (``tool_approvals``); the control uses no other."""
+
     __tablename__ = "tool_manifests"
     tool: Mapped[str] = mapped_column(String(63), primary_key=True)
     version: Mapped[str] = mapped_column(String(40))
@@ -241,6 +246,32 @@ class ToolManifest(Base):
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     key_id: Mapped[str] = mapped_column(String(120))
     registered_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class ToolAnnouncement(Base):
+    """Each distinct manifest a worker announced for a tool (signed with the tool's key),
+    approved or held; ``problem`` says why it cannot be approved, if it cannot."""
+
+    __tablename__ = "tool_announcements"
+    tool: Mapped[str] = mapped_column(String(63), primary_key=True)
+    manifest_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(40))
+    manifest: Mapped[dict[str, Any]] = mapped_column(Json)
+    key_id: Mapped[str] = mapped_column(String(120))
+    announced_at: Mapped[datetime] = mapped_column(TZ)
+    problem: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ToolApproval(Base):
+    """The operator's pin of a tool: the one manifest digest that may take effect."""
+
+    __tablename__ = "tool_approvals"
+    tool: Mapped[str] = mapped_column(String(63), primary_key=True)
+    version: Mapped[str] = mapped_column(String(40))
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    approved_by: Mapped[str] = mapped_column(String(250))
+    via: Mapped[str] = mapped_column(String(40))
+    approved_at: Mapped[datetime] = mapped_column(TZ)
 
 
 class EvidenceEvent(Base):

@@ -69,7 +69,9 @@ RUNTIME_GRANTS: Mapping[str, frozenset[str]] = MappingProxyType(
         "runs": _WRITE,
         "signing_keys": _WRITE,  # the control registers the key store's public keys
         "tenants": _READ,  # created by an operator (`toolplane tenant create`), as the owner
-        "tool_manifests": _WRITE,  # a worker's announcement, registered or replaced
+        "tool_announcements": _APPEND,  # each distinct manifest a worker announced
+        "tool_approvals": _WRITE,  # the operator's pin of a tool's manifest (API approval)
+        "tool_manifests": _WRITE,  # the manifest in force: an approved announcement
     }
 )
 

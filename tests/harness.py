@@ -430,6 +430,9 @@ def start_stack(
     from control.broker.queues import declare_results_queue
 
     declare_results_queue(plane.celery)  # as `toolplane up` does, before any worker announces
+    from control.ops.toolpins import pin_started_tools
+
+    pin_started_tools(plane, specs)  # as `toolplane up` does: the manifests of this code
     stack.processes = processes.start_processes(home, specs)
     try:
         processes.wait_ready(plane, sorted(counts), timeout=60)

@@ -21,6 +21,7 @@ __all__ = [
     "ExplainIn",
     "FreezeIn",
     "FreezeOut",
+    "HeldManifestOut",
     "IssuedTokenOut",
     "NodeOut",
     "Problem",
@@ -31,6 +32,8 @@ __all__ = [
     "StatusOut",
     "TokenIn",
     "TokenOut",
+    "ToolApproveIn",
+    "ToolApprovedOut",
     "ToolOut",
     "VerifyOut",
     "WorkflowIn",
@@ -108,6 +111,14 @@ class TokenIn(_In):
 class FreezeIn(_In):
     reason: str = Field(min_length=1, max_length=1000)
     all: bool = Field(default=False, description="Every tenant (an operator tenant's admin)")
+
+
+class ToolApproveIn(_In):
+    """Approve the manifest a worker announced for a tool at ``version``, of exactly this
+    digest (from `GET /v1/tools`)."""
+
+    version: str = Field(min_length=1, max_length=40)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="The manifest's SHA-256")
 
 
 class ExplainIn(_In):
@@ -224,13 +235,40 @@ class StatusOut(_Out):
     classification: str
 
 
-class ToolOut(_Out):
-    tool: str
+class HeldManifestOut(_Out):
+    """A manifest a worker announced that is not the approved one: it changes nothing."""
+
     version: str
-    manifest: dict[str, Any]
     manifest_sha256: str
     key_id: str
-    registered_at: str
+    announced_at: str
+    problem: str | None = None  # why it cannot be approved, if it cannot
+
+
+class ToolOut(_Out):
+    """A tool: the approved manifest in force (``version`` to ``registered_at``; none while
+    the approved one was not announced), the operator's approval, and what is held.
+    ``status``: ``approved``, ``awaiting_announcement`` or ``held`` (nothing approved)."""
+
+    tool: str
+    status: str = "approved"
+    version: str | None = None
+    manifest: dict[str, Any] | None = None
+    manifest_sha256: str | None = None
+    key_id: str | None = None
+    registered_at: str | None = None
+    approved_version: str | None = None
+    approved_sha256: str | None = None
+    approved_by: str | None = None
+    approved_at: str | None = None
+    held: list[HeldManifestOut] = Field(default_factory=list)
+
+
+class ToolApprovedOut(_Out):
+    tool: str
+    version: str
+    manifest_sha256: str
+    by: str
 
 
 class WorkflowOut(_Out):

@@ -25,6 +25,7 @@ from control.errors import (
     ControlError,
     Denied,
     Forbidden,
+    ManifestRefused,
     NotFound,
     ServiceUnavailable,
     UsageError,
@@ -96,6 +97,8 @@ def _classify(error: ToolplaneError) -> tuple[int, str]:
         return 401, "unauthorized"
     if isinstance(error, Conflict):
         return 409, "idempotency_conflict"
+    if isinstance(error, ManifestRefused):
+        return 409, "manifest_refused"
     if isinstance(error, ApprovalRefused):
         return 409, "approval_refused"
     if isinstance(error, UsageError):

@@ -14,7 +14,7 @@ import typer
 
 from control.cli.broker import broker_acl
 from control.cli.governance import approve, policy_app, reject, token_app
-from control.cli.operator import keys_app, ledger_unverified, migrate, tenant_app
+from control.cli.operator import keys_app, ledger_unverified, migrate, tenant_app, tools_app
 from control.cli.output import (
     console,
     err,
@@ -74,6 +74,7 @@ for sub, name in (
 
 app.add_typer(keys_app, name="keys")
 app.add_typer(tenant_app, name="tenant")
+app.add_typer(tools_app, name="tools")
 app.add_typer(token_app, name="token")
 app.add_typer(policy_app, name="policy")
 
@@ -136,6 +137,10 @@ def up(
     from control.broker.queues import declare_results_queue
 
     declare_results_queue(plane.celery)  # before any worker announces itself
+    from control.ops.toolpins import pin_started_tools
+
+    pinned = pin_started_tools(plane, specs)  # from the code on this host (control.ops.toolpins)
+    console.print(f"approved the manifests of {', '.join(sorted(pinned))} as built here")
     processes.start_processes(settings.home, specs)
     try:
         processes.wait_ready(plane, sorted(counts))

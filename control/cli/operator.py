@@ -1,4 +1,4 @@
-"""``toolplane`` operator commands on the control host: migrations, keys and tenants.
+"""``toolplane`` operator commands on the control host: migrations, keys, tenants, tools.
 
 They use the control's own settings (the database's owner URL, the key store);
 no caller needs them.
@@ -15,7 +15,7 @@ from control.cli.support import JsonOpt, handled, load_settings
 from control.cli.support import plane as _plane
 from control.errors import UsageError
 
-__all__ = ["keys_app", "ledger_unverified", "migrate", "tenant_app"]
+__all__ = ["keys_app", "ledger_unverified", "migrate", "tenant_app", "tools_app"]
 
 keys_app = typer.Typer(
     help="Signing keys of control and the tools (operator commands, on the control host).",
@@ -23,6 +23,11 @@ keys_app = typer.Typer(
 )
 tenant_app = typer.Typer(
     help="Tenants (operator commands, on the control host).", no_args_is_help=True
+)
+tools_app = typer.Typer(
+    help="Tools' manifests: approve what workers announce (operator commands, on the "
+    "control host).",
+    no_args_is_help=True,
 )
 
 
@@ -187,3 +192,69 @@ def tenant_create(
     else:
         console.print(f"tenant {tenant.name} ({tenant.id}) created; admin token (shown once):")
         console.print(token)
+
+
+# -- tools ---------------------------------------------------------------------------
+
+
+@tools_app.command("list")
+@handled
+def tools_list(json_: JsonOpt = False) -> None:
+    """Every tool: the approved manifest in force, and the manifests workers announced that
+    are held (not approved)."""
+    from control.orchestration.manifests import list_tools
+
+    plane = _plane()
+    with plane.sessions() as session:
+        tools = list_tools(session)
+    if json_:
+        print_json(tools)
+        return
+    for t in tools:
+        if t["approved_sha256"]:
+            line = f"{t['tool']}  {t['status']}  {t['approved_version']}  {t['approved_sha256']}"
+            line += f"  by {t['approved_by']}"
+        else:
+            line = f"{t['tool']}  held (no approved manifest)"
+        console.print(line, markup=False)
+        for h in t["held"]:
+            problem = f"  REFUSED: {h['problem']}" if h["problem"] else ""
+            console.print(
+                f"    held  {h['version']}  {h['manifest_sha256']}  announced "
+                f"{h['announced_at'][:19]}{problem}",
+                markup=False,
+            )
+
+
+@tools_app.command("approve")
+@handled
+def tools_approve(
+    name: str,
+    version: str,
+    sha256: Annotated[
+        str | None,
+        typer.Option("--sha256", help="The manifest's digest (needed when VERSION came with two)."),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Approve the manifest a worker announced for NAME at VERSION: from now on the control
+    uses its schema, limits and retries (ToolApproved, with you as the approver)."""
+    from control.ops.toolpins import operator_name
+    from control.orchestration.manifests import approve_manifest
+
+    plane = _plane()
+    by = operator_name()
+    with plane.sessions() as session:
+        row = approve_manifest(
+            session, tool=name, version=version, sha256=sha256, by=by, via="toolplane tools approve"
+        )
+        session.commit()
+        done = {"tool": name, "version": version, "manifest_sha256": row.manifest_sha256, "by": by}
+    if json_:
+        print_json(done)
+    else:
+        console.print(
+            f"{name} {version} approved (sha256 {done['manifest_sha256']}) by {by}; the "
+            "control processes apply it within seconds",
+            markup=False,
+        )

@@ -230,7 +230,12 @@ def judge_key(
     returned time (see the module's docstring). The row's retirement and revocation
     are merged into the ring's (cached) key. The caller records its evidence at the
     returned time, which is when the ledger's verification judges the key again."""
-    ok = isinstance(key_id, str) and 0 < len(key_id) <= 120 and "\x00" not in key_id
+    ok = (  # an id the database can look up: no NUL, no lone surrogate (no column takes it)
+        isinstance(key_id, str)
+        and 0 < len(key_id) <= 120
+        and "\x00" not in key_id
+        and not any("\ud800" <= c <= "\udfff" for c in key_id)
+    )
     if ok:
         row = session.execute(
             select(SigningKey.not_after, SigningKey.revoked_at)

@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import NoReturn
 
 import psutil
-from sqlalchemy import select
 
 from control.errors import ControlError
 from control.ops.identities import WorkerIdentity, prepare_workers
 from control.ops.runtime import ControlPlane
-from ledger.models import ToolManifest
+from control.orchestration.manifests import approved_in_force, held_report
 from toolplane.errors import SettingsError
 from toolplane.keystore import KeyStore
 from toolplane.settings import Settings
@@ -457,8 +456,7 @@ def api_ready(settings: Settings) -> bool:
 
 
 def wait_ready(plane: ControlPlane, tools: list[str], *, timeout: float = 90.0) -> None:
-    """Wait until control and every tool's worker answer a ping, every manifest is in, and
-    the API is ready."""
+    """Wait until every process answers, each tool's approved manifest is in force, and the API."""
     host = socket.gethostname()
     wanted = {"control@" + host, *(f"{t}@{host}" for t in tools)}
     deadline = time.monotonic() + timeout
@@ -473,14 +471,16 @@ def wait_ready(plane: ControlPlane, tools: list[str], *, timeout: float = 90.0) 
         for reply in replies or []:
             answered.update(reply)
         with plane.sessions() as session:
-            registered = set(session.scalars(select(ToolManifest.tool)))
+            registered = approved_in_force(session)
         if answered >= wanted and set(tools) <= registered and api_ready(plane.settings):
             return
         time.sleep(0.3)
+    with plane.sessions() as session:
+        said = held_report(session, set(tools) - registered)
     raise ControlError(
         f"not ready after {timeout:g}s: waiting for {sorted(wanted - answered)} to answer, "
-        f"{sorted(set(tools) - registered)} to register and the API "
-        f"({plane.settings.api_bind}) to be ready"
+        f"{sorted(set(tools) - registered)} to announce their approved manifests and the API "
+        f"({plane.settings.api_bind}) to be ready{said}"
     )
 
 

@@ -263,7 +263,8 @@ class ControlPlane:
 
     # -- tool manifests ------------------------------------------------------------
     def manifest(self, session: Session, tool: str) -> dict[str, Any] | None:
-        """A tool's registered manifest, cached for a few seconds (read again on a miss)."""
+        """A tool's manifest in force (the approved one), cached for a few seconds (read again
+        on a miss): an approval made in another process applies here within MANIFEST_TTL_S."""
         now = time.monotonic()
         cached = self._manifests.get(tool)
         if cached is not None and now - cached[0] < MANIFEST_TTL_S:
@@ -273,6 +274,10 @@ class ControlPlane:
             return None
         self._manifests[tool] = (now, row.manifest)
         return row.manifest
+
+    def forget_manifests(self) -> None:
+        """Read every tool's manifest again at its next use (after an approval here)."""
+        self._manifests.clear()
 
     # -- keys ------------------------------------------------------------------
     def sync_keys(self) -> int:

@@ -30,7 +30,8 @@ from control.broker.queues import declare_results_queue
 from control.governance.approvals import expire_approvals
 from control.ops.runtime import ControlPlane
 from control.orchestration.dispatch import publish_pending
-from control.orchestration.ingest import ingest_result, record_unprocessable, register_manifest
+from control.orchestration.ingest import ingest_result, record_unprocessable
+from control.orchestration.manifests import register_manifest
 from control.orchestration.orchestrator import release_reservations, sweep
 from ledger.receipts import ReceiptProblem
 

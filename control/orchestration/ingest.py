@@ -32,9 +32,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from control.governance.keys import judge_key, utc_now
@@ -50,12 +48,11 @@ from control.orchestration.orchestrator import (
 from control.orchestration.states import NodeStatus, move_node
 from control.orchestration.unverified import DETAIL_CAP, record_unverified
 from ledger.chain import NewEvent
-from ledger.models import Attempt, Node, ToolManifest
+from ledger.models import Attempt, Node
 from ledger.receipts import ReceiptProblem, check_result_message
 from ledger.store import append_events
-from toolplane.canonical import CanonicalJSONError, contains_nul, digest
-from toolplane.errors import SignatureError
-from toolplane.messages import ResultMessage, SignedManifest, job_id_for
+from toolplane.canonical import contains_nul
+from toolplane.messages import ResultMessage, job_id_for
 from toolplane.signing import KeyRing
 
 log = logging.getLogger("toolplane.ingest")
@@ -66,7 +63,6 @@ __all__ = [
     "Settle",
     "ingest_result",
     "record_unprocessable",
-    "register_manifest",
 ]
 
 
@@ -392,61 +388,3 @@ def _refused(
     node.error = result.error.model_dump() if result.error else None
     node.due_at = None
     settle_run(session, state, events, now)
-
-
-def register_manifest(session: Session, raw: Any, keys: KeyRing) -> str:
-    """Register a tool's signed manifest; returns the tool name. Commits.
-
-    The tool's key is judged by when the control receives the manifest, not by its
-    ``issued_at``."""
-    keys, received = judge_key(session, keys, _receipt_key_id(raw))
-    try:
-        signed = SignedManifest.model_validate(raw)
-        tool = str(signed.manifest["name"])
-        keys.verify(
-            key_id=signed.receipt.key_id,
-            algorithm=signed.receipt.algorithm,
-            data=signed.body(),
-            signature=signed.receipt.signature,
-            owner=f"tool.{tool}",
-            received=received,
-        )
-    except (ValidationError, KeyError, SignatureError, CanonicalJSONError) as e:
-        session.rollback()
-        log.warning("manifest.invalid problem=%s", e)
-        raise ReceiptProblem(f"manifest refused: {e}") from e
-    sha = digest(signed.manifest)
-    current = session.get(ToolManifest, tool)
-    if current is not None and current.manifest_sha256 == sha:
-        return tool
-    values = {
-        "tool": tool,
-        "version": str(signed.manifest.get("version", "")),
-        "manifest": signed.manifest,
-        "manifest_sha256": sha,
-        "key_id": signed.receipt.key_id,
-        "registered_at": received,
-    }
-    session.execute(
-        pg_insert(ToolManifest)
-        .values(**values)
-        .on_conflict_do_update(index_elements=["tool"], set_=values)
-    )
-    append_events(
-        session,
-        [
-            NewEvent(
-                "ToolRegistered",
-                {
-                    "tool": tool,
-                    "manifest_sha256": sha,
-                    "key_id": signed.receipt.key_id,
-                    "manifest": signed.manifest,
-                },
-            )
-        ],
-        at=received,
-    )
-    session.commit()
-    log.info("tool.registered tool=%s sha=%s", tool, sha[:12])
-    return tool

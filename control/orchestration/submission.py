@@ -21,12 +21,13 @@ from sqlalchemy.orm import Session
 from control.errors import Conflict, UsageError, require_text
 from control.governance.auth import Identity
 from control.orchestration.intake import Governance, Submitter, dispatching
+from control.orchestration.manifests import not_approved
 from control.orchestration.orchestrator import RunState, advance
 from control.orchestration.states import NodeStatus, RunStatus
 from control.orchestration.validation import check_label, validate_args
 from control.orchestration.workflows import WorkflowSpec, coerce_inputs, render, single_call
 from ledger.chain import NewEvent
-from ledger.models import Node, Run, ToolManifest
+from ledger.models import Node, Run
 from ledger.store import append_events
 from toolplane.canonical import digest
 
@@ -83,11 +84,9 @@ def _check_request(session: Session, request: RunRequest, gov: Governance, *, ca
     for node in request.spec.nodes:
         manifest = gov.manifests(session, node.tool)
         if manifest is None:
-            known = ", ".join(
-                session.scalars(select(ToolManifest.tool).order_by(ToolManifest.tool))
+            raise not_approved(
+                session, node.tool, field="TOOL" if call else f"node {node.id}: tool"
             )
-            where = "TOOL" if call else f"node {node.id}: tool"
-            raise UsageError(f"unknown tool {node.tool!r} (known: {known or 'none'})", field=where)
 
 
 def _existing(session: Session, tenant_id: str, key: str, request_sha256: str) -> str | None:

@@ -1,5 +1,6 @@
-"""What can be called: the registered tools (their signed manifests and JSON Schemas) and
-the workflows of the server's workflows directory."""
+"""What can be called: the tools (their approved manifests and JSON Schemas, and what is
+held), the operator's approval of a tool's manifest, and the workflows of the server's
+workflows directory."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import threading
 from typing import Any
 
 from fastapi import APIRouter, Request
-from sqlalchemy import select
 
 from control.api.deps import Caller
-from control.api.models import ToolOut, VerifyOut, WorkflowOut
+from control.api.models import ToolApprovedOut, ToolApproveIn, ToolOut, VerifyOut, WorkflowOut
 from control.api.problems import problem_response
-from control.errors import UsageError
+from control.errors import Forbidden, UsageError
+from control.governance.auth import ADMINS, require_role
+from control.orchestration.manifests import approve_manifest, list_tools
 from control.orchestration.workflows import list_workflows, load_workflow
-from ledger.models import ToolManifest
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 
@@ -25,20 +26,32 @@ VERIFY_RETRY_AFTER_S = 5
 
 @router.get("/tools", response_model=list[ToolOut])
 def tools(ops: Caller) -> list[dict[str, Any]]:
-    """Every tool a worker has announced, with its manifest (args and result schemas,
-    limits, egress) and the key that signed it. Policy still decides each call."""
+    """Every tool: the approved manifest in force (args and result schemas, limits, egress,
+    the key that signed it), who approved it, and the manifests workers announced that are
+    held (not approved: they change nothing). Policy still decides each call."""
     with ops.plane.sessions() as session:
-        return [
-            {
-                "tool": row.tool,
-                "version": row.version,
-                "manifest": row.manifest,
-                "manifest_sha256": row.manifest_sha256,
-                "key_id": row.key_id,
-                "registered_at": row.registered_at.isoformat(),
-            }
-            for row in session.scalars(select(ToolManifest).order_by(ToolManifest.tool))
-        ]
+        return list_tools(session)
+
+
+@router.post("/tools/{name}/approve", response_model=ToolApprovedOut)
+def approve_tool(name: str, body: ToolApproveIn, ops: Caller) -> ToolApprovedOut:
+    """Approve the manifest a worker announced for tool `name` at `version` with digest
+    `sha256` (an admin of an operator tenant): from now on the control uses its schema,
+    limits and retries. Recorded as ToolApproved. 404 if no worker announced it; 409 if it
+    cannot be approved (its schema: a pattern RE2 cannot compile, a size limit)."""
+    identity = ops.identity
+    require_role(identity, ADMINS, "approve tool manifests")
+    if not identity.operator:
+        raise Forbidden("approving a tool's manifest needs an admin of an operator tenant")
+    by = f"{identity.tenant_name}/{identity.principal}"
+    with ops.plane.sessions() as session:
+        row = approve_manifest(
+            session, tool=name, version=body.version, sha256=body.sha256, by=by, via="api"
+        )
+        session.commit()
+        sha = row.manifest_sha256
+    ops.plane.forget_manifests()
+    return ToolApprovedOut(tool=name, version=body.version, manifest_sha256=sha, by=by)
 
 
 @router.get("/workflows", response_model=list[WorkflowOut])

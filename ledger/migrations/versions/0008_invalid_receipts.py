@@ -7,7 +7,7 @@ keeps, per problem (``signature``, ``unbound``, ...), how many such messages arr
 and how many distinct ones were recorded: what an operator reads with
 ``toolplane ledger unverified``.
 
-Revision ID: 0008_invalid_receipts
+Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-07
 """
@@ -15,7 +15,7 @@ Create Date: 2026-12-07
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008_invalid_receipts"
+revision = "0008"
 down_revision = "0007"
 branch_labels = None
 depends_on = None
