@@ -4,7 +4,9 @@ Measured on this host, in this process, with no broker or database: the tool's f
 called in process (the floor), a forked child of this process (what the weak mode was
 before runners), and the runners: under bubblewrap and without namespaces, each warm
 (the same tenant's runner, checked and swept after each call) and fresh (a new runner
-for every call, as where the host gives no cgroup). ``check_us`` is the sweep alone
+for every call, as where the host gives no cgroup), and warm again with the kernel layers
+a worker applies in each call's process (``_layers``: Landlock, seccomp, no_new_privs, as
+this host has them; what a worker really runs). ``check_us`` is the sweep alone
 (``Sandbox.problem``: the runner's state, the cgroup's process set).
 
 The figure before per-tenant runners and the sweep (one warm runner, no check) is read
@@ -59,6 +61,7 @@ def measure(
     repo_root: Path, docs_root: Path, *, calls: int = 200, fresh_calls: int = 20
 ) -> dict[str, Any]:
     from sandbox_tasks.bwrap import BwrapExecutor, bwrap_path, probe_bwrap
+    from sandbox_tasks.confine import available
     from sandbox_tasks.executor import ForkExecutor
     from sandbox_tasks.plain import PlainExecutor
     from sandbox_tasks.registry import ToolContext
@@ -81,9 +84,11 @@ def measure(
     executors: dict[str, RunnerExecutor] = {}
     binary = bwrap_path()
     kinds = ["plain"] + (["bwrap"] if probe_bwrap(binary) is None else [])
+    layers = tuple(n for n in available() if n != "rlimits")
+    variants = [(False, ()), (True, ()), (False, layers)]
     for kind in kinds:
-        for fresh in (False, True):
-            name = f"{kind}_{'fresh' if fresh else 'warm'}"
+        for fresh, with_layers in variants:
+            name = f"{kind}_{'fresh' if fresh else 'warm'}{'_layers' if with_layers else ''}"
             if kind == "bwrap":
                 assert binary is not None
                 executors[name] = BwrapExecutor(
@@ -93,6 +98,7 @@ def measure(
                     extra_modules=[],
                     forbidden=[],
                     fresh=fresh,
+                    layers=with_layers,
                 )
             else:
                 executors[name] = PlainExecutor(
@@ -101,13 +107,14 @@ def measure(
                     extra_modules=[],
                     scratch_root=scratch,
                     fresh=fresh,
+                    layers=with_layers,
                 )
             ex = executors[name]
             runs[name] = (
                 lambda ex=ex: _ok(ex.run(TOOL, args, ctx, tenant="bench")),
                 fresh_calls if fresh else calls,
             )
-    out: dict[str, Any] = {"calls": calls, "fresh_calls": fresh_calls}
+    out: dict[str, Any] = {"calls": calls, "fresh_calls": fresh_calls, "layers": list(layers)}
     try:
         for name, (call, n) in runs.items():
             samples = _samples(call, n)
@@ -127,8 +134,10 @@ def measure(
     finally:
         for ex in executors.values():
             ex.close()
-    # the keys earlier results use, for the table and for comparison
-    out["call_p50_ms_bwrap"] = out.get("call_p50_ms_bwrap_warm", out["call_p50_ms_plain_warm"])
+    # the keys earlier results use, for the table and for comparison: what a worker runs
+    out["call_p50_ms_bwrap"] = out.get(
+        "call_p50_ms_bwrap_warm_layers", out["call_p50_ms_plain_warm_layers"]
+    )
     out["containment_overhead_p50_ms"] = out["call_p50_ms_bwrap"] - out["call_p50_ms_in_process"]
     return out
 

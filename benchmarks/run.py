@@ -354,7 +354,8 @@ def report_overhead(result: dict[str, Any], stem: str) -> None:
 
 def containment_table(result: dict[str, Any]) -> Table:
     t = Table("executor", "p50 ms", "p99 ms", "overhead p50 ms", title="containment, per call")
-    for name in ("in_process", "fork", "bwrap_warm", "bwrap_fresh", "plain_warm", "plain_fresh"):
+    names = ("in_process", "fork", "bwrap_warm", "bwrap_warm_layers", "bwrap_fresh")
+    for name in (*names, "plain_warm", "plain_warm_layers", "plain_fresh"):
         if f"call_p50_ms_{name}" in result:
             overhead = result.get(f"overhead_p50_ms_{name}")
             t.add_row(
