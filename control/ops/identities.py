@@ -215,25 +215,50 @@ def _runtime_paths(modules: Iterable[str]) -> set[Path]:
     return paths
 
 
+def _plugin_path_entries(modules: Iterable[str]) -> set[Path]:
+    """The ``sys.path`` directories the tools' plugin packages are found in (outside the
+    interpreter's installation): Python finds a module there by listing the directory."""
+    installed = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}
+    entries = set()
+    for module in modules:
+        spec = importlib.util.find_spec(module.split(".")[0])
+        if spec is None or spec.origin is None:
+            continue
+        origin = Path(spec.origin).resolve()
+        entry = origin.parent.parent if origin.name == "__init__.py" else origin.parent
+        if not any(entry == p or entry.is_relative_to(p) for p in installed):
+            entries.add(entry)
+    return entries
+
+
 def open_runtime(modules: Iterable[str]) -> list[Path]:
     """As root: let other users cross (``o+x``: search, never list or read) our directories
     above the interpreter, its installation and the code, where they cannot yet (e.g. a
-    Python under ``/root``, mode 0700). Returns the directories changed; a directory that
-    is not ours is left alone (the worker then fails to start, naming it)."""
+    Python under ``/root``, mode 0700), and list (``o+r``) the directory a plugin package
+    of ``TOOLPLANE_EXTRA_TOOLS`` is found in (Python's import lists it: without, a worker
+    says "No module named ..."). Returns the directories changed; a directory that is not
+    ours is left alone (the worker then fails to start, naming it)."""
     opened = []
+    wanted: dict[Path, int] = {}
     for path in sorted(_runtime_paths(modules)):
         for parent in [*reversed(path.parents), *([path] if path.is_dir() else [])]:
-            info = parent.stat()
-            if info.st_mode & 0o001 or info.st_uid != os.geteuid():
-                continue
-            parent.chmod(info.st_mode & 0o7777 | 0o001)
-            opened.append(parent)
-            log.warning(
-                "worker.dir_opened dir=%s mode=%04o: the workers' users must reach the Python "
-                "installation and the code through it (search only, no listing)",
-                parent,
-                info.st_mode & 0o7777 | 0o001,
-            )
+            wanted[parent] = wanted.get(parent, 0) | 0o001
+    for entry in _plugin_path_entries(modules):
+        wanted[entry] = wanted.get(entry, 0) | 0o005
+    for directory, bits in sorted(wanted.items()):
+        info = directory.stat()
+        if info.st_mode & bits == bits or info.st_uid != os.geteuid():
+            continue
+        mode = info.st_mode & 0o7777 | bits
+        directory.chmod(mode)
+        opened.append(directory)
+        log.warning(
+            "worker.dir_opened dir=%s mode=%04o: the workers' users must reach the Python "
+            "installation and the code through it (%s)",
+            directory,
+            mode,
+            "search only, no listing" if bits == 0o001 else "listed: a plugin is found in it",
+        )
     return opened
 
 

@@ -16,6 +16,7 @@ import pytest
 from control.ops.identities import (
     WorkerIdentity,
     _prepare,
+    open_runtime,
     refresh_worker_keys,
     secure_home,
     worker_user_name,
@@ -295,3 +296,23 @@ def test_a_worker_holding_a_lock_in_its_directory_does_not_stall_the_refresh(
     assert KeyStore(home / "keys").signer("tool.lint_python").key_id == (
         store.signer("tool.lint_python").key_id
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root changes other users' access")
+def test_a_plugins_path_entry_is_listed_for_the_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python imports a package by listing its sys.path entry: a checkout in a 0700
+    directory on PYTHONPATH (a fresh clone in mktemp -d, say) must be listable by the
+    workers' users, or their worker says "No module named ..."."""
+    entry = tmp_path / "checkout"
+    (entry / "tp_plugin_probe").mkdir(parents=True)
+    (entry / "tp_plugin_probe" / "__init__.py").write_text("TOOLS = []\n")
+    entry.chmod(0o700)
+    monkeypatch.syspath_prepend(str(entry))
+    opened = open_runtime(["tp_plugin_probe.tools"])
+    assert entry.stat().st_mode & 0o777 == 0o705
+    assert entry in opened
+    # the package's own directory needs only search permission; nothing else is listed
+    assert (entry / "tp_plugin_probe").stat().st_mode & 0o005 == 0o005  # as git made it
+    assert open_runtime(["tp_plugin_probe.tools"]) == []  # nothing more to change
