@@ -8,8 +8,10 @@ Each runner (``sandbox_tasks.runner``) runs under bubblewrap:
   SIGKILL that a call sends it, and every process a call orphans becomes its child;
 - a read-only view of only what it needs: the system libraries, the Python
   installation, the packages that define its tools, and its own data root; the root,
-  ``/dev`` and everything else read-only; one private tmpfs at /tmp, the only place it
-  can write (each call's scratch directory lives there, and is removed after it);
+  ``/dev`` and everything else read-only; one private tmpfs at ``/scratch``, the only
+  place it can write (each call's scratch directory lives there, and is removed after
+  it; no host directory is mounted beneath it, so the runner's check of it after each
+  call sees only what calls wrote);
 - an empty environment (no broker URL, no tokens), no capabilities;
 - its own cgroup (``pids.max``, the sweep after each call) where the host gives one.
 
@@ -98,6 +100,11 @@ class BwrapExecutor(RunnerExecutor):
         self.binary = binary
         self.roots = {name: path.resolve() for name, path in roots.items()}  # the tool's only
         self.mounts = self._mounts()
+        for mount in self.mounts:
+            if mount.is_relative_to(SANDBOX_TMP) or SANDBOX_TMP.is_relative_to(mount):
+                raise ValueError(
+                    f"{mount} overlaps the sandbox's scratch tmpfs {SANDBOX_TMP}: move it"
+                )
         for secret in forbidden:
             for mount in self.mounts:
                 if secret.resolve().is_relative_to(mount):

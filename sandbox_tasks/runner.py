@@ -36,7 +36,10 @@ from sandbox_tasks import frames, prctl
 from sandbox_tasks.executor import ForkExecutor
 from sandbox_tasks.registry import ToolContext, constrained, load_tools
 
-SANDBOX_TMP = Path("/tmp")  # noqa: S108 - the sandbox's own private tmpfs
+# The sandbox's own private tmpfs, its one writable place: not /tmp, where the host's code
+# or data may live (a checkout in mktemp -d): bwrap would make the directories leading to
+# their mounts on the tmpfs, writable, and one of them is on the runner's sys.path.
+SANDBOX_TMP = Path("/scratch")
 MAX_LISTED = 2000  # a scratch root with more entries than this counts as not clean
 REAP_GRACE_S = 0.05  # orphans killed with their call get this long to be reaped
 

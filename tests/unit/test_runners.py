@@ -123,7 +123,7 @@ def test_the_runner_is_not_reachable_and_imports_nothing_writable(
     assert not found["sys_path"]["importable"]
     if isinstance(executor, BwrapExecutor) or os.geteuid() != 0:  # root writes anywhere
         assert found["sys_path"]["writable_on_path"] == []
-    assert "" not in found["sys_path"]["path"] and "/tmp" not in found["sys_path"]["path"]
+    assert "" not in found["sys_path"]["path"] and "/scratch" not in found["sys_path"]["path"]
     assert found["files"]["scratch"] == "written"  # its own scratch: allowed, removed after
     assert executor.replaced == 1  # files left in its scratch root, a survivor
 
