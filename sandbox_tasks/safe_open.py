@@ -13,6 +13,10 @@ the tool read another file than the one policy decided on (``src/settings.txt
 ``follow_symlinks=True``: symlinks are then resolved here, lexically, relative
 to the current position, one whose target leaves the root is refused, and the
 tool must report ``OpenedFile.path`` (the resolved path) in its result.
+
+A regular file with more than one name (a hard link: ``src/settings.txt`` and ``.env``
+the same inode) is refused too, whatever the tool declares: no path resolves it to the
+name policy would judge, and a hard link is no symlink for ``O_NOFOLLOW`` to catch.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def open_beneath(
 
     Raises ToolFailure: ``invalid_argument`` (NUL, not a regular file, too many
     symlinks), ``symlink_refused`` (a component is a symlink and ``follow_symlinks``
-    is off), ``path_outside_root`` (absolute path, ``..`` or a symlink leaving
+    is off, or the file is a hard link), ``path_outside_root`` (absolute path, ``..`` or a symlink leaving
     the root), ``not_found``.
     """
     if "\x00" in relpath:
@@ -192,12 +196,20 @@ def _walk_to_file(
         if not last:
             walk.enter(name, fd)
             continue
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             os.close(fd)
-            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
             raise ToolFailure(
                 "invalid_argument", f"{field}: {_shown(relpath)!r} is {kind}", field=field
+            )
+        if info.st_nlink > 1:
+            os.close(fd)
+            raise ToolFailure(
+                "symlink_refused",
+                f"{field}: {_shown(relpath)!r} is a hard link ({info.st_nlink} names): it may "
+                "be another file under a name policy allows, so no tool reads it",
+                field=field,
             )
         return OpenedFile(fd=fd, path="/".join([*walk.names, name]))
     raise ToolFailure(
