@@ -368,3 +368,33 @@ def test_unique_items_is_checked_in_linear_time() -> None:
             validate_args(manifest, {"x": same})
     for distinct in ([True, 1], [0, False], [[1], [True]], [None, False], ["1", 1]):
         validate_args(manifest, {"x": distinct})
+
+
+# -- 6. signals without Landlock's signal scope (MEDIUM, not fixed: recorded) -------------
+
+SIGNALS = """
+import signal
+for who, pid in (("runner", os.getppid()), ("worker", {worker})):
+    try:
+        os.kill(pid, signal.SIGCONT)  # harmless here; SIGSTOP or SIGKILL would go as well
+        out[who] = "ok"
+    except OSError as e:
+        out[who] = err(e)
+"""
+
+
+@as_root
+@pytest.mark.skipif(not HAS_LAYERS, reason=f"this host has only {LAYERS}")
+@pytest.mark.xfail(
+    strict=True,
+    reason="without namespaces, Landlock below ABI 6 (kernels before 6.12: Ubuntu 24.04, "
+    "Debian 12, RHEL 9) has no signal scope, and seccomp refuses signals only to the runner "
+    "and to -1: a call can SIGSTOP or SIGKILL its worker and other tenants' runners and "
+    "calls (same user). Needs a decision: require landlock6 where there are no namespaces "
+    "(TOOLPLANE_SANDBOX_MIN_LAYERS auto), or give each runner a user of its own",
+)
+def test_without_the_signal_scope_a_call_cannot_signal_its_worker(home: Path) -> None:
+    found = drive(home, "plain", [("a", SIGNALS)], layers=["seccomp", "no_new_privs", "landlock4"])
+    seen = found["outcomes"][0]["result"]["out"]
+    assert seen["runner"] == "EPERM", seen  # seccomp's rule for the runner holds
+    assert seen["worker"] == "EPERM", seen
