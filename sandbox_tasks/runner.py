@@ -114,7 +114,8 @@ def _children() -> set[int]:
         return found
     for tid in tasks:
         try:
-            found.update(int(p) for p in Path(f"/proc/self/task/{tid}/children").read_text().split())
+            listed = Path(f"/proc/self/task/{tid}/children").read_text().split()
+            found.update(int(p) for p in listed)
         except (OSError, ValueError):
             continue
     return found

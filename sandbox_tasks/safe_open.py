@@ -129,8 +129,8 @@ def open_beneath(
 
     Raises ToolFailure: ``invalid_argument`` (NUL, not a regular file, too many
     symlinks), ``symlink_refused`` (a component is a symlink and ``follow_symlinks``
-    is off, or the file is a hard link), ``path_outside_root`` (absolute path, ``..`` or a symlink leaving
-    the root), ``not_found``.
+    is off, or the file is a hard link), ``path_outside_root`` (absolute path, ``..``
+    or a symlink leaving the root), ``not_found``.
     """
     if "\x00" in relpath:
         raise ToolFailure("invalid_argument", f"{field}: must not contain NUL", field=field)

@@ -290,8 +290,7 @@ def _check_expansion(schema: dict[str, Any], where: str) -> None:
             if isinstance(ref, str):
                 if ref in refs:
                     raise SchemaRefused(
-                        f"$ref {ref[:80]!r} refers to itself: recursive schemas are not "
-                        "accepted",
+                        f"$ref {ref[:80]!r} refers to itself: recursive schemas are not accepted",
                         field=path,
                     )
                 if len(refs) >= MAX_SCHEMA_DEPTH:
