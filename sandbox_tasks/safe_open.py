@@ -14,6 +14,9 @@ the tool read another file than the one policy decided on (``src/settings.txt
 to the current position, one whose target leaves the root is refused, and the
 tool must report ``OpenedFile.path`` (the resolved path) in its result.
 
+A path that ends with ``/`` is refused: ``.env/`` is no ``.env`` to a policy glob, while
+dropping the empty last component would open ``.env``.
+
 A regular file with more than one name (a hard link: ``src/settings.txt`` and ``.env``
 the same inode) is refused too, whatever the tool declares: no path resolves it to the
 name policy would judge, and a hard link is no symlink for ``O_NOFOLLOW`` to catch.
@@ -127,8 +130,8 @@ def open_beneath(
 ) -> OpenedFile:
     """Open ``relpath`` under ``root`` for reading; it must be a regular file.
 
-    Raises ToolFailure: ``invalid_argument`` (NUL, not a regular file, too many
-    symlinks), ``symlink_refused`` (a component is a symlink and ``follow_symlinks``
+    Raises ToolFailure: ``invalid_argument`` (NUL, not a regular file, a trailing ``/``,
+    too many symlinks), ``symlink_refused`` (a component is a symlink and ``follow_symlinks``
     is off, or the file is a hard link), ``path_outside_root`` (absolute path, ``..``
     or a symlink leaving the root), ``not_found``.
     """
@@ -141,6 +144,12 @@ def open_beneath(
     if relpath.startswith("/"):
         raise ToolFailure(
             "path_outside_root", f"{field}: must be relative to the root", field=field
+        )
+    if relpath.endswith("/"):  # a directory, as the kernel reads it; policy saw another name
+        raise ToolFailure(
+            "invalid_argument",
+            f"{field}: {_shown(relpath)!r} ends with '/', which names a directory",
+            field=field,
         )
     try:
         walk = _Walk(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))

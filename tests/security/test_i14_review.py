@@ -14,8 +14,9 @@ real runners, started the way a worker starts them, as a user that is not root
   reach the cgroup file system: no Landlock, runners without namespaces), and so
   outlived its runner.
 
-And: a hard link in a data root is read under a name policy allows (``O_NOFOLLOW``
-stops symlinks only); an approved argument schema could stall the control for hours
+And: ``.env/`` (a trailing slash) passed ``no-secret-files`` and the tool read ``.env``;
+a hard link in a data root is read under a name policy allows (``O_NOFOLLOW`` stops
+symlinks only); an approved argument schema could stall the control for hours
 (``$ref`` fan-out, jsonschema's quadratic ``uniqueItems``).
 
 Recorded, not fixed (``xfail(strict=True)``): below Landlock ABI 6 and without namespaces
@@ -39,9 +40,11 @@ import pytest
 from celery import Celery
 
 import celeryconfig
+import policy
 from control.errors import UsageError
 from control.orchestration.unverified import counts
 from control.orchestration.validation import SchemaRefused, check_args_schema, validate_args
+from policy import PolicyEngine, PolicyRequest, load_bundle
 from sandbox_tasks import cgroups
 from sandbox_tasks.bwrap import bwrap_path, probe_bwrap
 from sandbox_tasks.confine import available
@@ -336,6 +339,41 @@ def test_a_hard_link_to_a_secret_is_refused(tmp_path: Path) -> None:
     follow_refusal(root, "src/settings.txt", "symlink_refused")
     (root / "src" / "plain.txt").write_text("plain\n")  # a file of one name still reads
     assert call(read_repo_file.TOOL, ctx, path="src/plain.txt").content == "plain\n"
+
+
+# -- 4b. a trailing slash (HIGH, fixed in safe_open) -------------------------------------
+
+DEFAULT_BUNDLE = Path(policy.__file__).resolve().parent / "bundles" / "default"
+
+
+@pytest.mark.parametrize(
+    ("path", "env"),
+    [(".env/", "dev"), ("src/.env/", "prod"), ("src/tls.key/", "prod"), (".env/", "prod")],
+)
+def test_a_trailing_slash_does_not_read_a_secret(tmp_path: Path, path: str, env: str) -> None:
+    """``no-secret-files`` matches ``.env`` and ``*/.env``, not ``.env/``; the tool dropped
+    the empty last component and read ``.env`` (in prod ``src/.env/`` needed no approval
+    either). Whatever policy decides, the tool now refuses the path: a trailing ``/``
+    names a directory."""
+    ctx = make_ctx(tmp_path)
+    root = ctx.root("repo")
+    (root / "src").mkdir()
+    for secret in (".env", "src/.env", "src/tls.key"):
+        (root / secret).write_text("SECRET=hunter2\n")
+    decision = PolicyEngine(load_bundle(DEFAULT_BUNDLE)).decide(
+        PolicyRequest(
+            tenant="tn_1",
+            principal="alice",
+            role="submitter",
+            tool="read_repo_file",
+            environment=env,
+            classification="internal",
+            args={"path": path},
+        )
+    )
+    if decision.outcome != "deny":
+        failure = read_refusal(ctx, path, "invalid_argument")
+        assert "ends with '/'" in failure.message and "hunter2" not in failure.message
 
 
 # -- 5. argument schemas that stall the control (MEDIUM, fixed in validation) -------------
