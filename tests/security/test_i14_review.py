@@ -353,8 +353,8 @@ DEFAULT_BUNDLE = Path(policy.__file__).resolve().parent / "bundles" / "default"
 def test_a_trailing_slash_does_not_read_a_secret(tmp_path: Path, path: str, env: str) -> None:
     """``no-secret-files`` matches ``.env`` and ``*/.env``, not ``.env/``; the tool dropped
     the empty last component and read ``.env`` (in prod ``src/.env/`` needed no approval
-    either). Whatever policy decides, the tool now refuses the path: a trailing ``/``
-    names a directory."""
+    either). Now each alone stops it: policy's ``plain-paths-only`` denies a trailing ``/``,
+    and the tool refuses the path (it names a directory)."""
     ctx = make_ctx(tmp_path)
     root = ctx.root("repo")
     (root / "src").mkdir()
@@ -371,9 +371,9 @@ def test_a_trailing_slash_does_not_read_a_secret(tmp_path: Path, path: str, env:
             args={"path": path},
         )
     )
-    if decision.outcome != "deny":
-        failure = read_refusal(ctx, path, "invalid_argument")
-        assert "ends with '/'" in failure.message and "hunter2" not in failure.message
+    assert decision.outcome == "deny" and "plain-paths-only" in decision.policies, decision
+    failure = read_refusal(ctx, path, "invalid_argument")
+    assert "ends with '/'" in failure.message and "hunter2" not in failure.message
 
 
 # -- 5. argument schemas that stall the control (MEDIUM, fixed in validation) -------------
