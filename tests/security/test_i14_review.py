@@ -48,6 +48,7 @@ from policy import PolicyEngine, PolicyRequest, load_bundle
 from sandbox_tasks import cgroups
 from sandbox_tasks.bwrap import bwrap_path, probe_bwrap
 from sandbox_tasks.confine import available
+from sandbox_tasks.egress import address_problem
 from sandbox_tasks.registry import ToolContext
 from sandbox_tasks.tools import read_repo_file
 from tests.harness import Stack, wait_for
@@ -489,3 +490,25 @@ def test_a_flood_of_distinct_unverified_messages_is_bounded(stack: Stack, token:
         what="ingest counted the flood",
     )
     assert _totals(stack, token)[1] - recorded < FLOOD, "every message of the flood was recorded"
+
+
+# -- 8. IPv6 addresses that carry a private IPv4 one (LOW, fixed in egress) ---------------
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("64:ff9b::7f00:1", "loopback"),  # NAT64's well-known prefix: 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", "cloud metadata"),  # 169.254.169.254 through NAT64
+        ("2002:7f00:1::1", "loopback"),  # 6to4 of 127.0.0.1
+        ("2002:a00:1::1", "private"),  # 6to4 of 10.0.0.1
+        ("::127.0.0.1", "loopback"),  # IPv4-compatible
+    ],
+)
+def test_an_ipv6_address_carrying_a_private_one_is_refused(address: str, kind: str) -> None:
+    """A name resolving to one of these passed as public (``is_global``), and where the
+    network translates them (NAT64 in IPv6-only clusters, 6to4 relays) the fetch reaches
+    the IPv4 address inside."""
+    assert address_problem(address) == kind
+    for public in ("64:ff9b::808:808", "2002:808:808::1", "2606:4700::1111", "8.8.8.8"):
+        assert address_problem(public) is None, public
