@@ -68,9 +68,23 @@ class PidsCgroup:
                     handle.write(str(os.getpid()))
 
     def procs(self) -> set[int]:
-        """Every process in the sandbox now (an OSError if the cgroup cannot be read)."""
-        text = (self.path / "cgroup.procs").read_text()
-        return {int(line) for line in text.split()}
+        """Every process in the sandbox now, in its cgroup or any cgroup made beneath it
+        (a process that can write its own cgroup's directory can make one and move there);
+        an OSError if the cgroup cannot be read."""
+        found: set[int] = set()
+        for where in _tree(self.path):
+            try:
+                text = (where / "cgroup.procs").read_text()
+            except FileNotFoundError:  # removed while walking
+                if where == self.path:
+                    raise
+                continue
+            found.update(int(line) for line in text.split())
+        return found
+
+    def nested(self) -> list[Path]:
+        """The cgroups made beneath the sandbox's (by a process of the sandbox)."""
+        return [p for root in (self.path, self.freezer) if root for p in _tree(root)[1:]]
 
     def kill_all(self, timeout: float = KILL_TIMEOUT_S) -> None:
         """Freeze (or stop forks), SIGKILL every process, and wait until none is left."""
@@ -118,10 +132,19 @@ class PidsCgroup:
         return False
 
     def remove(self) -> None:
-        for where in (self.path, self.freezer):
-            if where is not None:
-                with contextlib.suppress(OSError):
-                    where.rmdir()
+        for root in (self.path, self.freezer):
+            if root is not None:
+                for where in reversed(_tree(root)):  # the deepest first
+                    with contextlib.suppress(OSError):
+                        where.rmdir()
+
+
+def _tree(root: Path) -> list[Path]:
+    """``root`` and every cgroup beneath it, parents before their children."""
+    found = [root]
+    for top, dirs, _ in os.walk(root):
+        found += [Path(top) / d for d in sorted(dirs)]
+    return found
 
 
 def delegated_dir(uid: int, root: Path | None = None) -> Path:

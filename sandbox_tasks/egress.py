@@ -71,6 +71,28 @@ def address_problem(address: str) -> str | None:
         return "not an IP address"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    problem = _problem(ip)
+    if problem is None and (inner := _embedded(ip)) is not None:
+        problem = _problem(inner)  # NAT64, 6to4 and IPv4-compatible addresses carry one
+    return problem
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix: 64:ff9b::7f00:1 is 127.0.0.1
+COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible: ::127.0.0.1
+
+
+def _embedded(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for, if any."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in NAT64 or ip in COMPATIBLE:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def _problem(ip: IPAddress) -> str | None:
     for kind, hit in (
         ("cloud metadata", ip in METADATA),
         ("unspecified", ip.is_unspecified),

@@ -22,8 +22,10 @@ Frames: see ``sandbox_tasks.frames``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +44,7 @@ from sandbox_tasks.registry import ToolContext, constrained, load_tools
 SANDBOX_TMP = Path("/scratch")
 MAX_LISTED = 2000  # a scratch root with more entries than this counts as not clean
 REAP_GRACE_S = 0.05  # orphans killed with their call get this long to be reaped
+KILL_ORPHANS_S = 5.0  # then the rest are killed, for at most this long
 
 # python -I -c BOOTSTRAP CODE_DIRS ARGS...: not dumpable and tied to its parent before any
 # import, then only CODE_DIRS (":"-separated) in front of the interpreter's own paths.
@@ -105,18 +108,48 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int]] | None:
     return seen
 
 
+def _children() -> set[int]:
+    """Our children now (every thread's: an orphan may be given to any of them)."""
+    found: set[int] = set()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            listed = Path(f"/proc/self/task/{tid}/children").read_text().split()
+            found.update(int(p) for p in listed)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def reap_orphans() -> bool:
-    """Reap what the last call left as our children; True if any is still alive."""
-    deadline = time.monotonic() + REAP_GRACE_S
+    """Reap what the last call left as our children; True if any was still alive.
+
+    Whatever is still alive after ``REAP_GRACE_S`` is killed, and so is whatever it leaves
+    to us in turn (we are its subreaper), until none is left or ``KILL_ORPHANS_S`` ran out:
+    where the worker has no cgroup to sweep, nothing else would end a process that left
+    the call's process group (``setsid``), and it would outlive the runner."""
+    grace = time.monotonic() + REAP_GRACE_S
+    give_up = grace + KILL_ORPHANS_S
+    alive = False
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return False
-        if pid == 0:
-            if time.monotonic() > deadline:
-                return True
-            time.sleep(0.002)
+            return alive
+        if pid != 0:
+            continue
+        now = time.monotonic()
+        if now > give_up:
+            return True
+        if now > grace:
+            alive = True
+            for child in _children():
+                with contextlib.suppress(OSError):
+                    os.kill(child, signal.SIGKILL)
+        time.sleep(0.002)
 
 
 def changes(root: Path, baseline: dict[str, tuple[int, int, int]] | None) -> list[str]:

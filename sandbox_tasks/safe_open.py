@@ -13,6 +13,13 @@ the tool read another file than the one policy decided on (``src/settings.txt
 ``follow_symlinks=True``: symlinks are then resolved here, lexically, relative
 to the current position, one whose target leaves the root is refused, and the
 tool must report ``OpenedFile.path`` (the resolved path) in its result.
+
+A path that ends with ``/`` is refused: ``.env/`` is no ``.env`` to a policy glob, while
+dropping the empty last component would open ``.env``.
+
+A regular file with more than one name (a hard link: ``src/settings.txt`` and ``.env``
+the same inode) is refused too, whatever the tool declares: no path resolves it to the
+name policy would judge, and a hard link is no symlink for ``O_NOFOLLOW`` to catch.
 """
 
 from __future__ import annotations
@@ -123,10 +130,10 @@ def open_beneath(
 ) -> OpenedFile:
     """Open ``relpath`` under ``root`` for reading; it must be a regular file.
 
-    Raises ToolFailure: ``invalid_argument`` (NUL, not a regular file, too many
-    symlinks), ``symlink_refused`` (a component is a symlink and ``follow_symlinks``
-    is off), ``path_outside_root`` (absolute path, ``..`` or a symlink leaving
-    the root), ``not_found``.
+    Raises ToolFailure: ``invalid_argument`` (NUL, not a regular file, a trailing ``/``,
+    too many symlinks), ``symlink_refused`` (a component is a symlink and ``follow_symlinks``
+    is off, or the file is a hard link), ``path_outside_root`` (absolute path, ``..``
+    or a symlink leaving the root), ``not_found``.
     """
     if "\x00" in relpath:
         raise ToolFailure("invalid_argument", f"{field}: must not contain NUL", field=field)
@@ -137,6 +144,12 @@ def open_beneath(
     if relpath.startswith("/"):
         raise ToolFailure(
             "path_outside_root", f"{field}: must be relative to the root", field=field
+        )
+    if relpath.endswith("/"):  # a directory, as the kernel reads it; policy saw another name
+        raise ToolFailure(
+            "invalid_argument",
+            f"{field}: {_shown(relpath)!r} ends with '/', which names a directory",
+            field=field,
         )
     try:
         walk = _Walk(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
@@ -192,12 +205,20 @@ def _walk_to_file(
         if not last:
             walk.enter(name, fd)
             continue
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             os.close(fd)
-            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
             raise ToolFailure(
                 "invalid_argument", f"{field}: {_shown(relpath)!r} is {kind}", field=field
+            )
+        if info.st_nlink > 1:
+            os.close(fd)
+            raise ToolFailure(
+                "symlink_refused",
+                f"{field}: {_shown(relpath)!r} is a hard link ({info.st_nlink} names): it may "
+                "be another file under a name policy allows, so no tool reads it",
+                field=field,
             )
         return OpenedFile(fd=fd, path="/".join([*walk.names, name]))
     raise ToolFailure(

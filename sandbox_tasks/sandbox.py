@@ -184,6 +184,8 @@ class Sandbox:
                 return f"{len(now - self.baseline)} process(es) outlived the call"
             if self.baseline - now:
                 return "a process of the runner is gone"
+            if self.cgroup.nested():
+                return "the call made a cgroup beneath the sandbox's"
         if isinstance(reply, dict):
             if reply.get("orphans"):
                 return "the call left processes behind"

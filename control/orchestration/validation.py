@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
+from urllib.parse import unquote
 
 import re2
 from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
@@ -24,6 +25,7 @@ from control.errors import UsageError
 from toolplane.canonical import CanonicalJSONError, canonical_json, check_json_value, contains_nul
 
 __all__ = [
+    "MAX_EXPANDED",
     "MAX_PATTERN_CHARS",
     "MAX_SCHEMA_BYTES",
     "MAX_SCHEMA_DEPTH",
@@ -39,6 +41,7 @@ NAME_RULE = "1-40 characters of a-z, 0-9, '-' or '_'"
 MAX_SCHEMA_BYTES = 64 * 1024  # canonical JSON of one tool's argument schema
 MAX_SCHEMA_DEPTH = 32  # nesting of objects and arrays in it
 MAX_PATTERN_CHARS = 1000
+MAX_EXPANDED = 5000  # subschemas once every $ref is replaced by what it points to
 RE2_MAX_MEM = 8 << 20  # what RE2 may spend on one compiled pattern
 REFUSED_KEYWORDS = {
     "unevaluatedProperties": "it matches patternProperties with Python's backtracking re",
@@ -117,6 +120,38 @@ def _additional_properties(
         yield ValidationError(f"Additional properties are not allowed ({listed} unexpected)")
 
 
+def _same(value: Any) -> Any:
+    """A hashable stand-in for a JSON value, equal for values JSON Schema calls equal
+    (1 and 1.0 alike, true and 1 not, objects whatever their key order)."""
+    if isinstance(value, bool) or value is None:
+        return ("b", value)
+    if isinstance(value, int | float):
+        return ("n", value)
+    if isinstance(value, str):
+        return ("s", value)
+    if isinstance(value, list):
+        return ("l", tuple(_same(v) for v in value))
+    if isinstance(value, dict):
+        return ("o", frozenset((k, _same(v)) for k, v in value.items()))
+    return ("?", repr(value))
+
+
+def _unique_items(
+    validator: Any, unique: Any, instance: Any, schema: Any
+) -> Iterator[ValidationError]:
+    """jsonschema's compares every pair of items that do not sort (objects, mixed types):
+    quadratic in the array a caller sends. Here: one pass, hashing each item."""
+    if not unique or not validator.is_type(instance, "array"):
+        return
+    seen: set[Any] = set()
+    for index, item in enumerate(instance):
+        key = _same(item)
+        if key in seen:
+            yield ValidationError(f"item {index} repeats an earlier one (uniqueItems)")
+            return
+        seen.add(key)
+
+
 def _is_regex(instance: object) -> bool:
     if not isinstance(instance, str):
         return True
@@ -135,6 +170,7 @@ StrictValidator = validators.extend(
         "pattern": _pattern,
         "patternProperties": _pattern_properties,
         "additionalProperties": _additional_properties,
+        "uniqueItems": _unique_items,
     },
     type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
         "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
@@ -223,6 +259,59 @@ def _check_pattern(pattern: Any, where: str) -> None:
         ) from e
 
 
+def _pointed(schema: dict[str, Any], ref: str, where: str) -> Any:
+    """What a local ``$ref`` (``#`` or ``#/a/b``) points to in ``schema``."""
+    if ref != "#" and not ref.startswith("#/"):
+        raise SchemaRefused(f"$ref {ref[:80]!r} must be '#' or a '#/...' pointer", field=where)
+    node: Any = schema
+    for part in ref[2:].split("/") if ref != "#" else []:
+        key = unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            raise SchemaRefused(f"$ref {ref[:80]!r} points to nothing", field=where)
+    return node
+
+
+def _check_expansion(schema: dict[str, Any], where: str) -> None:
+    """Refuse a schema whose ``$ref``s refer back to themselves, or that grows past
+    ``MAX_EXPANDED`` subschemas once each ``$ref`` is replaced by its target: twenty
+    definitions that each refer twice to the next are 2 KB, and 2**20 checks of every
+    argument."""
+    sizes: dict[str, int] = {}
+
+    def size(node: Any, base: str, refs: tuple[str, ...]) -> int:
+        total = 0
+        for path, sub in _schemas(node, base):
+            total += 1
+            ref = sub.get("$ref")
+            if isinstance(ref, str):
+                if ref in refs:
+                    raise SchemaRefused(
+                        f"$ref {ref[:80]!r} refers to itself: recursive schemas are not accepted",
+                        field=path,
+                    )
+                if len(refs) >= MAX_SCHEMA_DEPTH:
+                    raise SchemaRefused(
+                        f"$refs chain deeper than {MAX_SCHEMA_DEPTH} levels", field=path
+                    )
+                if ref not in sizes:
+                    target = _pointed(schema, ref, path)
+                    sizes[ref] = size(target, where + ref[1:].replace("/", "."), (*refs, ref))
+                total += sizes[ref]
+            if total > MAX_EXPANDED:
+                raise SchemaRefused(
+                    f"expands to more than {MAX_EXPANDED} subschemas once each $ref is "
+                    "replaced by what it points to",
+                    field=path,
+                )
+        return total
+
+    size(schema, where, ())
+
+
 def check_args_schema(schema: Any, where: str = "args_schema") -> None:
     """Refuse an argument schema the control will not evaluate (SchemaRefused, naming the
     place in the schema and the rule); a schema that passes is matched in linear time."""
@@ -252,6 +341,7 @@ def check_args_schema(schema: Any, where: str = "args_schema") -> None:
         if isinstance(node.get("patternProperties"), dict):
             for pattern in node["patternProperties"]:
                 _check_pattern(pattern, f"{path}.patternProperties")
+    _check_expansion(schema, where)
     try:
         StrictValidator.check_schema(schema, format_checker=FORMATS)
     except SchemaError as e:

@@ -8,7 +8,11 @@ no_new_privs. The default is to allow; what is refused is what reaches outside t
   one; asyncio's event loop needs one);
 - other processes: ``ptrace``, ``process_vm_readv``/``writev``, ``kcmp``, ``pidfd_getfd``,
   and signals (and pidfds) aimed at the process that forked the tool, or at every process
-  (``kill(-1)``): Landlock's signal scope (ABI 6) covers all the others;
+  (``kill(-1)``): Landlock's signal scope (ABI 6) covers all the others; resource limits,
+  priorities and scheduling of any process but the caller (``prlimit64``, ``setpriority``,
+  ``ioprio_set``, ``sched_set*``: the kernel lets a process change them for every process
+  of its user, the runner and the worker included, and neither Landlock nor bubblewrap's
+  namespaces stop it);
 - mounts and namespaces: ``mount`` and the new mount API, ``umount2``, ``pivot_root``,
   ``chroot``, ``unshare``, ``setns``, ``clone`` with any ``CLONE_NEW*`` flag; ``clone3``
   answers ENOSYS (its flags sit in memory seccomp cannot read), so libc falls back to
@@ -124,6 +128,17 @@ CLONE_NAMESPACES = (
     0x20000000,  # CLONE_NEWPID
     0x40000000,  # CLONE_NEWNET
 )
+# system calls that may name another process in their first argument; allowed only with 0
+# (the caller): glibc's setrlimit/getrlimit are prlimit64(0, ...)
+OWN_PROCESS_ONLY = (
+    "prlimit64",
+    "sched_setaffinity",
+    "sched_setparam",
+    "sched_setscheduler",
+    "sched_setattr",
+)
+PRIO_PROCESS = 0  # setpriority(which, who, ...): PRIO_PROCESS with who 0 is the caller
+IOPRIO_WHO_PROCESS = 1
 PERSONALITY_QUERY = 0xFFFFFFFF
 PERSONALITY_RISKY = (
     0x0040000,  # ADDR_NO_RANDOMIZE
@@ -210,6 +225,11 @@ def _rules(lib: Any, ppid: int) -> list[tuple[int, str, tuple[Any, ...]]]:
         rules += [(eperm, name, (match,)) for name in ("kill", "tkill", "tgkill")]
         rules += [(eperm, name, (match,)) for name in ("rt_sigqueueinfo", "rt_tgsigqueueinfo")]
     rules.append((eperm, "pidfd_open", (arg(0, lib.MASKED_EQ, LOW32, ppid),)))
+    # limits, priorities and scheduling: of the calling process only (0 names it)
+    rules += [(eperm, name, (arg(0, lib.NE, 0),)) for name in OWN_PROCESS_ONLY]
+    rules += [(eperm, name, (arg(1, lib.NE, 0),)) for name in ("setpriority", "ioprio_set")]
+    rules.append((eperm, "setpriority", (arg(0, lib.NE, PRIO_PROCESS),)))
+    rules.append((eperm, "ioprio_set", (arg(0, lib.NE, IOPRIO_WHO_PROCESS),)))
     return rules
 
 

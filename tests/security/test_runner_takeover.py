@@ -125,7 +125,8 @@ def test_one_call_cannot_take_over_the_calls_that_follow(
     # (a) the child left the call's session and process group...
     survivor = found["survivor"]
     assert survivor["session"] == survivor["pid"] != survivor["own_session"]
-    # ...and was killed through the runner's cgroup before the result was published
+    # ...and was killed (by the runner, its subreaper, or through the runner's cgroup) before
+    # the result was published
     assert marked(marker) == [], "a process of the call outlived it"
     # (b) the runner's channels, memory and environment cannot be opened
     for what, got in found["channels"].items():
@@ -154,7 +155,8 @@ def test_one_call_cannot_take_over_the_calls_that_follow(
             assert proc.info["status"] != psutil.STATUS_STOPPED, proc
     assert marked(marker) == []
     log = stack.log("worker-takeover")
-    assert "sandbox.replaced tool=takeover" in log and "outlived the call" in log
+    assert "sandbox.replaced tool=takeover" in log  # the runner killed the orphan it found, or
+    assert "outlived the call" in log or "the call left processes behind" in log  # the sweep
     assert stack.client(attacker).verify_ledger().ok
 
 
