@@ -37,6 +37,7 @@ import pytest
 from celery import Celery
 
 import celeryconfig
+from control.ops.identities import open_runtime
 from control.orchestration.unverified import counts
 from sandbox_tasks import cgroups
 from sandbox_tasks.bwrap import bwrap_path, probe_bwrap
@@ -60,6 +61,14 @@ def kinds() -> list[Any]:
         "plain",
         pytest.param("bwrap", marks=pytest.mark.skipif(bwrap is not None, reason=str(bwrap))),
     ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _code_reachable() -> None:
+    """The code, opened to the worker users as `toolplane up` opens it (a checkout in a 0700
+    directory, a fresh clone in mktemp -d, must be listed for `tests` to import)."""
+    if os.geteuid() == 0:
+        open_runtime(["tests.review_tools"])
 
 
 @pytest.fixture
