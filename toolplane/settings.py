@@ -17,7 +17,7 @@ __all__ = ["Settings"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_LAYER = re.compile(r"^(rlimits|no_new_privs|seccomp|landlock[1-7]?)$")
-AUTO_LAYERS = ("seccomp", "no_new_privs", "rlimits")  # + landlock without namespaces
+AUTO_LAYERS = ("seccomp", "no_new_privs", "rlimits")  # + landlock6 without namespaces
 ROOT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -89,7 +89,7 @@ class Settings(BaseSettings):
         default="auto",
         description="kernel layers a worker requires in each tool call's process, "
         "comma-separated from landlock[N], seccomp, no_new_privs, rlimits; auto: "
-        "seccomp,no_new_privs,rlimits, plus landlock where bubblewrap cannot run",
+        "seccomp,no_new_privs,rlimits, plus landlock6 where bubblewrap cannot run",
     )
     sandbox_warm_runners: int = Field(
         default=4, ge=1, le=64, description="warm sandbox runners per worker process (one a tenant)"
@@ -215,7 +215,7 @@ class Settings(BaseSettings):
         """The layers TOOLPLANE_SANDBOX_MIN_LAYERS requires of a worker, with or without
         bubblewrap's namespaces."""
         if self.sandbox_min_layers == "auto":
-            return AUTO_LAYERS if namespaces else ("landlock", *AUTO_LAYERS)
+            return AUTO_LAYERS if namespaces else ("landlock6", *AUTO_LAYERS)
         return tuple(self.sandbox_min_layers.split(","))
 
     @property

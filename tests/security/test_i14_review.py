@@ -341,8 +341,9 @@ for who, pid in (("runner", os.getppid()), ("worker", {worker})):
     reason="without namespaces, Landlock below ABI 6 (kernels before 6.12: Ubuntu 24.04, "
     "Debian 12, RHEL 9) has no signal scope, and seccomp refuses signals only to the runner "
     "and to -1: a call can SIGSTOP or SIGKILL its worker and other tenants' runners and "
-    "calls (same user). Needs a decision: require landlock6 where there are no namespaces "
-    "(TOOLPLANE_SANDBOX_MIN_LAYERS auto), or give each runner a user of its own",
+    "calls (same user). The default (TOOLPLANE_SANDBOX_MIN_LAYERS=auto) now requires "
+    "landlock6 where there are no namespaces, so only an operator who lowers it meets this; "
+    "closing it below ABI 6 needs each runner a user of its own",
 )
 def test_without_the_signal_scope_a_call_cannot_signal_its_worker(home: Path) -> None:
     found = drive(home, "plain", [("a", SIGNALS)], layers=["seccomp", "no_new_privs", "landlock4"])

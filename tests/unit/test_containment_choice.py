@@ -82,6 +82,11 @@ def test_a_worker_refuses_to_start_below_its_minimum_layers(
     # auto: without namespaces Landlock is required
     with pytest.raises(SettingsError, match="SANDBOX_MIN_LAYERS: this host cannot apply landlock"):
         worker_main.make_executor(loose, TOOL, tmp_path)
+    # ... at ABI 6 or newer: below it, without a PID namespace, a call could signal its worker
+    monkeypatch.setattr(layers.landlock, "abi", lambda: 5)
+    with pytest.raises(SettingsError, match="cannot apply landlock6 .*it has .*landlock5"):
+        worker_main.make_executor(loose, TOOL, tmp_path)
+    monkeypatch.setattr(layers.landlock, "abi", lambda: 0)
     # an operator who lowers the minimum gets the rest, and the receipt says which
     lowered = settings(tmp_path, allow_weak_containment=True, sandbox_min_layers="seccomp")
     executor = worker_main.make_executor(lowered, TOOL, tmp_path)
