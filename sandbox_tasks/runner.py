@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 
 from sandbox_tasks import frames, prctl
+from sandbox_tasks.confine import seccomp
 from sandbox_tasks.executor import ForkExecutor
 from sandbox_tasks.registry import ToolContext, constrained, load_tools
 
@@ -168,6 +169,11 @@ def main(argv: list[str]) -> int:
     scratch_root, layers = Path(argv[3]), tuple(n for n in argv[4].split(",") if n)
     spec = load_tools([m for m in extra.split(",") if m])[tool_name]
     executor = ForkExecutor(scratch_root=scratch_root, layers=layers)
+    if "seccomp" in layers:  # built once here; each call's process loads it as it is
+        try:
+            seccomp.compile_for_children()
+        except seccomp.SeccompError as e:  # each call builds its own (and fails closed)
+            print(f"runner: seccomp filter not precompiled: {e}", file=sys.stderr)
     base = ToolContext(
         scratch_dir=scratch_root,
         repo_root=roots.get("repo"),

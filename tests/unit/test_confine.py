@@ -107,8 +107,11 @@ def attempts(scratch: Path, outside: Path, secret_address: int) -> dict[str, str
     return {name: code(fn) for name, fn in tried.items()}
 
 
-def in_child(c: Confinement | None, tmp_path: Path) -> dict[str, Any]:
-    """P forks C; C confines itself with ``c`` and reports its attempts against P."""
+def in_child(
+    c: Confinement | None, tmp_path: Path, prepare: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """P forks C; C confines itself with ``c`` and reports its attempts against P.
+    ``prepare`` runs in P before it forks (as the runner prepares before serving)."""
     scratch = tmp_path / "scratch"
     scratch.mkdir(exist_ok=True)
     outside = tmp_path / "outside" / "key.pem"
@@ -119,10 +122,13 @@ def in_child(c: Confinement | None, tmp_path: Path) -> dict[str, Any]:
     parent = os.fork()
     if parent == 0:  # P: the runner's stand-in
         os.close(read_fd)
+        if prepare is not None:
+            prepare()
         child = os.fork()
         if child == 0:  # C: the tool's process
             report: dict[str, Any] = {}
             try:
+                report["precompiled"] = (seccomp._compiled or (0, b""))[0] == os.getppid()
                 if c is not None:
                     report["applied"] = list(confine(c))
                 report.update(attempts(scratch, outside, ctypes.addressof(secret)))
@@ -222,6 +228,19 @@ def test_seccomp_alone(tmp_path: Path) -> None:
     assert seen["clone3"] == "ENOSYS"  # so that libc falls back to clone
     for name in ("socketpair_unix", "personality_query", "thread", "fork", "exec_system"):
         assert seen[name] == "ok", (name, seen)
+
+
+@needs_seccomp
+def test_a_filter_compiled_once_by_the_parent_refuses_the_same(tmp_path: Path) -> None:
+    """The runner builds the filter once (compile_for_children); each call's process loads
+    that program: the same refusals as a filter it builds itself, the parent's pid in it."""
+    seen = in_child(Confinement(layers=("seccomp",)), tmp_path, seccomp.compile_for_children)
+    assert seen["precompiled"] is True and seen["applied"] == ["seccomp"]
+    alone = in_child(Confinement(layers=("seccomp",)), tmp_path)
+    assert alone["precompiled"] is False
+    del seen["precompiled"], alone["precompiled"]
+    assert seen == alone
+    assert seen["sigstop_parent"] == seen["socket_inet"] == seen["ptrace_attach"] == "EPERM"
 
 
 @needs_landlock
