@@ -135,6 +135,23 @@ def start_services(tmp: Path) -> Services:
     )
 
 
+def own_services(services: Services) -> Services:
+    """A database and a Redis database of its own, on the same servers: a stack whose
+    control must not take the other stacks' results."""
+    name = f"tp_test_{secrets.token_hex(6)}"
+    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    redis_url = services.spare_redis_url()
+    database_url = make_url(services.admin_url).set(database=name)
+    return Services(
+        redis_url=redis_url,
+        database_url=database_url.render_as_string(hide_password=False),
+        admin_url=services.admin_url,
+        database=name,
+        _redis_db=int(redis_url.rsplit("/", 1)[1]),
+    )
+
+
 @dataclass
 class Stack:
     """A running control process and one worker per tool, on the test services.

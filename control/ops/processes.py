@@ -1,13 +1,10 @@
 """``toolplane up`` / ``down``: the control process, one worker per tool, Flower.
 
-Each process is started detached (its own session, output to
-``$TOOLPLANE_HOME/logs/<name>.log``) and recorded in ``$TOOLPLANE_HOME/run/processes.json``
-so that ``down`` (from any shell) stops exactly what ``up`` started. A worker's
-environment is built here (``worker_env``) from an allowlist: its own home and broker
-user, its roots and timings, and no database URL, token, or password of the control's.
-It runs in its own directory and, when we are root, as its own user
-(``control.ops.identities``). The control process gets the runtime role's URL
-(control.ops.runtime_database), never the owner's.
+Each process is started detached (its own session, output to ``HOME/logs/<name>.log``)
+and recorded in ``HOME/run/processes.json``: ``down`` stops exactly what ``up`` started. A
+worker's environment comes from an allowlist (``worker_env``): its own home and broker
+user, roots and timings, no database URL, token or password of the control's; as root it
+runs as its own user (``control.ops.identities``). The control gets the runtime role's URL.
 """
 
 from __future__ import annotations
@@ -38,8 +35,7 @@ from toolplane.errors import SettingsError
 from toolplane.keystore import KeyStore
 from toolplane.settings import Settings
 
-# What a worker may get of the environment it is started from (LC_* too); every TOOLPLANE_*
-# setting it gets is set by worker_env itself, and TOOLPLANE_WORKER_ENV may name more.
+# What a worker keeps of the environment it starts from (LC_* too; TOOLPLANE_WORKER_ENV more)
 WORKER_BASE_ENV = tuple("PATH LANG LANGUAGE TZ PYTHONPATH PYTHONDONTWRITEBYTECODE".split())
 WORKER_BASE_ENV += ("PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONUTF8")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -126,6 +122,19 @@ def api_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def _shared_settings(settings: Settings) -> dict[str, str]:
+    """The settings the control and the workers must agree on: roots, tools, timings."""
+    return {
+        "TOOLPLANE_REPO_ROOT": str(settings.repo_root),
+        "TOOLPLANE_DOCS_ROOT": str(settings.docs_root),
+        "TOOLPLANE_DATA_ROOTS": json.dumps({k: str(v) for k, v in settings.data_roots.items()}),
+        "TOOLPLANE_EXTRA_TOOLS": settings.extra_tools,
+        "TOOLPLANE_RECEIPT_ALGORITHM": settings.receipt_algorithm,
+        "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
+        "TOOLPLANE_QUEUE_WAIT_S": str(settings.queue_wait_s),
+    }
+
+
 def worker_env(
     settings: Settings, *, tool: str, home: Path, broker_url: str, source: Mapping[str, str]
 ) -> dict[str, str]:
@@ -144,16 +153,10 @@ def worker_env(
     }
     env.update(
         {
+            **_shared_settings(settings),
             "HOME": str(home),
             "TOOLPLANE_HOME": str(home),
             "TOOLPLANE_BROKER_URL": broker_url,
-            "TOOLPLANE_REPO_ROOT": str(settings.repo_root),
-            "TOOLPLANE_DOCS_ROOT": str(settings.docs_root),
-            "TOOLPLANE_DATA_ROOTS": json.dumps({k: str(v) for k, v in settings.data_roots.items()}),
-            "TOOLPLANE_EXTRA_TOOLS": settings.extra_tools,
-            "TOOLPLANE_RECEIPT_ALGORITHM": settings.receipt_algorithm,
-            "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
-            "TOOLPLANE_QUEUE_WAIT_S": str(settings.queue_wait_s),
             "TOOLPLANE_SANDBOX_WARM_RUNNERS": str(settings.sandbox_warm_runners),
         }
     )
@@ -221,15 +224,9 @@ def plan_processes(
     base = {k: v for k, v in source.items() if not k.startswith("TOOLPLANE_")}
     common = {
         **base,
+        **_shared_settings(settings),
         "TOOLPLANE_HOME": str(settings.home),
         "TOOLPLANE_BROKER_URL": plane.broker_url,
-        "TOOLPLANE_REPO_ROOT": str(settings.repo_root),
-        "TOOLPLANE_DOCS_ROOT": str(settings.docs_root),
-        "TOOLPLANE_DATA_ROOTS": json.dumps({k: str(v) for k, v in settings.data_roots.items()}),
-        "TOOLPLANE_EXTRA_TOOLS": settings.extra_tools,
-        "TOOLPLANE_RECEIPT_ALGORITHM": settings.receipt_algorithm,
-        "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
-        "TOOLPLANE_QUEUE_WAIT_S": str(settings.queue_wait_s),
         "TOOLPLANE_ENVIRONMENT": settings.environment,
     }
     if settings.redis_url is not None:  # entitlements: the control's and the API's Redis
@@ -484,21 +481,19 @@ def wait_ready(plane: ControlPlane, tools: list[str], *, timeout: float = 90.0) 
     )
 
 
+def _signal_group(entry: dict[str, object], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(int(str(entry["pid"])), sig)
+
+
 def stop_processes(home: Path, *, timeout: float = 20.0) -> list[str]:
     entries = [e for e in _read(home) if _alive(e)]
     for entry in entries:
-        try:
-            os.killpg(int(str(entry["pid"])), signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
+        _signal_group(entry, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(_alive(e) for e in entries):
         time.sleep(0.2)
-    for entry in entries:
-        if _alive(entry):
-            try:
-                os.killpg(int(str(entry["pid"])), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    for entry in [e for e in entries if _alive(e)]:
+        _signal_group(entry, signal.SIGKILL)
     _write(home, [])
     return [str(e["name"]) for e in entries]

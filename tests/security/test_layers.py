@@ -12,20 +12,18 @@ whose receipt names the layers; the mediated fetch still works.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from ledger.models import EvidenceEvent
 from sandbox_tasks.confine import available, containment
-from tests.harness import Services, Stack, _libpq, start_stack, stop_stack
+from tests.harness import Services, Stack, own_services, start_stack, stop_stack
 
 pytestmark = [
     pytest.mark.integration,
@@ -42,19 +40,7 @@ TOOL = "confined_probe"
 def layered(
     services: Services, tmp_path_factory: pytest.TempPathFactory, http_server: ThreadingHTTPServer
 ) -> Iterator[Stack]:
-    name = f"tp_test_{secrets.token_hex(6)}"
-    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    redis_url = services.spare_redis_url()
-    own = Services(
-        redis_url=redis_url,
-        database_url=make_url(services.admin_url)
-        .set(database=name)
-        .render_as_string(hide_password=False),
-        admin_url=services.admin_url,
-        database=name,
-        _redis_db=int(redis_url.rsplit("/", 1)[1]),
-    )
+    own = own_services(services)
     home = Path(tmp_path_factory.mktemp("layers-home"))
     env = {
         "TOOLPLANE_EXTRA_TOOLS": "tests.fixture_tools,tests.layer_tools",

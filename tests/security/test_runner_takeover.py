@@ -20,14 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import psycopg
 import pytest
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 
 from sandbox_tasks.bwrap import bwrap_path, probe_bwrap
 from sandbox_tasks.confine import available, containment
-from tests.harness import Services, Stack, _libpq, start_stack, stop_stack
+from tests.harness import Services, Stack, own_services, start_stack, stop_stack
 
 pytestmark = pytest.mark.integration
 
@@ -39,24 +37,6 @@ NO_NAMESPACES_ENV = {
     "TP_TEST_NO_NAMESPACES": "1",
     "TOOLPLANE_WORKER_ENV": "TP_TEST_EGRESS,TP_TEST_NO_NAMESPACES",
 }
-
-
-def own_services(services: Services) -> Services:
-    """A database and a Redis database of its own: this stack's control must not take the
-    other stacks' results."""
-    name = f"tp_test_{secrets.token_hex(6)}"
-    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    redis_url = services.spare_redis_url()
-    return Services(
-        redis_url=redis_url,
-        database_url=make_url(services.admin_url)
-        .set(database=name)
-        .render_as_string(hide_password=False),
-        admin_url=services.admin_url,
-        database=name,
-        _redis_db=int(redis_url.rsplit("/", 1)[1]),
-    )
 
 
 @pytest.fixture(scope="module", params=["bwrap", "plain"])

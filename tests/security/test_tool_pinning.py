@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from celery import Celery
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 
 import celeryconfig
 from control.governance.auth import create_tenant
@@ -30,7 +28,7 @@ from ledger.models import EvidenceEvent, Node, ToolAnnouncement, ToolApproval
 from ledger.verify import verify_ledger
 from sandbox_tasks.receipts import sign_manifest
 from sandbox_tasks.registry import load_tools
-from tests.harness import Services, Stack, _libpq, start_stack, stop_stack, wait_for
+from tests.harness import Services, Stack, own_services, start_stack, stop_stack, wait_for
 from toolplane.canonical import digest
 from toolplane.keystore import KeyStore
 
@@ -42,19 +40,7 @@ CATASTROPHIC = "^(.*?,){12}P"
 @pytest.fixture(scope="module")
 def pinned(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Its own Redis database and ledger: no other stack's control takes its messages."""
-    name = f"tp_pin_{secrets.token_hex(5)}"
-    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    redis_url = services.spare_redis_url()
-    own = Services(
-        redis_url=redis_url,
-        database_url=make_url(services.admin_url)
-        .set(database=name)
-        .render_as_string(hide_password=False),
-        admin_url=services.admin_url,
-        database=name,
-        _redis_db=int(redis_url.rsplit("/", 1)[1]),
-    )
+    own = own_services(services)
     home = Path(tmp_path_factory.mktemp("pinning"))
     try:
         running = start_stack(own, home, workers={"sleepy": 1})
