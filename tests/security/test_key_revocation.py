@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -27,7 +29,15 @@ import celeryconfig
 from control.orchestration.dispatch import sign_envelope
 from ledger.models import EvidenceEvent, Node
 from sandbox_tasks.receipts import build_result, sign_result
-from tests.harness import Stack, _libpq, wait_for
+from tests.harness import (
+    Services,
+    Stack,
+    _libpq,
+    own_services,
+    start_stack,
+    stop_stack,
+    wait_for,
+)
 from toolplane.canonical import digest
 from toolplane.keystore import KeyStore
 from toolplane.lifetimes import RETIRED_KEY_GRACE
@@ -299,10 +309,28 @@ def retire_long_ago(stack: Stack, key_ids: list[str]) -> datetime:
     return retired
 
 
+@pytest.fixture
+def quiet(
+    services: Services, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, Celery]]:
+    """A stack of its own, with one sleepy worker: no earlier test's jobs ahead of ours (in
+    the shared stack, cancelled runs' sleepy jobs held the worker past the wait, seen in CI)."""
+    own = own_services(services)
+    running = start_stack(own, Path(tmp_path_factory.mktemp("backdating")), workers={"sleepy": 1})
+    app = Celery("attacker", set_as_current=False)
+    app.conf.update(celeryconfig.build_config(own.redis_url))
+    try:
+        yield running, app
+    finally:
+        stop_stack(running)
+        own.close()
+
+
 def test_backdating_into_a_rotated_keys_old_window_is_refused(
-    stack: Stack, token: str, broker: Celery
+    quiet: tuple[Stack, Celery],
 ) -> None:
-    client = stack.client(token)
+    stack, broker = quiet
+    client = stack.client(stack.tenant())
     # Keys that sign nothing before they are retired: the history of others stays as it was.
     cli_json(stack, "keys", "rotate", "control")
     cli_json(stack, "keys", "rotate", "sleepy")
