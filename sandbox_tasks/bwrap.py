@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sandbox_tasks import containment
 from sandbox_tasks.registry import ToolSpec
-from sandbox_tasks.runner import SANDBOX_TMP, runner_argv
+from sandbox_tasks.runner import SANDBOX_TMP
 from sandbox_tasks.runners import DEFAULT_WARM_RUNNERS, EXTRA_PIDS, RunnerExecutor
 from sandbox_tasks.sandbox import Sandbox
 
@@ -92,13 +92,13 @@ class BwrapExecutor(RunnerExecutor):
     ) -> None:
         super().__init__(
             spec=spec,
+            roots=roots,
             extra_modules=extra_modules,
             max_runners=max_runners,
             layers=layers,
             fresh=fresh,
         )
         self.binary = binary
-        self.roots = {name: path.resolve() for name, path in roots.items()}  # the tool's only
         self.mounts = self._mounts()
         for mount in self.mounts:
             if mount.is_relative_to(SANDBOX_TMP) or SANDBOX_TMP.is_relative_to(mount):
@@ -137,8 +137,8 @@ class BwrapExecutor(RunnerExecutor):
         for mount in self.mounts:
             argv += ["--ro-bind", str(mount), str(mount)]
         argv += [
-            # bwrap's root and /dev are tmpfs the sandbox could write to: /tmp is the one
-            # writable place left, the one the runner checks after each call
+            # bwrap's root and /dev are tmpfs the sandbox could write to: /scratch is the
+            # one writable place left, the one the runner checks after each call
             "--remount-ro", "/dev",
             "--remount-ro", "/",
             "--clearenv",
@@ -146,15 +146,7 @@ class BwrapExecutor(RunnerExecutor):
             "--setenv", "HOME", str(SANDBOX_TMP),
             "--chdir", str(SANDBOX_TMP),
             "--",
-            *runner_argv(
-                python=sys.executable,
-                code_paths=self.code_paths,
-                tool=self.spec.name,
-                roots=self.roots,
-                extra_modules=self.extra_modules,
-                scratch_root=SANDBOX_TMP,
-                layers=self.layers,
-            ),
+            *self.runner_command(SANDBOX_TMP),
         ]  # fmt: skip
         return argv
 

@@ -16,12 +16,10 @@ processes of the worker's user are as the worker sees them. The receipts say
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 from sandbox_tasks import containment
 from sandbox_tasks.registry import ToolSpec
-from sandbox_tasks.runner import runner_argv
 from sandbox_tasks.runners import DEFAULT_WARM_RUNNERS, EXTRA_PIDS, RunnerExecutor
 from sandbox_tasks.sandbox import Sandbox
 
@@ -49,24 +47,16 @@ class PlainExecutor(RunnerExecutor):
     ) -> None:
         super().__init__(
             spec=spec,
+            roots=roots,
             extra_modules=extra_modules,
             max_runners=max_runners,
             layers=layers,
             fresh=fresh,
         )
-        self.roots = {name: path.resolve() for name, path in roots.items()}  # the tool's only
         self.scratch_root = scratch_root
 
     def argv(self, scratch: Path) -> list[str]:
-        return runner_argv(
-            python=sys.executable,
-            code_paths=self.code_paths,
-            tool=self.spec.name,
-            roots=self.roots,
-            extra_modules=self.extra_modules,
-            scratch_root=scratch,
-            layers=self.layers,
-        )
+        return self.runner_command(scratch)
 
     def _launch(self, name: str) -> Sandbox:
         scratch = self.scratch_root / f"runner-{name}"

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+from abc import ABC, abstractmethod
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -28,6 +31,7 @@ from sandbox_tasks import cgroups, containment, egress, frames
 from sandbox_tasks.confine.trees import code_dirs
 from sandbox_tasks.executor import Outcome
 from sandbox_tasks.registry import ToolContext, ToolSpec
+from sandbox_tasks.runner import runner_argv
 from sandbox_tasks.sandbox import Sandbox
 from toolplane.canonical import CanonicalJSONError
 
@@ -39,7 +43,7 @@ EXTRA_PIDS = 4  # the runner, bwrap's monitor, and room to spare beyond the tool
 __all__ = ["DEFAULT_WARM_RUNNERS", "RunnerExecutor"]
 
 
-class RunnerExecutor:
+class RunnerExecutor(ABC):
     """Runs one tool's calls in per-tenant warm runners; subclasses start the runners."""
 
     base = "runner"
@@ -48,6 +52,7 @@ class RunnerExecutor:
         self,
         *,
         spec: ToolSpec,
+        roots: dict[str, Path],
         extra_modules: list[str],
         max_runners: int = DEFAULT_WARM_RUNNERS,
         layers: tuple[str, ...] = (),
@@ -56,6 +61,7 @@ class RunnerExecutor:
         if max_runners < 1:
             raise ValueError("max_runners must be at least 1")
         self.spec = spec
+        self.roots = {name: path.resolve() for name, path in roots.items()}  # the tool's only
         self.extra_modules = list(extra_modules)
         self.max_runners = max_runners
         self.layers = tuple(layers)
@@ -78,9 +84,22 @@ class RunnerExecutor:
         """What goes on the runner's ``sys.path``: the directories holding the code."""
         return sorted({str(d.parent) for d in self.code_dirs})
 
+    def runner_command(self, scratch_root: Path) -> list[str]:
+        """The runner's own command line (inside whatever wraps it), for this tool."""
+        return runner_argv(
+            python=sys.executable,
+            code_paths=self.code_paths,
+            tool=self.spec.name,
+            roots=self.roots,
+            extra_modules=self.extra_modules,
+            scratch_root=scratch_root,
+            layers=self.layers,
+        )
+
     # -- subclasses ----------------------------------------------------------------------
+    @abstractmethod
     def _launch(self, name: str) -> Sandbox:
-        raise NotImplementedError
+        """Start a runner: under bubblewrap (``bwrap``) or as a plain process (``plain``)."""
 
     # -- the pool ------------------------------------------------------------------------
     def _name(self) -> str:
