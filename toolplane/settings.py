@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     api_max_connections: int = Field(
         default=1000, ge=10, le=100_000, description="open connections and event streams"
     )
+    api_processes: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="API server processes `up` starts beside the control (they share the "
+        "port); 0 serves the API from a thread of the control process",
+    )
     api_max_body: int = Field(
         default=1_048_576, ge=1024, le=64 * 1_048_576, description="largest request body, bytes"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -13,7 +14,16 @@ from control.errors import UsageError
 from control.ops.runtime import ControlPlane
 from toolplane.settings import Settings
 
-__all__ = ["ApiServer", "api_url", "parse_bind", "serve_in_thread", "uvicorn_config"]
+__all__ = [
+    "ApiServer",
+    "api_ready",
+    "api_url",
+    "parse_bind",
+    "serve",
+    "serve_in_thread",
+    "shared_socket",
+    "uvicorn_config",
+]
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -24,6 +34,22 @@ def parse_bind(bind: str) -> tuple[str, int]:
     if not 0 <= int(port) <= 65535:
         raise UsageError(f"port {port} is not 0-65535", field="TOOLPLANE_API_BIND")
     return host.strip("[]"), int(port)
+
+
+def api_ready(settings: Settings) -> bool:
+    """The control's API answers /readyz with 200 (its TLS certificate is not checked here:
+    this only asks whether the process serves)."""
+    import urllib.error
+    import urllib.request
+
+    context = ssl._create_unverified_context()  # noqa: S323 - a local liveness probe
+    try:
+        with urllib.request.urlopen(  # noqa: S310 - our own http(s) URL
+            api_url(settings) + "/readyz", timeout=2, context=context
+        ) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
 
 
 def api_url(settings: Settings) -> str:
@@ -82,3 +108,33 @@ def serve_in_thread(plane: ControlPlane, *, log_level: str = "info") -> ApiServe
     thread = threading.Thread(target=server.run, name="api", daemon=True)
     thread.start()
     return ApiServer(server, thread)
+
+
+def shared_socket(bind: str) -> socket.socket:
+    """A listening socket on TOOLPLANE_API_BIND that other API processes may bind too
+    (SO_REUSEPORT: the kernel spreads connections over them, each process with its own
+    interpreter lock)."""
+    host, port = parse_bind(bind)
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UsageError(
+            f"cannot listen on {bind}: {e.strerror}", field="TOOLPLANE_API_BIND"
+        ) from e
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(plane: ControlPlane, *, log_level: str = "info") -> None:
+    """Serve the API in this process, on a port that other API processes may share."""
+    config = uvicorn_config(plane, log_level=log_level)
+    sock = shared_socket(plane.settings.api_bind)
+    uvicorn.Server(config).run(sockets=[sock])

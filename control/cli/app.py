@@ -216,19 +216,18 @@ def control(
 @app.command()
 @handled
 def api(loglevel: str = "INFO") -> None:
-    """Serve only the HTTP API (more API processes beside `toolplane control`).
+    """Serve only the HTTP API (more API processes beside `toolplane control`; they
+    share TOOLPLANE_API_BIND's port).
 
     Operator command: runs on the control host with the control's settings.
     """
-    import uvicorn
-
-    from control.api.server import uvicorn_config
+    from control.api.server import serve
 
     setup_logging(loglevel)
     plane = _plane()
     plane.check_database()
     plane.policy  # noqa: B018 - a bundle that does not load stops the start, not a request
-    uvicorn.Server(uvicorn_config(plane, log_level=loglevel.lower())).run()
+    serve(plane, log_level=loglevel.lower())
 
 
 @app.command()

@@ -34,8 +34,13 @@ def _lock(session: Session, scope: str, *, shared: bool) -> None:
 
 def active_freeze(session: Session, tenant_id: str) -> Freeze | None:
     """The freeze that stops this tenant's dispatches, if any (takes the shared locks)."""
-    _lock(session, ALL, shared=True)
-    _lock(session, tenant_id, shared=True)
+    session.execute(  # both locks in one round trip, ALL first as before
+        text(
+            "SELECT pg_advisory_xact_lock_shared(hashtext(:every)),"
+            " pg_advisory_xact_lock_shared(hashtext(:tenant))"
+        ),
+        {"every": f"toolplane.freeze.{ALL}", "tenant": f"toolplane.freeze.{tenant_id}"},
+    )
     return session.scalars(
         select(Freeze).where(Freeze.scope.in_([ALL, tenant_id])).order_by(Freeze.scope)
     ).first()

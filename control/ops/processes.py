@@ -236,17 +236,21 @@ def plan_processes(
     if settings.workflows_dir is not None:
         common["TOOLPLANE_WORKFLOWS_DIR"] = str(settings.workflows_dir)
     cli = [sys.executable, "-m", "control.cli"]
+    control_env = {
+        **common,
+        **api_env(settings),
+        "TOOLPLANE_DATABASE_URL": runtime_database_url,
+        "TOOLPLANE_BROKER_URL": urls.get("control", plane.broker_url),
+    }
+    # The API in processes of its own (sharing the port), each with its own interpreter
+    # lock, beside the control's results ingest; or, with none, in a thread of the control.
+    apis = settings.api_processes
     specs = [
-        ProcessSpec(
-            "control",
-            [*cli, "control"],
-            {
-                **common,
-                **api_env(settings),
-                "TOOLPLANE_DATABASE_URL": runtime_database_url,
-                "TOOLPLANE_BROKER_URL": urls.get("control", plane.broker_url),
-            },
-        )
+        ProcessSpec("control", [*cli, "control", *(["--no-api"] if apis else [])], control_env)
+    ]
+    specs += [
+        ProcessSpec("api" if apis == 1 else f"api-{i}", [*cli, "api"], control_env)
+        for i in range(1, apis + 1)
     ]
     if workers and identities is None:
         identities = prepare_workers(settings, workers)
@@ -433,23 +437,10 @@ def _tail(path: str, lines: int = 8) -> str:
         return ""
 
 
-def api_ready(settings: Settings) -> bool:
-    """The control's API answers /readyz with 200 (its TLS certificate is not checked here:
-    this only asks whether the process serves)."""
-    import ssl
-    import urllib.error
-    import urllib.request
+def _api_ready(settings: Settings) -> bool:
+    from control.api.server import api_ready
 
-    from control.api.server import api_url
-
-    context = ssl._create_unverified_context()  # noqa: S323 - a local liveness probe
-    try:
-        with urllib.request.urlopen(  # noqa: S310 - our own http(s) URL
-            api_url(settings) + "/readyz", timeout=2, context=context
-        ) as response:
-            return bool(response.status == 200)
-    except (OSError, urllib.error.URLError):
-        return False
+    return api_ready(settings)
 
 
 def wait_ready(plane: ControlPlane, tools: list[str], *, timeout: float = 90.0) -> None:
@@ -469,7 +460,7 @@ def wait_ready(plane: ControlPlane, tools: list[str], *, timeout: float = 90.0) 
             answered.update(reply)
         with plane.sessions() as session:
             registered = approved_in_force(session)
-        if answered >= wanted and set(tools) <= registered and api_ready(plane.settings):
+        if answered >= wanted and set(tools) <= registered and _api_ready(plane.settings):
             return
         time.sleep(0.3)
     with plane.sessions() as session:

@@ -106,6 +106,27 @@ class Operations:
         on_behalf_of: str | None = None,
     ) -> str:
         """Submit one tool call and return its run id (decided and, if allowed, published)."""
+        return self.submit_call(
+            tool,
+            args,
+            environment=environment,
+            classification=classification,
+            idempotency_key=idempotency_key,
+            on_behalf_of=on_behalf_of,
+        ).run_id
+
+    def submit_call(
+        self,
+        tool: str,
+        args: dict[str, Any],
+        *,
+        environment: str | None = None,
+        classification: str | None = None,
+        idempotency_key: str | None = None,
+        on_behalf_of: str | None = None,
+    ) -> RunView:
+        """Submit one tool call and return its run as committed (decided and, if allowed,
+        published)."""
         scope = self.scope(environment, classification)
         request = CallRequest(
             tool=tool,
@@ -148,7 +169,7 @@ class Operations:
                 call=True,
             )
 
-    def _start(self, request: RunRequest, *, call: bool = False) -> str:
+    def _start(self, request: RunRequest, *, call: bool = False) -> RunView:
         """Record the run, decide its first nodes, publish what was allowed."""
         # an auditor changes nothing
         require_role(self.identity, SUBMITTERS, "submit calls" if call else "submit runs")
@@ -162,7 +183,8 @@ class Operations:
             )
         if submitted.outbox_ids:
             publish_pending(self.plane.sessions, self.plane.publisher, ids=submitted.outbox_ids)
-        return submitted.run_id
+        # the same idempotency key again: its run as it is now
+        return submitted.view or self.run(submitted.run_id)
 
     def workflow(self, name: str) -> WorkflowSpec:
         """The workflow ``name`` from the workflows directory, checked."""
@@ -183,6 +205,26 @@ class Operations:
         Its first nodes are decided and, if allowed, published before this returns;
         the control process dispatches the rest as their dependencies complete.
         """
+        return self.start_workflow(
+            workflow,
+            inputs,
+            environment=environment,
+            classification=classification,
+            idempotency_key=idempotency_key,
+            on_behalf_of=on_behalf_of,
+        ).run_id
+
+    def start_workflow(
+        self,
+        workflow: str | WorkflowSpec,
+        inputs: dict[str, Any] | None = None,
+        *,
+        environment: str | None = None,
+        classification: str | None = None,
+        idempotency_key: str | None = None,
+        on_behalf_of: str | None = None,
+    ) -> RunView:
+        """:meth:`submit_workflow`, returning the run as committed."""
         require_role(self.identity, SUBMITTERS, "submit runs")
         spec = self.workflow(workflow) if isinstance(workflow, str) else workflow
         scope = self.scope(environment, classification)

@@ -11,10 +11,10 @@ from sqlalchemy.orm import Session, aliased, defer
 
 from control.errors import NotFound
 from control.governance.auth import Identity
-from control.orchestration.states import RunStatus
+from control.orchestration.states import NodeStatus, RunStatus
 from ledger.models import Approval, Node, Principal, Run
 
-__all__ = ["NodeView", "RunView", "get_run", "list_runs"]
+__all__ = ["NodeView", "RunView", "get_run", "list_runs", "view_of"]
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,28 @@ def _views(
         ordered = ordered.options(defer(Node.result), defer(Node.receipt), defer(Node.envelope))
     for node in session.scalars(ordered):
         nodes[node.run_id].append(node)
+    approvals = _approvals(session, identity, ids)
+    return [
+        _view(identity, run, submitter, nodes[run.id], approvals, summary=summary)
+        for run, submitter in runs
+    ]
+
+
+def view_of(session: Session, identity: Identity, run: Run, nodes: list[Node]) -> RunView:
+    """The view of a run this transaction has just written, from the rows in hand (before
+    the commit, which expires them): what :func:`get_run` would read after it, with no
+    query unless a node waits for an approval."""
+    approvals: dict[tuple[str, str], dict[str, Any]] = {}
+    if any(n.status == NodeStatus.AWAITING_APPROVAL for n in nodes):
+        approvals = _approvals(session, identity, [run.id])
+    return _view(identity, run, identity.principal, nodes, approvals, summary=False)
+
+
+def _approvals(
+    session: Session, identity: Identity, ids: list[str]
+) -> dict[tuple[str, str], dict[str, Any]]:
     requester, decider = aliased(Principal), aliased(Principal)
-    approvals = {
+    return {
         (a.run_id, a.node_id): _approval(a, requested_by, decided_by)
         for a, requested_by, decided_by in session.execute(
             select(Approval, requester.name, decider.name)
@@ -118,38 +138,46 @@ def _views(
             .where(Approval.run_id.in_(ids), Approval.tenant_id == identity.tenant_id)
         )
     }
-    return [
-        RunView(
-            run_id=run.id,
-            tenant=identity.tenant_name,
-            workflow=run.workflow,
-            status=run.status,
-            environment=run.environment,
-            classification=run.classification,
-            created_at=run.created_at.isoformat(),
-            submitter=submitter,
-            on_behalf_of=run.on_behalf_of,
-            inputs=run.inputs,
-            idempotency_key=run.idempotency_key,
-            nodes=tuple(
-                NodeView(
-                    node_id=n.node_id,
-                    tool=n.tool,
-                    status=n.status,
-                    attempt=n.attempt,
-                    result=None if summary else n.result,
-                    result_sha256=n.result_sha256,
-                    receipt=None if summary else n.receipt,
-                    error=n.error,
-                    args=n.args,
-                    approval=approvals.get((run.id, n.node_id)),
-                    needs=tuple(n.needs or ()),
-                )
-                for n in nodes[run.id]
-            ),
-        )
-        for run, submitter in runs
-    ]
+
+
+def _view(
+    identity: Identity,
+    run: Run,
+    submitter: str,
+    nodes: list[Node],
+    approvals: dict[tuple[str, str], dict[str, Any]],
+    *,
+    summary: bool,
+) -> RunView:
+    return RunView(
+        run_id=run.id,
+        tenant=identity.tenant_name,
+        workflow=run.workflow,
+        status=run.status,
+        environment=run.environment,
+        classification=run.classification,
+        created_at=run.created_at.isoformat(),
+        submitter=submitter,
+        on_behalf_of=run.on_behalf_of,
+        inputs=run.inputs,
+        idempotency_key=run.idempotency_key,
+        nodes=tuple(
+            NodeView(
+                node_id=n.node_id,
+                tool=n.tool,
+                status=n.status,
+                attempt=n.attempt,
+                result=None if summary else n.result,
+                result_sha256=n.result_sha256,
+                receipt=None if summary else n.receipt,
+                error=n.error,
+                args=n.args,
+                approval=approvals.get((run.id, n.node_id)),
+                needs=tuple(n.needs or ()),
+            )
+            for n in nodes
+        ),
+    )
 
 
 def _with_submitter(identity: Identity) -> Select[tuple[Run, str]]:

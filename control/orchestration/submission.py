@@ -23,6 +23,7 @@ from control.governance.auth import Identity
 from control.orchestration.intake import Governance, Submitter, dispatching
 from control.orchestration.manifests import not_approved
 from control.orchestration.orchestrator import RunState, advance
+from control.orchestration.runs import RunView, view_of
 from control.orchestration.states import NodeStatus, RunStatus
 from control.orchestration.validation import check_label, validate_args
 from control.orchestration.workflows import WorkflowSpec, coerce_inputs, render, single_call
@@ -72,6 +73,7 @@ class Submitted:
     run_id: str
     outbox_ids: tuple[int, ...]
     created: bool  # False when the idempotency key returned an existing run
+    view: RunView | None = None  # the run as committed (None: an existing run, read it)
 
 
 def _check_request(session: Session, request: RunRequest, gov: Governance, *, call: bool) -> None:
@@ -255,4 +257,5 @@ def submit_run(
     with dispatching(session, gov) as done:
         advance(session, gov, state, events, done, now=now)
         append_events(session, events)
-    return Submitted(run_id, tuple(done.outbox_ids), created=True)
+        view = view_of(session, identity, run, list(nodes.values()))  # before the commit
+    return Submitted(run_id, tuple(done.outbox_ids), created=True, view=view)

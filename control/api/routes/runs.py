@@ -67,15 +67,16 @@ def _key(header: str | None, body: str | None) -> str | None:
 
 def _submit_call(ops: Operations, call: CallIn, key: str | None) -> RunOut:
     check_json(call.args, "--arg")
-    run_id = ops.submit(
-        call.tool,
-        call.args,
-        environment=call.environment,
-        classification=call.classification,
-        idempotency_key=key,
-        on_behalf_of=call.on_behalf_of,
+    return out(
+        ops.submit_call(
+            call.tool,
+            call.args,
+            environment=call.environment,
+            classification=call.classification,
+            idempotency_key=key,
+            on_behalf_of=call.on_behalf_of,
+        )
     )
-    return out(ops.run(run_id))
 
 
 @router.post("/calls", status_code=status.HTTP_201_CREATED, response_model=RunOut)
@@ -129,15 +130,16 @@ def submit_workflow(
 ) -> RunOut:
     """Start a run of a workflow of the server's workflows directory."""
     check_json(body.inputs, "--input")
-    run_id = ops.submit_workflow(
-        body.workflow,
-        body.inputs,
-        environment=body.environment,
-        classification=body.classification,
-        idempotency_key=idempotency_key,
-        on_behalf_of=body.on_behalf_of,
+    return out(
+        ops.start_workflow(
+            body.workflow,
+            body.inputs,
+            environment=body.environment,
+            classification=body.classification,
+            idempotency_key=idempotency_key,
+            on_behalf_of=body.on_behalf_of,
+        )
     )
-    return out(ops.run(run_id))
 
 
 def _cursor(view: RunView) -> str:

@@ -1,0 +1,86 @@
+"""A submission answers with the run as its transaction committed it, built from the rows
+in hand instead of read back: it must be exactly what reading the run gives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.harness import Stack
+
+pytestmark = pytest.mark.integration
+
+LATER = ("status", "attempt", "result", "result_sha256", "receipt", "error")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def settled_fields(run: dict[str, Any]) -> dict[str, Any]:
+    """What no later step of the run changes (its node's outcome comes later)."""
+    return {
+        **{k: v for k, v in run.items() if k not in ("status", "nodes")},
+        "nodes": [{k: v for k, v in n.items() if k not in LATER} for n in run["nodes"]],
+    }
+
+
+@pytest.mark.parametrize(
+    ("call", "status"),
+    [
+        ({"tool": "read_repo_file", "args": {"path": ".env"}}, "denied"),
+        (
+            {"tool": "read_repo_file", "args": {"path": "README.md"}, "environment": "prod"},
+            "awaiting_approval",
+        ),
+    ],
+)
+def test_the_answer_to_a_call_is_the_run_as_read(
+    stack: Stack, call: dict[str, Any], status: str
+) -> None:
+    admin = bearer(stack.tenant())
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        answer = http.post(
+            "/v1/calls", json={**call, "on_behalf_of": "agent-7"}, headers=admin
+        ).json()
+        assert answer["status"] == status, answer
+        read = http.get(f"/v1/runs/{answer['run_id']}", headers=admin).json()
+    assert answer == read
+    if status == "awaiting_approval":
+        assert answer["nodes"][0]["approval"]["status"] == "pending"
+
+
+def test_a_dispatched_call_and_a_workflow_answer_as_read(stack: Stack) -> None:
+    admin = bearer(stack.tenant())
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        call = http.post(
+            "/v1/calls",
+            json={"tool": "search_docs", "args": {"query": "ledger"}},
+            headers={**admin, "Idempotency-Key": "view-1"},
+        ).json()
+        assert call["status"] == "running" and call["nodes"][0]["status"] == "queued", call
+        assert call["nodes"][0]["attempt"] == 1 and call["nodes"][0]["result"] is None
+        workflow = http.post(
+            "/v1/runs",
+            json={
+                "workflow": "repo-review",
+                "inputs": {"query": "ledger", "path": "src/shipit/deploy.py"},
+            },
+            headers=admin,
+        )
+        assert workflow.status_code == 201, workflow.text
+        flow = workflow.json()
+        for answer in (call, flow):
+            read = http.get(f"/v1/runs/{answer['run_id']}", headers=admin).json()
+            assert settled_fields(answer) == settled_fields(read)
+        # the same key again answers with the run as it is now, read
+        again = http.post(
+            "/v1/calls",
+            json={"tool": "search_docs", "args": {"query": "ledger"}},
+            headers={**admin, "Idempotency-Key": "view-1"},
+        ).json()
+        now = http.get(f"/v1/runs/{call['run_id']}", headers=admin).json()
+        assert again["run_id"] == call["run_id"]
+        assert settled_fields(again) == settled_fields(now)
