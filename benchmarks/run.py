@@ -31,8 +31,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from benchmarks import bare, components, containment, scaling
-from benchmarks.usage import cpu_snapshot, rss_mb
+from benchmarks import bare, components, containment, growth, scaling, tenants
+from benchmarks.targets import targets, targets_table
+from benchmarks.usage import backend_cpu_s, cpu_snapshot, rss_mb
 from tests.harness import REPO, start_services, start_stack, stop_stack, wait_for
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -46,16 +47,20 @@ def pct(values: list[float], q: float) -> float:
 
 
 def cpu_per_call(
-    trees: dict[str, int], client: tuple[str, int], run: Callable[[], int]
+    trees: dict[str, int],
+    client: tuple[str, int],
+    run: Callable[[], int],
+    servers: Callable[[], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Milliseconds of CPU per call in each process tree, and in the client process alone
     (the stack's processes are its children: counting them in would count them twice),
-    while ``run`` makes its calls."""
+    while ``run`` makes its calls; with ``servers``, the database's and broker's too."""
     alone = dict([client])
-    before = cpu_snapshot(trees, alone)
+    before = cpu_snapshot(trees, alone) | (servers() if servers else {})
     calls = run()
-    after = cpu_snapshot(trees, alone)
-    return {name: (after[name] - before[name]) * 1000 / calls for name in [*trees, *alone]}
+    after = cpu_snapshot(trees, alone) | (servers() if servers else {})
+    names = [*trees, *alone, *(k for k in after if k not in trees and k not in alone)]
+    return {n: (after[n] - before[n]) * 1000 / calls for n in names if n != "machine"}
 
 
 class Sides:
@@ -292,6 +297,7 @@ def overhead(ns: argparse.Namespace) -> dict[str, Any]:
             sides.governed_one()
             sides.api_one()
         pids = {
+            "api": stack.pid("api"),
             "control": stack.pid("control"),
             "worker-read_repo_file": stack.pid("worker-read_repo_file"),
             "bare-worker": bare_worker.pid,
@@ -300,18 +306,31 @@ def overhead(ns: argparse.Namespace) -> dict[str, Any]:
             side_by_side = measure(
                 sides, rounds=ns.rounds, inflight=ns.inflight, latency=ns.latency, progress=progress
             )
-            gov_pids = {k: v for k, v in pids.items() if k != "bare-worker"}
+            gov_pids = {k: v for k, v in pids.items() if k not in ("bare-worker", "api")}
             me = psutil.Process().pid
+            port = int(services.redis_url.rsplit(":", 1)[1].split("/")[0])
+
+            def servers() -> dict[str, float]:
+                return backend_cpu_s(services.database, port)
+
             where = {
+                "api": cpu_per_call(
+                    {k: v for k, v in pids.items() if k != "bare-worker"},
+                    ("client (submit+wait over HTTP)", me),
+                    lambda: sides.api_batch(ns.inflight) and ns.inflight,
+                    servers,
+                ),
                 "governed": cpu_per_call(
                     gov_pids,
                     ("client (submit+wait)", me),
                     lambda: sides.governed_batch(ns.inflight) and ns.inflight,
+                    servers,
                 ),
                 "bare": cpu_per_call(
                     {"bare-worker": pids["bare-worker"]},
                     ("client (delay+get)", me),
                     lambda: sides.bare_batch(ns.inflight) and ns.inflight,
+                    servers,
                 ),
             }
             memory = soak(sides, pids, calls=ns.soak, progress=progress) if ns.soak else {}
@@ -334,9 +353,16 @@ def overhead(ns: argparse.Namespace) -> dict[str, Any]:
         services.close()
 
 
-def report_overhead(result: dict[str, Any], stem: str) -> None:
+def report(result: dict[str, Any], stem: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if "side_by_side" in result:
+        report_overhead(result, stem)
+    console.print(targets_table(result["targets"]))
+    console.print(f"wrote {RESULTS / (stem + '.json')}")
+
+
+def report_overhead(result: dict[str, Any], stem: str) -> None:
     chart(result, RESULTS / f"{stem}.png")
     console.print(table(result))
     console.print(components.table(result["components"]))
@@ -402,11 +428,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--only",
-        choices=["overhead", "scaling", "containment"],
-        help="run one part: overhead (bare vs governed, <date>.json), scaling "
-        "(per-tool pools, <date>-scaling.json) or containment (per-call cost of each "
-        "executor, <date>-containment.json); default overhead and scaling",
+        choices=["overhead", "growth", "tenants", "scaling", "containment"],
+        help="run one part: overhead (bare vs governed, <date>.json), growth (the ledger's "
+        "size, <date>-growth.json), tenants (20 tenants against one, <date>-tenants.json), "
+        "scaling (per-tool pools, <date>-scaling.json) or containment (per-call cost of each "
+        "executor, <date>-containment.json); default overhead, growth and tenants (all in "
+        "<date>.json), then scaling",
     )
+    parser.add_argument(
+        "--growth-events", type=int, default=1_000_000, help="evidence events to grow to"
+    )
+    parser.add_argument(
+        "--growth-checkpoint", type=int, default=100_000, help="where verify is timed first"
+    )
+    parser.add_argument("--growth-samples", type=int, default=40, help="per figure and size")
+    parser.add_argument("--ingest-calls", type=int, default=300, help="results per ingest run")
+    parser.add_argument("--tenants", type=int, default=20)
+    parser.add_argument("--tenant-calls", type=int, default=200, help="calls per round")
+    parser.add_argument("--tenant-rounds", type=int, default=3)
     parser.add_argument(
         "--stem", help="results file name stem (default: today's date, UTC)", default=None
     )
@@ -431,8 +470,27 @@ def main(argv: list[str] | None = None) -> int:
     if ns.only == "containment":
         report_containment(stem, ns.containment_calls)
         return 0
-    if ns.only in (None, "overhead"):
-        report_overhead(overhead(ns), stem)
+    if ns.only in (None, "overhead", "growth", "tenants"):
+        result: dict[str, Any] = overhead(ns) if ns.only in (None, "overhead") else {}
+        with progress_bar() as progress:
+            if ns.only in (None, "growth"):
+                result["growth"] = growth.run(
+                    events=ns.growth_events,
+                    checkpoint=ns.growth_checkpoint,
+                    samples=ns.growth_samples,
+                    ingest_calls=ns.ingest_calls,
+                    progress=progress,
+                )
+            if ns.only in (None, "tenants"):
+                result["tenants"] = tenants.run(
+                    tenants=ns.tenants,
+                    calls=ns.tenant_calls,
+                    rounds=ns.tenant_rounds,
+                    submitters=ns.submitters,
+                    progress=progress,
+                )
+        result["targets"] = targets(result)
+        report(result, stem if ns.only in (None, "overhead") else f"{stem}-{ns.only}")
     if ns.only in (None, "scaling"):
         with progress_bar() as progress:
             result = scaling.run(ns, progress=progress)

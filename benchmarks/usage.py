@@ -5,6 +5,7 @@ from __future__ import annotations
 import psutil
 
 __all__ = [
+    "backend_cpu_s",
     "cpu_s",
     "cpu_snapshot",
     "machine_busy_s",
@@ -98,3 +99,19 @@ def others_by_name(
     for key, (name, seconds) in after.items():
         spent[name] = spent.get(name, 0.0) + seconds - before.get(key, (name, 0.0))[1]
     return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
+
+
+def backend_cpu_s(database: str, redis_port: int) -> dict[str, float]:
+    """CPU seconds so far of the PostgreSQL backends serving ``database`` (those alive now)
+    and of the Redis server on ``redis_port``: the servers' share of each call."""
+    pg = redis_s = 0.0
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        times = proc.info["cpu_times"]
+        if times is None:
+            continue
+        if proc.info["name"] == "postgres" and f" {database} " in f" {line} ":
+            pg += times.user + times.system
+        elif proc.info["name"] == "redis-server" and line.endswith(f":{redis_port}"):
+            redis_s += times.user + times.system
+    return {"postgres (its backends)": pg, "redis-server": redis_s}

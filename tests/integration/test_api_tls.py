@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -95,6 +96,14 @@ class Authority:
         return path
 
 
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def serve_api(stack: Stack, tmp: Path, **tls: Path) -> Iterator[str]:
     port = free_port()
@@ -105,14 +114,7 @@ def serve_api(stack: Stack, tmp: Path, **tls: Path) -> Iterator[str]:
         [sys.executable, "-m", "control.cli", "api"], env=env, cwd=REPO, stdout=log, stderr=log
     )
     try:
-        wait_for(
-            lambda: (
-                b"Uvicorn running" in (tmp / f"api-{port}.log").read_bytes()
-                or proc.poll() is not None
-            ),
-            timeout=60,
-            what="the TLS API",
-        )
+        wait_for(lambda: listening(port) or proc.poll() is not None, timeout=60, what="the TLS API")
         assert proc.poll() is None, (tmp / f"api-{port}.log").read_text()
         yield f"https://127.0.0.1:{port}"
     finally:

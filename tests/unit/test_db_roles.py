@@ -61,11 +61,14 @@ def test_only_the_control_gets_a_database_url_and_it_is_the_runtime_roles(tmp_pa
         base_env={"PATH": "/bin", "TOOLPLANE_DATABASE_URL": OWNER_URL},
     )
     by_name = {spec.name: spec for spec in specs}
-    assert by_name["control"].env["TOOLPLANE_DATABASE_URL"] == RUNTIME_URL
+    controls = {"control", "api"}  # the control's own processes: its ingest, its API
+    assert controls <= set(by_name)
+    for name in controls:
+        assert by_name[name].env["TOOLPLANE_DATABASE_URL"] == RUNTIME_URL
     for spec in specs:
         assert not any("owner-secret" in value for value in spec.env.values()), spec.name
         assert not any("owner-secret" in arg for arg in spec.argv), spec.name
-        if spec.name != "control":
+        if spec.name not in controls:
             assert "TOOLPLANE_DATABASE_URL" not in spec.env, spec.name
 
 

@@ -123,8 +123,9 @@ def test_plan_gives_the_database_to_the_control_and_a_worker_only_its_own_broker
         broker_urls={"worker-lint_python": "redis://toolplane-tool-lint_python:own@h:6379/0"},
         identities=identities(tmp_path, "lint_python"),
     )
-    control, worker = specs
-    assert control.env["TOOLPLANE_DATABASE_URL"] == RUNTIME
+    control, api, worker = specs
+    assert api.argv[-1] == "api" and control.argv[-2:] == ["control", "--no-api"]
+    assert control.env["TOOLPLANE_DATABASE_URL"] == api.env["TOOLPLANE_DATABASE_URL"] == RUNTIME
     assert worker.argv[-3:] == ["lint_python", "--concurrency", "2"]
     assert worker.env["TOOLPLANE_BROKER_URL"].startswith("redis://toolplane-tool-lint_python:")
     assert not any("secret" in v for v in worker.env.values()), worker.env
@@ -150,7 +151,7 @@ def test_a_workers_broker_url_with_the_controls_password_is_refused(tmp_path: Pa
         base_env=SHELL,
         identities=identities(tmp_path, "lint_python"),
     )
-    assert specs[1].env["TOOLPLANE_BROKER_URL"] == "redis://127.0.0.1:6379/3"
+    assert specs[-1].env["TOOLPLANE_BROKER_URL"] == "redis://127.0.0.1:6379/3"
 
 
 def test_broker_acl_dir_gives_each_worker_its_own_file(tmp_path: Path) -> None:
@@ -169,7 +170,7 @@ def test_broker_acl_dir_gives_each_worker_its_own_file(tmp_path: Path) -> None:
         base_env=SHELL,
         identities=identities(tmp_path, "lint_python"),
     )
-    assert specs[1].env["TOOLPLANE_BROKER_URL"] == "redis://toolplane-tool-lint_python:own@r/0"
+    assert specs[-1].env["TOOLPLANE_BROKER_URL"] == "redis://toolplane-tool-lint_python:own@r/0"
     with pytest.raises(Exception, match=r"TOOLPLANE_BROKER_ACL_DIR: .*broker_url.search_docs"):
         plan_processes(
             control,
