@@ -115,14 +115,23 @@ class Compose:
         path = Path(source)
         return path if path.is_absolute() else (self.directory / path).resolve()
 
-    def run_args(self, name: str, *, index: int = 1, extra: list[str] | None = None) -> list[str]:
-        """`podman run -d ...` for one container of service ``name``."""
+    def run_args(
+        self,
+        name: str,
+        *,
+        index: int = 1,
+        command: list[str] | None = None,
+        container: str | None = None,
+    ) -> list[str]:
+        """`podman run -d ...` for one container of service ``name`` (``command``: instead
+        of the service's, as `compose run SERVICE COMMAND`)."""
         svc = self.services[name]
         s = svc.spec
         unknown = set(s) - HARDENING - PLUMBING - BY_STACK - set(IGNORED)
         if unknown:
             raise ComposeError(f"services.{name}: keys not translated: {sorted(unknown)}")
-        a = ["run", "-d", "--name", self.container(name, index), "--network-alias", name]
+        container = container or self.container(name, index)
+        a = ["run", "-d", "--name", container, "--network-alias", name]
         a += ["--label", f"toolplane.test.project={self.project}", "--label", f"service={name}"]
         # Docker's --read-only; podman would add writable tmpfs on /run, /tmp, /var/tmp.
         a += ["--read-only=%s" % str(bool(s.get("read_only"))).lower(), "--read-only-tmpfs=false"]
@@ -157,7 +166,7 @@ class Compose:
         if "user" in s:
             a += ["--user", str(s["user"])]
         for mount in s.get("tmpfs") or []:
-            a += ["--tmpfs", mount]
+            a += ["--tmpfs", self._tmpfs(name, mount, str(s.get("user", "")))]
         nets = svc.networks
         for net in nets:
             a += ["--network", self.network_name(net)]
@@ -178,10 +187,11 @@ class Compose:
         a += self._health(name, s.get("healthcheck"))
         if "entrypoint" in s:
             a += ["--entrypoint", json.dumps(s["entrypoint"])]
-        a += extra or []
         a.append(self.images.get(name, s["image"]))
-        command = s.get("command") or []
-        a += command if isinstance(command, list) else command.split()
+        if command is None:
+            command = s.get("command") or []
+            command = command if isinstance(command, list) else command.split()
+        a += command
         return a
 
     def _volume(self, name: str, vol: str | dict[str, Any]) -> str:
@@ -199,6 +209,24 @@ class Compose:
         else:
             raise ComposeError(f"services.{name}.volumes: type {vol['type']!r} not translated")
         return f"{source}:{vol['target']}:{'ro' if vol.get('read_only') else 'rw'}"
+
+    def _tmpfs(self, name: str, mount: str, user: str) -> str:
+        """podman 4.3 takes no uid=/gid= for a tmpfs: U (owned by the container's user)
+        stands for them when they name that user, and nothing else is accepted."""
+        path, _, opts = mount.partition(":")
+        kept, owner = [], {}
+        for opt in filter(None, opts.split(",")):
+            key, _, value = opt.partition("=")
+            if key in {"uid", "gid"}:
+                owner[key] = value
+            else:
+                kept.append(opt)
+        if owner:
+            uid, _, gid = user.partition(":")
+            if owner != {"uid": uid, "gid": gid or owner.get("gid", "")}:
+                raise ComposeError(f"services.{name}.tmpfs: {mount}: owner is not the user {user}")
+            kept.append("U")
+        return f"{path}:{','.join(kept)}" if kept else path
 
     def _secret(self, name: str, secret: str | dict[str, Any]) -> str:
         if isinstance(secret, str):
