@@ -134,7 +134,8 @@ class Compose:
         a = ["run", "-d", "--name", container, "--network-alias", name]
         a += ["--label", f"toolplane.test.project={self.project}", "--label", f"service={name}"]
         # Docker's --read-only; podman would add writable tmpfs on /run, /tmp, /var/tmp.
-        a += ["--read-only=%s" % str(bool(s.get("read_only"))).lower(), "--read-only-tmpfs=false"]
+        read_only = str(bool(s.get("read_only"))).lower()
+        a += [f"--read-only={read_only}", "--read-only-tmpfs=false"]
         for cap in s.get("cap_drop") or []:
             a += ["--cap-drop", cap]
         for opt in s.get("security_opt") or []:

@@ -57,7 +57,9 @@ class StackError(Exception):
     """A step of bringing the stack up failed (the step, and podman's words)."""
 
 
-def podman(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def podman(
+    *args: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(  # noqa: S603 - podman, with arguments built here
         ["podman", *args], capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -220,9 +222,7 @@ def _tls(directory: Path) -> None:
     (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
     (directory / "tls.crt").write_bytes(cert.public_bytes(pem) + ca.public_bytes(pem))
     (directory / "tls.key").write_bytes(
-        key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
 
 
@@ -233,11 +233,11 @@ def _add_probe(compose: Compose, work: Path) -> None:
     probe["user"] = f"{uid}:10001"
     probe["command"] = [PROBE, "--concurrency", "1"]
     probe["environment"]["TOOLPLANE_EXTRA_TOOLS"] = PROBE_MODULE
-    probe["tmpfs"] = [
-        t.replace("uid=10103", f"uid={uid}") for t in probe["tmpfs"]
-    ]
+    probe["tmpfs"] = [t.replace("uid=10103", f"uid={uid}") for t in probe["tmpfs"]]
     key_file = next(
-        p.name for p in (work / "keys-home/keys/private").iterdir() if p.name.startswith(f"tool.{PROBE}_")
+        p.name
+        for p in (work / "keys-home/keys/private").iterdir()
+        if p.name.startswith(f"tool.{PROBE}_")
     )
     probe["secrets"] = [
         {"source": f"broker_url_{PROBE}", "target": "/run/secrets/env/TOOLPLANE_BROKER_URL"},
@@ -246,7 +246,12 @@ def _add_probe(compose: Compose, work: Path) -> None:
     ]
     module = Path(__file__).with_name("probe_tool.py")
     probe["volumes"] = [
-        {"type": "bind", "source": str(module), "target": f"{SITE}/{PROBE_MODULE}.py", "read_only": True}
+        {
+            "type": "bind",
+            "source": str(module),
+            "target": f"{SITE}/{PROBE_MODULE}.py",
+            "read_only": True,
+        }
     ]
     data["services"][f"worker-{PROBE}"] = probe
     data["secrets"][f"broker_url_{PROBE}"] = {"file": f"./secrets/broker/broker_url.{PROBE}"}
@@ -269,9 +274,7 @@ def prepare(work: Path, project: str) -> Stack:
     for part in ("compose.yaml", "seccomp", "postgres"):
         src = REPO / "docker" / part
         (shutil.copytree if src.is_dir() else shutil.copy)(src, docker / part)
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("TOOLPLANE_", "CELERY_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOOLPLANE_", "CELERY_"))}
     env |= {
         "TOOLPLANE_HOME": str(work / "keys-home"),
         "TOOLPLANE_EXTRA_TOOLS": "tests.containers.probe_tool",
@@ -304,7 +307,12 @@ def prepare(work: Path, project: str) -> Stack:
 def down(project: str) -> None:
     """Every container, network and volume of ``project`` (leftovers of a crashed run too)."""
     names = podman(
-        "ps", "-a", "--filter", f"label=toolplane.test.project={project}", "--format", "{{.Names}}",
+        "ps",
+        "-a",
+        "--filter",
+        f"label=toolplane.test.project={project}",
+        "--format",
+        "{{.Names}}",
         check=False,
     ).stdout.split()
     if names:
@@ -363,7 +371,9 @@ def _wait_condition(stack: Stack, service: str, condition: str, timeout: float) 
         def ok() -> bool:
             state = stack.inspect(container)["State"]
             if not state["Running"]:
-                raise StackError(f"{service} stopped ({state['ExitCode']}):\n{stack.logs(container)}")
+                raise StackError(
+                    f"{service} stopped ({state['ExitCode']}):\n{stack.logs(container)}"
+                )
             return stack.healthy(container)
 
         try:
@@ -387,6 +397,11 @@ def _approve_tools(stack: Stack, timeout: float) -> None:
         if tool["tool"] in wanted and not tool["approved_sha256"]:
             held = tool["held"][0]
             stack.one_off(
-                "migrate", "tools", "approve", tool["tool"], held["version"],
-                "--sha256", held["manifest_sha256"],
+                "migrate",
+                "tools",
+                "approve",
+                tool["tool"],
+                held["version"],
+                "--sha256",
+                held["manifest_sha256"],
             )

@@ -22,7 +22,11 @@ def test_one_call_per_tool_and_the_ledger_verifies(cstack: Stack) -> None:
             node = run.nodes[0]
             assert node.status == "completed", (tool, node.status, node.error)
             assert node.receipt["key_id"].startswith(f"tool.{tool}")
-            assert "no namespaces" in node.result_containment if hasattr(node, "result_containment") else True
+            assert (
+                "no namespaces" in node.result_containment
+                if hasattr(node, "result_containment")
+                else True
+            )
         assert client.verify_ledger().ok
     cstack.timings.update({f"first_call_{t}_s": v for t, v in latencies.items()})
     print("timings", cstack.timings)
