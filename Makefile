@@ -39,7 +39,7 @@ images:
 # calls, inspections and a hostile probe tool inside a worker (several minutes).
 containers: install images
 	docker/images.sh standins
-	$(PY) -m pytest -q -p no:cacheprovider tests/containers $(CONTAINERS_ARGS)
+	$(PY) -m pytest -q -rP -p no:cacheprovider tests/containers $(CONTAINERS_ARGS)
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PIP) install -e ".[test,bench]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,4 +38,6 @@ def cstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         up(stack)
         yield stack
     finally:
+        print("container figures", json.dumps(stack.timings, default=str))
+        (stack.work / "figures.json").write_text(json.dumps(stack.timings, indent=2, default=str))
         down(PROJECT)

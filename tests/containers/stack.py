@@ -108,8 +108,8 @@ class Stack:
     def exec(self, container: str, *argv: str) -> str:
         return podman("exec", container, *argv).stdout
 
-    def logs(self, container: str) -> str:
-        done = podman("logs", "--tail", "60", container, check=False)
+    def logs(self, container: str, tail: int | None = 60) -> str:
+        done = podman("logs", *(["--tail", str(tail)] if tail else []), container, check=False)
         return done.stdout + done.stderr
 
     def one_off(self, service: str, *command: str) -> str:
@@ -125,6 +125,9 @@ class Stack:
 
     def healthy(self, container: str) -> bool:
         return podman("healthcheck", "run", container, check=False, timeout=60).returncode == 0
+
+    def wait_healthy(self, container: str, timeout: float = 180) -> float:
+        return wait_for(f"{container} healthy", lambda: self.healthy(container), timeout, every=1.0)
 
     def start(self, service: str, index: int = 1) -> str:
         name = self.compose.container(service, index)
