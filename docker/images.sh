@@ -139,6 +139,7 @@ wheelhouse() {
             --dest "$WHEELS.part" $setuptools \
             -r docker/requirements/control.txt -r docker/requirements/worker.txt \
             > "$WHEELS.log" 2>&1 || { grep -v '^WARNING: Location' "$WHEELS.log" | tail -20 >&2; exit 1; }
+        rm -f "$WHEELS.log"
         printf '[global]\nno-index = true\nfind-links = /wheelhouse\n' > "$WHEELS.part/pip.conf"
         mv "$WHEELS.part" "$WHEELS"
     fi
