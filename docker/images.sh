@@ -13,8 +13,8 @@
 # 2. base: the image the Dockerfiles' FROM line names (python:3.11.11-slim-bookworm), made
 #    locally: Debian bookworm (debootstrap, minbase, with the C libraries Python's
 #    extension modules link against) plus a CPython >= 3.11.3 copied from this machine
-#    ($TOOLPLANE_BASE_PYTHON, default /root/.pyenv/versions/3.11.7; Debian's own 3.11.2
-#    is older than redis-py allows). Its root file system is cached as a tar under
+#    ($TOOLPLANE_BASE_PYTHON: its prefix; default that of `python3` on PATH, here pyenv's
+#    3.11.7; Debian's own 3.11.2 is older than redis-py allows). Its root file system is cached as a tar under
 #    $TOOLPLANE_IMAGE_CACHE (default /var/cache/toolplane-images), keyed by a hash of this
 #    script and of the Python's version, so the ~3 minutes of debootstrap happen once.
 # 3. images: `podman build --pull=never` of docker/Dockerfile.control and
@@ -30,7 +30,9 @@ cd "$(dirname "$0")/.."
 
 TAG=${TOOLPLANE_IMAGE_TAG:-0.1.0}
 CACHE=${TOOLPLANE_IMAGE_CACHE:-/var/cache/toolplane-images}
-PY_SRC=${TOOLPLANE_BASE_PYTHON:-/root/.pyenv/versions/3.11.7}
+# The CPython installation to copy: its prefix (bin/python3.11, lib/python3.11/). By
+# default the one `python3` on PATH belongs to (its sys.base_prefix, not a venv's).
+PY_SRC=${TOOLPLANE_BASE_PYTHON:-$(python3 -c 'import sys; print(sys.base_prefix)' 2> /dev/null || echo /root/.pyenv/versions/3.11.7)}
 MIRROR=${TOOLPLANE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 BASE=$(awk '/^FROM /{print $2; exit}' docker/Dockerfile.worker)
 # Shared libraries of CPython's extension modules (ssl, ctypes, sqlite3, bz2, lzma,
@@ -96,7 +98,11 @@ base() {
         local lib=$PY_SRC/lib/python3.11
         mkdir -p "$root/usr/local/bin" "$root/usr/local/lib/python3.11/site-packages"
         cp -a "$PY_SRC/bin/python3.11" "$root/usr/local/bin/"
-        cp -a "$PY_SRC"/lib/libpython3.11.so* "$root/usr/local/lib/"
+        # A shared build's library (a static build has none); its RPATH names $PY_SRC,
+        # absent in the image, so the loader finds it in /usr/local/lib (ldconfig below).
+        if compgen -G "$PY_SRC/lib/libpython3.11.so*" > /dev/null; then
+            cp -a "$PY_SRC"/lib/libpython3.11.so* "$root/usr/local/lib/"
+        fi
         tar -C "$lib" -cf - --exclude=./site-packages --exclude=./test --exclude=./idlelib \
             --exclude=./tkinter --exclude=./turtledemo --exclude='./config-3.11-*' \
             --exclude='__pycache__' . | tar -C "$root/usr/local/lib/python3.11" -xf -
