@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,9 @@ import pytest
 
 from tests.containers.stack import Stack, down, podman, prepare, up
 
-PROJECT = "tpct"
+# Names of containers, networks and volumes start with it; another checkout running the
+# suite on the same host at the same time needs its own.
+PROJECT = os.environ.get("TOOLPLANE_CONTAINERS_PROJECT", "tpct")
 IMAGES = (
     "toolplane-control:0.1.0",
     "toolplane-worker:0.1.0",
