@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install test faults check demo bench clean
+.PHONY: install test faults check demo bench images containers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ check: install
 
 demo: install
 	$(PY) -m control.ops.demo
+
+# The control and worker images, built with podman from a locally made base (no registry
+# pull): docker/images.sh installs and configures podman if needed (as root).
+images:
+	docker/images.sh
+
+# The compose topology as real podman containers, hardened as compose.yaml says, then
+# calls, inspections and a hostile probe tool inside a worker (several minutes).
+containers: install images
+	docker/images.sh standins
+	$(PY) -m pytest -q -rP -p no:cacheprovider tests/containers $(CONTAINERS_ARGS)
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PIP) install -e ".[test,bench]"

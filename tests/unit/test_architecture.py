@@ -183,10 +183,11 @@ def test_no_module_is_too_long():
 
 
 def test_ci_runs_every_test_directory() -> None:
-    """`make test` and `make faults` between them run every folder of tests, and CI runs both."""
+    """`make test`, `make faults` and `make containers` between them run every folder of
+    tests, and CI runs all three."""
     makefile = (ROOT / "Makefile").read_text()
     targets = {}
-    for target in ("test", "faults"):
+    for target in ("test", "faults", "containers"):
         header = next(line for line in makefile.splitlines() if line.startswith(f"{target}:"))
         recipe = makefile.split(header + "\n", 1)[1].split("\n\n", 1)[0]
         targets[target] = {w for w in recipe.split("pytest", 1)[1].split() if w.startswith("tests")}
@@ -195,12 +196,14 @@ def test_ci_runs_every_test_directory() -> None:
         for p in (ROOT / "tests").rglob("test_*.py")
         if ".venv" not in p.parts
     }
-    covered = targets["test"] | targets["faults"]
+    covered = targets["test"] | targets["faults"] | targets["containers"]
 
     def run_by(folder: str) -> set[str]:
         return {t for t in covered if folder == t or folder.startswith(t + "/")}
 
     assert all(run_by(f) for f in folders), [f for f in folders if not run_by(f)]
     assert targets["faults"] == {"tests/faults"}
+    assert targets["containers"] == {"tests/containers"}
+    assert not {"tests/containers", "tests"} & targets["test"]  # `make test` stays fast
     ci = (ROOT / ".ci" / "run").read_text().split()
-    assert "test" in ci and "faults" in ci
+    assert "test" in ci and "faults" in ci and "containers" in ci
