@@ -40,6 +40,7 @@ __all__ = [
     "checkpoint_chain",
     "load_signer",
     "newest_checkpoint",
+    "trusted_checkpoints",
 ]
 
 log = logging.getLogger("toolplane.ledger.checkpoints")
@@ -96,7 +97,14 @@ class DirectoryCheckpointStore:
         folder = self._dir(chain_id)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{size:020d}.note"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            # Another checkpointer signed the same tree first (Ed25519 is deterministic,
+            # so the same key gives the same bytes); anything else is a fork.
+            if path.read_bytes() != note:
+                raise LedgerError(f"{path}: a different checkpoint of this size exists") from None
+            return path
         try:
             os.write(fd, note)
             os.fsync(fd)
@@ -222,3 +230,21 @@ def checkpoint_all(
             log.error("checkpoint.refused chain=%s problem=%s", e.chain_id, e.problem)
             refused.append(e)
     return signed, refused
+
+
+def trusted_checkpoints(
+    store: DirectoryCheckpointStore, chain_ids: list[str], verifiers: list[NoteVerifier]
+) -> tuple[dict[str, Checkpoint], list[str]]:
+    """The newest checkpoint of each chain that has one, verified; and the problems of
+    those that do not verify (a bad signature, a wrong origin), one line each."""
+    found: dict[str, Checkpoint] = {}
+    problems = []
+    for chain_id in chain_ids:
+        try:
+            newest = newest_checkpoint(store, chain_id, verifiers)
+        except (NoteError, OSError) as e:
+            problems.append(f"{chain_id}: newest checkpoint does not verify: {e}")
+            continue
+        if newest is not None:
+            found[chain_id] = newest[0]
+    return found, problems

@@ -35,6 +35,7 @@ from ledger.merkle import (
     tree_root,
 )
 from ledger.models import EvidenceEvent, MerkleNode, MerkleTree
+from ledger.roots import compact_root
 
 __all__ = ["IntegrationError", "TreeState", "integrate", "prove_consistency", "prove_inclusion"]
 
@@ -61,16 +62,6 @@ class TreeState:
 def frontier(size: int) -> list[tuple[int, int]]:
     """The complete subtrees a tree of ``size`` leaves is made of, largest first."""
     return [(lv, (size >> lv) - 1) for lv in range(size.bit_length() - 1, -1, -1) if size >> lv & 1]
-
-
-def _root_of(hashes: list[bytes]) -> bytes:
-    """The root from the frontier's hashes (largest first): folded from the right."""
-    if not hashes:
-        return EMPTY_ROOT
-    root = hashes[-1]
-    for h in reversed(hashes[:-1]):
-        root = node_hash(h, root)
-    return root
 
 
 def _fetch(
@@ -171,7 +162,7 @@ def integrate(session: Session, chain_id: str, *, limit: int = 100_000) -> TreeS
             ],
         )
         taken += len(rows)
-    root = _root_of([edge[k] for k in frontier(size)])
+    root = compact_root([edge[k] for k in frontier(size)])
     if size != current.size:
         session.execute(
             MerkleTree.__table__.update()

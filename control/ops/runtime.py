@@ -28,8 +28,17 @@ from control.ops.identities import refresh_worker_keys
 from control.orchestration.dispatch import CeleryPublisher
 from control.orchestration.intake import Governance
 from ledger.chain import NewEvent
+from ledger.checkpoints import (
+    CheckpointRefused,
+    DirectoryCheckpointStore,
+    Signed,
+    checkpoint_all,
+    checkpoint_chain,
+    load_signer,
+)
 from ledger.db import make_engine, make_sessionmaker
 from ledger.models import PolicyVersion, SigningKey, ToolManifest
+from ledger.note import NoteSigner, NoteVerifier
 from ledger.store import append_events
 from policy.bundle import PolicyBundle, bundle_files, load_bundle
 from policy.engine import PolicyEngine
@@ -127,6 +136,42 @@ class ControlPlane:
     @cached_property
     def publisher(self) -> CeleryPublisher:
         return CeleryPublisher(self.celery)
+
+    # -- checkpoints (ledger/checkpoints.py) -------------------------------------
+    @cached_property
+    def checkpoints(self) -> DirectoryCheckpointStore:
+        """Signed checkpoints, in files outside the database."""
+        return DirectoryCheckpointStore(self.settings.checkpoints_dir)
+
+    @cached_property
+    def checkpoint_signer(self) -> NoteSigner:
+        """The key that signs checkpoints, named for the deployment (made once)."""
+        return load_signer(self.settings.keys_dir, self.settings.deployment)
+
+    def checkpoint_verifiers(self) -> list[NoteVerifier]:
+        """Keys a checkpoint is verified with: pinned in the key store, never the database."""
+        return [self.checkpoint_signer.verifier]
+
+    def checkpoint(
+        self, chain_ids: list[str] | None = None
+    ) -> tuple[list[Signed], list[CheckpointRefused]]:
+        """Integrate and checkpoint ``chain_ids`` (default: every chain with events)."""
+        signer, store, name = self.checkpoint_signer, self.checkpoints, self.settings.deployment
+        with self.sessions() as session:
+            if chain_ids is None:
+                return checkpoint_all(session, signer=signer, store=store, deployment=name)
+            signed, refused = [], []
+            for chain_id in chain_ids:
+                try:
+                    signed.append(
+                        checkpoint_chain(
+                            session, chain_id, signer=signer, store=store, deployment=name
+                        )
+                    )
+                except CheckpointRefused as e:
+                    log.error("checkpoint.refused chain=%s problem=%s", e.chain_id, e.problem)
+                    refused.append(e)
+            return signed, refused
 
     @property
     def signer(self) -> Signer:

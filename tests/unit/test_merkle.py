@@ -29,6 +29,7 @@ from ledger.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from ledger.roots import RootAt
 
 h = bytes.fromhex
 LEAVES = [h(x) for x in ["", "00", "10", "2021", "3031", "40414243", "5051525354555657",
@@ -211,3 +212,13 @@ def test_leaf_is_what_the_chain_hash_covers(
         "payload": payload,
     }
     assert hashlib.sha256(event_leaf(**fields)).hexdigest() == event_hash(**fields)  # type: ignore[arg-type]
+
+
+@settings(max_examples=100, deadline=None)
+@given(size=st.integers(0, 700), extra=st.integers(0, 50))
+def test_root_at_a_size_while_walking(size: int, extra: int) -> None:
+    _, hashes = nodes_for(size + extra)
+    walker = RootAt(size)
+    for x in hashes:
+        walker.add(x)
+    assert walker.root == root_from_leaves(hashes[:size])
