@@ -47,7 +47,7 @@ from toolplane.canonical import digest
 from toolplane.errors import SettingsError
 from toolplane.keystore import IndexWatch, KeyStore
 from toolplane.settings import Settings
-from toolplane.signing import KeyRing, PublicKey, Signer, b64decode
+from toolplane.signing import KeyRing, Signer
 
 log = logging.getLogger("toolplane.control")
 
@@ -337,8 +337,10 @@ class ControlPlane:
         return count
 
     def keyring(self, *, refresh: bool = False) -> KeyRing:
-        """Keys to verify receipts: the key store's (with local HMAC secrets) and the ledger's
-        key table, each key with the earliest retirement and revocation either knows.
+        """Keys to verify receipts: the key store's (with local HMAC secrets), each with the
+        earliest retirement and revocation that it or the ledger's key table knows. Trust
+        comes from the key store only, outside the database: a key found only in the table
+        verifies nothing (whoever can write the table could have put it there).
 
         Built again when the key store's index changes, and at least every KEYRING_TTL_S
         (ingest also reads the revocation of each receipt's key from the table itself:
@@ -354,17 +356,5 @@ class ControlPlane:
                 known = ring.get(row.key_id)
                 if known is not None:
                     ring.add(known.merged(not_after=row.not_after, revoked_at=row.revoked_at))
-                elif row.algorithm == "ed25519" and row.public_key:
-                    ring.add(
-                        PublicKey(
-                            key_id=row.key_id,
-                            owner=row.owner,
-                            algorithm="ed25519",
-                            material=b64decode(row.public_key),
-                            not_before=row.not_before,
-                            not_after=row.not_after,
-                            revoked_at=row.revoked_at,
-                        )
-                    )
         self._keyring, self._keyring_at = ring, time.monotonic()
         return ring

@@ -228,3 +228,67 @@ def test_leaf_bytes_are_what_the_event_hash_covers(exported: dict[str, Any], sta
                 (parsed["chain_id"], event["seq"]),
             ).fetchone()
             assert hashlib.sha256(leaf).hexdigest() == stored
+
+
+def test_a_key_inserted_into_the_database_verifies_nothing(stack: Stack, token: str) -> None:
+    """Trust is the key store's: a receipt signed by a key someone put in `signing_keys`
+    is named by `ledger verify` (it passed before, ok: true)."""
+    from datetime import UTC, datetime
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    from sqlalchemy import select
+
+    from ledger.chain import NewEvent
+    from ledger.models import EvidenceEvent, SigningKey
+    from ledger.store import append_events
+    from toolplane.canonical import digest
+    from toolplane.messages import ResultMessage, signed_bytes
+
+    run_id = one_call(stack, token)
+    client = stack.client(token)
+    forger = Ed25519PrivateKey.generate()
+    public = forger.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    key_id = "tool.read_repo_file:f0f0f0f0f0f0f0f0"
+    with client.plane.sessions() as session:
+        payload = session.execute(
+            select(EvidenceEvent.payload).where(
+                EvidenceEvent.run_id == run_id, EvidenceEvent.kind == "ToolCallCompleted"
+            )
+        ).scalar_one()
+        message = ResultMessage.model_validate(payload["message"])
+        content = dict(message.result.result or {}, content="forged")
+        result = message.result.model_copy(
+            update={"result": content, "result_sha256": digest(content)}
+        )
+        signature = base64.b64encode(forger.sign(signed_bytes(result))).decode()
+        forged = {
+            "result": result.model_dump(mode="json"),
+            "receipt": {"key_id": key_id, "algorithm": "ed25519", "signature": signature},
+        }
+        session.add(
+            SigningKey(
+                key_id=key_id,
+                owner="tool.read_repo_file",
+                algorithm="ed25519",
+                public_key=base64.b64encode(public).decode(),
+                not_before=datetime(2020, 1, 1, tzinfo=UTC),
+            )
+        )
+        append_events(
+            session,
+            [
+                NewEvent(
+                    "ToolCallCompleted",
+                    dict(payload, message=forged, receipt_key_id=key_id),
+                    client.identity.tenant_id,
+                    run_id,
+                )
+            ],
+        )
+        session.commit()
+    done = stack.cli("ledger", "verify", "--json", token=token)
+    report = json.loads(done.stdout)
+    assert done.returncode == 1, report
+    problems = [b["problem"] for b in report["broken"]]
+    assert problems == [f"receipt: receipt signature: unknown key id {key_id!r}"], problems
