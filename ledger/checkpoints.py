@@ -15,12 +15,14 @@ auditors pin.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -34,6 +36,7 @@ from ledger.tree import integrate, prove_consistency
 
 __all__ = [
     "CheckpointRefused",
+    "Cosigner",
     "DirectoryCheckpointStore",
     "Signed",
     "checkpoint_all",
@@ -93,6 +96,29 @@ class DirectoryCheckpointStore:
                 if CHAIN.match(f"tenant:{p.name}"):
                     yield f"tenant:{p.name}"
 
+    def record_refusal(self, chain_id: str, size: int, witness: str, problem: str) -> None:
+        """Append a witness's refusal to ``<chain path>/refusals.log`` (one JSON a line)."""
+        folder = self._dir(chain_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"size": size, "witness": witness, "problem": problem})
+        with open(folder / "refusals.log", "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.error(
+            "witness.refused chain=%s size=%s witness=%s problem=%s",
+            chain_id,
+            size,
+            witness,
+            problem,
+        )
+
+    def refusals(self, chain_id: str) -> list[dict[str, Any]]:
+        path = self._dir(chain_id) / "refusals.log"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     def write(self, chain_id: str, size: int, note: bytes) -> Path:
         folder = self._dir(chain_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -116,6 +142,18 @@ class DirectoryCheckpointStore:
         finally:
             os.close(dir_fd)
         return path
+
+
+class Cosigner(Protocol):
+    def __call__(
+        self,
+        checkpoint: Checkpoint,
+        note: bytes,
+        *,
+        previous: int,
+        prove: Callable[[int], list[bytes]],
+        refused: Callable[[str, str], None],
+    ) -> list[str]: ...
 
 
 def load_signer(keys_dir: Path, name: str, *, create: bool = True) -> NoteSigner:
@@ -165,10 +203,12 @@ def checkpoint_chain(
     signer: NoteSigner,
     store: DirectoryCheckpointStore,
     deployment: str,
+    cosign: Cosigner | None = None,
 ) -> Signed:
     """Integrate ``chain_id`` and sign a checkpoint of its tree if it grew. Commits the
     integration; raises CheckpointRefused if the tree is not consistent with the newest
-    stored checkpoint (then nothing is written)."""
+    stored checkpoint (then nothing is written). ``cosign``: asks witnesses to cosign the
+    note before it is written (their lines are added to it)."""
     try:
         tree = integrate(session, chain_id)
         session.commit()
@@ -207,13 +247,28 @@ def checkpoint_chain(
         raise CheckpointRefused(chain_id, "the chain has no events")
     checkpoint = Checkpoint(origin, tree.size, tree.root)
     note = sign_note(checkpoint.text(), [signer]).encode("utf-8")
+    if cosign is not None:
+        size = tree.size
+        lines = cosign(
+            checkpoint,
+            note,
+            previous=newest[0].size if newest is not None else 0,
+            prove=lambda old: prove_consistency(session, chain_id, old, size)[0],
+            refused=lambda who, why: store.record_refusal(chain_id, size, who, why),
+        )
+        note += "".join(lines).encode("utf-8")
     store.write(chain_id, tree.size, note)
     log.info("checkpoint.signed chain=%s size=%s", chain_id, tree.size)
     return Signed(chain_id, checkpoint, note, written=True)
 
 
 def checkpoint_all(
-    session: Session, *, signer: NoteSigner, store: DirectoryCheckpointStore, deployment: str
+    session: Session,
+    *,
+    signer: NoteSigner,
+    store: DirectoryCheckpointStore,
+    deployment: str,
+    cosign: Cosigner | None = None,
 ) -> tuple[list[Signed], list[CheckpointRefused]]:
     """Checkpoint every chain that has events; refusals are logged and returned."""
     chains = list(session.scalars(select(ChainHead.chain_id).where(ChainHead.seq > 0)))
@@ -223,7 +278,12 @@ def checkpoint_all(
         try:
             signed.append(
                 checkpoint_chain(
-                    session, chain_id, signer=signer, store=store, deployment=deployment
+                    session,
+                    chain_id,
+                    signer=signer,
+                    store=store,
+                    deployment=deployment,
+                    cosign=cosign,
                 )
             )
         except CheckpointRefused as e:
@@ -247,4 +307,9 @@ def trusted_checkpoints(
             continue
         if newest is not None:
             found[chain_id] = newest[0]
+        for r in store.refusals(chain_id):
+            problems.append(
+                f"{chain_id}: witness {r.get('witness')} refused to cosign the checkpoint of "
+                f"size {r.get('size')}: {r.get('problem')}"
+            )
     return found, problems

@@ -26,10 +26,13 @@ from cryptography.hazmat.primitives.serialization import (
 from ledger.errors import LedgerError
 
 __all__ = [
+    "DASH",
     "NoteError",
     "NoteSigner",
     "NoteVerifier",
     "Signature",
+    "b64_strict",
+    "check_name",
     "generate_signer",
     "open_note",
     "sign_note",
@@ -45,7 +48,7 @@ class NoteError(LedgerError):
     """A note, key or signature that is malformed or does not verify; names which."""
 
 
-def _b64(text: str, what: str) -> bytes:
+def b64_strict(text: str, what: str) -> bytes:
     try:
         raw = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError) as e:
@@ -55,7 +58,7 @@ def _b64(text: str, what: str) -> bytes:
     return raw
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     if not name or any(c.isspace() for c in name) or "+" in name:
         raise NoteError(f"key name {name!r}: must be non-empty, without spaces or '+'")
 
@@ -84,8 +87,8 @@ class NoteVerifier:
         if len(parts) != 3:
             raise NoteError(f"verifier key {vkey!r}: expected name+keyid+key")
         name, hex_id, encoded = parts
-        _check_name(name)
-        raw = _b64(encoded, "verifier key")
+        check_name(name)
+        raw = b64_strict(encoded, "verifier key")
         if len(raw) != 33 or raw[0] != ED25519:
             raise NoteError("verifier key: not an Ed25519 key (type 0x01, 32 bytes)")
         verifier = cls(name, raw[1:])
@@ -122,8 +125,8 @@ class NoteSigner:
         if len(parts) != 5 or parts[:2] != ["PRIVATE", "KEY"]:
             raise NoteError("signer key: expected PRIVATE+KEY+name+keyid+key")
         _, _, name, hex_id, encoded = parts
-        _check_name(name)
-        raw = _b64(encoded, "signer key")
+        check_name(name)
+        raw = b64_strict(encoded, "signer key")
         if len(raw) != 33 or raw[0] != ED25519:
             raise NoteError("signer key: not an Ed25519 key (type 0x01, 32 bytes)")
         signer = cls(name, raw[1:])
@@ -138,7 +141,7 @@ class NoteSigner:
 
 
 def generate_signer(name: str) -> NoteSigner:
-    _check_name(name)
+    check_name(name)
     key = Ed25519PrivateKey.generate()
     return NoteSigner(name, key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
 
@@ -187,8 +190,8 @@ def split_note(note: bytes) -> tuple[str, list[Signature]]:
         parts = line.split(" ")
         if len(parts) != 3 or parts[0] != DASH:
             raise NoteError(f"note signature {i}: expected '— name signature'")
-        _check_name(parts[1])
-        raw = _b64(parts[2], f"note signature {i} ({parts[1]})")
+        check_name(parts[1])
+        raw = b64_strict(parts[2], f"note signature {i} ({parts[1]})")
         if len(raw) < 5:
             raise NoteError(f"note signature {i} ({parts[1]}): too short")
         signatures.append(Signature(parts[1], raw[:4], raw[4:], line + "\n"))

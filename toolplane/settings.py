@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = Field(
         default=30.0, ge=0, le=86_400, description="s between the control's checkpoints; 0: never"
     )
+    witness_urls: str = Field(
+        default="", description="comma-separated URLs of witnesses that cosign checkpoints"
+    )
+    witness_keys: str = Field(
+        default="", description="comma-separated verifier keys of those witnesses (pinned)"
+    )
     broker_acl_dir: Path | None = Field(
         default=None, description="`toolplane broker-acl`'s files: a broker user per process"
     )

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from control.cli.broker import broker_acl
-from control.cli.bundles import ledger_export, ledger_trust, ledger_verify_bundle
+from control.cli.bundles import ledger_export, ledger_trust, ledger_verify_bundle, witness
 from control.cli.governance import approve, policy_app, reject, token_app
 from control.cli.operator import (
     keys_app,
@@ -410,6 +410,7 @@ ledger_app.command("checkpoint")(ledger_checkpoint)
 ledger_app.command("export")(ledger_export)
 ledger_app.command("verify-bundle")(ledger_verify_bundle)
 ledger_app.command("trust")(ledger_trust)
+app.command("witness")(witness)
 app.command()(approve)
 app.command()(reject)
 app.command()(submit)

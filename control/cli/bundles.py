@@ -19,7 +19,7 @@ from control.cli.support import client as _client
 from control.cli.support import plane as _plane
 from control.errors import EXIT_ERROR, EXIT_OK, UsageError
 
-__all__ = ["ledger_export", "ledger_trust", "ledger_verify_bundle", "read_trust"]
+__all__ = ["ledger_export", "ledger_trust", "ledger_verify_bundle", "read_trust", "witness"]
 
 TRUST_FORMAT = "toolplane-trust/1"
 
@@ -130,3 +130,49 @@ def ledger_trust(
     }
     _write(out, (json.dumps(trust, indent=2) + "\n").encode())
     console.print(f"{out}: checkpoint key and {len(keys)} public keys", markup=False)
+
+
+@handled
+def witness(
+    home: Annotated[Path, typer.Option(help="The witness's own key and state.")],
+    bind: Annotated[str, typer.Option(help="host:port to serve on.")] = "127.0.0.1:8766",
+    name: Annotated[str, typer.Option(help="The witness's key name (made once).")] = "witness",
+    log_key: Annotated[
+        list[str] | None,
+        typer.Option("--log-key", help="A log's checkpoint verifier key to pin; repeatable."),
+    ] = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Run a witness: its own process, key and state. It cosigns a log's checkpoint only if
+    it is consistent with the last one it cosigned for that origin (C2SP tlog-witness,
+    POST /add-checkpoint), and refuses (and logs) anything else. Holds no database or
+    broker URL; prints its verifier key (give it to the control as TOOLPLANE_WITNESS_KEYS)."""
+    from control.cli.support import setup_logging
+    from control.ops.witness_server import make_witness_server
+    from ledger.note import NoteError, NoteVerifier
+    from ledger.witness import load_witness
+
+    setup_logging(loglevel)
+    home.mkdir(parents=True, exist_ok=True)
+    logs = home / "logs"
+    known = logs.read_text().split() if logs.exists() else []
+    for vkey in log_key or []:
+        try:
+            NoteVerifier.parse(vkey)
+        except NoteError as e:
+            raise UsageError(str(e), field="--log-key") from e
+        if vkey not in known:
+            known.append(vkey)
+    logs.write_text("".join(v + "\n" for v in known))
+    if not known:
+        raise UsageError("pin at least one log's checkpoint key", field="--log-key")
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError("expected host:port", field="--bind")
+    state = load_witness(home, name)
+    server = make_witness_server(state, host, int(port))
+    console.print(f"witness {state.signer.verifier.vkey} on http://{bind}", markup=False)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

@@ -25,6 +25,7 @@ from control.governance.entitlements import EntitlementStore
 from control.governance.keys import sync_keys
 from control.ops.embedded import find_embedded
 from control.ops.identities import refresh_worker_keys
+from control.ops.witness_client import WitnessClient
 from control.orchestration.dispatch import CeleryPublisher
 from control.orchestration.intake import Governance
 from ledger.chain import NewEvent
@@ -36,6 +37,7 @@ from ledger.checkpoints import (
     checkpoint_chain,
     load_signer,
 )
+from ledger.cosignature import CosignatureVerifier
 from ledger.db import make_engine, make_sessionmaker
 from ledger.models import PolicyVersion, SigningKey, ToolManifest
 from ledger.note import NoteSigner, NoteVerifier
@@ -148,6 +150,15 @@ class ControlPlane:
         """The key that signs checkpoints, named for the deployment (made once)."""
         return load_signer(self.settings.keys_dir, self.settings.deployment)
 
+    @cached_property
+    def witnesses(self) -> WitnessClient | None:
+        """The witnesses asked to cosign each checkpoint (TOOLPLANE_WITNESS_URLS), if any."""
+        urls = [u for u in self.settings.witness_urls.split(",") if u.strip()]
+        if not urls:
+            return None
+        keys = [CosignatureVerifier.parse(k) for k in self.settings.witness_keys.split(",") if k]
+        return WitnessClient(urls, keys)
+
     def checkpoint_verifiers(self) -> list[NoteVerifier]:
         """Keys a checkpoint is verified with: pinned in the key store, never the database."""
         return [self.checkpoint_signer.verifier]
@@ -157,15 +168,23 @@ class ControlPlane:
     ) -> tuple[list[Signed], list[CheckpointRefused]]:
         """Integrate and checkpoint ``chain_ids`` (default: every chain with events)."""
         signer, store, name = self.checkpoint_signer, self.checkpoints, self.settings.deployment
+        cosign = self.witnesses.cosign if self.witnesses is not None else None
         with self.sessions() as session:
             if chain_ids is None:
-                return checkpoint_all(session, signer=signer, store=store, deployment=name)
+                return checkpoint_all(
+                    session, signer=signer, store=store, deployment=name, cosign=cosign
+                )
             signed, refused = [], []
             for chain_id in chain_ids:
                 try:
                     signed.append(
                         checkpoint_chain(
-                            session, chain_id, signer=signer, store=store, deployment=name
+                            session,
+                            chain_id,
+                            signer=signer,
+                            store=store,
+                            deployment=name,
+                            cosign=cosign,
                         )
                     )
                 except CheckpointRefused as e:
