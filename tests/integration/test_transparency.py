@@ -292,3 +292,26 @@ def test_a_key_inserted_into_the_database_verifies_nothing(stack: Stack, token: 
     assert done.returncode == 1, report
     problems = [b["problem"] for b in report["broken"]]
     assert problems == [f"receipt: receipt signature: unknown key id {key_id!r}"], problems
+
+
+def test_checkpoint_on_demand_through_the_api(stack: Stack, token: str) -> None:
+    """The control process signs (as its runtime database role) for an admin; anyone of
+    the tenant reads the newest checkpoint; a submitter may not sign."""
+    import httpx
+
+    one_call(stack, token)
+    headers = {"Authorization": f"Bearer {token}"}
+    answer = httpx.post(f"{stack.url}/v1/ledger/checkpoint", headers=headers, timeout=30)
+    assert answer.status_code == 200, answer.text
+    signed = answer.json()
+    assert signed["origin"] == "toolplane.local/" + signed["chain_id"].replace(":", "/")
+    latest = httpx.get(f"{stack.url}/v1/ledger/checkpoint", headers=headers, timeout=30)
+    assert latest.status_code == 200 and latest.text == signed["note"]
+    assert latest.text.splitlines()[1] == str(signed["size"])
+    submitter = stack.http(token).issue_token(principal="bot", role="submitter")
+    answer = httpx.post(
+        f"{stack.url}/v1/ledger/checkpoint",
+        headers={"Authorization": f"Bearer {submitter.token}"},
+        timeout=30,
+    )
+    assert answer.status_code == 403, answer.text
