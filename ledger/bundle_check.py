@@ -20,8 +20,9 @@ from datetime import datetime
 from typing import Any
 
 from ledger.checkpoint import Checkpoint
+from ledger.cosignature import CosignatureVerifier
 from ledger.merkle import MerkleError, leaf_hash, verify_inclusion
-from ledger.note import NoteError, NoteVerifier, open_note
+from ledger.note import NoteError, NoteVerifier, open_note, split_note
 from ledger.receipts import ReceiptProblem, check_result_message
 from toolplane.canonical import canonical_json, parse_json_strict
 from toolplane.errors import SignatureError, ToolplaneError
@@ -108,6 +109,7 @@ class BundleReport:
     events: int = 0
     receipts: int = 0
     envelopes: int = 0
+    witnesses: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -124,6 +126,7 @@ class BundleReport:
             "events": self.events,
             "receipts_verified": self.receipts,
             "envelopes_verified": self.envelopes,
+            "cosigned_by": self.witnesses,
             "problems": self.problems,
             "notes": self.notes,
         }
@@ -133,10 +136,12 @@ def check_bundle(
     data: bytes,
     checkpoint_keys: list[NoteVerifier],
     pinned_keys: list[dict[str, Any]] | None = None,
+    witness_keys: list[CosignatureVerifier] | None = None,
 ) -> BundleReport:
     """Every check of the bundle ``data``; ``pinned_keys``: the key objects an auditor
     trusts (each key of the bundle must be one of them); without, the bundle's own keys
-    are used and the report says that they were not pinned."""
+    are used and the report says that they were not pinned. ``witness_keys``: each must
+    have cosigned the checkpoint."""
     report = BundleReport()
     if len(data) > MAX_BUNDLE:
         report.problems.append(f"bundle: larger than {MAX_BUNDLE} bytes")
@@ -163,6 +168,12 @@ def check_bundle(
         report.problems.append(f"checkpoint: {e}")
         return report
     report.origin, report.tree_size = checkpoint.origin, checkpoint.size
+    for witness in witness_keys or []:
+        problem = _cosigned(str(bundle["checkpoint"]), text, witness)
+        if problem:
+            report.problems.append(f"checkpoint: {problem}")
+        else:
+            report.witnesses.append(witness.name)
     ring = _keys(bundle["keys"], pinned_keys, report)
     if not isinstance(bundle["events"], list) or not bundle["events"]:
         report.problems.append("events: not a non-empty list")
@@ -180,6 +191,19 @@ def check_bundle(
         report.events += 1
         _links(leaf, where, ring, envelopes, report)
     return report
+
+
+def _cosigned(note: str, text: str, witness: CosignatureVerifier) -> str | None:
+    """None if ``witness`` cosigned the note's checkpoint, else why not."""
+    _, signatures = split_note(note.encode("utf-8"))
+    mine = [s for s in signatures if s.name == witness.name and s.key_id == witness.key_id]
+    if not mine:
+        return f"not cosigned by witness {witness.name}"
+    try:
+        witness.verify(text, mine[0])
+    except NoteError as e:
+        return str(e)
+    return None
 
 
 def _keys(keys: Any, pinned: list[dict[str, Any]] | None, report: BundleReport) -> KeyRing:

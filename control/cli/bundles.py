@@ -47,8 +47,9 @@ def ledger_export(
         console.print(f"{out}: {len(data)} bytes", markup=False)
 
 
-def read_trust(path: Path) -> tuple[list[str], list[dict[str, Any]] | None]:
-    """The checkpoint verifier keys and the pinned public keys of a trust file."""
+def read_trust(path: Path) -> tuple[list[str], list[dict[str, Any]] | None, list[str]]:
+    """The checkpoint verifier keys, the pinned public keys and the witness keys of a
+    trust file."""
     try:
         trust = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -60,7 +61,10 @@ def read_trust(path: Path) -> tuple[list[str], list[dict[str, Any]] | None]:
         raise UsageError("checkpoint_keys: not a list of verifier keys", field="--trust")
     if keys is not None and not isinstance(keys, list):
         raise UsageError("keys: not a list", field="--trust")
-    return vkeys, keys
+    witnesses = trust.get("witness_keys", [])
+    if not isinstance(witnesses, list) or not all(isinstance(w, str) for w in witnesses):
+        raise UsageError("witness_keys: not a list of witness keys", field="--trust")
+    return vkeys, keys, witnesses
 
 
 @handled
@@ -74,16 +78,25 @@ def ledger_verify_bundle(
         list[str] | None,
         typer.Option("--key", help="A checkpoint verifier key (name+id+key); repeatable."),
     ] = None,
+    witness_key: Annotated[
+        list[str] | None,
+        typer.Option("--witness-key", help="A witness that must have cosigned; repeatable."),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Check a bundle offline (no database, broker or network): the checkpoint's signature
     against keys you trust, each event's inclusion proof, each envelope's and receipt's
     signature and each receipt's binding to its envelope. Names each part that fails."""
     from ledger.bundle_check import check_bundle
+    from ledger.cosignature import CosignatureVerifier
     from ledger.note import NoteError, NoteVerifier
 
-    vkeys, pinned = read_trust(trust) if trust is not None else ([], None)
+    vkeys, pinned, wkeys = read_trust(trust) if trust is not None else ([], None, [])
     vkeys = [*vkeys, *(key or [])]
+    try:
+        witnesses = [CosignatureVerifier.parse(w) for w in [*wkeys, *(witness_key or [])]]
+    except NoteError as e:
+        raise UsageError(str(e), field="--witness-key") from e
     if not vkeys:
         raise UsageError("give the checkpoint's verifier key: --key or --trust", field="--key")
     try:
@@ -94,7 +107,7 @@ def ledger_verify_bundle(
         data = file.read_bytes()
     except OSError as e:
         raise UsageError(f"{file}: {e.strerror}", field="FILE") from e
-    report = check_bundle(data, verifiers, pinned)
+    report = check_bundle(data, verifiers, pinned, witnesses)
     if json_:
         print_json(report.as_dict())
     else:
@@ -102,7 +115,8 @@ def ledger_verify_bundle(
         console.print(
             f"bundle {verdict}: run {report.run_id}, {report.events} events in "
             f"{report.origin} (tree size {report.tree_size}), {report.envelopes} envelopes and "
-            f"{report.receipts} receipts verified",
+            f"{report.receipts} receipts verified"
+            + (f", cosigned by {', '.join(report.witnesses)}" if report.witnesses else ""),
             markup=False,
         )
         for problem in report.problems:
@@ -117,8 +131,8 @@ def ledger_trust(
     out: Annotated[Path, typer.Option("--out", "-o", help="The trust file to write.")],
 ) -> None:
     """Write the trust file auditors pin (operator command, on the control host): the
-    checkpoint verifier key and the Ed25519 public keys of control and the tools, from
-    the key store (never from the database)."""
+    checkpoint verifier key, the witnesses' keys (TOOLPLANE_WITNESS_KEYS) and the Ed25519
+    public keys of control and the tools, from the key store (never from the database)."""
     from ledger.bundle_check import key_to_json
 
     plane = _plane()
@@ -126,6 +140,7 @@ def ledger_trust(
     trust = {
         "format": TRUST_FORMAT,
         "checkpoint_keys": [plane.checkpoint_signer.verifier.vkey],
+        "witness_keys": [k for k in plane.settings.witness_keys.split(",") if k],
         "keys": sorted(keys, key=lambda k: k["key_id"]),
     }
     _write(out, (json.dumps(trust, indent=2) + "\n").encode())

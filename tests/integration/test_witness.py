@@ -139,3 +139,32 @@ def test_witness_cosigns_then_refuses_a_rewritten_log(
     assert len(problems) == 1 and "refused to cosign the checkpoint of size 10" in problems[0]
     witness_log = (Path(witness["home"]) / "refusals.log").read_text().splitlines()  # type: ignore[arg-type]
     assert json.loads(witness_log[0])["origin"].endswith("/tenant/tn_merkle")
+
+
+def test_bundle_requires_the_pinned_witness(
+    database: Engine,  # noqa: F811
+    checkpointing: dict[str, object],  # noqa: F811
+    witness: dict[str, object],
+) -> None:
+    """A bundle's checkpoint carries the witness's cosignature; verify-bundle with the
+    witness pinned accepts it, and names a checkpoint without it."""
+    from ledger.bundle import build_bundle
+    from ledger.bundle_check import check_bundle
+    from ledger.checkpoints import newest_checkpoint
+    from ledger.cosignature import WitnessSigner
+    from ledger.note import generate_signer
+    from toolplane.signing import KeyRing
+
+    append(database, 6)
+    verifier = checkpointing["signer"].verifier  # type: ignore[attr-defined]
+    with Session(database) as session:
+        checkpoint_chain(session, CHAIN, cosign=witness["client"].cosign, **checkpointing)  # type: ignore[arg-type,attr-defined]
+        cp, note = newest_checkpoint(checkpointing["store"], CHAIN, [verifier])  # type: ignore[arg-type,misc]
+        data = build_bundle(
+            session, chain_id=CHAIN, run_id="run_1", checkpoint=cp, note=note, keys=KeyRing()
+        )
+    report = check_bundle(data, [verifier], [], [witness["key"]])  # type: ignore[list-item]
+    assert report.ok and report.witnesses == ["witness.example"], report.problems
+    other = WitnessSigner.of(generate_signer("witness.example")).verifier
+    report = check_bundle(data, [verifier], [], [other])
+    assert report.problems == ["checkpoint: not cosigned by witness witness.example"]
