@@ -29,10 +29,13 @@ from sqlalchemy.orm import Session
 from ledger.chain import GENESIS, chain_for
 from ledger.checkpoint import Checkpoint
 from ledger.leaf import event_leaf
+from ledger.links import LinkChecker
 from ledger.merkle import leaf_hash
 from ledger.models import ChainHead, EvidenceEvent
 from ledger.receipts import ReceiptProblem, check_result_message
 from ledger.roots import RootAt
+from toolplane.errors import SignatureError
+from toolplane.messages import SignedEnvelope, signed_bytes
 from toolplane.signing import KeyRing
 
 RECEIPT_KINDS = frozenset({"ToolCallCompleted", "ToolCallFailed", "JobRefused", "ResultIgnored"})
@@ -109,6 +112,25 @@ def _rows(session: Session, chain_ids: list[str] | None) -> Iterator[list[Row]]:
 _KEYS: KeyRing | None = None
 
 
+def envelope_problem(payload: dict[str, Any], ring: KeyRing, at: datetime) -> str | None:
+    """Why a ToolCallDispatched's envelope is not the control's, signed, with its digest."""
+    try:
+        signed = SignedEnvelope.model_validate(payload.get("envelope"))
+        ring.verify(
+            key_id=signed.envelope.key_id,
+            algorithm="ed25519",
+            data=signed_bytes(signed.envelope),
+            signature=signed.signature,
+            owner="control",
+            received=at,
+        )
+    except (SignatureError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        return f"envelope: {str(e).splitlines()[0]}"
+    if signed.digest != payload.get("envelope_sha256"):
+        return "envelope: its digest is not the event's envelope_sha256"
+    return None
+
+
 def _init(keys: KeyRing) -> None:
     global _KEYS
     _KEYS = keys
@@ -141,7 +163,9 @@ def check_rows(rows: list[Row], keys: KeyRing | None = None) -> list[Checked]:
             try:
                 check_result_message(payload["message"], ring, received=created_at)
             except ReceiptProblem as e:
-                problem = e.message
+                problem = f"receipt: {e.message}"
+        elif kind == "ToolCallDispatched":
+            problem = envelope_problem(payload, ring, created_at)
         out.append((recomputed, problem, had, leaf_hash(leaf)))
     return out
 
@@ -200,6 +224,7 @@ def verify_ledger(
     seen: set[str] = set()
     prev_hash, expected_seq = GENESIS, 1
     roots = RootAt(0)
+    links = LinkChecker()
 
     def close_chain(chain_id: str, last_seq: int, last_hash: str) -> None:
         check_checkpoint(chain_id, last_seq, roots)
@@ -255,6 +280,7 @@ def verify_ledger(
             current, prev_hash, expected_seq = chain_id, GENESIS, 1
             cp = checkpoints.get(chain_id)
             roots = RootAt(cp.size if cp else 0)
+            links = LinkChecker()
             seen.add(chain_id)
             report.chains += 1
         report.events += 1
@@ -267,11 +293,13 @@ def verify_ledger(
             problems.append("prev_hash does not link to the previous event")
         if recomputed != row_hash and named:
             problems.append("hash does not match the event's contents (tampered)")
-        if had_receipt and named:
-            if problem is None:
-                report.receipts += 1
-            else:
-                problems.append(f"receipt: {problem}")
+        if problem is not None and named:
+            problems.append(problem)
+        elif had_receipt and named:
+            report.receipts += 1
+        link_problems = links.feed(kind, row_run, row[6])
+        if named:
+            problems.extend(link_problems)
         report.broken.extend(Broken(event_id, chain_id, seq, kind, text) for text in problems)
         roots.add(leaf)
         prev_hash, expected_seq = row_hash, seq + 1

@@ -315,3 +315,65 @@ def test_checkpoint_on_demand_through_the_api(stack: Stack, token: str) -> None:
         timeout=30,
     )
     assert answer.status_code == 403, answer.text
+
+
+def test_forged_approval_and_dispatch_are_named(stack: Stack, token: str) -> None:
+    """Events appended with a valid chain but no history behind them: an ApprovalGranted
+    never requested, and a dispatch under a decision that denied (ok: true before)."""
+    from sqlalchemy import select
+
+    from ledger.chain import NewEvent
+    from ledger.models import EvidenceEvent
+    from ledger.store import append_events
+
+    run_id = one_call(stack, token)
+    client = stack.client(token)
+    tenant = client.identity.tenant_id
+    with client.plane.sessions() as session:
+        events = dict(
+            session.execute(
+                select(EvidenceEvent.kind, EvidenceEvent.payload).where(
+                    EvidenceEvent.run_id == run_id,
+                    EvidenceEvent.kind.in_(["PolicyDecision", "ToolCallDispatched"]),
+                )
+            ).all()
+        )
+        decision, dispatched = events["PolicyDecision"], events["ToolCallDispatched"]
+        node = decision["node_id"]
+        append_events(
+            session,
+            [
+                NewEvent(
+                    "ApprovalGranted",
+                    {"approval_id": "ap_forged", "node_id": node, "by": "mallory",
+                     "token_id": None, "reason": "trust me", "args_sha256": "0" * 64,
+                     "policy_version": decision["bundle_version"]},
+                    tenant,
+                    run_id,
+                ),
+                NewEvent(
+                    "PolicyDecision",
+                    dict(decision, decision_id="dec_denied", decision="deny", attempt=2),
+                    tenant,
+                    run_id,
+                ),
+                NewEvent(
+                    "ToolCallDispatched",
+                    dict(dispatched, attempt=2, envelope_sha256="0" * 64),
+                    tenant,
+                    run_id,
+                ),
+            ],
+        )  # fmt: skip
+        session.commit()
+    done = stack.cli("ledger", "verify", "--json", token=token)
+    report = json.loads(done.stdout)
+    assert done.returncode == 1, report
+    problems = {(b["kind"], b["problem"]) for b in report["broken"]}
+    assert problems == {
+        (
+            "ApprovalGranted",
+            f"link: approval ap_forged was never requested for node {node} of this run",
+        ),
+        ("ToolCallDispatched", "envelope: its digest is not the event's envelope_sha256"),
+    }, problems
