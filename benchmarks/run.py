@@ -402,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--only",
-        choices=["overhead", "scaling", "containment"],
+        choices=["overhead", "scaling", "containment", "transparency"],
         help="run one part: overhead (bare vs governed, <date>.json), scaling "
         "(per-tool pools, <date>-scaling.json) or containment (per-call cost of each "
-        "executor, <date>-containment.json); default overhead and scaling",
+        "executor, <date>-containment.json) or transparency (Merkle tree, proofs, "
+        "checkpoints, bundles, <date>-transparency.json); default overhead and scaling",
     )
     parser.add_argument(
         "--stem", help="results file name stem (default: today's date, UTC)", default=None
@@ -430,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     stem = ns.stem or datetime.now(UTC).strftime("%Y-%m-%d")
     if ns.only == "containment":
         report_containment(stem, ns.containment_calls)
+        return 0
+    if ns.only == "transparency":
+        from benchmarks import transparency
+
+        result = transparency.run()
+        console.print_json(data=result)
+        console.print(f"wrote {transparency.write(result, RESULTS, stem)}")
         return 0
     if ns.only in (None, "overhead"):
         report_overhead(overhead(ns), stem)
