@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -165,7 +165,7 @@ def integrate(session: Session, chain_id: str, *, limit: int = 100_000) -> TreeS
     root = compact_root([edge[k] for k in frontier(size)])
     if size != current.size:
         session.execute(
-            MerkleTree.__table__.update()
+            update(MerkleTree)
             .where(MerkleTree.chain_id == chain_id)
             .values(size=size, root=root, last_hash=last_hash, updated_at=datetime.now(UTC))
         )
