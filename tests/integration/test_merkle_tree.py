@@ -264,3 +264,61 @@ def test_rewritten_decision_with_rehashed_chain_is_named_and_refused(
     store: DirectoryCheckpointStore = checkpointing["store"]  # type: ignore[assignment]
     assert store.sizes(CHAIN) == [7]
     assert hashlib.sha256(store.read(CHAIN, 7)).hexdigest()  # the old checkpoint is intact
+
+
+def test_swapped_tenants_events_are_named(
+    database: Engine, checkpointing: dict[str, object]
+) -> None:
+    """A superuser swaps the bodies of two tenants' events and rehashes both chains:
+    each chain verifies alone, neither matches its checkpoint."""
+    other = "tn_other"
+    append(database, 4)
+    with Session(database) as session:
+        append_events(
+            session,
+            [NewEvent("PolicyDecision", {"n": i, "decision": "deny"}, other) for i in range(4)],
+        )
+        session.commit()
+    chains = [CHAIN, chain_for(other)]
+    with Session(database) as session:
+        for chain in chains:
+            checkpoint_chain(session, chain, **checkpointing)  # type: ignore[arg-type]
+        rows = {
+            chain: session.scalars(
+                select(EvidenceEvent)
+                .where(EvidenceEvent.chain_id == chain)
+                .order_by(EvidenceEvent.seq)
+            ).all()
+            for chain in chains
+        }
+        session.expunge_all()
+    swapped = {CHAIN: rows[chains[1]][2].payload, chains[1]: rows[CHAIN][2].payload}
+    statements: list[tuple[str, dict[str, object]]] = []
+    for chain in chains:
+        prev = rows[chain][2].prev_hash
+        for row in rows[chain][2:]:
+            payload = swapped[chain] if row.seq == 3 else row.payload
+            new = event_hash(
+                chain_id=chain, seq=row.seq, prev_hash=prev, kind=row.kind,
+                tenant_id=row.tenant_id, run_id=row.run_id, created_at=row.created_at,
+                payload=payload,
+            )  # fmt: skip
+            statements.append(
+                ("UPDATE evidence_events SET payload = CAST(:p AS jsonb), prev_hash = :prev,"
+                 " hash = :h WHERE id = :id",
+                 {"p": __import__("json").dumps(payload), "prev": prev, "h": new, "id": row.id})
+            )  # fmt: skip
+            prev = new
+        statements.append(
+            ("UPDATE chain_heads SET hash = :h WHERE chain_id = :c", {"h": prev, "c": chain})
+        )
+    superuser(database, *statements)
+    store = checkpointing["store"]
+    found, _ = trusted_checkpoints(store, chains, [checkpointing["signer"].verifier])  # type: ignore[arg-type,attr-defined]
+    with Session(database) as session:
+        assert verify_ledger(session, KeyRing()).ok  # the chains alone
+        report = verify_ledger(session, KeyRing(), checkpoints=found)
+    named = sorted(
+        (b.chain_id, "does not match the signed checkpoint" in b.problem) for b in report.broken
+    )
+    assert named == sorted((c, True) for c in chains), report.broken
