@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,10 +171,21 @@ def load_signer(keys_dir: Path, name: str, *, create: bool = True) -> NoteSigner
         raise LedgerError(f"{skey}: no checkpoint key")
     keys_dir.mkdir(parents=True, exist_ok=True)
     signer = generate_signer(name)
-    fd = os.open(skey, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    part = keys_dir / f"checkpoint.skey.{secrets.token_hex(8)}.part"
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(signer.skey + "\n")
-    vkey.write_text(signer.verifier.vkey + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(part, skey)  # exactly one process's key wins; the others read it
+    except FileExistsError:
+        return load_signer(keys_dir, name, create=False)
+    finally:
+        part.unlink()
+    tmp = keys_dir / f"checkpoint.vkey.{secrets.token_hex(8)}.part"
+    tmp.write_text(signer.verifier.vkey + "\n")
+    os.replace(tmp, vkey)
     return signer
 
 

@@ -6,6 +6,8 @@ example of the C2SP signed-note specification (example.com/foo).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ledger.checkpoint import Checkpoint, chain_of_origin, origin_for
@@ -91,3 +93,21 @@ def test_checkpoint_round_trip() -> None:
             Checkpoint.parse(bad)
     with pytest.raises(NoteError):
         origin_for("bad name", "system")
+
+
+def test_the_checkpoint_key_is_made_once(tmp_path: Path) -> None:
+    """Processes that start together (control, API processes) end up with one key."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ledger.checkpoints import load_signer
+
+    with ThreadPoolExecutor(8) as pool:
+        keys = list(pool.map(lambda _: load_signer(tmp_path, "d.example").skey, range(16)))
+    assert len(set(keys)) == 1
+    assert (tmp_path / "checkpoint.vkey").read_text().strip() == NoteSigner.parse(
+        keys[0]
+    ).verifier.vkey
+    assert oct((tmp_path / "checkpoint.skey").stat().st_mode & 0o777) == "0o600"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.skey", "checkpoint.vkey"]
+    with pytest.raises(Exception, match="named 'd.example'"):
+        load_signer(tmp_path, "other.example")
