@@ -20,9 +20,9 @@ from datetime import datetime
 from typing import Any
 
 from ledger.checkpoint import Checkpoint
-from ledger.cosignature import CosignatureVerifier
+from ledger.cosignature import CosignatureVerifier, cosignature_problem
 from ledger.merkle import MerkleError, leaf_hash, verify_inclusion
-from ledger.note import NoteError, NoteVerifier, open_note, split_note
+from ledger.note import NoteError, NoteVerifier, open_note
 from ledger.receipts import ReceiptProblem, check_result_message
 from toolplane.canonical import canonical_json, parse_json_strict
 from toolplane.errors import SignatureError, ToolplaneError
@@ -169,7 +169,7 @@ def check_bundle(
         return report
     report.origin, report.tree_size = checkpoint.origin, checkpoint.size
     for witness in witness_keys or []:
-        problem = _cosigned(str(bundle["checkpoint"]), text, witness)
+        problem = cosignature_problem(str(bundle["checkpoint"]).encode("utf-8"), witness)
         if problem:
             report.problems.append(f"checkpoint: {problem}")
         else:
@@ -191,19 +191,6 @@ def check_bundle(
         report.events += 1
         _links(leaf, where, ring, envelopes, report)
     return report
-
-
-def _cosigned(note: str, text: str, witness: CosignatureVerifier) -> str | None:
-    """None if ``witness`` cosigned the note's checkpoint, else why not."""
-    _, signatures = split_note(note.encode("utf-8"))
-    mine = [s for s in signatures if s.name == witness.name and s.key_id == witness.key_id]
-    if not mine:
-        return f"not cosigned by witness {witness.name}"
-    try:
-        witness.verify(text, mine[0])
-    except NoteError as e:
-        return str(e)
-    return None
 
 
 def _keys(keys: Any, pinned: list[dict[str, Any]] | None, report: BundleReport) -> KeyRing:

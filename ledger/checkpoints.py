@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ledger.checkpoint import Checkpoint, origin_for
+from ledger.cosignature import CosignatureVerifier, cosignature_problem
 from ledger.errors import LedgerError
 from ledger.merkle import MerkleError, verify_consistency
 from ledger.models import ChainHead
@@ -305,10 +306,14 @@ def checkpoint_all(
 
 
 def trusted_checkpoints(
-    store: DirectoryCheckpointStore, chain_ids: list[str], verifiers: list[NoteVerifier]
+    store: DirectoryCheckpointStore,
+    chain_ids: list[str],
+    verifiers: list[NoteVerifier],
+    witnesses: Sequence[CosignatureVerifier] = (),
 ) -> tuple[dict[str, Checkpoint], list[str]]:
-    """The newest checkpoint of each chain that has one, verified; and the problems of
-    those that do not verify (a bad signature, a wrong origin), one line each."""
+    """The newest checkpoint of each chain that has one, verified; and the problems, one
+    line each: a checkpoint that does not verify, one that a pinned witness did not
+    cosign, and every refusal of a witness recorded beside the chain's checkpoints."""
     found: dict[str, Checkpoint] = {}
     problems = []
     for chain_id in chain_ids:
@@ -319,6 +324,10 @@ def trusted_checkpoints(
             continue
         if newest is not None:
             found[chain_id] = newest[0]
+            for witness in witnesses:
+                problem = cosignature_problem(newest[1], witness)
+                if problem:
+                    problems.append(f"{chain_id}: checkpoint of size {newest[0].size}: {problem}")
         for r in store.refusals(chain_id):
             problems.append(
                 f"{chain_id}: witness {r.get('witness')} refused to cosign the checkpoint of "

@@ -18,9 +18,17 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ledger.note import DASH, NoteError, NoteSigner, Signature, b64_strict, check_name
+from ledger.note import (
+    DASH,
+    NoteError,
+    NoteSigner,
+    Signature,
+    b64_strict,
+    check_name,
+    split_note,
+)
 
-__all__ = ["CosignatureVerifier", "WitnessSigner", "cosigned_message"]
+__all__ = ["CosignatureVerifier", "WitnessSigner", "cosignature_problem", "cosigned_message"]
 
 COSIGNATURE = 0x04
 
@@ -100,3 +108,16 @@ class WitnessSigner:
         )
         blob = self.verifier.key_id + struct.pack(">Q", timestamp) + sig
         return f"{DASH} {self.name} {base64.b64encode(blob).decode()}\n"
+
+
+def cosignature_problem(note: bytes, witness: CosignatureVerifier) -> str | None:
+    """None if ``witness`` cosigned the checkpoint of ``note``, else why not."""
+    text, signatures = split_note(note)
+    mine = [s for s in signatures if s.name == witness.name and s.key_id == witness.key_id]
+    if not mine:
+        return f"not cosigned by witness {witness.name}"
+    try:
+        witness.verify(text, mine[0])
+    except NoteError as e:
+        return str(e)
+    return None

@@ -451,8 +451,12 @@ class Operations:
         if run_id is not None:
             self.run(run_id)  # not found unless it is this tenant's
         chain_id = chain_for(identity.tenant_id)
+        witnesses = self.plane.witnesses
         checkpoints, problems = trusted_checkpoints(
-            self.plane.checkpoints, [chain_id], self.plane.checkpoint_verifiers()
+            self.plane.checkpoints,
+            [chain_id],
+            self.plane.checkpoint_verifiers(),
+            witnesses.keys if witnesses is not None else (),
         )
         with self.plane.sessions() as session:
             report = verify_ledger(

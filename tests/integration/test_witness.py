@@ -168,3 +168,43 @@ def test_bundle_requires_the_pinned_witness(
     other = WitnessSigner.of(generate_signer("witness.example")).verifier
     report = check_bundle(data, [verifier], [], [other])
     assert report.problems == ["checkpoint: not cosigned by witness witness.example"]
+
+
+def test_the_control_asks_its_witnesses(
+    database: Engine,  # noqa: F811
+    checkpointing: dict[str, object],  # noqa: F811
+    witness: dict[str, object],
+    tmp_path: Path,
+) -> None:
+    """TOOLPLANE_WITNESS_URLS and _KEYS: the control's checkpoints carry the cosignature,
+    and a newest checkpoint without it is named."""
+    from control.ops.runtime import ControlPlane
+    from toolplane.settings import Settings
+
+    client = witness["client"]
+    settings = Settings(
+        home=tmp_path,  # the keys of the `checkpointing` fixture: tmp_path / "keys"
+        deployment="test.example/toolplane",
+        witness_urls=client.urls[0],  # type: ignore[attr-defined]
+        witness_keys=witness["key"].vkey,  # type: ignore[attr-defined]
+    )
+    plane = ControlPlane(
+        settings,
+        broker_url="redis://127.0.0.1:1/0",  # unused: checkpoints need no broker
+        database_url=database.url.render_as_string(hide_password=False),
+    )
+    try:
+        append(database, 3)
+        signed, refused = plane.checkpoint([CHAIN])
+        assert not refused and len(split_note(signed[0].note)[1]) == 2
+        keys = plane.witnesses.keys  # type: ignore[union-attr]
+        args = (plane.checkpoints, [CHAIN], plane.checkpoint_verifiers(), keys)
+        assert trusted_checkpoints(*args)[1] == []
+        append(database, 2, start=3)
+        with Session(database) as session:  # a checkpoint signed without asking
+            checkpoint_chain(session, CHAIN, **checkpointing)  # type: ignore[arg-type]
+        assert trusted_checkpoints(*args)[1] == [
+            f"{CHAIN}: checkpoint of size 5: not cosigned by witness witness.example"
+        ]
+    finally:
+        plane.engine.dispose()
