@@ -447,6 +447,9 @@ class AsyncClient(Requests):
     async def verify_ledger(self, *, run_id: str | None = None) -> VerifyOut:
         return await self._send(self.r_verify(run_id))  # type: ignore[no-any-return]
 
+    async def export_bundle(self, run_id: str) -> bytes:
+        return await self._send(self.r_bundle(run_id))  # type: ignore[no-any-return]
+
     async def wait(self, run_id: str, *, timeout: float = 60.0) -> RunOut:
         """Follow the run's event stream until it ends (an approval still pending at the
         timeout: the run as it is)."""
