@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run one part: overhead (bare vs governed, <date>.json), scaling "
         "(per-tool pools, <date>-scaling.json) or containment (per-call cost of each "
         "executor, <date>-containment.json) or transparency (Merkle tree, proofs, "
-        "checkpoints, bundles, <date>-transparency.json); default overhead and scaling",
+        "checkpoints, bundles, <date>-transparency.json); default all but containment",
     )
     parser.add_argument(
         "--stem", help="results file name stem (default: today's date, UTC)", default=None
@@ -432,13 +432,6 @@ def main(argv: list[str] | None = None) -> int:
     if ns.only == "containment":
         report_containment(stem, ns.containment_calls)
         return 0
-    if ns.only == "transparency":
-        from benchmarks import transparency
-
-        result = transparency.run()
-        console.print_json(data=result)
-        console.print(f"wrote {transparency.write(result, RESULTS, stem)}")
-        return 0
     if ns.only in (None, "overhead"):
         report_overhead(overhead(ns), stem)
     if ns.only in (None, "scaling"):
@@ -448,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         for t in scaling.tables(result):
             console.print(t)
         console.print(f"wrote {path} and {path.with_suffix('.png')}")
+    if ns.only in (None, "transparency"):
+        from benchmarks import transparency
+
+        result = transparency.run()
+        console.print_json(data=result)
+        console.print(f"wrote {transparency.write(result, RESULTS, stem)}")
     return 0
 
 
