@@ -86,8 +86,12 @@ class Witness:
             "size": checkpoint.size,
             "root": checkpoint.root.hex(),
         }
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        with open(tmp, "w") as f:
+            f.write(json.dumps(record))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # durable before the cosignature leaves: a witness that
+        # forgot what it cosigned would accept a rewound log as new
 
     def _refuse(self, status: int, origin: str | None, problem: str) -> Answer:
         log.error("witness.refused origin=%s problem=%s", origin, problem)
