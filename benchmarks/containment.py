@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["measure", "previous"]
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+
+__all__ = ["measure", "previous", "report", "table"]
 
 
 def _samples(call: Callable[[], Any], n: int) -> list[float]:
@@ -146,3 +154,38 @@ def _ok(outcome: Any) -> Any:
     if not outcome.ok:
         raise RuntimeError(f"benchmark call failed: {outcome}")
     return outcome
+
+
+def table(result: dict[str, Any]) -> Table:
+    t = Table("executor", "p50 ms", "p99 ms", "overhead p50 ms", title="containment, per call")
+    names = ("in_process", "fork", "bwrap_warm", "bwrap_warm_layers", "bwrap_fresh")
+    for name in (*names, "plain_warm", "plain_warm_layers", "plain_fresh"):
+        if f"call_p50_ms_{name}" in result:
+            overhead = result.get(f"overhead_p50_ms_{name}")
+            t.add_row(
+                name,
+                f"{result[f'call_p50_ms_{name}']:.2f}",
+                f"{result[f'call_p99_ms_{name}']:.2f}",
+                "" if overhead is None else f"{overhead:.2f}",
+            )
+    old = result.get("previous")
+    if old:
+        t.add_row(
+            f"before (one runner, no sweep; {old['file']})", f"{old['call_p50_ms_bwrap']:.2f}"
+        )
+    return t
+
+
+def report(stem: str, calls: int, results: Path, console: Console) -> None:
+    """``--only containment``: measured alone, beside an earlier run's figure."""
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": psutil.cpu_count(), "python": sys.version.split()[0]},
+        "containment": measure(REPO / "examples" / "repo", REPO / "examples" / "docs", calls=calls),
+    }
+    result["containment"]["previous"] = previous(results)
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{stem}-containment.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(table(result["containment"]))
+    console.print(f"wrote {path}")

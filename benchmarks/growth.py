@@ -36,7 +36,12 @@ import redis
 from rich.progress import Progress
 
 from ledger.chain import chain_for, event_hash
+from sandbox_tasks.receipts import sign_result
 from tests.harness import start_services, start_stack, stop_stack, wait_for
+from toolplane.canonical import sha256_hex
+from toolplane.keystore import KeyStore
+from toolplane.messages import Envelope, SignedEnvelope, ToolResult, signed_bytes
+from toolplane.signing import Signer
 
 __all__ = ["grow", "run"]
 
@@ -54,16 +59,63 @@ def _p50(values: list[float]) -> float:
     return statistics.median(values) * 1000
 
 
-def _rename(value: Any, old: str, new: str) -> Any:
-    """``old`` (a run id) replaced by ``new`` in every string, except inside a signed
-    ``message`` (its receipt covers it as it is)."""
-    if isinstance(value, str):
-        return value.replace(old, new)
-    if isinstance(value, list):
-        return [_rename(v, old, new) for v in value]
-    if isinstance(value, dict):
-        return {k: (v if k == "message" else _rename(v, old, new)) for k, v in value.items()}
-    return value
+class Cloner:
+    """One copy of a template run under a new run id: every string that names the old run
+    or one of its envelopes' digests names the copy's instead, and what was signed is
+    signed again with the deployment's own keys (the control's for an envelope, the
+    tool's for a receipt), as the real path would have signed the copy."""
+
+    def __init__(self, control: Signer, tools: dict[str, Signer]) -> None:
+        self.control, self.tools = control, tools
+
+    def begin(self, old: str, envelopes: list[dict[str, Any]]) -> None:
+        self.old, self.new = old, f"run_{secrets.token_hex(12)}"
+        self.digests: dict[str, str] = {}
+        for signed in envelopes:  # the digest each copied envelope will have
+            before = SignedEnvelope.model_validate(signed).digest
+            after = Envelope.model_validate(self._strings(signed["envelope"]))
+            self.digests[before] = sha256_hex(signed_bytes(after))
+
+    def _text(self, value: str) -> str:
+        value = value.replace(self.old, self.new)
+        return self.digests.get(value, value)
+
+    def _strings(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._text(value)
+        if isinstance(value, list):
+            return [self._strings(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._strings(v) for k, v in value.items()}
+        return value
+
+    def value(self, value: Any) -> Any:
+        """``value`` for the copy, its signed parts signed again."""
+        if isinstance(value, list):
+            return [self.value(v) for v in value]
+        if not isinstance(value, dict):
+            return self._strings(value)
+        if set(value) == {"envelope", "signature"}:
+            envelope = Envelope.model_validate(self._strings(value["envelope"]))
+            return SignedEnvelope(
+                envelope=envelope, signature=self.control.sign(signed_bytes(envelope))
+            ).model_dump(mode="json")
+        if set(value) == {"result", "receipt"}:
+            result = ToolResult.model_validate(self._strings(value["result"]))
+            return sign_result(result, self.tools[result.tool]).model_dump(mode="json")
+        return {k: self.value(v) for k, v in value.items()}
+
+    def row(self, columns: list[str], row: tuple[Any, ...]) -> list[Any]:
+        out = []
+        for name, value in zip(columns, row, strict=True):
+            if name == "idempotency_key" and value is not None:
+                value = f"{value}-{self.new}"
+            elif isinstance(value, dict | list):
+                value = json.dumps(self.value(value))
+            elif isinstance(value, str):
+                value = self._text(value)
+            out.append(value)
+        return out
 
 
 class Template:
@@ -96,26 +148,13 @@ class Template:
             for r in run_ids
         }
         self.events_per_copy = statistics.mean(len(e) for e in self.events.values())
+        at = self.columns["nodes"].index("envelope")
+        self.envelopes = {
+            r: [row[at] for row in self.rows["nodes"][r] if row[at] is not None] for r in run_ids
+        }
 
 
-def _copy_row(
-    columns: list[str], row: tuple[Any, ...], old: str, new: str, digests: dict[str, str]
-) -> list[Any]:
-    out = []
-    for name, value in zip(columns, row, strict=True):
-        if name == "envelope_sha256" and value is not None:  # unique per attempt
-            value = digests.setdefault(value, secrets.token_hex(32))
-        elif name == "idempotency_key" and value is not None:
-            value = f"{value}-{new}"
-        elif isinstance(value, dict | list):
-            value = json.dumps(_rename(value, old, new))
-        elif isinstance(value, str):
-            value = value.replace(old, new)
-        out.append(value)
-    return out
-
-
-def grow(database_url: str, tenant_id: str, template: Template, events: int) -> int:
+def grow(database_url: str, tenant_id: str, template: Template, cloner: Cloner, events: int) -> int:
     """Append copies of the template runs until the tenant's chain has grown by about
     ``events``; returns how many were appended. One transaction per chunk, with the
     chain's head locked as the real append path locks it."""
@@ -132,29 +171,26 @@ def grow(database_url: str, tenant_id: str, template: Template, events: int) -> 
                 tables: dict[str, list[list[Any]]] = {t: [] for t in TABLES}
                 while len(chunk) < 20_000 and appended + len(chunk) < events:
                     for old in template.run_ids:
-                        new = f"run_{secrets.token_hex(12)}"
-                        digests: dict[str, str] = {}  # the node's and its attempt's agree
+                        cloner.begin(old, template.envelopes[old])
                         for table in TABLES:
                             for row in template.rows[table][old]:
-                                tables[table].append(
-                                    _copy_row(template.columns[table], row, old, new, digests)
-                                )
+                                tables[table].append(cloner.row(template.columns[table], row))
                         for tenant, _run, kind, payload, created_at in template.events[old]:
                             seq += 1
-                            payload = _rename(payload, old, new)
+                            payload = cloner.value(payload)
                             link = event_hash(
                                 chain_id=chain,
                                 seq=seq,
                                 prev_hash=prev,
                                 kind=kind,
                                 tenant_id=tenant,
-                                run_id=new,
+                                run_id=cloner.new,
                                 created_at=created_at,
                                 payload=payload,
                             )
                             chunk.append(
-                                (chain, seq, tenant, new, kind, json.dumps(payload), created_at)
-                                + (prev, link)
+                                (chain, seq, tenant, cloner.new, kind, json.dumps(payload))
+                                + (created_at, prev, link)
                             )
                             prev = link
                 for table in TABLES:
@@ -268,6 +304,10 @@ def run(
                 "SELECT tenant_id FROM runs WHERE id = %s", (ids[0],)
             ).fetchone()[0]  # type: ignore[index]
             template = Template(conn, tenant_id, ids)
+        keys = KeyStore(stack.settings().keys_dir)  # the operator's: it signs as the stack did
+        cloner = Cloner(
+            keys.signer("control"), {"read_repo_file": keys.signer("tool.read_repo_file")}
+        )
         probe = Probe(stack, api, tenant_id, samples=samples)
         task = progress.add_task("ledger growth", total=6)
 
@@ -281,10 +321,10 @@ def run(
             return figures
 
         empty = measure()
-        grown = grow(services.database_url, tenant_id, template, checkpoint)
+        grown = grow(services.database_url, tenant_id, template, cloner, checkpoint)
         at_checkpoint = probe.verify()
         progress.advance(task)
-        grown += grow(services.database_url, tenant_id, template, events - grown)
+        grown += grow(services.database_url, tenant_id, template, cloner, events - grown)
         progress.advance(task)
         full = measure()
         at_full = probe.verify()

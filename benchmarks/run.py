@@ -366,7 +366,7 @@ def report_overhead(result: dict[str, Any], stem: str) -> None:
     chart(result, RESULTS / f"{stem}.png")
     console.print(table(result))
     console.print(components.table(result["components"]))
-    console.print(containment_table(result["components"]))
+    console.print(containment.table(result["components"]))
     for side, parts in result["cpu_ms_per_call"].items():
         spent = ", ".join(f"{name} {ms:.1f}" for name, ms in parts.items())
         console.print(f"CPU ms per call, {side}: {spent} (total {sum(parts.values()):.1f})")
@@ -376,42 +376,6 @@ def report_overhead(result: dict[str, Any], stem: str) -> None:
             f"growth over the soak {mem['growth_pct']:+.1f}%"
         )
     console.print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')}")
-
-
-def containment_table(result: dict[str, Any]) -> Table:
-    t = Table("executor", "p50 ms", "p99 ms", "overhead p50 ms", title="containment, per call")
-    names = ("in_process", "fork", "bwrap_warm", "bwrap_warm_layers", "bwrap_fresh")
-    for name in (*names, "plain_warm", "plain_warm_layers", "plain_fresh"):
-        if f"call_p50_ms_{name}" in result:
-            overhead = result.get(f"overhead_p50_ms_{name}")
-            t.add_row(
-                name,
-                f"{result[f'call_p50_ms_{name}']:.2f}",
-                f"{result[f'call_p99_ms_{name}']:.2f}",
-                "" if overhead is None else f"{overhead:.2f}",
-            )
-    old = result.get("previous")
-    if old:
-        t.add_row(
-            f"before (one runner, no sweep; {old['file']})", f"{old['call_p50_ms_bwrap']:.2f}"
-        )
-    return t
-
-
-def report_containment(stem: str, calls: int) -> None:
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": psutil.cpu_count(), "python": sys.version.split()[0]},
-        "containment": containment.measure(
-            REPO / "examples" / "repo", REPO / "examples" / "docs", calls=calls
-        ),
-    }
-    result["containment"]["previous"] = containment.previous(RESULTS)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{stem}-containment.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(containment_table(result["containment"]))
-    console.print(f"wrote {path}")
 
 
 def progress_bar() -> Progress:
@@ -428,12 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--only",
-        choices=["overhead", "growth", "tenants", "scaling", "containment"],
+        choices=["overhead", "growth", "tenants", "scaling", "containment", "transparency"],
         help="run one part: overhead (bare vs governed, <date>.json), growth (the ledger's "
         "size, <date>-growth.json), tenants (20 tenants against one, <date>-tenants.json), "
-        "scaling (per-tool pools, <date>-scaling.json) or containment (per-call cost of each "
-        "executor, <date>-containment.json); default overhead, growth and tenants (all in "
-        "<date>.json), then scaling",
+        "scaling (per-tool pools, <date>-scaling.json), containment (per-call cost of each "
+        "executor, <date>-containment.json) or transparency (Merkle tree, proofs, "
+        "checkpoints, bundles, <date>-transparency.json); default overhead, growth and "
+        "tenants (all in <date>.json), then scaling and transparency",
     )
     parser.add_argument(
         "--growth-events", type=int, default=1_000_000, help="evidence events to grow to"
@@ -468,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     stem = ns.stem or datetime.now(UTC).strftime("%Y-%m-%d")
     if ns.only == "containment":
-        report_containment(stem, ns.containment_calls)
+        containment.report(stem, ns.containment_calls, RESULTS, console)
         return 0
     if ns.only in (None, "overhead", "growth", "tenants"):
         result: dict[str, Any] = overhead(ns) if ns.only in (None, "overhead") else {}
@@ -498,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         for t in scaling.tables(result):
             console.print(t)
         console.print(f"wrote {path} and {path.with_suffix('.png')}")
+    if ns.only in (None, "transparency"):
+        from benchmarks import transparency
+
+        result = transparency.run()
+        console.print_json(data=result)
+        console.print(f"wrote {transparency.write(result, RESULTS, stem)}")
     return 0
 
 

@@ -348,6 +348,10 @@ class Client(Requests):
     def verify_ledger(self, *, run_id: str | None = None) -> VerifyOut:
         return self._send(self.r_verify(run_id))  # type: ignore[no-any-return]
 
+    def export_bundle(self, run_id: str) -> bytes:
+        """The run's offline evidence bundle (ledger/bundle_check.py checks it)."""
+        return self._send(self.r_bundle(run_id))  # type: ignore[no-any-return]
+
 
 class AsyncClient(Requests):
     """The same API as :class:`Client`, as coroutines (``async with AsyncClient(...)``)."""
@@ -442,6 +446,9 @@ class AsyncClient(Requests):
 
     async def verify_ledger(self, *, run_id: str | None = None) -> VerifyOut:
         return await self._send(self.r_verify(run_id))  # type: ignore[no-any-return]
+
+    async def export_bundle(self, run_id: str) -> bytes:
+        return await self._send(self.r_bundle(run_id))  # type: ignore[no-any-return]
 
     async def wait(self, run_id: str, *, timeout: float = 60.0) -> RunOut:
         """Follow the run's event stream until it ends (an approval still pending at the

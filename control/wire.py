@@ -189,6 +189,10 @@ class Requests:
     def r_workflows(self) -> ApiRequest:
         return ApiRequest("GET", "/v1/workflows", _of(list[WorkflowOut]))
 
+    def r_bundle(self, run_id: str) -> ApiRequest:
+        path = f"/v1/runs/{path_segment(run_id, 'run')}/bundle"
+        return ApiRequest("GET", path, lambda response: response.content)
+
     def r_verify(self, run_id: str | None) -> ApiRequest:
         params = _drop_none({"run": run_id})
         return ApiRequest("GET", "/v1/ledger/verify", _of(VerifyOut), params=params)

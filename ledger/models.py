@@ -12,6 +12,8 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -30,6 +32,8 @@ __all__ = [
     "Freeze",
     "InvalidMessage",
     "InvalidMessageCount",
+    "MerkleNode",
+    "MerkleTree",
     "Node",
     "OutboxMessage",
     "PolicyVersion",
@@ -341,3 +345,26 @@ class InvalidMessageCount(Base):
     received: Mapped[int] = mapped_column(BigInteger)
     recorded: Mapped[int] = mapped_column(BigInteger)
     last_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class MerkleNode(Base):
+    """A complete subtree of a chain's Merkle tree: leaves [idx * 2**level, (idx+1) * 2**level).
+
+    Written by the integrator (ledger/integrator.py) after the events were appended."""
+
+    __tablename__ = "merkle_nodes"
+    chain_id: Mapped[str] = mapped_column(String(60), primary_key=True)
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    hash: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class MerkleTree(Base):
+    """How far a chain is integrated into its tree: size, root and the last event's hash."""
+
+    __tablename__ = "merkle_trees"
+    chain_id: Mapped[str] = mapped_column(String(60), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    root: Mapped[bytes] = mapped_column(LargeBinary)
+    last_hash: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(TZ)

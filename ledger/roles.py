@@ -61,6 +61,8 @@ RUNTIME_GRANTS: Mapping[str, frozenset[str]] = MappingProxyType(
         "freezes": frozenset({"SELECT", "INSERT", "DELETE"}),  # freeze, unfreeze
         "invalid_message_counts": _WRITE,  # counted by ingest's upsert
         "invalid_messages": _WRITE,  # one row per distinct unverified message (upsert)
+        "merkle_nodes": _APPEND,  # complete subtrees, written once by the integrator
+        "merkle_trees": _WRITE,  # each chain's integrated size and root (row locked)
         "nodes": _WRITE,
         "outbox": frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"}),  # a cancelled job's row
         "policy_versions": _APPEND,

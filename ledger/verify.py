@@ -13,6 +13,7 @@ receipt that the control took after a revocation is named as broken.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 from collections import deque
@@ -25,9 +26,16 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ledger.chain import GENESIS, chain_for, event_hash
+from ledger.chain import GENESIS, chain_for
+from ledger.checkpoint import Checkpoint
+from ledger.leaf import event_leaf
+from ledger.links import LinkChecker
+from ledger.merkle import leaf_hash
 from ledger.models import ChainHead, EvidenceEvent
 from ledger.receipts import ReceiptProblem, check_result_message
+from ledger.roots import RootAt
+from toolplane.errors import SignatureError
+from toolplane.messages import SignedEnvelope, signed_bytes
 from toolplane.signing import KeyRing
 
 RECEIPT_KINDS = frozenset({"ToolCallCompleted", "ToolCallFailed", "JobRefused", "ResultIgnored"})
@@ -59,6 +67,7 @@ class VerifyReport:
     chains: int = 0
     receipts: int = 0
     broken: list[Broken] = field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -70,6 +79,7 @@ class VerifyReport:
             "events": self.events,
             "chains": self.chains,
             "receipts_verified": self.receipts,
+            "checkpoints": self.checkpoints,
             "broken": [b.as_dict() for b in self.broken],
         }
 
@@ -102,18 +112,41 @@ def _rows(session: Session, chain_ids: list[str] | None) -> Iterator[list[Row]]:
 _KEYS: KeyRing | None = None
 
 
+def envelope_problem(payload: dict[str, Any], ring: KeyRing, at: datetime) -> str | None:
+    """Why a ToolCallDispatched's envelope is not the control's, signed, with its digest."""
+    try:
+        signed = SignedEnvelope.model_validate(payload.get("envelope"))
+        ring.verify(
+            key_id=signed.envelope.key_id,
+            algorithm="ed25519",
+            data=signed_bytes(signed.envelope),
+            signature=signed.signature,
+            owner="control",
+            received=at,
+        )
+    except (SignatureError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        return f"envelope: {str(e).splitlines()[0]}"
+    if signed.digest != payload.get("envelope_sha256"):
+        return "envelope: its digest is not the event's envelope_sha256"
+    return None
+
+
 def _init(keys: KeyRing) -> None:
     global _KEYS
     _KEYS = keys
 
 
-def check_rows(rows: list[Row], keys: KeyRing | None = None) -> list[tuple[str, str | None, bool]]:
-    """Per row: the recomputed hash, a receipt problem (or None), and whether it had a receipt."""
-    ring = keys or _KEYS
+Checked = tuple[str, str | None, bool, bytes]
+
+
+def check_rows(rows: list[Row], keys: KeyRing | None = None) -> list[Checked]:
+    """Per row: the recomputed hash, a receipt problem (or None), whether it had a receipt,
+    and its Merkle leaf hash."""
+    ring = keys if keys is not None else _KEYS
     assert ring is not None
     out = []
     for _id, chain_id, seq, tenant_id, run_id, kind, payload, created_at, prev_hash, _h in rows:
-        recomputed = event_hash(
+        leaf = event_leaf(
             chain_id=chain_id,
             seq=seq,
             prev_hash=prev_hash,
@@ -123,20 +156,23 @@ def check_rows(rows: list[Row], keys: KeyRing | None = None) -> list[tuple[str, 
             created_at=created_at,
             payload=payload,
         )
+        recomputed = hashlib.sha256(leaf).hexdigest()
         problem, had = None, False
         if kind in RECEIPT_KINDS and "message" in payload:
             had = True
             try:
                 check_result_message(payload["message"], ring, received=created_at)
             except ReceiptProblem as e:
-                problem = e.message
-        out.append((recomputed, problem, had))
+                problem = f"receipt: {e.message}"
+        elif kind == "ToolCallDispatched":
+            problem = envelope_problem(payload, ring, created_at)
+        out.append((recomputed, problem, had, leaf_hash(leaf)))
     return out
 
 
 def _checked(
     batches: Iterator[list[Row]], keys: KeyRing, total: int
-) -> Iterator[tuple[Row, tuple[str, str | None, bool]]]:
+) -> Iterator[tuple[Row, Checked]]:
     """Rows with their checks, in order; hashing and signatures use every core when large."""
     workers = os.cpu_count() or 1
     if total < PARALLEL_FROM or workers < 2:
@@ -148,7 +184,7 @@ def _checked(
     with ProcessPoolExecutor(
         workers, mp_context=context, initializer=_init, initargs=(keys,)
     ) as pool:
-        window: deque[tuple[list[Row], Future[list[tuple[str, str | None, bool]]]]] = deque()
+        window: deque[tuple[list[Row], Future[list[Checked]]]] = deque()
         for batch in batches:
             window.append((batch, pool.submit(check_rows, batch)))
             if len(window) >= 2 * workers:
@@ -165,8 +201,14 @@ def verify_ledger(
     *,
     tenant_id: str | None = None,
     run_id: str | None = None,
+    checkpoints: dict[str, Checkpoint] | None = None,
 ) -> VerifyReport:
-    """Verify one tenant's chain (or every chain); ``run_id`` limits which events are named."""
+    """Verify one tenant's chain (or every chain); ``run_id`` limits which events are named.
+
+    ``checkpoints``: the newest signed checkpoint of each chain (its signature already
+    verified against a pinned key); the chain must be at least that long and its tree
+    of that size must have that root."""
+    checkpoints = checkpoints or {}
     chain_ids = None if tenant_id is None else [chain_for(tenant_id)]
     report = VerifyReport()
     head_query = select(ChainHead)
@@ -181,8 +223,11 @@ def verify_ledger(
     current: str | None = None
     seen: set[str] = set()
     prev_hash, expected_seq = GENESIS, 1
+    roots = RootAt(0)
+    links = LinkChecker()
 
     def close_chain(chain_id: str, last_seq: int, last_hash: str) -> None:
+        check_checkpoint(chain_id, last_seq, roots)
         head = heads.get(chain_id)
         if head is None:
             report.broken.append(Broken(None, chain_id, None, None, "chain has no head record"))
@@ -197,12 +242,45 @@ def verify_ledger(
                 )
             )
 
-    for row, (recomputed, problem, had_receipt) in _checked(_rows(session, chain_ids), keys, total):
+    def check_checkpoint(chain_id: str, last_seq: int, tree: RootAt) -> None:
+        checkpoint = checkpoints.get(chain_id)
+        if checkpoint is None:
+            return
+        report.checkpoints.append({"chain_id": chain_id, "size": checkpoint.size})
+        if last_seq < checkpoint.size:
+            report.broken.append(
+                Broken(
+                    None,
+                    chain_id,
+                    last_seq,
+                    None,
+                    f"log shorter than its checkpoint: checkpoint size {checkpoint.size}, "
+                    f"table ends at seq {last_seq}",
+                )
+            )
+        elif tree.root != checkpoint.root:
+            report.broken.append(
+                Broken(
+                    None,
+                    chain_id,
+                    checkpoint.size,
+                    None,
+                    f"root of the first {checkpoint.size} events does not match the signed "
+                    f"checkpoint of size {checkpoint.size} (events rewritten)",
+                )
+            )
+
+    for row, (recomputed, problem, had_receipt, leaf) in _checked(
+        _rows(session, chain_ids), keys, total
+    ):
         event_id, chain_id, seq, _t, row_run, kind, _p, _c, row_prev, row_hash = row
         if chain_id != current:
             if current is not None:
                 close_chain(current, expected_seq - 1, prev_hash)
             current, prev_hash, expected_seq = chain_id, GENESIS, 1
+            cp = checkpoints.get(chain_id)
+            roots = RootAt(cp.size if cp else 0)
+            links = LinkChecker()
             seen.add(chain_id)
             report.chains += 1
         report.events += 1
@@ -215,15 +293,21 @@ def verify_ledger(
             problems.append("prev_hash does not link to the previous event")
         if recomputed != row_hash and named:
             problems.append("hash does not match the event's contents (tampered)")
-        if had_receipt and named:
-            if problem is None:
-                report.receipts += 1
-            else:
-                problems.append(f"receipt: {problem}")
+        if problem is not None and named:
+            problems.append(problem)
+        elif had_receipt and named:
+            report.receipts += 1
+        link_problems = links.feed(kind, row_run, row[6])
+        if named:
+            problems.extend(link_problems)
         report.broken.extend(Broken(event_id, chain_id, seq, kind, text) for text in problems)
+        roots.add(leaf)
         prev_hash, expected_seq = row_hash, seq + 1
     if current is not None:
         close_chain(current, expected_seq - 1, prev_hash)
+    for chain_id in checkpoints:
+        if chain_id not in seen:
+            check_checkpoint(chain_id, 0, RootAt(0))
     for chain_id, (head_seq, _hash) in heads.items():
         if chain_id not in seen and head_seq > 0:
             report.broken.append(

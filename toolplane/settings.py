@@ -18,6 +18,7 @@ __all__ = ["Settings"]
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_LAYER = re.compile(r"^(rlimits|no_new_privs|seccomp|landlock[1-7]?)$")
 AUTO_LAYERS = ("seccomp", "no_new_privs", "rlimits")  # + landlock6 without namespaces
+DEPLOYMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 ROOT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -108,6 +109,23 @@ class Settings(BaseSettings):
     worker_env: str = Field(
         default="", description="comma-separated names of further variables the workers get"
     )
+    deployment: str = Field(
+        default="toolplane.local",
+        description="the deployment's name: the key name of its checkpoints and the first part "
+        "of each chain's checkpoint origin (<deployment>/tenant/<id>)",
+    )
+    checkpoint_dir: Path | None = Field(
+        default=None, description="signed checkpoints, outside the database; $HOME/checkpoints"
+    )
+    checkpoint_interval_s: float = Field(
+        default=30.0, ge=0, le=86_400, description="s between the control's checkpoints; 0: never"
+    )
+    witness_urls: str = Field(
+        default="", description="comma-separated URLs of witnesses that cosign checkpoints"
+    )
+    witness_keys: str = Field(
+        default="", description="comma-separated verifier keys of those witnesses (pinned)"
+    )
     broker_acl_dir: Path | None = Field(
         default=None, description="`toolplane broker-acl`'s files: a broker user per process"
     )
@@ -122,6 +140,7 @@ class Settings(BaseSettings):
         "api_key",
         "api_client_ca",
         "broker_acl_dir",
+        "checkpoint_dir",
     )
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
@@ -165,6 +184,15 @@ class Settings(BaseSettings):
     @classmethod
     def _roots_absolute(cls, value: dict[str, Path]) -> dict[str, Path]:
         return {name: path.expanduser().resolve() for name, path in value.items()}
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment(cls, value: str) -> str:
+        if not DEPLOYMENT.match(value) or value.endswith("/") or "//" in value:
+            raise ValueError(
+                "letters, digits, '.', '_', '-' and '/' only, at most 200, no empty segment"
+            )
+        return value
 
     @field_validator("receipt_algorithm")
     @classmethod
@@ -228,6 +256,10 @@ class Settings(BaseSettings):
     @property
     def keys_dir(self) -> Path:
         return self.home / "keys"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.checkpoint_dir if self.checkpoint_dir is not None else self.home / "checkpoints"
 
     @property
     def bundle_dir(self) -> Path:

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from control.api.events import RunEventHub
 from control.api.models import Problem
 from control.api.problems import PROBLEMS, BodyLimit, install_problem_handlers
-from control.api.routes import catalog, governance, health, runs
+from control.api.routes import catalog, governance, health, ledger, runs
 from control.ops.runtime import ControlPlane
 
 __all__ = ["API_VERSION", "build_app"]
@@ -58,7 +58,7 @@ def build_app(plane: ControlPlane) -> FastAPI:
     app.state.verifying = threading.BoundedSemaphore(1)  # ledger verifications at once
     install_problem_handlers(app)
     app.include_router(health.router)
-    for module in (runs, governance, catalog):
+    for module in (runs, governance, catalog, ledger):
         app.include_router(module.router, responses=PROBLEMS)
     _problem_schema(app)
     app.add_middleware(BodyLimit, limit=plane.settings.api_max_body)

@@ -286,6 +286,10 @@ class VerifyOut(_Out):
     chains: int
     receipts_verified: int
     broken: list[dict[str, Any]]
+    checkpoints: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="the signed checkpoint each chain was checked against: chain_id, size",
+    )
 
 
 class EvidenceOut(_Out):

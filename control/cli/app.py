@@ -13,8 +13,16 @@ from typing import Annotated
 import typer
 
 from control.cli.broker import broker_acl
+from control.cli.bundles import ledger_export, ledger_trust, ledger_verify_bundle, witness
 from control.cli.governance import approve, policy_app, reject, token_app
-from control.cli.operator import keys_app, ledger_unverified, migrate, tenant_app, tools_app
+from control.cli.operator import (
+    keys_app,
+    ledger_checkpoint,
+    ledger_unverified,
+    migrate,
+    tenant_app,
+    tools_app,
+)
 from control.cli.output import (
     console,
     err,
@@ -373,7 +381,8 @@ def ledger_verify(
     run: Annotated[str | None, typer.Option("--run", help="Name only this run's events.")] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Recompute every link, result hash and receipt of your tenant's chain."""
+    """Recompute every link, result hash and receipt of your tenant's chain, and check
+    it against the newest signed checkpoint (a shorter log or another root is named)."""
     with _client() as client:
         report = client.verify_ledger(run_id=run)
     if json_:
@@ -383,19 +392,24 @@ def ledger_verify(
         console.print(
             f"ledger {verdict}: {report.events} events in {report.chains} chain(s), "
             f"{report.receipts_verified} receipts verified"
+            + "".join(f", checkpoint of {c['size']} events checked" for c in report.checkpoints)
         )
         for b in report.broken:
-            console.print(
-                safe(
-                    f"  event {b['event_id']} ({b['chain_id']} #{b['seq']}, {b['kind']}): "
-                    f"{b['problem']}"
-                ),
-                markup=False,
+            where = (
+                f"event {b['event_id']} ({b['chain_id']} #{b['seq']}, {b['kind']})"
+                if b["event_id"] is not None
+                else f"chain {b['chain_id']}"
             )
+            console.print(safe(f"  {where}: {b['problem']}"), markup=False)
     raise typer.Exit(EXIT_OK if report.ok else EXIT_ERROR)
 
 
 ledger_app.command("unverified")(ledger_unverified)
+ledger_app.command("checkpoint")(ledger_checkpoint)
+ledger_app.command("export")(ledger_export)
+ledger_app.command("verify-bundle")(ledger_verify_bundle)
+ledger_app.command("trust")(ledger_trust)
+app.command("witness")(witness)
 app.command()(approve)
 app.command()(reject)
 app.command()(submit)

@@ -15,7 +15,14 @@ from control.cli.support import JsonOpt, handled, load_settings
 from control.cli.support import plane as _plane
 from control.errors import UsageError
 
-__all__ = ["keys_app", "ledger_unverified", "migrate", "tenant_app", "tools_app"]
+__all__ = [
+    "keys_app",
+    "ledger_checkpoint",
+    "ledger_unverified",
+    "migrate",
+    "tenant_app",
+    "tools_app",
+]
 
 keys_app = typer.Typer(
     help="Signing keys of control and the tools (operator commands, on the control host).",
@@ -72,6 +79,41 @@ def ledger_unverified(json_: JsonOpt = False) -> None:
             f"last {r.last_at.isoformat(timespec='seconds')}",
             markup=False,
         )
+
+
+@handled
+def ledger_checkpoint(json_: JsonOpt = False) -> None:
+    """Integrate every chain into its Merkle tree and sign a checkpoint of each one that
+    grew, into the checkpoint directory (operator command, on the control host). Exits 1
+    if a chain is not consistent with its newest checkpoint (nothing is signed for it)."""
+    plane = _plane()
+    signed, refused = plane.checkpoint()
+    if json_:
+        print_json(
+            {
+                "signed": [
+                    {
+                        "chain_id": s.chain_id,
+                        "origin": s.checkpoint.origin,
+                        "size": s.checkpoint.size,
+                        "new": s.written,
+                    }
+                    for s in signed
+                ],
+                "refused": [{"chain_id": r.chain_id, "problem": r.problem} for r in refused],
+                "directory": str(plane.checkpoints.root),
+                "vkey": plane.checkpoint_signer.verifier.vkey,
+            }
+        )
+    else:
+        for s in signed:
+            state = "signed" if s.written else "unchanged"
+            console.print(f"{s.checkpoint.origin}: {s.checkpoint.size} events, {state}")
+        for r in refused:
+            console.print(f"REFUSED {r.chain_id}: {r.problem}", markup=False)
+        console.print(f"verifier key: {plane.checkpoint_signer.verifier.vkey}", markup=False)
+    if refused:
+        raise typer.Exit(1)
 
 
 # -- keys --------------------------------------------------------------------------

@@ -25,11 +25,22 @@ from control.governance.entitlements import EntitlementStore
 from control.governance.keys import sync_keys
 from control.ops.embedded import find_embedded
 from control.ops.identities import refresh_worker_keys
+from control.ops.witness_client import WitnessClient
 from control.orchestration.dispatch import CeleryPublisher
 from control.orchestration.intake import Governance
 from ledger.chain import NewEvent
+from ledger.checkpoints import (
+    CheckpointRefused,
+    DirectoryCheckpointStore,
+    Signed,
+    checkpoint_all,
+    checkpoint_chain,
+    load_signer,
+)
+from ledger.cosignature import CosignatureVerifier
 from ledger.db import make_engine, make_sessionmaker
 from ledger.models import PolicyVersion, SigningKey, ToolManifest
+from ledger.note import NoteSigner, NoteVerifier
 from ledger.store import append_events
 from policy.bundle import PolicyBundle, bundle_files, load_bundle
 from policy.engine import PolicyEngine
@@ -38,7 +49,7 @@ from toolplane.canonical import digest
 from toolplane.errors import SettingsError
 from toolplane.keystore import IndexWatch, KeyStore
 from toolplane.settings import Settings
-from toolplane.signing import KeyRing, PublicKey, Signer, b64decode
+from toolplane.signing import KeyRing, Signer
 
 log = logging.getLogger("toolplane.control")
 
@@ -127,6 +138,59 @@ class ControlPlane:
     @cached_property
     def publisher(self) -> CeleryPublisher:
         return CeleryPublisher(self.celery)
+
+    # -- checkpoints (ledger/checkpoints.py) -------------------------------------
+    @cached_property
+    def checkpoints(self) -> DirectoryCheckpointStore:
+        """Signed checkpoints, in files outside the database."""
+        return DirectoryCheckpointStore(self.settings.checkpoints_dir)
+
+    @cached_property
+    def checkpoint_signer(self) -> NoteSigner:
+        """The key that signs checkpoints, named for the deployment (made once)."""
+        return load_signer(self.settings.keys_dir, self.settings.deployment)
+
+    @cached_property
+    def witnesses(self) -> WitnessClient | None:
+        """The witnesses asked to cosign each checkpoint (TOOLPLANE_WITNESS_URLS), if any."""
+        urls = [u for u in self.settings.witness_urls.split(",") if u.strip()]
+        if not urls:
+            return None
+        keys = [CosignatureVerifier.parse(k) for k in self.settings.witness_keys.split(",") if k]
+        return WitnessClient(urls, keys)
+
+    def checkpoint_verifiers(self) -> list[NoteVerifier]:
+        """Keys a checkpoint is verified with: pinned in the key store, never the database."""
+        return [self.checkpoint_signer.verifier]
+
+    def checkpoint(
+        self, chain_ids: list[str] | None = None
+    ) -> tuple[list[Signed], list[CheckpointRefused]]:
+        """Integrate and checkpoint ``chain_ids`` (default: every chain with events)."""
+        signer, store, name = self.checkpoint_signer, self.checkpoints, self.settings.deployment
+        cosign = self.witnesses.cosign if self.witnesses is not None else None
+        with self.sessions() as session:
+            if chain_ids is None:
+                return checkpoint_all(
+                    session, signer=signer, store=store, deployment=name, cosign=cosign
+                )
+            signed, refused = [], []
+            for chain_id in chain_ids:
+                try:
+                    signed.append(
+                        checkpoint_chain(
+                            session,
+                            chain_id,
+                            signer=signer,
+                            store=store,
+                            deployment=name,
+                            cosign=cosign,
+                        )
+                    )
+                except CheckpointRefused as e:
+                    log.error("checkpoint.refused chain=%s problem=%s", e.chain_id, e.problem)
+                    refused.append(e)
+            return signed, refused
 
     @property
     def signer(self) -> Signer:
@@ -292,8 +356,10 @@ class ControlPlane:
         return count
 
     def keyring(self, *, refresh: bool = False) -> KeyRing:
-        """Keys to verify receipts: the key store's (with local HMAC secrets) and the ledger's
-        key table, each key with the earliest retirement and revocation either knows.
+        """Keys to verify receipts: the key store's (with local HMAC secrets), each with the
+        earliest retirement and revocation that it or the ledger's key table knows. Trust
+        comes from the key store only, outside the database: a key found only in the table
+        verifies nothing (whoever can write the table could have put it there).
 
         Built again when the key store's index changes, and at least every KEYRING_TTL_S
         (ingest also reads the revocation of each receipt's key from the table itself:
@@ -309,17 +375,5 @@ class ControlPlane:
                 known = ring.get(row.key_id)
                 if known is not None:
                     ring.add(known.merged(not_after=row.not_after, revoked_at=row.revoked_at))
-                elif row.algorithm == "ed25519" and row.public_key:
-                    ring.add(
-                        PublicKey(
-                            key_id=row.key_id,
-                            owner=row.owner,
-                            algorithm="ed25519",
-                            material=b64decode(row.public_key),
-                            not_before=row.not_before,
-                            not_after=row.not_after,
-                            revoked_at=row.revoked_at,
-                        )
-                    )
         self._keyring, self._keyring_at = ring, time.monotonic()
         return ring

@@ -160,9 +160,19 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
             except Exception:
                 log.exception("sweep.failed")
 
+    def checkpointer() -> None:
+        """After appends, never in them: integrate the chains and sign checkpoints."""
+        interval = plane.settings.checkpoint_interval_s
+        while interval and not stop.wait(interval):
+            try:
+                plane.checkpoint()
+            except Exception:  # a loop boundary: log and go on
+                log.exception("checkpoint.failed")
+
     @signals.worker_ready.connect(weak=False)
     def start_relay(sender: Any = None, **_: Any) -> None:
         threading.Thread(target=relay, name="outbox-relay", daemon=True).start()
+        threading.Thread(target=checkpointer, name="checkpointer", daemon=True).start()
 
     @signals.worker_shutdown.connect(weak=False)
     def stop_relay(sender: Any = None, **_: Any) -> None:

@@ -38,8 +38,10 @@ from control.orchestration.runs import RunView, get_run, list_runs
 from control.orchestration.states import TERMINAL_RUN, RunStatus
 from control.orchestration.submission import CallRequest, RunRequest, check_run, submit_run
 from control.orchestration.workflows import WorkflowSpec, load_workflow
+from ledger.chain import chain_for
+from ledger.checkpoints import trusted_checkpoints
 from ledger.models import Node, Run
-from ledger.verify import VerifyReport, verify_ledger
+from ledger.verify import Broken, VerifyReport, verify_ledger
 from toolplane.settings import Settings
 
 __all__ = ["Operations", "WaitTimeout"]
@@ -490,10 +492,21 @@ class Operations:
         identity = self.identity
         if run_id is not None:
             self.run(run_id)  # not found unless it is this tenant's
+        chain_id = chain_for(identity.tenant_id)
+        witnesses = self.plane.witnesses
+        checkpoints, problems = trusted_checkpoints(
+            self.plane.checkpoints,
+            [chain_id],
+            self.plane.checkpoint_verifiers(),
+            witnesses.keys if witnesses is not None else (),
+        )
         with self.plane.sessions() as session:
-            return verify_ledger(
+            report = verify_ledger(
                 session,
                 self.plane.keyring(refresh=True),
                 tenant_id=identity.tenant_id,
                 run_id=run_id,
+                checkpoints=checkpoints,
             )
+        report.broken.extend(Broken(None, chain_id, None, None, p) for p in problems)
+        return report

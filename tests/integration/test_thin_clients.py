@@ -204,6 +204,7 @@ PYTHON_CALLER = textwrap.dedent(
         assert {"search_docs", "read_repo_file", "lint_python"} <= {t.tool for t in c.tools()}
         assert "repo-review" in [w.name for w in c.workflows()]
         assert c.verify_ledger().ok and c.verify_ledger(run_id=wf_id).ok
+        assert json.loads(c.export_bundle(wf_id))["run_id"] == wf_id
     with track(Client.from_env(token=None)) as anon:  # close() tracked by the with
         pass
     with track(Client(Client.from_env().settings.url, token=approver_token)) as a:
@@ -229,6 +230,7 @@ PYTHON_CALLER = textwrap.dedent(
             s = await ac.call("sleepy", {"seconds": 3})
             assert (await ac.cancel(s.run_id)).status == "cancelled"
             assert (await ac.verify_ledger()).ok
+            assert json.loads(await ac.export_bundle(rid))["run_id"] == rid
         async with track(AsyncClient(token=approver_token,
                                      url=Client.from_env().settings.url)) as aa:
             assert (await aa.approve(h.run_id, "read_repo_file")).status == "granted"
