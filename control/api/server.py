@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ __all__ = [
     "parse_bind",
     "serve",
     "serve_in_thread",
-    "shared_socket",
     "uvicorn_config",
 ]
 
@@ -60,7 +58,12 @@ def api_url(settings: Settings) -> str:
     return f"{scheme}://{shown}:{port}"
 
 
-def uvicorn_config(plane: ControlPlane, *, log_level: str = "info") -> uvicorn.Config:
+FACTORY = "control.api.factory:create_app"  # how each of several API processes builds it
+
+
+def uvicorn_config(
+    plane: ControlPlane, *, log_level: str = "info", workers: int = 1
+) -> uvicorn.Config:
     settings = plane.settings
     host, port = parse_bind(settings.api_bind)
     tls: dict[str, object] = {}
@@ -78,7 +81,9 @@ def uvicorn_config(plane: ControlPlane, *, log_level: str = "info") -> uvicorn.C
             field="TOOLPLANE_API_CLIENT_CA",
         )
     return uvicorn.Config(
-        build_app(plane),
+        build_app(plane) if workers == 1 else FACTORY,  # each process builds its own
+        factory=workers > 1,
+        workers=workers,
         host=host,
         port=port,
         log_level=log_level,
@@ -110,31 +115,15 @@ def serve_in_thread(plane: ControlPlane, *, log_level: str = "info") -> ApiServe
     return ApiServer(server, thread)
 
 
-def shared_socket(bind: str) -> socket.socket:
-    """A listening socket on TOOLPLANE_API_BIND that other API processes may bind too
-    (SO_REUSEPORT: the kernel spreads connections over them, each process with its own
-    interpreter lock)."""
-    host, port = parse_bind(bind)
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        raise UsageError(
-            f"cannot listen on {bind}: {e.strerror}", field="TOOLPLANE_API_BIND"
-        ) from e
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+def serve(plane: ControlPlane, *, processes: int = 1, log_level: str = "info") -> None:
+    """Serve the API from this process or, with ``processes`` > 1, from that many
+    processes sharing the one socket bound here (uvicorn's supervisor starts them, and
+    starts again one that dies). The port is bound once: a second server on it is
+    refused, never sharing its connections."""
+    if processes <= 1:
+        uvicorn.Server(uvicorn_config(plane, log_level=log_level)).run()
+        return
+    from uvicorn.supervisors import Multiprocess
 
-
-def serve(plane: ControlPlane, *, log_level: str = "info") -> None:
-    """Serve the API in this process, on a port that other API processes may share."""
-    config = uvicorn_config(plane, log_level=log_level)
-    sock = shared_socket(plane.settings.api_bind)
-    uvicorn.Server(config).run(sockets=[sock])
+    config = uvicorn_config(plane, log_level=log_level, workers=processes)
+    Multiprocess(config, target=uvicorn.Server(config).run, sockets=[config.bind_socket()]).run()

@@ -224,8 +224,8 @@ def control(
 @app.command()
 @handled
 def api(loglevel: str = "INFO") -> None:
-    """Serve only the HTTP API (more API processes beside `toolplane control`; they
-    share TOOLPLANE_API_BIND's port).
+    """Serve only the HTTP API, beside `toolplane control --no-api`: from
+    TOOLPLANE_API_PROCESSES processes sharing TOOLPLANE_API_BIND's one socket.
 
     Operator command: runs on the control host with the control's settings.
     """
@@ -235,7 +235,7 @@ def api(loglevel: str = "INFO") -> None:
     plane = _plane()
     plane.check_database()
     plane.policy  # noqa: B018 - a bundle that does not load stops the start, not a request
-    serve(plane, log_level=loglevel.lower())
+    serve(plane, processes=plane.settings.api_processes, log_level=loglevel.lower())
 
 
 @app.command()

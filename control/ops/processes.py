@@ -248,10 +248,9 @@ def plan_processes(
     specs = [
         ProcessSpec("control", [*cli, "control", *(["--no-api"] if apis else [])], control_env)
     ]
-    specs += [
-        ProcessSpec("api" if apis == 1 else f"api-{i}", [*cli, "api"], control_env)
-        for i in range(1, apis + 1)
-    ]
+    if apis:
+        api_settings = {**control_env, "TOOLPLANE_API_PROCESSES": str(apis)}
+        specs.append(ProcessSpec("api", [*cli, "api"], api_settings))
     if workers and identities is None:
         identities = prepare_workers(settings, workers)
     for tool, concurrency in workers.items():

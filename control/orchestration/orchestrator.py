@@ -69,13 +69,18 @@ __all__ = [
 ]
 
 
-@dataclass
 class RunState:
-    """A run and all its nodes, locked for the caller's transaction."""
+    """A run and all its nodes, locked for the caller's transaction; its submitter read
+    when first needed (deciding a node), in that transaction."""
 
-    run: Run
-    nodes: dict[str, Node]
-    submitter: Submitter
+    def __init__(self, run: Run, nodes: dict[str, Node], submitter: Submitter | Session) -> None:
+        self.run, self.nodes, self._submitter = run, nodes, submitter
+
+    @property
+    def submitter(self) -> Submitter:
+        if isinstance(self._submitter, Session):  # read now, once
+            self._submitter = submitter_of(self._submitter, self.run)
+        return self._submitter
 
     def event(self, kind: str, payload: dict[str, Any]) -> NewEvent:
         return NewEvent(kind, payload, tenant_id=self.run.tenant_id, run_id=self.run.id)
@@ -99,11 +104,7 @@ def lock_run(
     nodes = session.scalars(
         select(Node).where(Node.run_id == run_id).order_by(Node.created_at, Node.node_id)
     ).all()
-    return RunState(
-        run=run,
-        nodes={n.node_id: n for n in nodes},
-        submitter=submitter or submitter_of(session, run),
-    )
+    return RunState(run, {n.node_id: n for n in nodes}, submitter or session)
 
 
 def _ready(state: RunState, node: Node, now: datetime) -> bool:
