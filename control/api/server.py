@@ -126,4 +126,4 @@ def serve(plane: ControlPlane, *, processes: int = 1, log_level: str = "info") -
     from uvicorn.supervisors import Multiprocess
 
     config = uvicorn_config(plane, log_level=log_level, workers=processes)
-    Multiprocess(config, target=uvicorn.Server(config).run, sockets=[config.bind_socket()]).run()
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
