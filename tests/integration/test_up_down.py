@@ -45,6 +45,7 @@ def test_up_and_down_with_external_services(services: Services, tmp_path: Path) 
         entries = json.loads((tmp_path / "home" / "run" / "processes.json").read_text())
         assert {e["name"] for e in entries} == {
             "control",
+            "api",  # the API's processes, beside the control's results ingest
             "worker-read_repo_file",
             "worker-search_docs",
             "worker-lint_python",
@@ -54,8 +55,9 @@ def test_up_and_down_with_external_services(services: Services, tmp_path: Path) 
         assert f"the control connects as database role {role}" in up.stdout
         for entry in entries:
             environ = psutil.Process(entry["pid"]).environ()
-            assert ("TOOLPLANE_DATABASE_URL" in environ) == (entry["name"] == "control")
-            if entry["name"] == "control":
+            ours = entry["name"] in ("control", "api")  # the control's own processes
+            assert ("TOOLPLANE_DATABASE_URL" in environ) == ours
+            if ours:
                 assert make_url(environ["TOOLPLANE_DATABASE_URL"]).username == role
         token = json.loads(cli("tenant", "create", "updown", "--json").stdout)["token"]
         env["TOOLPLANE_TOKEN"] = token
