@@ -117,7 +117,9 @@ def run_all(client: Any, *, progress: Progress) -> dict[str, Any]:
                 append_events(
                     session,
                     [
-                        NewEvent("ToolCallCompleted", payload, tenant_id=tenant)
+                        # a kind no other event must precede (ledger verify checks the
+                        # links of decisions, dispatches and results)
+                        NewEvent("RunSubmitted", payload, tenant_id=tenant)
                         for _ in range(batch)
                     ],
                 )

@@ -311,7 +311,7 @@ def overhead(ns: argparse.Namespace) -> dict[str, Any]:
             port = int(services.redis_url.rsplit(":", 1)[1].split("/")[0])
 
             def servers() -> dict[str, float]:
-                return backend_cpu_s(services.database, port)
+                return backend_cpu_s(port)
 
             where = {
                 "api": cpu_per_call(
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--growth-samples", type=int, default=40, help="per figure and size")
     parser.add_argument("--ingest-calls", type=int, default=300, help="results per ingest run")
-    parser.add_argument("--tenants", type=int, default=20)
+    parser.add_argument("--tenant-count", type=int, default=20, help="tenants at once")
     parser.add_argument("--tenant-calls", type=int, default=200, help="calls per round")
     parser.add_argument("--tenant-rounds", type=int, default=3)
     parser.add_argument(
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if ns.only in (None, "tenants"):
                 result["tenants"] = tenants.run(
-                    tenants=ns.tenants,
+                    tenants=ns.tenant_count,
                     calls=ns.tenant_calls,
                     rounds=ns.tenant_rounds,
                     submitters=ns.submitters,

@@ -101,17 +101,20 @@ def others_by_name(
     return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
 
 
-def backend_cpu_s(database: str, redis_port: int) -> dict[str, float]:
-    """CPU seconds so far of the PostgreSQL backends serving ``database`` (those alive now)
-    and of the Redis server on ``redis_port``: the servers' share of each call."""
+def backend_cpu_s(redis_port: int) -> dict[str, float]:
+    """CPU seconds so far of the PostgreSQL server (the postmaster with every backend,
+    live or ended: all databases, so other users of the server count too) and of the
+    Redis server listening on ``redis_port``."""
     pg = redis_s = 0.0
-    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
-        line = " ".join(proc.info["cmdline"] or [])
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times", "ppid"]):
         times = proc.info["cpu_times"]
         if times is None:
             continue
-        if proc.info["name"] == "postgres" and f" {database} " in f" {line} ":
+        line = " ".join(proc.info["cmdline"] or [])
+        if proc.info["name"] == "postgres":
             pg += times.user + times.system
-        elif proc.info["name"] == "redis-server" and line.endswith(f":{redis_port}"):
+            if proc.info["ppid"] == 1 or "postmaster" in line or line.startswith("/usr/lib"):
+                pg += times.children_user + times.children_system  # ended backends
+        elif proc.info["name"] == "redis-server" and f":{redis_port}" in line:
             redis_s += times.user + times.system
-    return {"postgres (its backends)": pg, "redis-server": redis_s}
+    return {"postgres (the whole server)": pg, "redis-server": redis_s}
