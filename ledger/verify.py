@@ -209,6 +209,10 @@ def verify_ledger(
     verified against a pinned key); the chain must be at least that long and its tree
     of that size must have that root."""
     checkpoints = checkpoints or {}
+    if not session.in_transaction():
+        # One snapshot for the heads and the rows: an append that commits while the rows
+        # are read must not look like a chain longer than its head (named as rewritten).
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
     chain_ids = None if tenant_id is None else [chain_for(tenant_id)]
     report = VerifyReport()
     head_query = select(ChainHead)

@@ -159,6 +159,40 @@ def test_concurrent_appends_keep_one_unbroken_chain(stack: Stack, token: str) ->
     assert sorted(seqs) == list(range(1, len(seqs) + 1)) and len(seqs) >= 101
 
 
+def test_an_append_committed_while_verify_reads_is_not_a_rewritten_chain(
+    stack: Stack, token: str
+) -> None:
+    """The heads and the rows are read in one snapshot: an event committed between the two
+    reads belongs to the next verification, and this one stays consistent."""
+    from sqlalchemy import event
+
+    client = stack.client(token)
+    tenant = client.identity.tenant_id
+    with client.plane.sessions() as session:
+        append_events(session, [NewEvent("RunSubmitted", {"i": 0}, tenant_id=tenant)])
+        session.commit()
+    appended: list[bool] = []
+
+    def append_before_the_rows(conn, cursor, statement, *_: object) -> None:  # type: ignore[no-untyped-def]
+        if "FROM evidence_events" in statement and "ORDER BY" in statement and not appended:
+            appended.append(True)
+            with client.plane.sessions() as other:  # another connection, committed now
+                append_events(other, [NewEvent("RunSubmitted", {"i": 1}, tenant_id=tenant)])
+                other.commit()
+
+    with client.plane.sessions() as session:
+        engine = session.get_bind()
+        event.listen(engine, "before_cursor_execute", append_before_the_rows)
+        try:
+            report = verify_ledger(session, client.plane.keyring(), tenant_id=tenant)
+        finally:
+            event.remove(engine, "before_cursor_execute", append_before_the_rows)
+    assert appended, "the rows query was not seen"
+    assert report.ok, report.broken
+    with client.plane.sessions() as session:  # the next verification sees the new event
+        assert verify_ledger(session, client.plane.keyring(), tenant_id=tenant).ok
+
+
 @pytest.mark.timeout(120)
 def test_large_ledger_is_verified_in_parallel_and_names_the_tampered_event(
     stack: Stack, token: str
