@@ -213,6 +213,26 @@ def grow(database_url: str, tenant_id: str, template: Template, cloner: Cloner, 
     return appended
 
 
+def integrated(database_url: str, tenant_id: str, *, timeout: float) -> float:
+    """Wait until the control's Merkle-tree integrator has taken in the whole chain (the
+    real path integrates as it appends; a bulk load leaves it to catch up, which would
+    otherwise run during the measurements); returns the seconds it took."""
+    chain = chain_for(tenant_id)
+    start = time.perf_counter()
+
+    def caught_up() -> bool:
+        with psycopg.connect(_libpq(database_url)) as conn:
+            row = conn.execute(
+                "SELECT h.seq, coalesce(t.size, 0) FROM chain_heads h"
+                " LEFT JOIN merkle_trees t ON t.chain_id = h.chain_id WHERE h.chain_id = %s",
+                (chain,),
+            ).fetchone()
+        return row is not None and row[1] >= row[0]
+
+    wait_for(caught_up, timeout=timeout, what="the Merkle tree to take in the grown chain")
+    return time.perf_counter() - start
+
+
 class Probe:
     """The figures measured at each size of the ledger."""
 
@@ -322,9 +342,12 @@ def run(
 
         empty = measure()
         grown = grow(services.database_url, tenant_id, template, cloner, checkpoint)
+        integration_s = [integrated(services.database_url, tenant_id, timeout=1800)]
         at_checkpoint = probe.verify()
         progress.advance(task)
+        before = grown
         grown += grow(services.database_url, tenant_id, template, cloner, events - grown)
+        integration_s.append(integrated(services.database_url, tenant_id, timeout=1800))
         progress.advance(task)
         full = measure()
         at_full = probe.verify()
@@ -333,6 +356,10 @@ def run(
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "events_grown": grown,
             "events_per_copied_run": template.events_per_copy,
+            "tree_catch_up": {  # the control's integrator taking in each bulk load
+                "events": [before, grown - before],
+                "seconds": integration_s,
+            },
             "empty": empty,
             "full": full,
             "verify_checkpoint": at_checkpoint,
