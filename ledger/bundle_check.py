@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from ledger.checkpoint import Checkpoint
 from ledger.cosignature import CosignatureVerifier, cosignature_problem
 from ledger.merkle import MerkleError, leaf_hash, verify_inclusion
 from ledger.note import NoteError, NoteVerifier, open_note
-from ledger.receipts import ReceiptProblem, check_result_message
+from ledger.receipts import ReceiptProblem, check_result_message, check_unsigned_result
 from toolplane.canonical import canonical_json, parse_json_strict
 from toolplane.errors import SignatureError, ToolplaneError
-from toolplane.messages import SignedEnvelope, signed_bytes
+from toolplane.messages import ResultMessage, SignedEnvelope, signed_bytes
 from toolplane.signing import KeyRing, PublicKey
 
 __all__ = ["BUNDLE_FORMAT", "BundleReport", "check_bundle", "key_from_json", "key_to_json"]
@@ -35,6 +36,7 @@ BUNDLE_FORMAT = "toolplane-evidence-bundle/1"
 RECEIPT_KINDS = frozenset({"ToolCallCompleted", "ToolCallFailed", "JobRefused", "ResultIgnored"})
 KEY_FIELDS = {"key_id", "owner", "algorithm", "public_key", "not_before", "not_after", "revoked_at"}
 MAX_BUNDLE = 256 << 20
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _iso(at: datetime | None) -> str | None:
@@ -112,6 +114,7 @@ class BundleReport:
     witnesses: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unverifiable: list[str] = field(default_factory=list)  # HMAC receipts, no secret given
 
     @property
     def ok(self) -> bool:
@@ -129,6 +132,7 @@ class BundleReport:
             "cosigned_by": self.witnesses,
             "problems": self.problems,
             "notes": self.notes,
+            "receipts_not_verifiable": self.unverifiable,
         }
 
 
@@ -137,11 +141,13 @@ def check_bundle(
     checkpoint_keys: list[NoteVerifier],
     pinned_keys: list[dict[str, Any]] | None = None,
     witness_keys: list[CosignatureVerifier] | None = None,
+    hmac_secrets: Mapping[str, Sequence[bytes]] | None = None,
 ) -> BundleReport:
     """Every check of the bundle ``data``; ``pinned_keys``: the key objects an auditor
     trusts (each key of the bundle must be one of them); without, the bundle's own keys
     are used and the report says that they were not pinned. ``witness_keys``: each must
-    have cosigned the checkpoint."""
+    have cosigned the checkpoint. ``hmac_secrets``: the HMAC secrets the auditor holds, by
+    key id or tool name; an HMAC receipt with none is reported as not verifiable."""
     report = BundleReport()
     if len(data) > MAX_BUNDLE:
         report.problems.append(f"bundle: larger than {MAX_BUNDLE} bytes")
@@ -189,7 +195,7 @@ def check_bundle(
             continue
         last_seq = seq
         report.events += 1
-        _links(leaf, where, ring, envelopes, report)
+        _links(leaf, where, ring, envelopes, report, hmac_secrets or {})
     return report
 
 
@@ -260,6 +266,7 @@ def _links(
     ring: KeyRing,
     envelopes: dict[tuple[str, int], str],
     report: BundleReport,
+    secrets: Mapping[str, Sequence[bytes]],
 ) -> None:
     """The signatures inside an event: the dispatched envelope's, the result's receipt,
     and the receipt's binding to the envelope dispatched for that node and attempt."""
@@ -291,21 +298,11 @@ def _links(
         envelopes[(str(payload.get("node_id")), int(payload.get("attempt") or 0))] = signed.digest
         report.envelopes += 1
     elif kind in RECEIPT_KINDS and "message" in payload:
-        receipt = (
-            payload["message"].get("receipt") if isinstance(payload["message"], dict) else None
-        )
-        if isinstance(receipt, dict) and receipt.get("algorithm") == "hmac-sha256":
-            report.notes.append(
-                f"{where}.receipt: an HMAC receipt proves nothing without the tool's secret; "
-                "the event itself is covered by the checkpoint"
-            )
-            return
         try:
-            message = check_result_message(payload["message"], ring, received=received)
+            message = _receipt(payload["message"], where, ring, received, secrets, report)
         except ReceiptProblem as e:
             report.problems.append(f"{where}.receipt: {e.message}")
             return
-        report.receipts += 1
         if kind in ("ToolCallCompleted", "ToolCallFailed"):
             key = (str(payload.get("node_id")), int(payload.get("attempt") or 0))
             bound = envelopes.get(key)
@@ -314,3 +311,50 @@ def _links(
                     f"{where}.receipt: not bound to the envelope dispatched for node "
                     f"{key[0]} attempt {key[1]}"
                 )
+
+
+def _receipt(
+    raw: Any,
+    where: str,
+    ring: KeyRing,
+    received: datetime,
+    secrets: Mapping[str, Sequence[bytes]],
+    report: BundleReport,
+) -> ResultMessage:
+    """The result message of an event, its receipt checked (and counted) where it can be."""
+    receipt = raw.get("receipt") if isinstance(raw, dict) else None
+    if not (isinstance(receipt, dict) and receipt.get("algorithm") == "hmac-sha256"):
+        message = check_result_message(raw, ring, received=received)
+        report.receipts += 1
+        return message
+    message = check_unsigned_result(raw)  # the result's hash needs no key
+    key_id, tool = message.receipt.key_id, message.result.tool
+    given = [*secrets.get(key_id, ()), *secrets.get(tool, ())]
+    if not given:
+        report.unverifiable.append(where)
+        report.notes.append(
+            f"{where}.receipt: HMAC-SHA256 receipt of tool {tool} (key {key_id}): not "
+            "verifiable by a third party without the secret (--hmac-secret); its result "
+            "hash and envelope binding were checked, and the checkpoint covers the event"
+        )
+        return message
+    problem = ""
+    for secret in given:  # the key's window is not in the bundle: only its secret is given
+        key = PublicKey(
+            key_id=key_id,
+            owner=f"tool.{tool}",
+            algorithm="hmac-sha256",
+            material=secret,
+            not_before=EPOCH,
+        )
+        try:
+            message = check_result_message(raw, KeyRing([key]), received=received)
+        except ReceiptProblem as e:
+            problem = e.message
+            continue
+        report.receipts += 1
+        return message
+    raise ReceiptProblem(
+        f"HMAC-SHA256 receipt of tool {tool} (key {key_id}) does not verify with the "
+        f"secret given for it: {problem}"
+    )

@@ -18,7 +18,7 @@ from toolplane.errors import CanonicalJSONError, SignatureError, first_problem
 from toolplane.messages import ResultMessage, signed_bytes
 from toolplane.signing import KeyRing
 
-__all__ = ["ReceiptProblem", "check_result_message"]
+__all__ = ["ReceiptProblem", "check_result_message", "check_unsigned_result"]
 
 
 class ReceiptProblem(Exception):
@@ -56,9 +56,31 @@ def check_result_message(raw: Any, keys: KeyRing, *, received: datetime) -> Resu
         result_digest = None if result.result is None else digest(result.result)
     except (SignatureError, CanonicalJSONError, ValueError, OverflowError) as e:
         raise ReceiptProblem(f"receipt signature: {e}", kind="signature") from e
+    _check_result(message, result_digest)
+    return message
+
+
+def check_unsigned_result(raw: Any) -> ResultMessage:
+    """Parse a result message and check its result hash, but not its receipt's signature:
+    what a verifier without the key (an HMAC receipt's secret) can still check."""
+    try:
+        message = ResultMessage.model_validate(raw)
+    except ValidationError as e:
+        field, rule = first_problem(e, where="message")
+        raise ReceiptProblem(f"malformed result message: {field}: {rule}", kind="malformed") from e
+    result = message.result
+    try:
+        result_digest = None if result.result is None else digest(result.result)
+    except (CanonicalJSONError, ValueError, OverflowError) as e:
+        raise ReceiptProblem(f"result: {e}", kind="result_hash") from e
+    _check_result(message, result_digest)
+    return message
+
+
+def _check_result(message: ResultMessage, result_digest: str | None) -> None:
+    result = message.result
     if result.ok:
         if result.result is None or result.result_sha256 != result_digest:
             raise ReceiptProblem("result_sha256 does not match the result", kind="result_hash")
     elif result.error is None:
         raise ReceiptProblem("a failed result carries no error", kind="malformed")
-    return message

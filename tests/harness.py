@@ -210,6 +210,8 @@ class Stack:
             worker_env=self.env.get("TOOLPLANE_WORKER_ENV", ""),
             allow_weak_containment=self.env.get("TOOLPLANE_ALLOW_WEAK_CONTAINMENT") == "true",
             sandbox_min_layers=self.env.get("TOOLPLANE_SANDBOX_MIN_LAYERS", "auto"),
+            receipt_algorithm=self.env.get("TOOLPLANE_RECEIPT_ALGORITHM", "ed25519"),
+            receipt_algorithms=self.env.get("TOOLPLANE_RECEIPT_ALGORITHMS", ""),
             **({"worker_user": v} if (v := self.env.get("TOOLPLANE_WORKER_USER")) else {}),
         )
 
@@ -427,7 +429,11 @@ def start_stack(
     upgrade(plane.engine)
     stack.runtime_url, _ = ensure_runtime_url(settings, plane.engine)
     tools = sorted(load_tools(settings.extra_tool_modules))
-    plane.keystore.ensure_all(tools, receipt_algorithm=settings.receipt_algorithm)
+    plane.keystore.ensure_all(
+        tools,
+        receipt_algorithm=settings.receipt_algorithm,
+        per_tool=settings.tool_receipt_algorithms,
+    )
     plane.sync_keys()
     counts = workers or {t: 1 for t in tools}
     stack.workers = counts

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -215,11 +215,21 @@ class KeyStore:
             self._write_index([*entries, self._new_key(owner, algorithm)])
             return True
 
-    def ensure_all(self, tools: Iterable[str], *, receipt_algorithm: str) -> list[str]:
-        """Control's key and a receipt key per tool, where missing; returns the owners created."""
+    def ensure_all(
+        self,
+        tools: Iterable[str],
+        *,
+        receipt_algorithm: str,
+        per_tool: Mapping[str, str] | None = None,
+    ) -> list[str]:
+        """Control's key and a receipt key per tool, where missing; returns the owners created.
+
+        A tool's new key is of its algorithm in ``per_tool``, else ``receipt_algorithm``. A tool
+        that already has an active key keeps it, of whatever kind: ``rotate`` changes it."""
         created = ["control"] if self.ensure("control", "ed25519") else []
         for tool in tools:
-            if self.ensure(f"tool.{tool}", receipt_algorithm):  # type: ignore[arg-type]
+            algorithm = (per_tool or {}).get(tool, receipt_algorithm)
+            if self.ensure(f"tool.{tool}", algorithm):  # type: ignore[arg-type]
                 created.append(f"tool.{tool}")
         return created
 

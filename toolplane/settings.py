@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     flower_password: SecretStr | None = None
     flower_port: int = Field(default=5555, ge=1, le=65535)
     receipt_algorithm: str = Field(default="ed25519", description="ed25519 or hmac-sha256")
+    receipt_algorithms: str = Field(
+        default="",
+        description="per-tool receipt algorithms, TOOL=ALGORITHM comma-separated (others: "
+        "receipt_algorithm)",
+    )
     environment: str = Field(
         default="dev", description="the deployment's environment (a call may only be stricter)"
     )
@@ -201,6 +206,21 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(ALGORITHMS)}")
         return value
 
+    @field_validator("receipt_algorithms")
+    @classmethod
+    def _per_tool_algorithms(cls, value: str) -> str:
+        seen: set[str] = set()
+        for item in (i.strip() for i in value.split(",") if i.strip()):
+            tool, sep, algorithm = (part.strip() for part in item.partition("="))
+            if not sep or not tool:
+                raise ValueError(f"{item!r}: expected TOOL=ALGORITHM")
+            if tool in seen:
+                raise ValueError(f"{tool!r} is named twice")
+            if algorithm not in ALGORITHMS:
+                raise ValueError(f"{tool}: {algorithm!r} must be one of {', '.join(ALGORITHMS)}")
+            seen.add(tool)
+        return value
+
     @model_validator(mode="after")
     def _fits_an_envelope(self) -> Settings:
         """An envelope lives the queue wait + the visibility timeout + a tool's time limit,
@@ -252,6 +272,16 @@ class Settings(BaseSettings):
         if self.sandbox_min_layers == "auto":
             return AUTO_LAYERS if namespaces else ("landlock6", *AUTO_LAYERS)
         return tuple(self.sandbox_min_layers.split(","))
+
+    @property
+    def tool_receipt_algorithms(self) -> dict[str, str]:
+        """The tools TOOLPLANE_RECEIPT_ALGORITHMS names, each with its receipt algorithm."""
+        pairs = (i.partition("=") for i in self.receipt_algorithms.split(",") if i.strip())
+        return {tool.strip(): algorithm.strip() for tool, _, algorithm in pairs}
+
+    def receipt_algorithm_for(self, tool: str) -> str:
+        """The algorithm of ``tool``'s new receipt keys: its own, else RECEIPT_ALGORITHM."""
+        return self.tool_receipt_algorithms.get(tool, self.receipt_algorithm)
 
     @property
     def keys_dir(self) -> Path:

@@ -129,7 +129,11 @@ def up(
     upgrade(plane.engine)
     runtime_url, role = ensure_runtime_url(settings, plane.engine)
     console.print(f"the control connects as database role {role.name}")
-    plane.keystore.ensure_all(sorted(tools), receipt_algorithm=settings.receipt_algorithm)
+    plane.keystore.ensure_all(
+        sorted(tools),
+        receipt_algorithm=settings.receipt_algorithm,
+        per_tool=settings.tool_receipt_algorithms,
+    )
     plane.sync_keys()
     plane.policy  # noqa: B018 - validate the bundle before starting anything
     ids = prepare_workers(settings, counts)  # users, directories, keys (control.ops.identities)

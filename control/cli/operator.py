@@ -130,6 +130,7 @@ def keys_init(json_: JsonOpt = False) -> None:
     created = KeyStore(settings.keys_dir).ensure_all(
         sorted(load_tools(settings.extra_tool_modules)),
         receipt_algorithm=settings.receipt_algorithm,
+        per_tool=settings.tool_receipt_algorithms,
     )
     if json_:
         print_json({"created": created, "keys_dir": str(settings.keys_dir)})
@@ -141,25 +142,49 @@ def keys_init(json_: JsonOpt = False) -> None:
 
 @keys_app.command("rotate")
 @handled
-def keys_rotate(tool: str, json_: JsonOpt = False) -> None:
+def keys_rotate(
+    tool: str,
+    algorithm: Annotated[
+        str | None,
+        typer.Option(
+            "--algorithm",
+            help="ed25519 or hmac-sha256 (a tool's receipts; default: TOOLPLANE_RECEIPT_"
+            "ALGORITHMS for TOOL, else TOOLPLANE_RECEIPT_ALGORITHM).",
+        ),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
     """Give TOOL (or `control`) a new key; the old one still verifies what it signed."""
     from control.ops.identities import refresh_worker_keys
     from toolplane.keystore import KeyStore
+    from toolplane.signing import ALGORITHMS
 
     settings = load_settings()
     store = KeyStore(settings.keys_dir)
     owner = "control" if tool == "control" else f"tool.{tool}"
     if owner not in store.owners():
         raise UsageError(f"no key for {owner!r} to rotate", field="TOOL")
-    algorithm = "ed25519" if owner == "control" else settings.receipt_algorithm
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise UsageError(f"must be one of {', '.join(ALGORITHMS)}", field="--algorithm")
+    if owner == "control" and algorithm not in (None, "ed25519"):
+        raise UsageError("the control's key signs envelopes: ed25519 only", field="--algorithm")
+    if algorithm is None:
+        algorithm = "ed25519" if owner == "control" else settings.receipt_algorithm_for(tool)
     key_id = store.rotate(owner, algorithm)  # type: ignore[arg-type]
     refreshed = refresh_worker_keys(settings)  # the workers' own key directories, at once
     if json_:
-        print_json({"owner": owner, "key_id": key_id, "worker_dirs_refreshed": refreshed})
+        print_json(
+            {
+                "owner": owner,
+                "key_id": key_id,
+                "algorithm": algorithm,
+                "worker_dirs_refreshed": refreshed,
+            }
+        )
     else:
         console.print(
-            f"{owner}: new key {key_id} (processes that can read its private file use it from "
-            "their next job; restart those that cannot)"
+            f"{owner}: new {algorithm} key {key_id} (processes that can read its private file "
+            "use it from their next job; restart those that cannot)"
         )
 
 
