@@ -84,3 +84,35 @@ def test_a_dispatched_call_and_a_workflow_answer_as_read(stack: Stack) -> None:
         now = http.get(f"/v1/runs/{call['run_id']}", headers=admin).json()
         assert again["run_id"] == call["run_id"]
         assert settled_fields(again) == settled_fields(now)
+
+
+TWO_FIRST = """
+name: two-first
+nodes:
+  - id: held
+    tool: read_repo_file
+    args: {path: README.md}
+  - id: refused
+    tool: read_repo_file
+    args: {path: .env}
+"""
+
+
+def test_a_workflow_whose_approval_is_cancelled_at_submission_answers_as_read(
+    stack: Stack, token: str
+) -> None:
+    """Two first nodes: the first waits for an approval, the second is denied, so the run
+    ends denied at submission and the approval is cancelled in the same transaction.
+    Reading the run shows that cancelled approval on the first node: so must the answer."""
+    from control.orchestration.workflows import parse_workflow
+
+    client = stack.client(token)
+    spec = parse_workflow(TWO_FIRST, source="two-first.yaml")
+    answer = client.start_workflow(spec, {}, environment="prod")
+    read = client.run(answer.run_id)
+    assert read.status == "denied", read
+    held = read.nodes[0]
+    assert held.status == "cancelled" and held.approval is not None, held
+    assert held.approval["status"] == "cancelled"
+    assert answer.nodes[0].approval == held.approval  # the answer said None
+    assert answer.as_dict() == read.as_dict()
