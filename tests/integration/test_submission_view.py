@@ -116,3 +116,20 @@ def test_a_workflow_whose_approval_is_cancelled_at_submission_answers_as_read(
     assert held.approval["status"] == "cancelled"
     assert answer.nodes[0].approval == held.approval  # the answer said None
     assert answer.as_dict() == read.as_dict()
+
+
+def test_the_answer_is_the_run_as_read_when_the_database_speaks_another_time_zone(
+    stack: Stack, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL gives timestamps in its session's TimeZone (the server's default, or
+    PGTZ): reading the run shows created_at (and an approval's expires_at) in that zone,
+    and the answer must show the same text, not the Python value's +00:00."""
+    monkeypatch.setenv("PGTZ", "Asia/Kolkata")  # a fresh engine's connections use it
+    client = stack.client(token)
+    answer = client.submit_call(
+        "read_repo_file", {"path": "README.md"}, environment="prod", on_behalf_of="agent-7"
+    )
+    read = client.run(answer.run_id)
+    assert read.status == "awaiting_approval", read
+    assert answer.created_at == read.created_at
+    assert answer.nodes[0].approval == read.nodes[0].approval
