@@ -90,6 +90,9 @@ def test_api_processes_share_one_socket_and_one_that_dies_is_replaced(
             # a second server on the port is refused, it does not get a share of its calls
             other = socket.socket()
             other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # as a server that means to share would: with SO_REUSEPORT this bind succeeds
+            # if (and only if) the API's socket has it too; without it, it never could
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             with pytest.raises(OSError, match="in use"):
                 other.bind(("127.0.0.1", port))
             other.close()
