@@ -3,6 +3,7 @@ in hand instead of read back: it must be exactly what reading the run gives."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -133,3 +134,26 @@ def test_the_answer_is_the_run_as_read_when_the_database_speaks_another_time_zon
     assert read.status == "awaiting_approval", read
     assert answer.created_at == read.created_at
     assert answer.nodes[0].approval == read.nodes[0].approval
+
+
+def test_a_frozen_tenants_call_and_an_entitlement_denied_call_answer_as_read(
+    stack: Stack, token: str, tmp_path: Path
+) -> None:
+    from tests.integration.govern import bundle_with, client_on
+
+    admin = stack.client(token)
+    tenant = admin.identity.tenant_name
+    plans = {"plans": {"none": {"rate": {"calls": 1, "per_s": 3600}}}, "tenants": {tenant: "none"}}
+    limited = client_on(stack, token, bundle_with(stack, tmp_path, entitlements=plans))
+    first = limited.submit_call("search_docs", {"query": "one"})
+    assert first.status == "running", first
+    denied = limited.submit_call("search_docs", {"query": "two"})
+    assert denied.nodes[0].error["code"] == "entitlement_exceeded", denied
+    assert denied.as_dict() == limited.run(denied.run_id).as_dict()
+    admin.freeze(reason="review")
+    try:
+        frozen = admin.submit_call("search_docs", {"query": "three"})
+        assert frozen.status == "denied" and "frozen" in frozen.nodes[0].error["message"]
+        assert frozen.as_dict() == admin.run(frozen.run_id).as_dict()
+    finally:
+        admin.unfreeze(reason="review done")
