@@ -110,6 +110,7 @@ def api_env(settings: Settings) -> dict[str, str]:
     env = {
         "TOOLPLANE_API_BIND": settings.api_bind,
         "TOOLPLANE_API_MAX_BODY": str(settings.api_max_body),
+        "TOOLPLANE_API_MAX_CONNECTIONS": str(settings.api_max_connections),
         "TOOLPLANE_ENVIRONMENT": settings.environment,
         "TOOLPLANE_ENVIRONMENTS": settings.environments,
         "TOOLPLANE_CLASSIFICATION": settings.classification,
@@ -120,6 +121,13 @@ def api_env(settings: Settings) -> dict[str, str]:
         if value is not None:
             env[f"TOOLPLANE_{name.upper()}"] = str(value)
     return env
+
+
+def _ledger_settings(settings: Settings) -> dict[str, str]:
+    """The control's checkpoint and witness settings (its checkpointer, ledger verify)."""
+    names = "deployment checkpoint_dir checkpoint_interval_s witness_urls witness_keys".split()
+    values = {name: getattr(settings, name) for name in names}
+    return {f"TOOLPLANE_{k.upper()}": str(v) for k, v in values.items() if v is not None}
 
 
 def _shared_settings(settings: Settings) -> dict[str, str]:
@@ -239,6 +247,7 @@ def plan_processes(
     control_env = {
         **common,
         **api_env(settings),
+        **_ledger_settings(settings),
         "TOOLPLANE_DATABASE_URL": runtime_database_url,
         "TOOLPLANE_BROKER_URL": urls.get("control", plane.broker_url),
     }

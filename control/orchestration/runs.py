@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Select, select, tuple_
@@ -84,7 +84,7 @@ def _approval(approval: Approval, requested_by: str, decided_by: str | None) -> 
         "approval_id": approval.id,
         "status": approval.status,
         "requested_by": requested_by,
-        "expires_at": approval.expires_at.isoformat(),
+        "expires_at": approval.expires_at.astimezone(UTC).isoformat(),
         "policies": approval.policies,
         "policy_version": approval.policy_version,
         "args_sha256": approval.args_sha256,
@@ -120,7 +120,7 @@ def view_of(session: Session, identity: Identity, run: Run, nodes: list[Node]) -
     the commit, which expires them): what :func:`get_run` would read after it, with no
     query unless a node waits for an approval."""
     approvals: dict[tuple[str, str], dict[str, Any]] = {}
-    if any(n.status == NodeStatus.AWAITING_APPROVAL for n in nodes):
+    if any(n.status in (NodeStatus.AWAITING_APPROVAL, NodeStatus.CANCELLED) for n in nodes):
         approvals = _approvals(session, identity, [run.id])
     return _view(identity, run, identity.principal, nodes, approvals, summary=False)
 
@@ -156,7 +156,7 @@ def _view(
         status=run.status,
         environment=run.environment,
         classification=run.classification,
-        created_at=run.created_at.isoformat(),
+        created_at=run.created_at.astimezone(UTC).isoformat(),
         submitter=submitter,
         on_behalf_of=run.on_behalf_of,
         inputs=run.inputs,

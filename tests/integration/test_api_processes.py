@@ -39,6 +39,13 @@ def servers(parent: psutil.Process) -> set[int]:
     return found
 
 
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def serving(parent: psutil.Process, count: int) -> bool:
     return len(servers(parent)) == count
 
@@ -83,6 +90,9 @@ def test_api_processes_share_one_socket_and_one_that_dies_is_replaced(
             # a second server on the port is refused, it does not get a share of its calls
             other = socket.socket()
             other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # as a server that means to share would: with SO_REUSEPORT this bind succeeds
+            # if (and only if) the API's socket has it too; without it, it never could
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             with pytest.raises(OSError, match="in use"):
                 other.bind(("127.0.0.1", port))
             other.close()
@@ -96,3 +106,42 @@ def test_api_processes_share_one_socket_and_one_that_dies_is_replaced(
             for _ in range(10):  # every process answers: none is a dead end
                 answer = http.get(f"/v1/runs/{run.json()['run_id']}", headers=headers)
                 assert answer.status_code == 200, answer.text
+
+
+def test_down_stops_api_processes_whose_supervisor_died(stack: Stack, tmp_path: Path) -> None:
+    """The API's supervisor is killed (OOM killer, SIGKILL): its processes live on in its
+    process group, still serving the port. Stopping the processes must stop them too, or
+    they outlive `toolplane down` and the next `up` cannot bind the port."""
+    from control.ops.processes import ProcessSpec, start_processes, stop_processes
+
+    port = free_port()
+    env = dict(stack.env, TOOLPLANE_API_BIND=f"127.0.0.1:{port}", TOOLPLANE_API_PROCESSES="2")
+    home = tmp_path / "home"  # a registry of its own: not the stack's processes
+    [entry] = start_processes(
+        home, [ProcessSpec("api", [sys.executable, "-m", "control.cli", "api"], env)]
+    )
+    leader = psutil.Process(int(str(entry["pid"])))
+    orphans: set[int] = set()
+    try:
+        wait_for(lambda: listening(port) and serving(leader, 2), timeout=60, what="2 API processes")
+        orphans = servers(leader)
+        leader.kill()
+        wait_for(
+            lambda: not leader.is_running() or leader.status() == psutil.STATUS_ZOMBIE,
+            timeout=30,
+            what="the supervisor to die",
+        )
+        assert listening(port)  # its processes still serve, unsupervised
+        stop_processes(home, timeout=10)
+        wait_for(
+            lambda: not any(running(p) for p in orphans),
+            timeout=20,
+            what=f"the API processes {sorted(orphans)} to stop with their group",
+        )
+        assert not listening(port)
+    finally:
+        for pid in orphans:  # ours: started by this test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            leader.kill()
