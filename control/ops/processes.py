@@ -138,6 +138,7 @@ def _shared_settings(settings: Settings) -> dict[str, str]:
         "TOOLPLANE_DATA_ROOTS": json.dumps({k: str(v) for k, v in settings.data_roots.items()}),
         "TOOLPLANE_EXTRA_TOOLS": settings.extra_tools,
         "TOOLPLANE_RECEIPT_ALGORITHM": settings.receipt_algorithm,
+        "TOOLPLANE_RECEIPT_ALGORITHMS": settings.receipt_algorithms,
         "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
         "TOOLPLANE_QUEUE_WAIT_S": str(settings.queue_wait_s),
     }
