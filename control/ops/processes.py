@@ -124,8 +124,9 @@ def api_env(settings: Settings) -> dict[str, str]:
 
 
 def _ledger_settings(settings: Settings) -> dict[str, str]:
-    """The control's checkpoint and witness settings (its checkpointer, ledger verify)."""
+    """The control's checkpoint, witness and receipt-kind settings (checkpointer, verify)."""
     names = "deployment checkpoint_dir checkpoint_interval_s witness_urls witness_keys".split()
+    names.append("receipt_algorithms")
     values = {name: getattr(settings, name) for name in names}
     return {f"TOOLPLANE_{k.upper()}": str(v) for k, v in values.items() if v is not None}
 
@@ -138,7 +139,6 @@ def _shared_settings(settings: Settings) -> dict[str, str]:
         "TOOLPLANE_DATA_ROOTS": json.dumps({k: str(v) for k, v in settings.data_roots.items()}),
         "TOOLPLANE_EXTRA_TOOLS": settings.extra_tools,
         "TOOLPLANE_RECEIPT_ALGORITHM": settings.receipt_algorithm,
-        "TOOLPLANE_RECEIPT_ALGORITHMS": settings.receipt_algorithms,
         "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
         "TOOLPLANE_QUEUE_WAIT_S": str(settings.queue_wait_s),
     }
