@@ -122,7 +122,9 @@ def ledger_checkpoint(json_: JsonOpt = False) -> None:
 @keys_app.command("init")
 @handled
 def keys_init(json_: JsonOpt = False) -> None:
-    """Create the control key and a receipt key for every registered tool (if missing)."""
+    """Create the control key, a receipt key for every registered tool and the checkpoint
+    key (those missing)."""
+    from ledger.checkpoints import load_signer
     from sandbox_tasks.registry import load_tools
     from toolplane.keystore import KeyStore
 
@@ -132,6 +134,9 @@ def keys_init(json_: JsonOpt = False) -> None:
         receipt_algorithm=settings.receipt_algorithm,
         per_tool=settings.tool_receipt_algorithms,
     )
+    if not (settings.keys_dir / "checkpoint.skey").exists():  # signs the ledger's checkpoints
+        load_signer(settings.keys_dir, settings.deployment)
+        created.append("checkpoint")
     if json_:
         print_json({"created": created, "keys_dir": str(settings.keys_dir)})
     else:

@@ -175,6 +175,8 @@ def _secrets(work: Path, env: dict[str, str]) -> dict[str, str]:
     for rel, (uid, gid) in owners.items():
         os.chown(sec / rel, uid, gid)
         (sec / rel).chmod(0o400)
+    os.chown(keys / "checkpoint.skey", 10001, 10001)  # the control's
+    (keys / "checkpoint.skey").chmod(0o400)
     for key in (keys / "private").iterdir():
         owner = key.name.split("_", 1)[0] if key.name.startswith("control") else key.name
         uid = 10001

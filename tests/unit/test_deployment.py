@@ -31,6 +31,7 @@ from packaging.utils import canonicalize_name
 
 from control.broker import acl as brokeracl
 from control.cli.broker import broker_files, url_file
+from ledger.checkpoints import load_signer
 from toolplane.errors import SettingsError
 from toolplane.keystore import KeyStore
 
@@ -210,7 +211,7 @@ def test_secrets_are_files_and_only_control_and_migrate_get_the_database():
     files = {COMPOSE["secrets"][s]["file"] for s in ("database_url", "database_url_runtime")}
     assert len(files) == 2, "two secrets, one file"
     control_keys = {k for k in secrets_of(SERVICES["control"]) if k.startswith("key_")}
-    assert control_keys == {"key_control"}
+    assert control_keys == {"key_control", "key_checkpoint"}  # signs envelopes, checkpoints
 
 
 def test_flower_is_on_loopback_behind_basic_auth():
@@ -293,6 +294,7 @@ def test_key_secrets_land_where_the_key_store_reads_them(tmp_path):
     keyfiles = load_module("keyfiles")
     keys = tmp_path / "keys"
     KeyStore(keys).ensure_all(builtin_tools(), receipt_algorithm="ed25519")
+    load_signer(keys, "toolplane.local")  # `keys init` makes the checkpoint key too
     variables = keyfiles.variables(keys)
 
     def container(name: str) -> KeyStore:
@@ -308,6 +310,12 @@ def test_key_secrets_land_where_the_key_store_reads_them(tmp_path):
 
     control = container("control")
     assert control.signer("control").owner == "control"
+    assert (
+        load_signer(
+            tmp_path / "control" / HOME.lstrip("/") / "keys", "toolplane.local", create=False
+        ).name
+        == "toolplane.local"
+    )
     assert {k.owner for k in control.public_keys()} >= {f"tool.{t}" for t in builtin_tools()}
     for tool in builtin_tools():
         with pytest.raises(SettingsError):
