@@ -48,7 +48,15 @@ EVIDENCE_KINDS = frozenset(
     }
 )
 
-__all__ = ["EVIDENCE_KINDS", "GENESIS", "SYSTEM_CHAIN", "NewEvent", "chain_for", "event_hash"]
+__all__ = [
+    "EVIDENCE_KINDS",
+    "GENESIS",
+    "SYSTEM_CHAIN",
+    "NewEvent",
+    "chain_for",
+    "chain_object",
+    "event_hash",
+]
 
 
 def chain_for(tenant_id: str | None) -> str:
@@ -72,7 +80,7 @@ def iso(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def event_hash(
+def chain_object(
     *,
     chain_id: str,
     seq: int,
@@ -82,16 +90,20 @@ def event_hash(
     run_id: str | None,
     created_at: datetime,
     payload: dict[str, Any],
-) -> str:
-    return digest(
-        {
-            "chain_id": chain_id,
-            "seq": seq,
-            "prev_hash": prev_hash,
-            "kind": kind,
-            "tenant_id": tenant_id,
-            "run_id": run_id,
-            "created_at": iso(created_at),
-            "payload": payload,
-        }
-    )
+) -> dict[str, Any]:
+    """What an event's chain hash covers (canonical JSON of this object: the Merkle leaf)."""
+    return {
+        "chain_id": chain_id,
+        "seq": seq,
+        "prev_hash": prev_hash,
+        "kind": kind,
+        "tenant_id": tenant_id,
+        "run_id": run_id,
+        "created_at": iso(created_at),
+        "payload": payload,
+    }
+
+
+def event_hash(**fields: Any) -> str:
+    """The chain hash of an event given its columns (as :func:`chain_object` takes them)."""
+    return digest(chain_object(**fields))

@@ -9,10 +9,9 @@ An event's ``hash`` is the SHA-256 (hex) of these bytes, and its Merkle leaf has
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
-from ledger.chain import iso
+from ledger.chain import chain_object
 from toolplane.canonical import canonical_json
 
 __all__ = ["LEAF_FIELDS", "event_leaf", "leaf_object"]
@@ -29,27 +28,7 @@ LEAF_FIELDS = (
 )
 
 
-def leaf_object(
-    *,
-    chain_id: str,
-    seq: int,
-    prev_hash: str,
-    kind: str,
-    tenant_id: str | None,
-    run_id: str | None,
-    created_at: datetime,
-    payload: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "chain_id": chain_id,
-        "seq": seq,
-        "prev_hash": prev_hash,
-        "kind": kind,
-        "tenant_id": tenant_id,
-        "run_id": run_id,
-        "created_at": iso(created_at),
-        "payload": payload,
-    }
+leaf_object = chain_object  # the leaf is exactly what the chain hash covers
 
 
 def event_leaf(**fields: Any) -> bytes:

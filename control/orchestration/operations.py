@@ -97,25 +97,9 @@ class Operations:
             classification=classification,
         )
 
-    def submit(
-        self,
-        tool: str,
-        args: dict[str, Any],
-        *,
-        environment: str | None = None,
-        classification: str | None = None,
-        idempotency_key: str | None = None,
-        on_behalf_of: str | None = None,
-    ) -> str:
-        """Submit one tool call and return its run id (decided and, if allowed, published)."""
-        return self.submit_call(
-            tool,
-            args,
-            environment=environment,
-            classification=classification,
-            idempotency_key=idempotency_key,
-            on_behalf_of=on_behalf_of,
-        ).run_id
+    def submit(self, tool: str, args: dict[str, Any], **options: Any) -> str:
+        """Submit one tool call and return its run id; ``options`` as :meth:`submit_call`."""
+        return self.submit_call(tool, args, **options).run_id
 
     def submit_call(
         self,
@@ -129,47 +113,48 @@ class Operations:
     ) -> RunView:
         """Submit one tool call and return its run as committed (decided and, if allowed,
         published)."""
-        scope = self.scope(environment, classification)
-        request = CallRequest(
-            tool=tool,
-            args=args,
-            environment=scope.environment,
-            classification=scope.classification,
-            idempotency_key=idempotency_key,
-            on_behalf_of=on_behalf_of,
+        request = self._call_request(
+            tool, args, environment, classification, idempotency_key, on_behalf_of
         )
-        return self._start(request.as_run(), call=True)
+        return self._start(request, call=True)
 
-    def check_call(
-        self,
-        tool: str,
-        args: dict[str, Any],
-        *,
-        environment: str | None = None,
-        classification: str | None = None,
-        idempotency_key: str | None = None,
-        on_behalf_of: str | None = None,
-    ) -> None:
-        """Refuse what :meth:`submit` would refuse before recording anything (role, scope,
-        tool, arguments, a reused key), recording nothing: a batch checks every call first."""
+    def check_call(self, tool: str, args: dict[str, Any], **options: Any) -> None:
+        """Refuse what :meth:`submit_call` would refuse before recording anything (role,
+        scope, tool, arguments, a reused key), recording nothing: a batch checks every call
+        first. ``options`` as :meth:`submit_call`."""
         require_role(self.identity, SUBMITTERS, "submit calls")
-        scope = self.scope(environment, classification)
-        request = CallRequest(
-            tool=tool,
-            args=args,
-            environment=scope.environment,
-            classification=scope.classification,
-            idempotency_key=idempotency_key,
-            on_behalf_of=on_behalf_of,
-        )
+        keys = ("environment", "classification", "idempotency_key", "on_behalf_of")
+        if unknown := set(options) - set(keys):
+            raise TypeError(f"check_call() got unexpected options {sorted(unknown)}")
+        request = self._call_request(tool, args, *(options.get(k) for k in keys))
         with self.plane.sessions() as session:
             check_run(
                 session,
                 identity=self.identity,
-                request=request.as_run(),
+                request=request,
                 gov=self.plane.governance(),
                 call=True,
             )
+
+    def _call_request(
+        self,
+        tool: str,
+        args: dict[str, Any],
+        environment: str | None,
+        classification: str | None,
+        idempotency_key: str | None,
+        on_behalf_of: str | None,
+    ) -> RunRequest:
+        """One call as the one-node run it is, under the scope this principal may use."""
+        scope = self.scope(environment, classification)
+        return CallRequest(
+            tool=tool,
+            args=args,
+            environment=scope.environment,
+            classification=scope.classification,
+            idempotency_key=idempotency_key,
+            on_behalf_of=on_behalf_of,
+        ).as_run()
 
     def _start(self, request: RunRequest, *, call: bool = False) -> RunView:
         """Record the run, decide its first nodes, publish what was allowed."""
@@ -193,28 +178,15 @@ class Operations:
         return load_workflow(self.plane.settings.workflow_dir, name)
 
     def submit_workflow(
-        self,
-        workflow: str | WorkflowSpec,
-        inputs: dict[str, Any] | None = None,
-        *,
-        environment: str | None = None,
-        classification: str | None = None,
-        idempotency_key: str | None = None,
-        on_behalf_of: str | None = None,
+        self, workflow: str | WorkflowSpec, inputs: dict[str, Any] | None = None, **options: Any
     ) -> str:
-        """Start a run of a workflow (by name, or a spec) and return its id.
+        """Start a run of a workflow (by name, or a spec) and return its id; ``options`` as
+        :meth:`start_workflow`.
 
         Its first nodes are decided and, if allowed, published before this returns;
         the control process dispatches the rest as their dependencies complete.
         """
-        return self.start_workflow(
-            workflow,
-            inputs,
-            environment=environment,
-            classification=classification,
-            idempotency_key=idempotency_key,
-            on_behalf_of=on_behalf_of,
-        ).run_id
+        return self.start_workflow(workflow, inputs, **options).run_id
 
     def start_workflow(
         self,
@@ -226,7 +198,7 @@ class Operations:
         idempotency_key: str | None = None,
         on_behalf_of: str | None = None,
     ) -> RunView:
-        """:meth:`submit_workflow`, returning the run as committed."""
+        """Start a run of a workflow and return it as committed (see :meth:`submit_workflow`)."""
         require_role(self.identity, SUBMITTERS, "submit runs")
         spec = self.workflow(workflow) if isinstance(workflow, str) else workflow
         scope = self.scope(environment, classification)
