@@ -282,12 +282,16 @@ def checkpoint_all(
     store: DirectoryCheckpointStore,
     deployment: str,
     cosign: Cosigner | None = None,
+    chain_ids: list[str] | None = None,
 ) -> tuple[list[Signed], list[CheckpointRefused]]:
-    """Checkpoint every chain that has events; refusals are logged and returned."""
-    chains = list(session.scalars(select(ChainHead.chain_id).where(ChainHead.seq > 0)))
-    session.rollback()
+    """Checkpoint ``chain_ids`` (default: every chain that has events, in order);
+    refusals are logged and returned."""
+    if chain_ids is None:
+        heads = session.scalars(select(ChainHead.chain_id).where(ChainHead.seq > 0))
+        chain_ids = sorted(heads)
+        session.rollback()
     signed, refused = [], []
-    for chain_id in sorted(chains):
+    for chain_id in chain_ids:
         try:
             signed.append(
                 checkpoint_chain(

@@ -34,7 +34,6 @@ from ledger.checkpoints import (
     DirectoryCheckpointStore,
     Signed,
     checkpoint_all,
-    checkpoint_chain,
     load_signer,
 )
 from ledger.cosignature import CosignatureVerifier
@@ -170,27 +169,14 @@ class ControlPlane:
         signer, store, name = self.checkpoint_signer, self.checkpoints, self.settings.deployment
         cosign = self.witnesses.cosign if self.witnesses is not None else None
         with self.sessions() as session:
-            if chain_ids is None:
-                return checkpoint_all(
-                    session, signer=signer, store=store, deployment=name, cosign=cosign
-                )
-            signed, refused = [], []
-            for chain_id in chain_ids:
-                try:
-                    signed.append(
-                        checkpoint_chain(
-                            session,
-                            chain_id,
-                            signer=signer,
-                            store=store,
-                            deployment=name,
-                            cosign=cosign,
-                        )
-                    )
-                except CheckpointRefused as e:
-                    log.error("checkpoint.refused chain=%s problem=%s", e.chain_id, e.problem)
-                    refused.append(e)
-            return signed, refused
+            return checkpoint_all(
+                session,
+                signer=signer,
+                store=store,
+                deployment=name,
+                cosign=cosign,
+                chain_ids=chain_ids,
+            )
 
     @property
     def signer(self) -> Signer:
