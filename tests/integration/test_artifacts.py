@@ -2,7 +2,8 @@
 kept in the artifact store, not in PostgreSQL; the API returns it intact after checking
 its hash; one byte changed in the store, or the file deleted, is named on read (a
 problem, not a 500), by `ledger verify` and on export; a small result stays inline; an
-offline bundle carries the artifact's bytes, and verify-bundle checks them."""
+offline bundle carries the artifact's bytes, and verify-bundle checks them; a workflow
+node takes its arguments from an upstream artifact."""
 
 from __future__ import annotations
 
@@ -99,6 +100,25 @@ def test_a_small_result_stays_inline(stack: Stack, token: str) -> None:
     with stack.client(token).plane.sessions() as session:
         row = session.get(Node, (run.run_id, node.node_id))
         assert row is not None and row.artifact is None and row.result == node.result
+
+
+def test_a_workflow_node_takes_its_arguments_from_an_artifact(stack: Stack, token: str) -> None:
+    """repo-review's lint takes ``${nodes.read.result.content}``: read from the store."""
+    name = f"big_{secrets.token_hex(4)}.py"
+    text = "".join(f"value_{i} = {i}\n" for i in range(5000))  # 88 kB: over 64 KiB, under
+    # the 100 000 characters that policy lets lint_python take
+    path = Path(stack.env["TOOLPLANE_REPO_ROOT"]) / name
+    path.write_text(text)
+    os.chmod(path, 0o644)
+    view = stack.http(token).run_workflow(
+        "repo-review", {"query": "ledger", "path": name}, wait=True, timeout=90
+    )
+    assert view.status == "completed", view
+    _search, read, lint = view.nodes
+    assert read.artifact is not None and read.artifact["size"] > 65_536
+    assert read.result["content"] == text
+    assert lint.args == {"code": text}
+    assert stack.client(token).verify_ledger(run_id=view.run_id).ok
 
 
 def test_a_changed_byte_is_named_on_read_and_by_verify(
