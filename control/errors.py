@@ -8,6 +8,7 @@ ControlError (1)
 ├── AuthError (1)           missing, unknown, expired or revoked token (HTTP 401)
 │   └── Forbidden (1)       the principal's role or relation to the object may not (HTTP 403)
 ├── NotFound (1)            no such run/node in *your* tenant (never "forbidden")
+├── ArtifactInvalid (1)     a result's artifact is missing or not its hash's (HTTP 409)
 ├── Denied (3)              policy or entitlement said no
 └── ServiceUnavailable (1)  broker or database cannot be reached
 """
@@ -63,6 +64,15 @@ class NotFound(ControlError):
     def from_detail(cls, detail: str) -> NotFound:
         """As the API said it (the client's side of a 404)."""
         return cls("", "", message=detail)
+
+
+class ArtifactInvalid(ControlError):
+    """A result kept in the artifact store is missing from it, or its bytes are not its
+    hash's: named by hash, run and node, never served."""
+
+    def __init__(self, message: str, *, sha256: str | None = None) -> None:
+        super().__init__(message)
+        self.sha256 = sha256
 
 
 class Denied(ControlError):

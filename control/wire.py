@@ -30,6 +30,7 @@ from control.api.models import (
     WorkflowOut,
 )
 from control.errors import (
+    ArtifactInvalid,
     AuthError,
     Conflict,
     ControlError,
@@ -245,6 +246,8 @@ def raise_for_problem(response: httpx.Response) -> None:
         raise Forbidden(detail)
     if status == 404:
         raise NotFound.from_detail(detail)
+    if status == 409 and code == "artifact_invalid":
+        raise ArtifactInvalid(detail)
     if status == 409 and code == "idempotency_conflict":
         raise Conflict(detail, field=where)
     if status in (409, 413, 422):

@@ -2,7 +2,8 @@
 
 Each of the run's events goes in as its leaf bytes, with an inclusion proof against a
 signed checkpoint that covers it; the keys that signed its envelopes and receipts go in
-with their validity windows. ``toolplane ledger verify-bundle`` checks it offline.
+with their validity windows, and the artifacts (results kept outside the database) that
+its events name go in with their bytes. ``toolplane ledger verify-bundle`` checks it offline.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ledger.bundle_check import BUNDLE_FORMAT, RECEIPT_KINDS, key_to_json
+from ledger.artifacts import ArtifactRef, ArtifactStore, checked_bytes
+from ledger.bundle_check import BUNDLE_FORMAT, RECEIPT_KINDS, artifact_to_json, key_to_json
 from ledger.checkpoint import Checkpoint
 from ledger.errors import LedgerError
 from ledger.leaf import event_leaf
@@ -43,9 +45,11 @@ def build_bundle(
     checkpoint: Checkpoint,
     note: bytes,
     keys: KeyRing,
+    artifacts: ArtifactStore | None = None,
 ) -> bytes:
     """The bundle of ``run_id``'s events in ``chain_id``, proven against ``checkpoint``
-    (which must cover them: sign one first)."""
+    (which must cover them: sign one first), with the bytes of the artifacts they name,
+    read from ``artifacts`` and checked (an ArtifactProblem names one that is not)."""
     t = EvidenceEvent
     rows = session.execute(
         select(t.seq, t.prev_hash, t.kind, t.tenant_id, t.run_id, t.created_at, t.payload, t.hash)
@@ -59,7 +63,7 @@ def build_bundle(
             f"run {run_id}: its last event (seq {rows[-1].seq}) is past the newest checkpoint "
             f"(size {checkpoint.size})"
         )
-    events, used = [], set()
+    events, used, carried_artifacts = [], set(), {}
     for seq, prev_hash, kind, tenant_id, row_run, created_at, payload, _hash in rows:
         leaf = event_leaf(
             chain_id=chain_id,
@@ -82,6 +86,10 @@ def build_bundle(
             }
         )
         used |= _key_ids(kind, payload)
+        if kind in RECEIPT_KINDS and "artifact" in payload:
+            ref = ArtifactRef.of(payload["artifact"])
+            data = checked_bytes(artifacts, ref)
+            carried_artifacts[ref.sha256] = artifact_to_json(ref, data)
     carried = [key_to_json(k) for k in keys if k.key_id in used and k.algorithm == "ed25519"]
     bundle = {
         "format": BUNDLE_FORMAT,
@@ -90,4 +98,6 @@ def build_bundle(
         "events": events,
         "keys": sorted(carried, key=lambda k: k["key_id"]),
     }
+    if carried_artifacts:  # only then: a bundle without artifacts is as it always was
+        bundle["artifacts"] = [carried_artifacts[h] for h in sorted(carried_artifacts)]
     return canonical_json(bundle)

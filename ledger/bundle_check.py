@@ -5,21 +5,34 @@ The bundle is one RFC 8785 canonical JSON object (docs/ledger.md, "Evidence bund
     {"format": "toolplane-evidence-bundle/1", "run_id": ..., "checkpoint": <signed note>,
      "events": [{"seq": n, "leaf": <base64 leaf bytes>, "proof": [<base64 hash>, ...]}],
      "keys": [{"key_id", "owner", "algorithm", "public_key", "not_before", "not_after",
-               "revoked_at"}]}
+               "revoked_at"}],
+     "artifacts": [{"sha256", "size", "media_type", "data": <base64 bytes>}]}
+
+``artifacts`` is there only when an event names an artifact (a result kept outside the
+database, ledger/artifacts.py): its bytes are checked against its hash, then put back
+into the event's result message before its receipt is checked.
 
 ``check_bundle`` returns every problem it finds, each naming the part (``bundle``,
-``checkpoint``, ``events[3].proof``, ``events[3].receipt``, ``keys[1]``).
+``checkpoint``, ``events[3].proof``, ``events[3].receipt``, ``keys[1]``,
+``artifacts[0]``, ``events[5].artifact``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ledger.artifacts import (
+    ArtifactProblem,
+    ArtifactStore,
+    MemoryArtifactStore,
+    message_with_artifact,
+)
 from ledger.checkpoint import Checkpoint
 from ledger.cosignature import CosignatureVerifier, cosignature_problem
 from ledger.merkle import MerkleError, leaf_hash, verify_inclusion
@@ -30,11 +43,19 @@ from toolplane.errors import SignatureError, ToolplaneError
 from toolplane.messages import ResultMessage, SignedEnvelope, signed_bytes
 from toolplane.signing import KeyRing, PublicKey
 
-__all__ = ["BUNDLE_FORMAT", "BundleReport", "check_bundle", "key_from_json", "key_to_json"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BundleReport",
+    "artifact_to_json",
+    "check_bundle",
+    "key_from_json",
+    "key_to_json",
+]
 
 BUNDLE_FORMAT = "toolplane-evidence-bundle/1"
 RECEIPT_KINDS = frozenset({"ToolCallCompleted", "ToolCallFailed", "JobRefused", "ResultIgnored"})
 KEY_FIELDS = {"key_id", "owner", "algorithm", "public_key", "not_before", "not_after", "revoked_at"}
+ARTIFACT_FIELDS = {"sha256", "size", "media_type", "data"}
 MAX_BUNDLE = 256 << 20
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -53,6 +74,44 @@ def key_to_json(key: PublicKey) -> dict[str, Any]:
         "not_after": _iso(key.not_after),
         "revoked_at": _iso(key.revoked_at),
     }
+
+
+def artifact_to_json(ref: Any, data: bytes) -> dict[str, Any]:
+    return {
+        "sha256": ref.sha256,
+        "size": ref.size,
+        "media_type": ref.media_type,
+        "data": base64.b64encode(data).decode(),
+    }
+
+
+def _artifacts(value: Any, report: BundleReport) -> MemoryArtifactStore:
+    """The artifacts a bundle carries whose bytes match their hash (the rest are named)."""
+    store = MemoryArtifactStore()
+    if not isinstance(value, list):
+        report.problems.append("artifacts: not a list")
+        return store
+    for j, entry in enumerate(value):
+        where = f"artifacts[{j}]"
+        if not isinstance(entry, dict) or set(entry) != ARTIFACT_FIELDS:
+            report.problems.append(
+                f"{where}: expected exactly the fields {sorted(ARTIFACT_FIELDS)}"
+            )
+            continue
+        try:
+            data = _b64(entry["data"], f"{where}.data")
+        except ValueError as e:
+            report.problems.append(str(e))
+            continue
+        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            report.problems.append(
+                f"{where} (sha256:{str(entry['sha256'])[:64]}): its bytes do not match its hash "
+                "and size (changed)"
+            )
+            continue
+        store.put(data)
+        report.artifacts += 1
+    return store
 
 
 def _b64(text: Any, what: str) -> bytes:
@@ -111,6 +170,7 @@ class BundleReport:
     events: int = 0
     receipts: int = 0
     envelopes: int = 0
+    artifacts: int = 0
     witnesses: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -129,6 +189,7 @@ class BundleReport:
             "events": self.events,
             "receipts_verified": self.receipts,
             "envelopes_verified": self.envelopes,
+            "artifacts_verified": self.artifacts,
             "cosigned_by": self.witnesses,
             "problems": self.problems,
             "notes": self.notes,
@@ -160,6 +221,8 @@ def check_bundle(
         report.problems.append(f"bundle: {e}")
         return report
     expected = {"format", "run_id", "checkpoint", "events", "keys"}
+    if isinstance(bundle, dict) and "artifacts" in bundle:
+        expected.add("artifacts")
     if not isinstance(bundle, dict) or set(bundle) != expected:
         report.problems.append(f"bundle: expected exactly the fields {', '.join(sorted(expected))}")
         return report
@@ -181,6 +244,7 @@ def check_bundle(
         else:
             report.witnesses.append(witness.name)
     ring = _keys(bundle["keys"], pinned_keys, report)
+    artifacts = _artifacts(bundle.get("artifacts", []), report)
     if not isinstance(bundle["events"], list) or not bundle["events"]:
         report.problems.append("events: not a non-empty list")
         return report
@@ -195,7 +259,7 @@ def check_bundle(
             continue
         last_seq = seq
         report.events += 1
-        _links(leaf, where, ring, envelopes, report, hmac_secrets or {})
+        _links(leaf, where, ring, envelopes, report, hmac_secrets or {}, artifacts)
     return report
 
 
@@ -267,6 +331,7 @@ def _links(
     envelopes: dict[tuple[str, int], str],
     report: BundleReport,
     secrets: Mapping[str, Sequence[bytes]],
+    artifacts: ArtifactStore,
 ) -> None:
     """The signatures inside an event: the dispatched envelope's, the result's receipt,
     and the receipt's binding to the envelope dispatched for that node and attempt."""
@@ -299,7 +364,11 @@ def _links(
         report.envelopes += 1
     elif kind in RECEIPT_KINDS and "message" in payload:
         try:
-            message = _receipt(payload["message"], where, ring, received, secrets, report)
+            raw = message_with_artifact(payload, artifacts)
+            message = _receipt(raw, where, ring, received, secrets, report)
+        except ArtifactProblem as e:
+            report.problems.append(f"{where}.artifact: {e}")
+            return
         except ReceiptProblem as e:
             report.problems.append(f"{where}.receipt: {e.message}")
             return

@@ -133,6 +133,8 @@ class Node(Base):
     envelope_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
     result_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # A result kept in the artifact store (ledger/artifacts.py): its metadata; result null.
+    artifact: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
     receipt: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
     created_at: Mapped[datetime] = mapped_column(TZ)

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ledger.artifacts import ArtifactProblem, ArtifactStore, message_with_artifact
 from ledger.chain import GENESIS, chain_for
 from ledger.checkpoint import Checkpoint
 from ledger.leaf import event_leaf
@@ -110,6 +111,7 @@ def _rows(session: Session, chain_ids: list[str] | None) -> Iterator[list[Row]]:
 
 
 _KEYS: KeyRing | None = None
+_ARTIFACTS: ArtifactStore | None = None
 
 
 def envelope_problem(payload: dict[str, Any], ring: KeyRing, at: datetime) -> str | None:
@@ -131,18 +133,22 @@ def envelope_problem(payload: dict[str, Any], ring: KeyRing, at: datetime) -> st
     return None
 
 
-def _init(keys: KeyRing) -> None:
-    global _KEYS
-    _KEYS = keys
+def _init(keys: KeyRing, artifacts: ArtifactStore | None = None) -> None:
+    global _KEYS, _ARTIFACTS
+    _KEYS, _ARTIFACTS = keys, artifacts
 
 
 Checked = tuple[str, str | None, bool, bytes]
 
 
-def check_rows(rows: list[Row], keys: KeyRing | None = None) -> list[Checked]:
+def check_rows(
+    rows: list[Row], keys: KeyRing | None = None, artifacts: ArtifactStore | None = None
+) -> list[Checked]:
     """Per row: the recomputed hash, a receipt problem (or None), whether it had a receipt,
-    and its Merkle leaf hash."""
+    and its Merkle leaf hash. A result kept as an artifact is read from ``artifacts`` and
+    checked against its hash, then put back into the message whose receipt is checked."""
     ring = keys if keys is not None else _KEYS
+    store = artifacts if artifacts is not None else _ARTIFACTS
     assert ring is not None
     out = []
     for _id, chain_id, seq, tenant_id, run_id, kind, payload, created_at, prev_hash, _h in rows:
@@ -161,7 +167,10 @@ def check_rows(rows: list[Row], keys: KeyRing | None = None) -> list[Checked]:
         if kind in RECEIPT_KINDS and "message" in payload:
             had = True
             try:
-                check_result_message(payload["message"], ring, received=created_at)
+                message = message_with_artifact(payload, store)
+                check_result_message(message, ring, received=created_at)
+            except ArtifactProblem as e:
+                problem = str(e)
             except ReceiptProblem as e:
                 problem = f"receipt: {e.message}"
         elif kind == "ToolCallDispatched":
@@ -171,18 +180,18 @@ def check_rows(rows: list[Row], keys: KeyRing | None = None) -> list[Checked]:
 
 
 def _checked(
-    batches: Iterator[list[Row]], keys: KeyRing, total: int
+    batches: Iterator[list[Row]], keys: KeyRing, total: int, artifacts: ArtifactStore | None
 ) -> Iterator[tuple[Row, Checked]]:
     """Rows with their checks, in order; hashing and signatures use every core when large."""
     workers = os.cpu_count() or 1
     if total < PARALLEL_FROM or workers < 2:
         for batch in batches:
-            yield from zip(batch, check_rows(batch, keys), strict=True)
+            yield from zip(batch, check_rows(batch, keys, artifacts), strict=True)
         return
     # spawn, not fork: a forked child would share (and could close) our database sockets.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init, initargs=(keys,)
+        workers, mp_context=context, initializer=_init, initargs=(keys, artifacts)
     ) as pool:
         window: deque[tuple[list[Row], Future[list[Checked]]]] = deque()
         for batch in batches:
@@ -202,12 +211,15 @@ def verify_ledger(
     tenant_id: str | None = None,
     run_id: str | None = None,
     checkpoints: dict[str, Checkpoint] | None = None,
+    artifacts: ArtifactStore | None = None,
 ) -> VerifyReport:
     """Verify one tenant's chain (or every chain); ``run_id`` limits which events are named.
 
     ``checkpoints``: the newest signed checkpoint of each chain (its signature already
     verified against a pinned key); the chain must be at least that long and its tree
-    of that size must have that root."""
+    of that size must have that root. ``artifacts``: the artifact store, where each
+    artifact an event names is read and checked against its hash (one that is missing or
+    changed is named)."""
     checkpoints = checkpoints or {}
     if not session.in_transaction():
         # One snapshot for the heads and the rows: an append that commits while the rows
@@ -275,7 +287,7 @@ def verify_ledger(
             )
 
     for row, (recomputed, problem, had_receipt, leaf) in _checked(
-        _rows(session, chain_ids), keys, total
+        _rows(session, chain_ids), keys, total, artifacts
     ):
         event_id, chain_id, seq, _t, row_run, kind, _p, _c, row_prev, row_hash = row
         if chain_id != current:

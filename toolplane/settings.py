@@ -125,6 +125,17 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = Field(
         default=30.0, ge=0, le=86_400, description="s between the control's checkpoints; 0: never"
     )
+    artifact_dir: Path | None = Field(
+        default=None,
+        description="the artifact store: large results, outside the database; $HOME/artifacts",
+    )
+    artifact_threshold: int = Field(
+        default=65_536,
+        ge=0,
+        le=2**31,
+        description="bytes of a result's canonical JSON above which it is kept in the artifact "
+        "store, not inline in the database",
+    )
     witness_urls: str = Field(
         default="", description="comma-separated URLs of witnesses that cosign checkpoints"
     )
@@ -146,6 +157,7 @@ class Settings(BaseSettings):
         "api_client_ca",
         "broker_acl_dir",
         "checkpoint_dir",
+        "artifact_dir",
     )
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
@@ -290,6 +302,10 @@ class Settings(BaseSettings):
     @property
     def checkpoints_dir(self) -> Path:
         return self.checkpoint_dir if self.checkpoint_dir is not None else self.home / "checkpoints"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.artifact_dir if self.artifact_dir is not None else self.home / "artifacts"
 
     @property
     def bundle_dir(self) -> Path:

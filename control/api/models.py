@@ -141,6 +141,11 @@ class NodeOut(_Out):
     args: dict[str, Any] | None
     result: dict[str, Any] | None
     result_sha256: str | None
+    artifact: dict[str, Any] | None = Field(
+        default=None,
+        description="a result kept in the artifact store: sha256, size, media_type, tool, "
+        "run_id, node_id (its bytes were checked against sha256 before they were returned)",
+    )
     receipt: dict[str, Any] | None
     error: dict[str, Any] | None
     approval: dict[str, Any] | None = Field(

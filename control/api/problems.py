@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.api.fields import api_field
 from control.errors import (
+    ArtifactInvalid,
     AuthError,
     Conflict,
     ControlError,
@@ -103,6 +104,8 @@ def _classify(error: ToolplaneError) -> tuple[int, str]:
         return 409, "approval_refused"
     if isinstance(error, UsageError):
         return 422, "invalid_argument"
+    if isinstance(error, ArtifactInvalid):
+        return 409, "artifact_invalid"
     if isinstance(error, Denied):
         return 403, "policy_denied"
     if isinstance(error, ServiceUnavailable):

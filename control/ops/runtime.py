@@ -26,8 +26,10 @@ from control.governance.keys import sync_keys
 from control.ops.embedded import find_embedded
 from control.ops.identities import refresh_worker_keys
 from control.ops.witness_client import WitnessClient
+from control.orchestration.artifacts import Artifacts
 from control.orchestration.dispatch import CeleryPublisher
 from control.orchestration.intake import Governance
+from ledger.artifacts import DirectoryArtifactStore
 from ledger.chain import NewEvent
 from ledger.checkpoints import (
     CheckpointRefused,
@@ -143,6 +145,13 @@ class ControlPlane:
     def checkpoints(self) -> DirectoryCheckpointStore:
         """Signed checkpoints, in files outside the database."""
         return DirectoryCheckpointStore(self.settings.checkpoints_dir)
+
+    @cached_property
+    def artifacts(self) -> Artifacts:
+        """Large results, in files outside the database (ledger/artifacts.py)."""
+        return Artifacts(
+            DirectoryArtifactStore(self.settings.artifacts_dir), self.settings.artifact_threshold
+        )
 
     @cached_property
     def checkpoint_signer(self) -> NoteSigner:
@@ -309,6 +318,7 @@ class ControlPlane:
             manifests=self.manifest,
             entitlements=self.entitlements,
             classifications=self.settings.classification_order,
+            artifacts=self.artifacts,
         )
 
     # -- tool manifests ------------------------------------------------------------

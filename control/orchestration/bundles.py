@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from control.errors import ServiceUnavailable
+from control.errors import ArtifactInvalid, ServiceUnavailable
 from control.ops.runtime import ControlPlane
+from ledger.artifacts import ArtifactProblem
 from ledger.bundle import build_bundle
 from ledger.chain import chain_for
 from ledger.checkpoints import newest_checkpoint
@@ -21,11 +22,15 @@ def export_bundle(plane: ControlPlane, *, tenant_id: str, run_id: str) -> bytes:
     if newest is None:
         raise ServiceUnavailable("ledger", f"{chain_id} has no checkpoint")
     with plane.sessions() as session:
-        return build_bundle(
-            session,
-            chain_id=chain_id,
-            run_id=run_id,
-            checkpoint=newest[0],
-            note=newest[1],
-            keys=plane.keyring(refresh=True),
-        )
+        try:
+            return build_bundle(
+                session,
+                chain_id=chain_id,
+                run_id=run_id,
+                checkpoint=newest[0],
+                note=newest[1],
+                keys=plane.keyring(refresh=True),
+                artifacts=plane.artifacts.store,
+            )
+        except ArtifactProblem as e:
+            raise ArtifactInvalid(str(e), sha256=e.sha256) from None

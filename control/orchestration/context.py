@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from control.governance.auth import Identity
 from control.governance.entitlements import EntitlementStore
+from control.orchestration.artifacts import Artifacts
 from ledger.models import Principal, Run, Tenant
 from policy.engine import PolicyEngine
 from toolplane.signing import Signer
@@ -60,3 +61,4 @@ class Governance:
     manifests: Callable[[Session, str], dict[str, Any] | None]
     entitlements: EntitlementStore | None  # None where no Redis is configured
     classifications: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
+    artifacts: Artifacts | None = None  # where large results go (None: all stay inline)

@@ -36,6 +36,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from control.governance.keys import judge_key, utc_now
+from control.orchestration.artifacts import externalize_result
 from control.orchestration.intake import Governance, dispatching
 from control.orchestration.orchestrator import (
     RunState,
@@ -259,6 +260,8 @@ def ingest_result(
             "unbound",
             "result is not bound to a dispatched envelope of its tool, run, node and attempt",
         )
+    # A large result goes to the artifact store: the ledger keeps its hash and metadata.
+    body, artifact = externalize_result(gov.artifacts, body, node)
     # A failure is refunded, except a call cut off at its time limit: it spent that time.
     timed_out = result.error is not None and result.error.code == "timeout"
     charged = result.duration_ms if result.ok or timed_out else 0
@@ -290,6 +293,7 @@ def ingest_result(
                     ),
                     "result_sha256": result.result_sha256,
                     "message": body,
+                    **({"artifact": artifact} if artifact else {}),
                 },
             )
         )
@@ -297,7 +301,7 @@ def ingest_result(
     settle(state.run.tenant_id, dispatched.job_id, charged)
     _close_attempt(session, node, "completed" if result.ok else "failed", now)
     move_node(node, NodeStatus.COMPLETED if result.ok else NodeStatus.FAILED, now)
-    node.result = result.result
+    node.result, node.artifact = (None, artifact) if artifact else (result.result, None)
     node.result_sha256 = result.result_sha256
     node.receipt = message.receipt.model_dump()
     node.error = result.error.model_dump() if result.error else None
@@ -312,6 +316,7 @@ def ingest_result(
                 "result_sha256": result.result_sha256,
                 "receipt_key_id": message.receipt.key_id,
                 "message": body,
+                **({"artifact": artifact} if artifact else {}),
             },
         )
     )

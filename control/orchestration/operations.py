@@ -277,7 +277,7 @@ class Operations:
 
     def run(self, run_id: str) -> RunView:
         with self.plane.sessions() as session:
-            return get_run(session, self.identity, run_id)
+            return get_run(session, self.identity, run_id, artifacts=self.plane.artifacts)
 
     def runs(
         self,
@@ -301,6 +301,7 @@ class Operations:
                 before=before,
                 ids=ids,
                 summary=summary,
+                artifacts=self.plane.artifacts,
             )
 
     def wait(
@@ -479,6 +480,7 @@ class Operations:
                 tenant_id=identity.tenant_id,
                 run_id=run_id,
                 checkpoints=checkpoints,
+                artifacts=self.plane.artifacts.store,
             )
         report.broken.extend(Broken(None, chain_id, None, None, p) for p in problems)
         return report

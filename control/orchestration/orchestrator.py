@@ -24,9 +24,10 @@ from typing import Any
 from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from control.errors import Forbidden, NotFound, UsageError, require_text
+from control.errors import ArtifactInvalid, Forbidden, NotFound, UsageError, require_text
 from control.governance.auth import SUBMITTERS, Identity, Role, require_role
 from control.governance.entitlements import EntitlementStore
+from control.orchestration.artifacts import needed_results
 from control.orchestration.intake import (
     Dispatched,
     Governance,
@@ -129,12 +130,11 @@ def mark_ready(state: RunState, now: datetime) -> int:
 
 
 def _render(session: Session, gov: Governance, state: RunState, node: Node) -> str | None:
-    """Build the node's arguments from the run's inputs and the results it needs; the
-    problem if they cannot be built or do not fit the tool's schema."""
+    """Build the node's args from the run's inputs and the results it needs, or say why not."""
     if node.args is not None:
         return None
-    results = {need: state.nodes[need].result for need in node.needs if need in state.nodes}
-    try:
+    try:  # a result in the artifact store is read here, and checked against its hash
+        results = needed_results(gov.artifacts, state.nodes, node.needs)
         args = render(
             node.args_template or {},
             state.run.inputs or {},
@@ -145,7 +145,7 @@ def _render(session: Session, gov: Governance, state: RunState, node: Node) -> s
         if manifest is None:
             return f"tool {node.tool!r} is not registered"
         validate_args(manifest, args)
-    except (TemplateError, UsageError) as e:
+    except (TemplateError, UsageError, ArtifactInvalid) as e:
         return str(e)
     node.args = args
     node.args_sha256 = digest(args)

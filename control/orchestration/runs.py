@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, aliased, defer
 
 from control.errors import NotFound
 from control.governance.auth import Identity
+from control.orchestration.artifacts import Artifacts, node_result
 from control.orchestration.states import NodeStatus, RunStatus
 from ledger.models import Approval, Node, Principal, Run
 
@@ -30,6 +31,7 @@ class NodeView:
     args: dict[str, Any] | None
     approval: dict[str, Any] | None = None
     needs: tuple[str, ...] = ()
+    artifact: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +43,7 @@ class NodeView:
             "args": self.args,
             "result": self.result,
             "result_sha256": self.result_sha256,
+            "artifact": self.artifact,
             "receipt": self.receipt,
             "error": self.error,
             "approval": self.approval,
@@ -94,7 +97,12 @@ def _approval(approval: Approval, requested_by: str, decided_by: str | None) -> 
 
 
 def _views(
-    session: Session, identity: Identity, runs: list[tuple[Run, str]], *, summary: bool = False
+    session: Session,
+    identity: Identity,
+    runs: list[tuple[Run, str]],
+    *,
+    summary: bool = False,
+    artifacts: Artifacts | None = None,
 ) -> list[RunView]:
     """Views of runs (each with its submitter's name): one query for the nodes, one for
     the approvals with their principals' names. A ``summary`` leaves out (and does not
@@ -110,7 +118,7 @@ def _views(
         nodes[node.run_id].append(node)
     approvals = _approvals(session, identity, ids)
     return [
-        _view(identity, run, submitter, nodes[run.id], approvals, summary=summary)
+        _view(identity, run, submitter, nodes[run.id], approvals, summary, artifacts)
         for run, submitter in runs
     ]
 
@@ -122,7 +130,7 @@ def view_of(session: Session, identity: Identity, run: Run, nodes: list[Node]) -
     approvals: dict[tuple[str, str], dict[str, Any]] = {}
     if any(n.status in (NodeStatus.AWAITING_APPROVAL, NodeStatus.CANCELLED) for n in nodes):
         approvals = _approvals(session, identity, [run.id])
-    return _view(identity, run, identity.principal, nodes, approvals, summary=False)
+    return _view(identity, run, identity.principal, nodes, approvals, False, None)
 
 
 def _approvals(
@@ -146,9 +154,11 @@ def _view(
     submitter: str,
     nodes: list[Node],
     approvals: dict[tuple[str, str], dict[str, Any]],
-    *,
     summary: bool,
+    artifacts: Artifacts | None,
 ) -> RunView:
+    """A run's view; a node's artifact is read from the store and checked (ArtifactInvalid
+    names the one that is missing or changed)."""
     return RunView(
         run_id=run.id,
         tenant=identity.tenant_name,
@@ -167,8 +177,9 @@ def _view(
                 tool=n.tool,
                 status=n.status,
                 attempt=n.attempt,
-                result=None if summary else n.result,
+                result=None if summary else node_result(artifacts, n),
                 result_sha256=n.result_sha256,
+                artifact=n.artifact,
                 receipt=None if summary else n.receipt,
                 error=n.error,
                 args=n.args,
@@ -188,11 +199,13 @@ def _with_submitter(identity: Identity) -> Select[tuple[Run, str]]:
     )
 
 
-def get_run(session: Session, identity: Identity, run_id: str) -> RunView:
+def get_run(
+    session: Session, identity: Identity, run_id: str, *, artifacts: Artifacts | None = None
+) -> RunView:
     found = session.execute(_with_submitter(identity).where(Run.id == run_id)).first()
     if found is None:
         raise NotFound("run", run_id)
-    return _views(session, identity, [(found[0], found[1])])[0]
+    return _views(session, identity, [(found[0], found[1])], artifacts=artifacts)[0]
 
 
 def list_runs(
@@ -205,6 +218,7 @@ def list_runs(
     before: tuple[datetime, str] | None = None,
     ids: list[str] | None = None,
     summary: bool = False,
+    artifacts: Artifacts | None = None,
 ) -> list[RunView]:
     """The tenant's runs, newest first; ``before`` (created_at, run id) continues a page."""
     query = _with_submitter(identity)
@@ -217,4 +231,5 @@ def list_runs(
     if before is not None:
         query = query.where(tuple_(Run.created_at, Run.id) < tuple_(*before))
     rows = session.execute(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)).all()
-    return _views(session, identity, [(run, name) for run, name in rows], summary=summary)
+    rows_named = [(run, name) for run, name in rows]
+    return _views(session, identity, rows_named, summary=summary, artifacts=artifacts)

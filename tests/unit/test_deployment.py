@@ -1025,7 +1025,30 @@ def test_the_migrate_job_and_the_control_hold_what_workers_must_not():
     assert job["containers"][0]["args"] == ["migrate"]
     control = of_kind("Deployment")["control"]["spec"]["template"]["spec"]
     secret_volumes = {v["secret"]["secretName"] for v in control["volumes"] if "secret" in v}
-    assert secret_volumes == {"toolplane-key-control", "toolplane-api-tls"}
+    assert secret_volumes == {
+        "toolplane-key-control",
+        "toolplane-key-checkpoint",
+        "toolplane-api-tls",
+    }
+
+
+def test_the_k8s_control_keeps_checkpoints_and_artifacts_as_compose_does():
+    """The checkpoint key (a Secret), the signed checkpoints and the artifact store (volumes
+    that outlive the pod), at the paths compose gives the control."""
+    control = of_kind("Deployment")["control"]["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in control["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in control["volumes"]}
+    key = mounts["/var/lib/toolplane/keys/checkpoint.skey"]
+    assert key["readOnly"] and key["subPath"] == "checkpoint.skey"
+    assert volumes[key["name"]]["secret"]["secretName"] == "toolplane-key-checkpoint"
+    claims = of_kind("PersistentVolumeClaim")
+    compose_volumes = SERVICES["control"]["volumes"]
+    for name in ("checkpoints", "artifacts"):
+        path = f"/var/lib/toolplane/{name}"
+        assert f"{name}:{path}" in compose_volumes
+        claim = volumes[mounts[path]["name"]]["persistentVolumeClaim"]["claimName"]
+        assert claims[claim]["spec"]["accessModes"] == ["ReadWriteOnce"]
+        assert not mounts[path].get("readOnly")
 
 
 def test_each_k8s_process_connects_to_the_broker_as_its_own_user():

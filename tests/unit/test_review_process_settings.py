@@ -49,6 +49,7 @@ def test_every_setting_of_the_control_reaches_its_processes(tmp_path: Path) -> N
         api_key=tmp_path / "api_key",
         api_client_ca=tmp_path / "api_client_ca",
         checkpoint_dir=tmp_path / "checkpoints",
+        artifact_dir=tmp_path / "artifacts",
         api_processes=2,
     )
     wanted = {f"TOOLPLANE_{field.upper()}" for field in Settings.model_fields}
