@@ -170,7 +170,7 @@ class ConsoleHeaders:
                 headers["Content-Security-Policy"] = CSP
                 headers["X-Content-Type-Options"] = "nosniff"
                 headers["X-Frame-Options"] = "DENY"
-                headers["Referrer-Policy"] = "no-referrer"
+                headers["Referrer-Policy"] = "same-origin"  # no-referrer would make Origin "null"
                 if not static and "cache-control" not in headers:
                     headers["Cache-Control"] = "no-store"
             await send(message)

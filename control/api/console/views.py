@@ -195,11 +195,18 @@ def timings(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             entry["dispatched_at"] = event["created_at"]
         elif event["kind"] in ("ToolCallCompleted", "ToolCallFailed"):
             result = (payload.get("message") or {}).get("result") or {}
-            for key in ("started_at", "finished_at", "duration_ms"):
-                if key in result:
-                    entry[key] = result[key]
+            for key in ("started_at", "finished_at"):
+                if isinstance(result.get(key), int):
+                    entry[key] = _instant(result[key])
+            if isinstance(result.get("duration_ms"), int):
+                entry["duration_ms"] = result["duration_ms"]
             entry["receipt_key_id"] = payload.get("receipt_key_id")
     return out
+
+
+def _instant(epoch: int) -> str:
+    """A worker's timestamp (Unix time in milliseconds) as ISO 8601 UTC."""
+    return datetime.fromtimestamp(epoch / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def actor_of(event: dict[str, Any]) -> str:

@@ -29,15 +29,21 @@ function setStatus(nodeId, status) {
   }
 }
 
+const TERMINAL = new Set(["completed", "failed", "denied", "cancelled"]);
+
 async function refresh(section) {
   // The run ended: fetch its page once more and show the results, without a reload.
+  if (section.dataset.ended) return;
+  section.dataset.ended = "1";
   const response = await fetch(window.location.href, { credentials: "same-origin" });
-  if (!response.ok) return;
+  if (!response.ok) {
+    console.warn(`run page: ${response.status}`);
+    return;
+  }
   const page = new DOMParser().parseFromString(await response.text(), "text/html");
   const fresh = page.getElementById("run-body");
   const current = document.getElementById("run-body");
   if (fresh && current) current.replaceWith(document.importNode(fresh, true));
-  section.dataset.ended = "1";
 }
 
 function follow(section) {
@@ -54,10 +60,14 @@ function follow(section) {
       el.textContent = data.status;
       el.className = `status status-${data.status}`;
     }
+    if (TERMINAL.has(data.status)) {
+      source.close();
+      refresh(section).catch((err) => console.warn(`run page: ${err}`));
+    }
   });
   source.addEventListener("end", () => {
     source.close();
-    refresh(section);
+    refresh(section).catch((err) => console.warn(`run page: ${err}`));
   });
   source.onerror = () => {
     // A closed stream without "end" (the session ended): stop and say so.
