@@ -160,3 +160,20 @@ def test_held_arguments_are_shown_as_text_and_the_submitter_cannot_approve(
         assert forced.status_code == 403
     run = api.get(f"/v1/runs/{run_id}", headers=bearer(submitter)).json()
     assert run["status"] == "awaiting_approval"
+
+
+def test_the_runs_list_filters_and_pages(stack: Stack, api: httpx.Client) -> None:
+    admin = stack.tenant()
+    denied = {"tool": "read_repo_file", "args": {"path": ".env"}}  # no-secret-files
+    done = api.post("/v1/calls/batch", json={"calls": [denied] * 26}, headers=bearer(admin))
+    assert done.status_code == 201, done.text
+    assert {r["status"] for r in done.json()["runs"]} == {"denied"}
+    with sign_in(stack.url, admin) as client:
+        first = client.get("/console/runs", params={"status": "denied"})
+        assert first.status_code == 200 and first.text.count('class="status status-denied"') == 25
+        cursor = first.text.split('id="next-page" href="', 1)[1].split('"', 1)[0]
+        second = client.get(cursor.replace("&amp;", "&"))
+        assert second.text.count('class="status status-denied"') == 1
+        assert 'id="next-page"' not in second.text
+        none = client.get("/console/runs", params={"status": "completed"})
+        assert "No runs with status completed" in none.text

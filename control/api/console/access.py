@@ -59,9 +59,9 @@ async def sign_in(request: Request) -> Response:
             authenticate(db, token)
     except AuthError as e:
         pre = new_pre_token()
-        response = render(request, "signin.html", code=401, pre=pre, message=str(e))
-        set_cookie(request, response, PRE_COOKIE, pre, max_age=1800)
-        return response
+        refused = render(request, "signin.html", code=401, pre=pre, message=str(e))
+        set_cookie(request, refused, PRE_COOKIE, pre, max_age=1800)
+        return refused
     session_id, _ = store_of(request).create(token)
     response = RedirectResponse(f"{PATH}/inbox", 303)
     set_cookie(request, response, COOKIE, session_id, max_age=IDLE_S)

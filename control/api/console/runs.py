@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -18,7 +18,7 @@ from control.api.console.views import (
     timeline,
     timings,
 )
-from control.api.events import event_stream
+from control.api.events import LAST_ID, event_stream
 from control.api.routes.runs import after_cursor, cursor_of, evidence_of
 from control.orchestration.bundles import export_bundle
 from control.orchestration.states import TERMINAL_RUN, RunStatus
@@ -88,15 +88,23 @@ def run_page(request: Request, run_id: str, seen: ViewerOf) -> Response:
 
 
 @router.get("/runs/{run_id}/events")
-async def run_events(request: Request, run_id: str, seen: ViewerOf) -> Response:
-    """The API's event stream of the run, for the page's EventSource (same cookie)."""
+async def run_events(
+    request: Request,
+    run_id: str,
+    seen: ViewerOf,
+    last_event_id: Annotated[
+        str | None, Header(alias="Last-Event-ID", max_length=20, pattern=r"^[0-9]+$")
+    ] = None,
+) -> Response:
+    """The API's event stream of the run, for the page's EventSource (same cookie); an
+    EventSource that reconnects sends Last-Event-ID and gets only what it has not seen."""
     ops = seen.ops
     await run_in_threadpool(ops.run, run_id)  # NotFound unless it is this tenant's
     stream = event_stream(
         request.app.state.events,
         ops.plane.sessions,
         run_id,
-        after=0,
+        after=min(int(last_event_id or 0), LAST_ID),
         disconnected=request.is_disconnected,
         token_id=ops.identity.token_id,  # revoked or expired: the stream ends
     )
