@@ -177,3 +177,29 @@ def test_the_runs_list_filters_and_pages(stack: Stack, api: httpx.Client) -> Non
         assert 'id="next-page"' not in second.text
         none = client.get("/console/runs", params={"status": "completed"})
         assert "No runs with status completed" in none.text
+
+
+def test_the_tools_page_and_the_explain_form(stack: Stack, api: httpx.Client) -> None:
+    admin = stack.tenant()
+    with sign_in(stack.url, admin) as client:
+        tools = client.get("/console/tools")
+        assert tools.status_code == 200
+        assert "read_repo_file" in tools.text and "Argument schema" in tools.text
+        form = client.get("/console/explain")
+        token = csrf_of(form.text)
+        asked = {
+            "csrf": token,
+            "tool": "read_repo_file",
+            "environment": "prod",
+            "args": '{"path": "README.md"}',
+        }
+        held = client.post("/console/explain", data=asked)
+        assert held.status_code == 200, held.text
+        assert "approval_required" in held.text
+        assert "prod-repo-reads-outside-src-need-approval" in held.text
+        bad = client.post("/console/explain", data={**asked, "args": "{not json"})
+        assert bad.status_code == 200 and "args: is not JSON" in bad.text
+        listed = client.post("/console/explain", data={**asked, "args": "[1]"})
+        assert "args: must be a JSON object" in listed.text
+        refused = client.post("/console/explain", data={**asked, "csrf": ""})
+        assert refused.status_code == 403

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from fastapi import APIRouter, Request
 from starlette.responses import RedirectResponse, Response
 
@@ -22,12 +24,14 @@ from control.api.console.sessions import IDLE_S
 from control.api.console.views import held_calls, policy_notes
 from control.errors import AuthError, UsageError, require_text
 from control.governance.auth import APPROVERS, authenticate
+from control.orchestration.runs import RunView
 
 router = APIRouter(prefix=PATH, route_class=ConsoleRoute, include_in_schema=False)
 
 __all__ = ["router"]
 
-INBOX_RUNS = 500  # the inbox reads at most this many held runs
+PAGE = 500
+INBOX_RUNS = 5000  # the inbox reads at most this many held runs (and says so if cut)
 
 
 @router.get("")
@@ -83,14 +87,23 @@ def inbox(request: Request, seen: ViewerOf) -> Response:
     ops = seen.ops
     identity = ops.identity
     bundle = ops.plane.policy.bundle
+    waiting: list[RunView] = []
+    while len(waiting) < INBOX_RUNS:  # every held run: the oldest expire first
+        last = waiting[-1] if waiting else None
+        before = (datetime.fromisoformat(last.created_at), last.run_id) if last else None
+        page = ops.runs(awaiting_approval=True, limit=PAGE, before=before)
+        waiting.extend(page)
+        if len(page) < PAGE:
+            break
     held = held_calls(
-        ops.runs(awaiting_approval=True, limit=INBOX_RUNS),
+        waiting,
         principal=identity.principal,
         approver=identity.role in APPROVERS,
         role=identity.role.value,
         notes=policy_notes(bundle.policies_text),
     )
-    return render(request, "inbox.html", held=held, version=bundle.version)
+    cut = len(waiting) >= INBOX_RUNS
+    return render(request, "inbox.html", held=held, version=bundle.version, cut=cut)
 
 
 @router.post("/runs/{run_id}/nodes/{node_id}/decide")
