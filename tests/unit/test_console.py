@@ -7,12 +7,19 @@ import asyncio
 from typing import Any
 
 import pytest
+import redis
 from starlette.requests import Request
 from starlette.responses import Response
 
 from control.api.console.guard import CsrfRefused, form_of, set_cookie
-from control.api.console.sessions import MemorySessionStore, open_session, seal
+from control.api.console.sessions import (
+    MemorySessionStore,
+    RedisSessionStore,
+    open_session,
+    seal,
+)
 from control.api.console.views import graph_of, held_calls, policy_notes
+from control.errors import ServiceUnavailable
 from control.orchestration.runs import NodeView, RunView
 
 
@@ -117,3 +124,11 @@ def test_the_submitter_and_other_roles_may_not_decide() -> None:
     assert not other[0].can_decide and "approvers only" in other[0].rule
     ok = held_calls([run], principal="alice", approver=True, role="approver", notes=notes)
     assert ok[0].can_decide and ok[0].policies == [("held", "why")]
+
+
+def test_a_session_store_that_cannot_be_reached_is_unavailable_not_a_crash() -> None:
+    store = RedisSessionStore(
+        redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, socket_timeout=0.5)
+    )
+    with pytest.raises(ServiceUnavailable, match="session store"):
+        store.get("sid")

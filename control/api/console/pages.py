@@ -16,7 +16,14 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from control.api.console.guard import COOKIE, PATH, CsrfRefused, SignInRequired, Viewer
-from control.errors import AuthError, ControlError, Forbidden, NotFound, UsageError
+from control.errors import (
+    AuthError,
+    ControlError,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    UsageError,
+)
 
 __all__ = ["ConsoleRoute", "render"]
 
@@ -81,6 +88,8 @@ class ConsoleRoute(APIRoute):
                 return _to_sign_in(ended=True)
             except UsageError as e:
                 return _problem(request, 422, "Not accepted", str(e))
+            except ServiceUnavailable as e:
+                return _problem(request, 503, "Unavailable", str(e))
             except ControlError as e:
                 return _problem(request, 409, "Could not be done", str(e))
 

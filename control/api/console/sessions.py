@@ -14,17 +14,21 @@ process; where no Redis is configured, and in tests of the pages' logic).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import redis
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from control.errors import ServiceUnavailable
 
 __all__ = [
     "IDLE_S",
@@ -103,6 +107,14 @@ def _new(token: str) -> tuple[str, ConsoleSession, str]:
     return session_id, session, seal(session_id, token, session.csrf, session.opened_at)
 
 
+@contextlib.contextmanager
+def _reaching() -> Iterator[None]:
+    try:
+        yield
+    except redis.RedisError as e:
+        raise ServiceUnavailable("redis", f"the console's session store: {e}") from e
+
+
 class RedisSessionStore:
     """Sessions in the control's Redis: every API process sees every session."""
 
@@ -115,19 +127,22 @@ class RedisSessionStore:
 
     def create(self, token: str) -> tuple[str, ConsoleSession]:
         session_id, session, record = _new(token)
-        self._redis.set(PREFIX + _lookup(session_id), record, ex=IDLE_S)
+        with _reaching():
+            self._redis.set(PREFIX + _lookup(session_id), record, ex=IDLE_S)
         return session_id, session
 
     def get(self, session_id: str) -> ConsoleSession | None:
         key = PREFIX + _lookup(session_id)
-        record = self._redis.getex(key, ex=IDLE_S)
+        with _reaching():
+            record = self._redis.getex(key, ex=IDLE_S)
         if record is None:
             return None
         text = record.decode() if isinstance(record, bytes) else str(record)
         return open_session(session_id, text)
 
     def delete(self, session_id: str) -> None:
-        self._redis.delete(PREFIX + _lookup(session_id))
+        with _reaching():
+            self._redis.delete(PREFIX + _lookup(session_id))
 
 
 class MemorySessionStore:
