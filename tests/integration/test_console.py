@@ -203,3 +203,25 @@ def test_the_tools_page_and_the_explain_form(stack: Stack, api: httpx.Client) ->
         assert "args: must be a JSON object" in listed.text
         refused = client.post("/console/explain", data={**asked, "csrf": ""})
         assert refused.status_code == 403
+
+
+def test_an_approver_rejects_with_a_reason(stack: Stack, api: httpx.Client) -> None:
+    admin = stack.tenant()
+    submitter = issue(api, admin, "agent", "submitter")
+    approver = issue(api, admin, "boss", "approver")
+    held = api.post("/v1/calls", json=HELD, headers=bearer(submitter)).json()
+    run_id, node = held["run_id"], held["nodes"][0]["node_id"]
+    with sign_in(stack.url, approver) as client:
+        inbox = client.get("/console/inbox").text
+        assert run_id in inbox and "no self-approval" not in inbox
+        decide = f"/console/runs/{run_id}/nodes/{node}/decide"
+        token = csrf_of(inbox)
+        bare = client.post(decide, data={"action": "reject", "csrf": token})
+        assert bare.status_code == 422 and "reason: a rejection needs a reason" in bare.text
+        done = client.post(decide, data={"action": "reject", "csrf": token, "reason": "<i>no</i>"})
+        assert done.status_code == 303 and done.headers["location"] == f"/console/runs/{run_id}"
+        page = client.get(done.headers["location"]).text
+        assert "&lt;i&gt;no&lt;/i&gt;" in page and "<i>no</i>" not in page
+        assert run_id not in client.get("/console/inbox").text
+    run = api.get(f"/v1/runs/{run_id}", headers=bearer(submitter)).json()
+    assert run["status"] == "denied" and run["nodes"][0]["approval"]["status"] == "rejected"
