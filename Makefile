@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install test faults check demo bench images containers clean
+.PHONY: install test faults check demo console-test bench images containers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ check: install
 
 demo: install
 	$(PY) -m control.ops.demo
+
+$(VENV)/.browser: $(VENV)/.installed
+	$(PIP) install -e ".[test,browser]"
+	touch $@
+
+# The review console in a real headless Chromium against the real stack (~1-2 minutes).
+# Uses Debian's chromium (installed here with apt-get if missing, as root); Playwright
+# drives it, so no browser is downloaded. Writes the screenshots under docs/console/.
+console-test: $(VENV)/.browser
+	@test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	$(PY) -m pytest -q -p no:cacheprovider tests/browser $(CONSOLE_ARGS)
 
 # The control and worker images, built with podman from a locally made base (no registry
 # pull): docker/images.sh installs and configures podman if needed (as root).

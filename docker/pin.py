@@ -13,7 +13,8 @@ project's own dependencies is taken from the installed distributions' metadata
 - the worker image also leaves out what only the control plane uses: Flower,
   Cedar, JSON Schema validation, the database (SQLAlchemy, psycopg and its binary
   build, Alembic) and the HTTP API and its client (FastAPI, Starlette, uvicorn,
-  httpx, httpx-sse), and whatever only they pulled in.
+  httpx, httpx-sse), the review console's templates (Jinja2), and whatever only they
+  pulled in.
 
 A distribution left out is never pinned, nor followed, wherever it is required
 from: what it alone needs falls out with it. The worker image's build imports
@@ -38,7 +39,7 @@ LEFT_OUT = {
     "worker": EMBEDDED
     | {"flower", "cedarpy", "jsonschema", "google-re2"}
     | {"sqlalchemy", "psycopg", "psycopg-binary", "alembic"}
-    | {"fastapi", "starlette", "uvicorn", "httpx", "httpx-sse"},
+    | {"fastapi", "starlette", "uvicorn", "httpx", "httpx-sse", "jinja2"},
 }
 
 __all__ = ["LEFT_OUT", "closure", "render"]

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from control.api.console import install_console
 from control.api.events import RunEventHub
 from control.api.models import Problem
 from control.api.problems import PROBLEMS, BodyLimit, install_problem_handlers
@@ -60,6 +61,7 @@ def build_app(plane: ControlPlane) -> FastAPI:
     app.include_router(health.router)
     for module in (runs, governance, catalog, ledger):
         app.include_router(module.router, responses=PROBLEMS)
+    install_console(app, plane)
     _problem_schema(app)
     app.add_middleware(BodyLimit, limit=plane.settings.api_max_body)
     return app

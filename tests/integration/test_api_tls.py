@@ -7,11 +7,13 @@ import contextlib
 import datetime
 import ipaddress
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from control.client import Client, ClientSettings
 from control.errors import ServiceUnavailable
+from tests.console_session import csrf_of
 from tests.harness import REPO, Stack, free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -225,3 +228,23 @@ def test_client_ca_without_tls_is_refused_at_start(stack: Stack, tmp_path: Path)
         "error: TOOLPLANE_API_CLIENT_CA: client certificates need TLS: set TOOLPLANE_API_CERT "
         "and TOOLPLANE_API_KEY"
     )
+
+
+def test_the_consoles_cookie_is_secure_under_tls(
+    stack: Stack, tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    token = stack.tenant()
+    with serve_api(stack, tmp_path, cert=pki["server_cert"], key=pki["server_key"]) as url:
+        trusted = ssl.create_default_context(cafile=str(pki["ca"]))
+        with httpx.Client(base_url=url, verify=trusted, timeout=30) as browser:
+            page = browser.get("/console/sign-in")
+            done = browser.post(
+                "/console/sign-in", data={"csrf": csrf_of(page.text), "token": token}
+            )
+            assert done.status_code == 303, done.text
+            cookie = next(
+                c for c in done.headers.get_list("set-cookie") if c.startswith("tp_console=")
+            )
+            flags = [f.strip().lower() for f in cookie.split(";")]
+            assert {"secure", "httponly", "samesite=strict"} <= set(flags)
+            assert browser.get("/console/inbox").status_code == 200

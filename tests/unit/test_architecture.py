@@ -183,11 +183,11 @@ def test_no_module_is_too_long():
 
 
 def test_ci_runs_every_test_directory() -> None:
-    """`make test`, `make faults` and `make containers` between them run every folder of
-    tests, and CI runs all three."""
+    """`make test`, `make faults`, `make containers` and `make console-test` between them
+    run every folder of tests, and CI runs all four."""
     makefile = (ROOT / "Makefile").read_text()
     targets = {}
-    for target in ("test", "faults", "containers"):
+    for target in ("test", "faults", "containers", "console-test"):
         header = next(line for line in makefile.splitlines() if line.startswith(f"{target}:"))
         recipe = makefile.split(header + "\n", 1)[1].split("\n\n", 1)[0]
         targets[target] = {w for w in recipe.split("pytest", 1)[1].split() if w.startswith("tests")}
@@ -197,6 +197,7 @@ def test_ci_runs_every_test_directory() -> None:
         if ".venv" not in p.parts
     }
     covered = targets["test"] | targets["faults"] | targets["containers"]
+    covered |= targets["console-test"]
 
     def run_by(folder: str) -> set[str]:
         return {t for t in covered if folder == t or folder.startswith(t + "/")}
@@ -204,6 +205,7 @@ def test_ci_runs_every_test_directory() -> None:
     assert all(run_by(f) for f in folders), [f for f in folders if not run_by(f)]
     assert targets["faults"] == {"tests/faults"}
     assert targets["containers"] == {"tests/containers"}
-    assert not {"tests/containers", "tests"} & targets["test"]  # `make test` stays fast
+    assert targets["console-test"] == {"tests/browser"}
+    assert not {"tests/containers", "tests/browser", "tests"} & targets["test"]  # stays fast
     ci = (ROOT / ".ci" / "run").read_text().split()
-    assert "test" in ci and "faults" in ci and "containers" in ci
+    assert "test" in ci and "faults" in ci and "containers" in ci and "console-test" in ci

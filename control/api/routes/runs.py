@@ -52,7 +52,7 @@ IdempotencyKey = Annotated[
     ),
 ]
 
-__all__ = ["router"]
+__all__ = ["after_cursor", "cursor_of", "evidence_of", "router"]
 
 
 def out(view: RunView) -> RunOut:
@@ -142,12 +142,14 @@ def submit_workflow(
     )
 
 
-def _cursor(view: RunView) -> str:
+def cursor_of(view: RunView) -> str:
+    """The cursor that continues a list of runs after ``view`` (opaque to callers)."""
     raw = json.dumps([view.created_at, view.run_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _after(cursor: str) -> tuple[datetime, str]:
+def after_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, run id) a cursor continues after; 422 naming `cursor` if bad."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, run_id = json.loads(raw)
@@ -172,11 +174,11 @@ def list_runs(
         limit=limit,
         awaiting_approval=awaiting_approval,
         status=status_,
-        before=_after(cursor) if cursor else None,
+        before=after_cursor(cursor) if cursor else None,
         ids=run_id,
         summary=True,
     )
-    following = _cursor(views[-1]) if len(views) == limit else None
+    following = cursor_of(views[-1]) if len(views) == limit else None
     return RunPage(runs=[out(v) for v in views], next_cursor=following)
 
 
@@ -250,6 +252,11 @@ def reject(run_id: str, node_id: str, body: RejectIn, ops: Caller) -> DecidedOut
 @router.get("/runs/{run_id}/evidence", response_model=list[EvidenceOut])
 def run_evidence(run_id: str, ops: Caller) -> list[dict[str, Any]]:
     """The run's evidence events, in chain order."""
+    return evidence_of(ops, run_id)
+
+
+def evidence_of(ops: Operations, run_id: str) -> list[dict[str, Any]]:
+    """A run of the caller's tenant's evidence events, in chain order (NotFound otherwise)."""
     ops.run(run_id)  # 404 unless it is this tenant's
     tenant_id = ops.identity.tenant_id
     with ops.plane.sessions() as session:

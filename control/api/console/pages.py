@@ -1,0 +1,102 @@
+"""Rendering the console's pages, and what any page does when a request goes wrong.
+
+Templates are Jinja2 with autoescaping on for every one of them: tool arguments,
+results, reasons and names are untrusted text and are only ever rendered as text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.routing import APIRoute
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from control.api.console.guard import COOKIE, PATH, CsrfRefused, SignInRequired, Viewer
+from control.errors import (
+    AuthError,
+    ControlError,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    UsageError,
+)
+
+__all__ = ["ConsoleRoute", "render"]
+
+TEMPLATES = Environment(
+    loader=FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=True,  # every template, whatever its name
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def render(
+    request: Request,
+    name: str,
+    *,
+    viewer: Viewer | None = None,
+    code: int = 200,
+    **context: Any,
+) -> HTMLResponse:
+    viewer = viewer or getattr(request.state, "viewer", None)
+    page = TEMPLATES.get_template(name).render(
+        viewer=viewer,
+        identity=viewer.ops.identity if viewer else None,
+        csrf=viewer.csrf if viewer else "",
+        base=PATH,
+        **context,
+    )
+    return HTMLResponse(page, status_code=code)
+
+
+def _problem(request: Request, status: int, title: str, detail: str) -> HTMLResponse:
+    return render(request, "problem.html", code=status, title=title, detail=detail)
+
+
+def not_found(request: Request) -> HTMLResponse:
+    """The one not-found page: an unknown id and another tenant's look the same."""
+    return _problem(request, 404, "Not found", "There is nothing here for your tenant.")
+
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+class ConsoleRoute(APIRoute):
+    """A console route: errors become pages (or the sign-in page), never problem JSON."""
+
+    def get_route_handler(self) -> Handler:
+        original = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await original(request)
+            except SignInRequired as e:
+                return _to_sign_in(ended=bool(e.reason))
+            except CsrfRefused as e:
+                return _problem(request, 403, "Refused", str(e))
+            except NotFound:
+                return not_found(request)
+            except Forbidden as e:
+                return _problem(request, 403, "Not allowed", str(e))
+            except AuthError:
+                return _to_sign_in(ended=True)
+            except UsageError as e:
+                return _problem(request, 422, "Not accepted", str(e))
+            except ServiceUnavailable as e:
+                return _problem(request, 503, "Unavailable", str(e))
+            except ControlError as e:
+                return _problem(request, 409, "Could not be done", str(e))
+
+        return handler
+
+
+def _to_sign_in(*, ended: bool) -> Response:
+    response = RedirectResponse(f"{PATH}/sign-in" + ("?ended=1" if ended else ""), 303)
+    response.delete_cookie(COOKIE, path=PATH)
+    return response
