@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install test faults check demo console-test bench images containers clean
+.PHONY: install test faults check demo console-test screenshots bench images containers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ $(VENV)/.browser: $(VENV)/.installed
 console-test: $(VENV)/.browser
 	@test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	$(PY) -m pytest -q -p no:cacheprovider tests/browser $(CONSOLE_ARGS)
+
+# The console's screenshots in docs/console/ (shown in README), taken by the browser tests.
+screenshots:
+	TOOLPLANE_SCREENSHOTS=$(CURDIR)/docs/console $(MAKE) console-test
 
 # The control and worker images, built with podman from a locally made base (no registry
 # pull): docker/images.sh installs and configures podman if needed (as root).

@@ -1,11 +1,13 @@
 """The review console in a real headless Chromium against the real stack (make
 console-test): approve a held call and watch its run finish without a reload, the
 submitter's disabled buttons, tenant scoping, CSRF, hostile output, signing out and
-revocation. The screenshots in docs/console/ are taken here."""
+revocation. The screenshots in docs/console/ are taken here (`make screenshots`)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,14 +15,18 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import REPO, Stack
+from tests.harness import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
-SHOTS = REPO / "docs" / "console"
+# `make screenshots` writes them into docs/console/; any other run keeps the tree clean.
+SHOTS = Path(
+    os.environ.get("TOOLPLANE_SCREENSHOTS")
+    or Path(tempfile.gettempdir()) / "toolplane-console-shots"
+)
 HOSTILE = (
     '<script>window.pwned = "script"</script>\n'
     '<img src="x" onerror="window.pwned = \'img\'">\n'
