@@ -32,7 +32,7 @@ from control.governance.auth import (
 from control.governance.freeze import freeze, list_freezes, unfreeze
 from control.governance.scope import Scope, decide_scope
 from control.ops.runtime import ControlPlane
-from control.orchestration.dispatch import publish_pending
+from control.orchestration.dispatch import publish_pending, publish_staged
 from control.orchestration.orchestrator import cancel_run
 from control.orchestration.runs import RunView, get_run, list_runs
 from control.orchestration.states import TERMINAL_RUN, RunStatus
@@ -168,7 +168,9 @@ class Operations:
                 gov=self.plane.governance(),
                 call=call,
             )
-        if submitted.outbox_ids:
+        if submitted.staged:  # from the rows in hand
+            publish_staged(self.plane.sessions, self.plane.publisher, submitted.staged)
+        elif submitted.outbox_ids:
             publish_pending(self.plane.sessions, self.plane.publisher, ids=submitted.outbox_ids)
         # the same idempotency key again: its run as it is now
         return submitted.view or self.run(submitted.run_id)
