@@ -51,11 +51,14 @@ _ACTIVE = (
 def active_freeze(session: Session, tenant_id: str) -> Any:
     """The freeze that stops this tenant's dispatches, if any (takes the shared locks): a
     row with the columns of ``freezes`` (scope, frozen_by, reason, frozen_at), or None."""
-    session.execute(  # both locks in one round trip, ALL first as before
-        _SHARED_LOCKS,
-        {"every": f"toolplane.freeze.{ALL}", "tenant": f"toolplane.freeze.{tenant_id}"},
-    )
-    return session.execute(_ACTIVE, {"scopes": [ALL, tenant_id]}).first()
+    # Without an autoflush: what the caller is writing (a new node, say) goes in with its
+    # final values at the caller's next flush, not as an insert now and an update later.
+    with session.no_autoflush:
+        session.execute(  # both locks in one round trip, ALL first as before
+            _SHARED_LOCKS,
+            {"every": f"toolplane.freeze.{ALL}", "tenant": f"toolplane.freeze.{tenant_id}"},
+        )
+        return session.execute(_ACTIVE, {"scopes": [ALL, tenant_id]}).first()
 
 
 def _scope(identity: Identity, everything: bool) -> str:

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from control.errors import ControlError
 from control.governance.approvals import Decided, decide_approval, waiting_for
@@ -60,9 +61,15 @@ class Operations:
     an identity the caller has already authenticated (the API, once per request)."""
 
     def __init__(
-        self, plane: ControlPlane, *, token: str | None = None, identity: Identity | None = None
+        self,
+        plane: ControlPlane,
+        *,
+        token: str | None = None,
+        identity: Identity | None = None,
+        reads: sessionmaker[Session] | None = None,  # for views (the API's: autocommit)
     ) -> None:
         self.plane = plane
+        self.reads = reads or plane.sessions
         self._token = token
         self._identity: Identity | None = identity
         self._fixed = identity is not None
@@ -278,7 +285,7 @@ class Operations:
         return self.run(run_id)
 
     def run(self, run_id: str) -> RunView:
-        with self.plane.sessions() as session:
+        with self.reads() as session:
             return get_run(session, self.identity, run_id)
 
     def runs(
@@ -293,7 +300,7 @@ class Operations:
     ) -> list[RunView]:
         """This tenant's runs, newest first (``before``: the page after that run;
         ``summary``: without results and receipts)."""
-        with self.plane.sessions() as session:
+        with self.reads() as session:
             return list_runs(
                 session,
                 self.identity,

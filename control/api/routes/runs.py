@@ -204,13 +204,13 @@ async def follow_run(
     Reconnect with `Last-Event-ID` to get what you have not seen."""
 
     def visible() -> None:  # 404 unless it is this tenant's (no view: the stream reads)
-        with ops.plane.sessions() as session:
+        with ops.reads() as session:
             require_run(session, ops.identity, run_id)
 
     await run_in_threadpool(visible)
     stream = event_stream(
         request.app.state.events,
-        ops.plane.sessions,
+        ops.reads,
         run_id,
         after=min(int(last_event_id or 0), LAST_ID),  # no id is larger (bigint)
         disconnected=request.is_disconnected,
