@@ -169,7 +169,7 @@ class Client(Requests):
         """Submit one call; with ``wait``, return once the run has ended (or, waiting for
         an approval at the timeout, as it is)."""
         run: RunOut = self._send(self.r_call(tool, args, **options))
-        if not wait:
+        if not wait or run.status in TERMINAL:  # a denied call is final as submitted
             return run
         return self.wait(run.run_id, timeout=timeout, on_waiting=on_waiting)
 
@@ -238,6 +238,19 @@ class Client(Requests):
         ``on_waiting`` hears once for whom a run waits that needs an approval. A run still
         waiting for an approval at the timeout is returned as it is.
         """
+        self._follow(run_id, timeout=timeout, on_progress=on_progress, on_waiting=on_waiting)
+        return self.run(run_id)
+
+    def _follow(
+        self,
+        run_id: str,
+        *,
+        timeout: float,
+        on_progress: Callable[[str, str, int], None] | None = None,
+        on_waiting: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> str:
+        """Follow the run's event stream until it ends; its last status (terminal, or
+        ``awaiting_approval`` at the timeout)."""
         deadline = time.monotonic() + timeout
         last_id: str | None = None
         told = False
@@ -246,7 +259,7 @@ class Client(Requests):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if status == "awaiting_approval":
-                    return self.run(run_id)
+                    return status
                 raise WaitTimeout(run_id, timeout)
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
@@ -262,7 +275,7 @@ class Client(Requests):
                     raise_for_problem(source.response)
                     for event in source.iter_sse():
                         if event.event == "end":
-                            return self.run(run_id)
+                            return str(event.json()["status"])
                         if event.event not in ("node", "run") or not event.id or not event.data:
                             continue  # a keep-alive: the decoder repeats the last id on it
                         last_id = event.id
@@ -300,11 +313,13 @@ class Client(Requests):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WaitTimeout(unknown[0], timeout)
-            # follow one that has not ended; the others are read again in bulk after it
-            ended = self.wait(unknown[0], timeout=remaining)
-            if ended.status not in TERMINAL:
+            # follow one that has not ended (its stream's end names its status); the others
+            # are read again in bulk after it
+            status = self._follow(unknown[0], timeout=remaining)
+            if status not in TERMINAL:
                 raise WaitTimeout(unknown[0], timeout)
-            pending = unknown
+            done[unknown[0]] = status
+            pending = unknown[1:]
         return {run_id: done[run_id] for run_id in dict.fromkeys(run_ids)}
 
     # -- governance ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from control.api.console import install_console
+from control.api.deps import read_sessions
 from control.api.events import RunEventHub
 from control.api.models import Problem
 from control.api.problems import PROBLEMS, BodyLimit, install_problem_handlers
@@ -55,6 +56,7 @@ def build_app(plane: ControlPlane) -> FastAPI:
         redoc_url=None,
     )
     app.state.plane = plane
+    app.state.reads = read_sessions(plane)
     app.state.events = hub
     app.state.verifying = threading.BoundedSemaphore(1)  # ledger verifications at once
     install_problem_handlers(app)

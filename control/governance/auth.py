@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -247,31 +247,52 @@ def require_role(identity: Identity, allowed: frozenset[Role], action: str) -> N
         raise Forbidden(f"the {identity.role.value} role cannot {action} (needs {needed})")
 
 
+# Built once (every request authenticates): the token's row with its principal and tenant.
+_TOKENS, _PRINCIPALS, _TENANTS = ApiToken.__table__, Principal.__table__, Tenant.__table__
+_BY_HASH = (
+    select(
+        _TOKENS.c.id,
+        _TOKENS.c.revoked_at,
+        _TOKENS.c.expires_at,
+        _TOKENS.c.issued_by,
+        _TOKENS.c.environment,
+        _PRINCIPALS.c.id.label("principal_id"),
+        _PRINCIPALS.c.name.label("principal"),
+        _PRINCIPALS.c.role,
+        _TENANTS.c.id.label("tenant_id"),
+        _TENANTS.c.name.label("tenant_name"),
+        _TENANTS.c.operator,
+    )
+    .select_from(
+        _TOKENS.join(_PRINCIPALS, _TOKENS.c.principal_id == _PRINCIPALS.c.id).join(
+            _TENANTS, _PRINCIPALS.c.tenant_id == _TENANTS.c.id
+        )
+    )
+    .where(_TOKENS.c.token_sha256 == bindparam("token_sha256"))
+)
+
+
 def authenticate(session: Session, token: str | None) -> Identity:
+    """The identity a token names, read from the database on every call (a revoked or
+    expired token fails at once)."""
     if not token:
         raise AuthError("no token: set TOOLPLANE_TOKEN (see `toolplane tenant create`)")
-    found = session.execute(
-        select(ApiToken, Principal, Tenant)
-        .join(Principal, ApiToken.principal_id == Principal.id)
-        .join(Tenant, Principal.tenant_id == Tenant.id)
-        .where(ApiToken.token_sha256 == _hash(token))
-    ).one_or_none()
+    found = session.execute(_BY_HASH, {"token_sha256": _hash(token)}).one_or_none()
     if found is None:
         raise AuthError("TOOLPLANE_TOKEN is not a valid token")
-    api_token, principal, tenant = found
     now = datetime.now(UTC)
-    if api_token.revoked_at is not None:
+    if found.revoked_at is not None:
         raise AuthError("TOOLPLANE_TOKEN was revoked")
-    if api_token.expires_at is not None and api_token.expires_at <= now:
+    if found.expires_at is not None and found.expires_at <= now:
         raise AuthError("TOOLPLANE_TOKEN has expired")
     return Identity(
-        tenant_id=tenant.id,
-        tenant_name=tenant.name,
-        principal_id=principal.id,
-        principal=principal.name,
-        role=Role(principal.role),
-        operator=bool(tenant.operator),
-        token_id=api_token.id,
-        token_issued_by=api_token.issued_by,
-        environment=api_token.environment,
+        tenant_id=found.tenant_id,
+        tenant_name=found.tenant_name,
+        principal_id=found.principal_id,
+        principal=found.principal,
+        role=Role(found.role),
+        operator=bool(found.operator),
+        token_id=found.id,
+        token_issued_by=found.issued_by,
+        environment=found.environment,
     )

@@ -10,8 +10,9 @@ began before it can still commit, and every later one sees the freeze.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import bindparam, delete, select, text
 from sqlalchemy.orm import Session
 
 from control.errors import Forbidden, UsageError, require_text
@@ -32,18 +33,32 @@ def _lock(session: Session, scope: str, *, shared: bool) -> None:
     )
 
 
-def active_freeze(session: Session, tenant_id: str) -> Freeze | None:
-    """The freeze that stops this tenant's dispatches, if any (takes the shared locks)."""
-    session.execute(  # both locks in one round trip, ALL first as before
-        text(
-            "SELECT pg_advisory_xact_lock_shared(hashtext(:every)),"
-            " pg_advisory_xact_lock_shared(hashtext(:tenant))"
-        ),
-        {"every": f"toolplane.freeze.{ALL}", "tenant": f"toolplane.freeze.{tenant_id}"},
-    )
-    return session.scalars(
-        select(Freeze).where(Freeze.scope.in_([ALL, tenant_id])).order_by(Freeze.scope)
-    ).first()
+# Built once: every dispatch runs these two (the locks first, then the read, in its own
+# statement so that its snapshot follows the locks).
+_SHARED_LOCKS = text(
+    "SELECT pg_advisory_xact_lock_shared(hashtext(:every)),"
+    " pg_advisory_xact_lock_shared(hashtext(:tenant))"
+)
+_FREEZES = Freeze.__table__
+_ACTIVE = (
+    select(_FREEZES.c.scope, _FREEZES.c.frozen_by, _FREEZES.c.reason, _FREEZES.c.frozen_at)
+    .where(_FREEZES.c.scope.in_(bindparam("scopes", expanding=True)))
+    .order_by(_FREEZES.c.scope)
+    .limit(1)
+)
+
+
+def active_freeze(session: Session, tenant_id: str) -> Any:
+    """The freeze that stops this tenant's dispatches, if any (takes the shared locks): a
+    row with the columns of ``freezes`` (scope, frozen_by, reason, frozen_at), or None."""
+    # Without an autoflush: what the caller is writing (a new node, say) goes in with its
+    # final values at the caller's next flush, not as an insert now and an update later.
+    with session.no_autoflush:
+        session.execute(  # both locks in one round trip, ALL first as before
+            _SHARED_LOCKS,
+            {"every": f"toolplane.freeze.{ALL}", "tenant": f"toolplane.freeze.{tenant_id}"},
+        )
+        return session.execute(_ACTIVE, {"scopes": [ALL, tenant_id]}).first()
 
 
 def _scope(identity: Identity, everything: bool) -> str:

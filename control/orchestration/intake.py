@@ -14,7 +14,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,7 +26,13 @@ from control.errors import ServiceUnavailable, UsageError
 from control.governance.entitlements import reserve_ms_for
 from control.governance.freeze import active_freeze
 from control.orchestration.context import Governance, Submitter, submitter_of
-from control.orchestration.dispatch import due_at_for, envelope_ttl_s, sign_envelope, stage_job
+from control.orchestration.dispatch import (
+    Staged,
+    due_at_for,
+    envelope_ttl_s,
+    sign_envelope,
+    stage_job,
+)
 from control.orchestration.states import NodeStatus, move_node
 from ledger.chain import NewEvent
 from ledger.models import Approval, Attempt, Node, Run
@@ -58,6 +64,7 @@ class Dispatched:
 
     outbox_ids: list[int]
     reserved: list[tuple[str, str]]  # (tenant id, job id) reserved in the entitlement store
+    staged: dict[int, Staged] = field(default_factory=dict)  # outbox id -> the message
 
 
 def deny_node(node: Node, code: str, message: str, now: datetime) -> None:
@@ -240,6 +247,7 @@ def dispatch_node(
     )
     session.flush()
     done.outbox_ids.append(outbox.id)
+    done.staged[outbox.id] = Staged(outbox.task_name, outbox.queue, outbox.body)
     return True
 
 

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from control.errors import ControlError
 from control.governance.approvals import Decided, decide_approval, waiting_for
@@ -32,7 +33,7 @@ from control.governance.auth import (
 from control.governance.freeze import freeze, list_freezes, unfreeze
 from control.governance.scope import Scope, decide_scope
 from control.ops.runtime import ControlPlane
-from control.orchestration.dispatch import publish_pending
+from control.orchestration.dispatch import publish_pending, publish_staged
 from control.orchestration.orchestrator import cancel_run
 from control.orchestration.runs import RunView, get_run, list_runs
 from control.orchestration.states import TERMINAL_RUN, RunStatus
@@ -60,9 +61,15 @@ class Operations:
     an identity the caller has already authenticated (the API, once per request)."""
 
     def __init__(
-        self, plane: ControlPlane, *, token: str | None = None, identity: Identity | None = None
+        self,
+        plane: ControlPlane,
+        *,
+        token: str | None = None,
+        identity: Identity | None = None,
+        reads: sessionmaker[Session] | None = None,  # for views (the API's: autocommit)
     ) -> None:
         self.plane = plane
+        self.reads = reads or plane.sessions
         self._token = token
         self._identity: Identity | None = identity
         self._fixed = identity is not None
@@ -168,7 +175,9 @@ class Operations:
                 gov=self.plane.governance(),
                 call=call,
             )
-        if submitted.outbox_ids:
+        if submitted.staged:  # from the rows in hand
+            publish_staged(self.plane.sessions, self.plane.publisher, submitted.staged)
+        elif submitted.outbox_ids:
             publish_pending(self.plane.sessions, self.plane.publisher, ids=submitted.outbox_ids)
         # the same idempotency key again: its run as it is now
         return submitted.view or self.run(submitted.run_id)
@@ -276,7 +285,7 @@ class Operations:
         return self.run(run_id)
 
     def run(self, run_id: str) -> RunView:
-        with self.plane.sessions() as session:
+        with self.reads() as session:
             return get_run(session, self.identity, run_id, artifacts=self.plane.artifacts)
 
     def runs(
@@ -291,7 +300,7 @@ class Operations:
     ) -> list[RunView]:
         """This tenant's runs, newest first (``before``: the page after that run;
         ``summary``: without results and receipts)."""
-        with self.plane.sessions() as session:
+        with self.reads() as session:
             return list_runs(
                 session,
                 self.identity,

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, select, tuple_
-from sqlalchemy.orm import Session, aliased, defer
+from sqlalchemy import Integer, Select, bindparam, select, tuple_
+from sqlalchemy.orm import Session
 
 from control.errors import NotFound
 from control.governance.auth import Identity
@@ -15,7 +15,7 @@ from control.orchestration.artifacts import Artifacts, node_result
 from control.orchestration.states import NodeStatus, RunStatus
 from ledger.models import Approval, Node, Principal, Run
 
-__all__ = ["NodeView", "RunView", "get_run", "list_runs", "view_of"]
+__all__ = ["NodeView", "RunView", "get_run", "list_runs", "require_run", "view_of"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,6 @@ class NodeView:
     args: dict[str, Any] | None
     approval: dict[str, Any] | None = None
     needs: tuple[str, ...] = ()
-    artifact: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -43,7 +42,6 @@ class NodeView:
             "args": self.args,
             "result": self.result,
             "result_sha256": self.result_sha256,
-            "artifact": self.artifact,
             "receipt": self.receipt,
             "error": self.error,
             "approval": self.approval,
@@ -82,7 +80,7 @@ class RunView:
         }
 
 
-def _approval(approval: Approval, requested_by: str, decided_by: str | None) -> dict[str, Any]:
+def _approval(approval: Any, requested_by: str, decided_by: str | None) -> dict[str, Any]:
     return {
         "approval_id": approval.id,
         "status": approval.status,
@@ -96,10 +94,63 @@ def _approval(approval: Approval, requested_by: str, decided_by: str | None) -> 
     }
 
 
+# The statements of the read side, built once (Core, only the columns a view shows): a
+# view is read for every waiter, and building ORM statements anew each time was the API's
+# largest cost after submission.
+_RUNS, _NODES = Run.__table__, Node.__table__
+_APPROVALS, _PRINCIPALS = Approval.__table__, Principal.__table__
+_NODE_COLUMNS = tuple(
+    _NODES.c[name]
+    for name in (
+        "run_id", "node_id", "tool", "status", "attempt", "result_sha256", "artifact", "error",
+        "args", "needs", "created_at",
+    )
+)  # fmt: skip
+_IDS = bindparam("ids", expanding=True)
+_TENANT = bindparam("tenant_id")
+_NODES_OF = {
+    summary: select(*_NODE_COLUMNS, *(() if summary else (_NODES.c.result, _NODES.c.receipt)))
+    .where(_NODES.c.run_id.in_(_IDS))
+    .order_by(_NODES.c.created_at, _NODES.c.node_id)
+    for summary in (False, True)
+}
+_APPROVAL_COLUMNS = (
+    "id", "run_id", "node_id", "status", "expires_at", "policies", "policy_version",
+    "args_sha256", "reason",
+)  # fmt: skip
+_REQUESTER, _DECIDER = _PRINCIPALS.alias("requester"), _PRINCIPALS.alias("decider")
+_APPROVALS_OF = (
+    select(
+        *(_APPROVALS.c[name] for name in _APPROVAL_COLUMNS),
+        _REQUESTER.c.name.label("requested_by_name"),
+        _DECIDER.c.name.label("decided_by_name"),
+    )
+    .select_from(
+        _APPROVALS.join(_REQUESTER, _REQUESTER.c.id == _APPROVALS.c.requested_by).outerjoin(
+            _DECIDER, _DECIDER.c.id == _APPROVALS.c.decided_by
+        )
+    )
+    .where(_APPROVALS.c.run_id.in_(_IDS), _APPROVALS.c.tenant_id == _TENANT)
+)
+_RUN_COLUMNS = tuple(
+    _RUNS.c[name]
+    for name in (
+        "id", "workflow", "status", "environment", "classification", "created_at",
+        "on_behalf_of", "inputs", "idempotency_key",
+    )
+)  # fmt: skip
+_WITH_SUBMITTER = (
+    select(*_RUN_COLUMNS, _PRINCIPALS.c.name.label("submitter"))
+    .select_from(_RUNS.join(_PRINCIPALS, _PRINCIPALS.c.id == _RUNS.c.principal_id))
+    .where(_RUNS.c.tenant_id == _TENANT)
+)
+_ONE_RUN = _WITH_SUBMITTER.where(_RUNS.c.id == bindparam("run_id"))
+
+
 def _views(
     session: Session,
     identity: Identity,
-    runs: list[tuple[Run, str]],
+    runs: list[tuple[Any, str]],
     *,
     summary: bool = False,
     artifacts: Artifacts | None = None,
@@ -110,11 +161,8 @@ def _views(
     if not runs:
         return []
     ids = [r.id for r, _ in runs]
-    nodes: dict[str, list[Node]] = {r.id: [] for r, _ in runs}
-    ordered = select(Node).where(Node.run_id.in_(ids)).order_by(Node.created_at, Node.node_id)
-    if summary:
-        ordered = ordered.options(defer(Node.result), defer(Node.receipt), defer(Node.envelope))
-    for node in session.scalars(ordered):
+    nodes: dict[str, list[Any]] = {r.id: [] for r, _ in runs}
+    for node in session.execute(_NODES_OF[summary], {"ids": ids}):
         nodes[node.run_id].append(node)
     approvals = _approvals(session, identity, ids)
     return [
@@ -129,6 +177,7 @@ def view_of(session: Session, identity: Identity, run: Run, nodes: list[Node]) -
     query unless a node waits for an approval."""
     approvals: dict[tuple[str, str], dict[str, Any]] = {}
     if any(n.status in (NodeStatus.AWAITING_APPROVAL, NodeStatus.CANCELLED) for n in nodes):
+        session.flush()  # the approval requested in this transaction (Core reads do not flush)
         approvals = _approvals(session, identity, [run.id])
     return _view(identity, run, identity.principal, nodes, approvals, False, None)
 
@@ -136,23 +185,17 @@ def view_of(session: Session, identity: Identity, run: Run, nodes: list[Node]) -
 def _approvals(
     session: Session, identity: Identity, ids: list[str]
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    requester, decider = aliased(Principal), aliased(Principal)
     return {
-        (a.run_id, a.node_id): _approval(a, requested_by, decided_by)
-        for a, requested_by, decided_by in session.execute(
-            select(Approval, requester.name, decider.name)
-            .join(requester, requester.id == Approval.requested_by)
-            .outerjoin(decider, decider.id == Approval.decided_by)
-            .where(Approval.run_id.in_(ids), Approval.tenant_id == identity.tenant_id)
-        )
+        (a.run_id, a.node_id): _approval(a, a.requested_by_name, a.decided_by_name)
+        for a in session.execute(_APPROVALS_OF, {"ids": ids, "tenant_id": identity.tenant_id})
     }
 
 
 def _view(
     identity: Identity,
-    run: Run,
+    run: Any,  # a Run, or a row of its columns
     submitter: str,
-    nodes: list[Node],
+    nodes: list[Any],  # Nodes, or rows of their columns
     approvals: dict[tuple[str, str], dict[str, Any]],
     summary: bool,
     artifacts: Artifacts | None,
@@ -191,21 +234,53 @@ def _view(
     )
 
 
-def _with_submitter(identity: Identity) -> Select[tuple[Run, str]]:
-    return (
-        select(Run, Principal.name)
-        .join(Principal, Principal.id == Run.principal_id)
-        .where(Run.tenant_id == identity.tenant_id)
+def _runs_query(*, awaiting_approval: bool, status: bool, ids: bool, before: bool) -> Select[Any]:
+    """The statement that lists runs with these filters (bound parameters; built once)."""
+    found = _RUNS_QUERIES.get((awaiting_approval, status, ids, before))
+    if found is not None:
+        return found
+    query = _WITH_SUBMITTER
+    if awaiting_approval:
+        query = query.where(_RUNS.c.status == RunStatus.AWAITING_APPROVAL.value)
+    if status:
+        query = query.where(_RUNS.c.status == bindparam("status"))
+    if ids:
+        query = query.where(_RUNS.c.id.in_(bindparam("run_ids", expanding=True)))
+    if before:
+        query = query.where(
+            tuple_(_RUNS.c.created_at, _RUNS.c.id)
+            < tuple_(
+                bindparam("before_at", type_=_RUNS.c.created_at.type),
+                bindparam("before_id", type_=_RUNS.c.id.type),
+            )
+        )
+    query = query.order_by(_RUNS.c.created_at.desc(), _RUNS.c.id.desc()).limit(
+        bindparam("limit", type_=Integer)
     )
+    _RUNS_QUERIES[(awaiting_approval, status, ids, before)] = query
+    return query
+
+
+_RUNS_QUERIES: dict[tuple[bool, bool, bool, bool], Select[Any]] = {}
+
+
+_EXISTS = select(_RUNS.c.id).where(_RUNS.c.tenant_id == _TENANT, _RUNS.c.id == bindparam("run_id"))
+
+
+def require_run(session: Session, identity: Identity, run_id: str) -> None:
+    """Raise NotFound unless the run is this tenant's (one indexed read, no view)."""
+    found = session.execute(_EXISTS, {"tenant_id": identity.tenant_id, "run_id": run_id})
+    if found.first() is None:
+        raise NotFound("run", run_id)
 
 
 def get_run(
     session: Session, identity: Identity, run_id: str, *, artifacts: Artifacts | None = None
 ) -> RunView:
-    found = session.execute(_with_submitter(identity).where(Run.id == run_id)).first()
+    found = session.execute(_ONE_RUN, {"tenant_id": identity.tenant_id, "run_id": run_id}).first()
     if found is None:
         raise NotFound("run", run_id)
-    return _views(session, identity, [(found[0], found[1])], artifacts=artifacts)[0]
+    return _views(session, identity, [(found, found.submitter)], artifacts=artifacts)[0]
 
 
 def list_runs(
@@ -221,15 +296,19 @@ def list_runs(
     artifacts: Artifacts | None = None,
 ) -> list[RunView]:
     """The tenant's runs, newest first; ``before`` (created_at, run id) continues a page."""
-    query = _with_submitter(identity)
-    if awaiting_approval:
-        query = query.where(Run.status == RunStatus.AWAITING_APPROVAL)
+    query = _runs_query(
+        awaiting_approval=awaiting_approval,
+        status=status is not None,
+        ids=ids is not None,
+        before=before is not None,
+    )
+    values: dict[str, Any] = {"tenant_id": identity.tenant_id, "limit": limit}
     if status is not None:
-        query = query.where(Run.status == status)
+        values["status"] = str(status.value if isinstance(status, RunStatus) else status)
     if ids is not None:
-        query = query.where(Run.id.in_(ids))
+        values["run_ids"] = list(ids)
     if before is not None:
-        query = query.where(tuple_(Run.created_at, Run.id) < tuple_(*before))
-    rows = session.execute(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)).all()
-    rows_named = [(run, name) for run, name in rows]
-    return _views(session, identity, rows_named, summary=summary, artifacts=artifacts)
+        values["before_at"], values["before_id"] = before
+    rows = session.execute(query, values).all()
+    views = [(row, row.submitter) for row in rows]
+    return _views(session, identity, views, summary=summary, artifacts=artifacts)

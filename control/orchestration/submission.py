@@ -10,6 +10,7 @@ again for a different request, it is refused.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from control.errors import Conflict, UsageError, require_text
 from control.governance.auth import Identity
+from control.orchestration.dispatch import Staged
 from control.orchestration.intake import Governance, Submitter, dispatching
 from control.orchestration.manifests import not_approved
 from control.orchestration.orchestrator import RunState, advance
@@ -74,6 +76,7 @@ class Submitted:
     outbox_ids: tuple[int, ...]
     created: bool  # False when the idempotency key returned an existing run
     view: RunView | None = None  # the run as committed (None: an existing run, read it)
+    staged: Mapping[int, Staged] = field(default_factory=dict)  # outbox id -> message
 
 
 def _check_request(session: Session, request: RunRequest, gov: Governance, *, call: bool) -> None:
@@ -258,4 +261,6 @@ def submit_run(
         advance(session, gov, state, events, done, now=now)
         append_events(session, events)
         view = view_of(session, identity, run, list(nodes.values()))  # before the commit
-    return Submitted(run_id, tuple(done.outbox_ids), created=True, view=view)
+    return Submitted(
+        run_id, tuple(done.outbox_ids), created=True, view=view, staged=dict(done.staged)
+    )

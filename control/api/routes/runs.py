@@ -35,7 +35,7 @@ from control.api.models import (
 from control.errors import Conflict, UsageError
 from control.governance.approvals import Decided
 from control.orchestration.operations import Operations
-from control.orchestration.runs import RunView
+from control.orchestration.runs import RunView, require_run
 from control.orchestration.states import RunStatus
 from control.orchestration.validation import check_json
 from ledger.models import EvidenceEvent
@@ -204,10 +204,15 @@ async def follow_run(
     """Server-Sent Events: each status change of the run (`event: run`) and of its nodes
     (`event: node`), in commit order, each with its id; `event: end` once the run ended.
     Reconnect with `Last-Event-ID` to get what you have not seen."""
-    await run_in_threadpool(ops.run, run_id)  # 404 unless it is this tenant's
+
+    def visible() -> None:  # 404 unless it is this tenant's (no view: the stream reads)
+        with ops.reads() as session:
+            require_run(session, ops.identity, run_id)
+
+    await run_in_threadpool(visible)
     stream = event_stream(
         request.app.state.events,
-        ops.plane.sessions,
+        ops.reads,
         run_id,
         after=min(int(last_event_id or 0), LAST_ID),  # no id is larger (bigint)
         disconnected=request.is_disconnected,
