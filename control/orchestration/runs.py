@@ -31,6 +31,7 @@ class NodeView:
     args: dict[str, Any] | None
     approval: dict[str, Any] | None = None
     needs: tuple[str, ...] = ()
+    artifact: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +43,7 @@ class NodeView:
             "args": self.args,
             "result": self.result,
             "result_sha256": self.result_sha256,
+            "artifact": self.artifact,
             "receipt": self.receipt,
             "error": self.error,
             "approval": self.approval,
