@@ -155,9 +155,12 @@ class DirectoryArtifactStore:
         except OSError as e:  # a symlink (ELOOP), or unreadable
             raise ArtifactProblem(sha256, f"cannot be read: {e.strerror}") from None
         with os.fdopen(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            found = os.fstat(file.fileno())
+            if not stat.S_ISREG(found.st_mode):
                 raise ArtifactProblem(sha256, "is not a regular file in the artifact store")
-            return file.read(limit + 1)
+            # Never more than the file holds: a size recorded in a (rewritten) row must
+            # not become the allocation of a read (read(n) allocates n bytes first).
+            return file.read(min(limit, found.st_size) + 1)
 
 
 class MemoryArtifactStore:

@@ -1,0 +1,89 @@
+"""An attacker against the artifact store itself (ledger/artifacts.py), on a real
+filesystem: what a read does with a store file replaced by a FIFO, a symlinked
+directory or a huge file, with metadata whose size is absurd (a rewritten ledger row),
+and who else on the host may read a tenant's artifact. Every case is named as an
+ArtifactProblem (the API's 409, `ledger verify`'s named event), never another
+exception, a hang or an unbounded read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ledger.artifacts import (
+    MEDIA_TYPE,
+    ArtifactProblem,
+    ArtifactRef,
+    DirectoryArtifactStore,
+    checked_bytes,
+    load_result,
+)
+from toolplane.canonical import canonical_json
+
+pytestmark = pytest.mark.timeout(30)
+
+DATA = canonical_json({"content": "secret of tenant A " * 400})
+
+
+def _ref(sha256: str, size: int) -> ArtifactRef:
+    return ArtifactRef(sha256, size, MEDIA_TYPE, "read_repo_file", "r-1", "call")
+
+
+@pytest.fixture
+def stored(tmp_path: Path) -> tuple[DirectoryArtifactStore, str]:
+    store = DirectoryArtifactStore(tmp_path / "artifacts")
+    return store, store.put(DATA)
+
+
+@pytest.mark.parametrize("size", [2**40, 2**63, 2**70])
+def test_an_absurd_recorded_size_is_named_not_allocated(
+    stored: tuple[DirectoryArtifactStore, str], size: int
+) -> None:
+    """Metadata rewritten in the database (the node's column is not evidence) must not make
+    a read allocate its size: the read is bounded by the file, and the mismatch named."""
+    store, sha = stored
+    with pytest.raises(ArtifactProblem, match="do not match the hash"):
+        checked_bytes(store, _ref(sha, size))
+
+
+def test_a_fifo_in_place_of_an_artifact_is_named_without_blocking(
+    stored: tuple[DirectoryArtifactStore, str],
+) -> None:
+    store, sha = stored
+    path = store.path_for(sha)
+    path.unlink()
+    os.mkfifo(path)  # no writer: a blocking open or read would hang the reader
+    with pytest.raises(ArtifactProblem, match="not a regular file"):
+        checked_bytes(store, _ref(sha, len(DATA)))
+
+
+def test_a_huge_file_in_place_of_an_artifact_is_read_only_up_to_its_size(
+    stored: tuple[DirectoryArtifactStore, str],
+) -> None:
+    store, sha = stored
+    path = store.path_for(sha)
+    os.chmod(path, 0o600)
+    with open(path, "r+b") as f:
+        f.truncate(64 << 30)  # 64 GiB (sparse): reading it whole would exhaust memory
+    with pytest.raises(ArtifactProblem, match="do not match the hash"):
+        checked_bytes(store, _ref(sha, len(DATA)))
+
+
+def test_a_symlinked_directory_serves_only_bytes_that_match_the_hash(
+    stored: tuple[DirectoryArtifactStore, str], tmp_path: Path
+) -> None:
+    """``sha256/ab`` swapped for a link to a directory the attacker filled: the file there
+    is read, but served only if its bytes are the hash's, so nothing else is served."""
+    store, sha = stored
+    folder = store.path_for(sha).parent
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / sha[2:]).write_bytes(canonical_json({"content": "forged"}))
+    os.chmod(folder / sha[2:], 0o600)
+    (folder / sha[2:]).unlink()
+    folder.rmdir()
+    folder.symlink_to(planted)
+    with pytest.raises(ArtifactProblem, match="do not match the hash"):
+        load_result(store, _ref(sha, len(DATA)))
