@@ -8,6 +8,7 @@ exception, a hang or an unbounded read."""
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,16 @@ def test_a_symlinked_directory_serves_only_bytes_that_match_the_hash(
     folder.symlink_to(planted)
     with pytest.raises(ArtifactProblem, match="do not match the hash"):
         load_result(store, _ref(sha, len(DATA)))
+
+
+def test_only_the_owner_may_read_the_store(
+    stored: tuple[DirectoryArtifactStore, str], tmp_path: Path
+) -> None:
+    """Another tenant's result must not be readable by any other user of the control's
+    host: the store's directories and files give no group or other permission."""
+    store, sha = stored
+    path = store.path_for(sha)
+    for node in (tmp_path / "artifacts", tmp_path / "artifacts" / "sha256", path.parent, path):
+        mode = stat.S_IMODE(node.stat().st_mode)
+        assert mode & 0o077 == 0, f"{node} is {oct(mode)}"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400  # and read-only for the owner
