@@ -8,7 +8,9 @@ traceback, and never served as the victim's result."""
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import json
 import os
 import secrets
@@ -240,6 +242,16 @@ def _entry(bundle: dict[str, Any]) -> dict[str, Any]:
     return bundle["artifacts"][0]
 
 
+def _other_bytes() -> dict[str, Any]:
+    data = canonical_json({"content": "not in any event"})
+    return {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "media_type": "application/json",
+        "data": base64.b64encode(data).decode(),
+    }
+
+
 CRAFTED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "not a list": (lambda b: b.update(artifacts={"a": 1}), "artifacts: not a list"),
     "an entry not an object": (lambda b: b["artifacts"].append(7), "artifacts[1]: expected"),
@@ -255,6 +267,14 @@ CRAFTED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     ),
     "none carried": (lambda b: b.update(artifacts=[]), ".artifact: artifact sha256:"),
     "removed": (lambda b: b.pop("artifacts"), ".artifact: artifact sha256:"),
+    "an entry no event names": (
+        lambda b: b["artifacts"].append(_other_bytes()),
+        "artifacts[1] (sha256:",
+    ),
+    "an entry twice": (
+        lambda b: b["artifacts"].append(dict(_entry(b))),
+        "artifacts[1] (sha256:",
+    ),
 }
 
 
