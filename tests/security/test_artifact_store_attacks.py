@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from ledger.artifacts import (
     checked_bytes,
     load_result,
 )
+from ledger.note import generate_signer
 from toolplane.canonical import canonical_json
 
 pytestmark = pytest.mark.timeout(30)
@@ -101,3 +104,35 @@ def test_only_the_owner_may_read_the_store(
         mode = stat.S_IMODE(node.stat().st_mode)
         assert mode & 0o077 == 0, f"{node} is {oct(mode)}"
     assert stat.S_IMODE(path.stat().st_mode) == 0o400  # and read-only for the owner
+
+
+def test_verify_bundle_reads_an_oversized_file_no_further_than_its_limit(tmp_path: Path) -> None:
+    """An auditor handed a huge "bundle" (artifacts make real ones large): verify-bundle
+    reads at most its limit plus one byte, then names the size; it never reads the whole
+    file into memory first. The process gets 1.5 GiB of address space; the file is 3 GiB
+    (sparse)."""
+    huge = tmp_path / "huge.bundle.json"
+    with open(huge, "wb") as f:
+        f.truncate(3 << 30)
+    vkey = generate_signer("auditor.example").verifier.vkey
+    done = subprocess.run(  # noqa: S603 (our own CLI, our own arguments)
+        [
+            sys.executable,
+            "-c",
+            "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29)); "
+            "from control.cli.app import main; sys.argv[0] = 'toolplane'; main()",
+            "ledger",
+            "verify-bundle",
+            str(huge),
+            "--key",
+            vkey,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "MemoryError" not in done.stderr
+    assert "bundle: larger than" in done.stdout
