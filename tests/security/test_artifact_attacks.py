@@ -300,3 +300,29 @@ def test_verify_bundle_names_a_crafted_artifact_without_a_traceback(
     done = stack.cli("ledger", "verify-bundle", str(path), "--trust", str(exported["trust"]))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "artifacts[0].data" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("depth", [1, 58, 60, 61, 62, 63, 70])
+def test_a_hostile_tool_s_large_deep_result_is_kept_or_refused_whole(
+    stack: Stack, token: str, depth: int
+) -> None:
+    """A tool returns a result over the threshold nested ``depth`` levels: either it is
+    kept (as an artifact that reads back and verifies) or the call fails cleanly; never a
+    result accepted that its own verify or read then cannot take."""
+    view = stack.client(token).call(
+        "probe", {"action": "nested", "target": str(depth)}, wait=True, timeout=60
+    )
+    node = view.nodes[0]
+    assert node.status in ("completed", "failed"), view
+    if depth <= 58:  # well within canonical JSON's 64 levels: kept
+        assert node.status == "completed", view
+    response = get_run(stack, token, view.run_id)
+    assert response.status_code == 200, response.text
+    shown = response.json()["nodes"][0]
+    if node.status == "completed":
+        assert shown["artifact"] is not None and shown["artifact"]["size"] > THRESHOLD
+        inner = shown["result"]["detail"]
+        for _ in range(depth):
+            inner = inner["d"]
+        assert inner == {"fill": "y" * 70_000}
+    assert stack.client(token).verify_ledger(run_id=view.run_id).ok
