@@ -9,8 +9,9 @@ named, never served.
 
 ``DirectoryArtifactStore`` keeps ``<root>/sha256/<2 hex>/<62 hex>``: the path is made
 only from a validated lower-case hex digest (no traversal), each file is written to a
-temporary name (``O_EXCL``), synced, made read-only and renamed into place, and read
-with ``O_NOFOLLOW`` as a regular file of at most the expected size.
+temporary name (``O_EXCL``), synced, made read-only for its owner (``0400``, in
+``0700`` folders: no other user of the host reads a tenant's result) and renamed into
+place, and read with ``O_NOFOLLOW`` as a regular file of at most the expected size.
 """
 
 from __future__ import annotations
@@ -126,7 +127,10 @@ class DirectoryArtifactStore:
                 return digest  # already there, intact
         except ArtifactProblem:
             pass  # absent (or changed: replaced by the good bytes below)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        # Only the control's user may list or read a tenant's result: 0700 folders, 0400 files.
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in (self.root / "sha256", final.parent):
+            folder.mkdir(mode=0o700, exist_ok=True)
         temporary = final.parent / f".{digest[2:]}.{secrets.token_hex(8)}.tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
@@ -134,7 +138,7 @@ class DirectoryArtifactStore:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(temporary, 0o444)
+            os.chmod(temporary, 0o400)
             os.replace(temporary, final)
         except BaseException:
             temporary.unlink(missing_ok=True)
@@ -155,9 +159,12 @@ class DirectoryArtifactStore:
         except OSError as e:  # a symlink (ELOOP), or unreadable
             raise ArtifactProblem(sha256, f"cannot be read: {e.strerror}") from None
         with os.fdopen(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            found = os.fstat(file.fileno())
+            if not stat.S_ISREG(found.st_mode):
                 raise ArtifactProblem(sha256, "is not a regular file in the artifact store")
-            return file.read(limit + 1)
+            # Never more than the file holds: a size recorded in a (rewritten) row must
+            # not become the allocation of a read (read(n) allocates n bytes first).
+            return file.read(min(limit, found.st_size) + 1)
 
 
 class MemoryArtifactStore:

@@ -85,9 +85,31 @@ def artifact_to_json(ref: Any, data: bytes) -> dict[str, Any]:
     }
 
 
-def _artifacts(value: Any, report: BundleReport) -> MemoryArtifactStore:
+class _Carried(MemoryArtifactStore):
+    """A bundle's artifacts, with where each is in it and which its events asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: dict[str, str] = {}
+        self.named: set[str] = set()
+
+    def get(self, sha256: str, *, limit: int) -> bytes:
+        self.named.add(sha256)
+        return super().get(sha256, limit=limit)
+
+    def unnamed(self, report: BundleReport) -> None:
+        """Bytes no event names are bound by no receipt: named, not counted as verified."""
+        for digest, where in self.where.items():
+            if digest not in self.named:
+                report.artifacts -= 1
+                report.problems.append(
+                    f"{where} (sha256:{digest}): no event of the bundle names it"
+                )
+
+
+def _artifacts(value: Any, report: BundleReport) -> _Carried:
     """The artifacts a bundle carries whose bytes match their hash (the rest are named)."""
-    store = MemoryArtifactStore()
+    store = _Carried()
     if not isinstance(value, list):
         report.problems.append("artifacts: not a list")
         return store
@@ -109,7 +131,13 @@ def _artifacts(value: Any, report: BundleReport) -> MemoryArtifactStore:
                 "and size (changed)"
             )
             continue
-        store.put(data)
+        if entry["sha256"] in store.where:
+            report.problems.append(
+                f"{where} (sha256:{entry['sha256']}): carried already as "
+                f"{store.where[entry['sha256']]}"
+            )
+            continue
+        store.where[store.put(data)] = where
         report.artifacts += 1
     return store
 
@@ -260,6 +288,7 @@ def check_bundle(
         last_seq = seq
         report.events += 1
         _links(leaf, where, ring, envelopes, report, hmac_secrets or {}, artifacts)
+    artifacts.unnamed(report)
     return report
 
 

@@ -94,6 +94,11 @@ def probe(args: ProbeArgs, ctx: ToolContext) -> ProbeResult:
             return ProbeResult(outcome="read", detail={"bytes": len(data), "text": text})
         except OSError as e:
             return ProbeResult(outcome="refused", detail={"error": str(e)})
+    if action == "nested":  # a large result nested ``target`` levels deep (artifacts)
+        deep: dict[str, object] = {"fill": "y" * 70_000}
+        for _ in range(int(args.target)):
+            deep = {"d": deep}
+        return ProbeResult(outcome="nested", detail=deep)
     if action == "nul":  # JSONB cannot store U+0000: an attempt to jam ingest
         return ProbeResult(outcome="a\x00b")
     if action == "environment":

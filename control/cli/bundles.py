@@ -105,7 +105,7 @@ def ledger_verify_bundle(
     signature and each receipt's binding to its envelope. Names each part that fails.
     An HMAC receipt is checked only with its secret; without, it is named in a note (and
     in `receipts_not_verifiable`), and the exit status is still 0 if all else verifies."""
-    from ledger.bundle_check import check_bundle
+    from ledger.bundle_check import MAX_BUNDLE, check_bundle
     from ledger.cosignature import CosignatureVerifier
     from ledger.note import NoteError, NoteVerifier
 
@@ -122,7 +122,8 @@ def ledger_verify_bundle(
     except NoteError as e:
         raise UsageError(str(e), field="--key") from e
     try:
-        data = file.read_bytes()
+        with file.open("rb") as f:  # no further than the limit: check_bundle names the size
+            data = f.read(MAX_BUNDLE + 1)
     except OSError as e:
         raise UsageError(f"{file}: {e.strerror}", field="FILE") from e
     secrets = read_hmac_secrets(hmac_secret or [])

@@ -72,7 +72,7 @@ def test_a_large_result_is_kept_outside_the_database(
         run.run_id,
         node.node_id,
     )
-    assert oct(large["path"].stat().st_mode & 0o777) == "0o444"
+    assert oct(large["path"].stat().st_mode & 0o777) == "0o400"
     client = stack.client(token)
     with client.plane.sessions() as session:
         row = session.get(Node, (run.run_id, node.node_id))

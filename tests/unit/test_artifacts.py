@@ -81,7 +81,7 @@ def test_put_writes_once_read_only_under_its_hash(tmp_path: Path) -> None:
     assert digest == hashlib.sha256(data).hexdigest()
     path = tmp_path / "artifacts" / "sha256" / digest[:2] / digest[2:]
     assert path.read_bytes() == data
-    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400
     assert store.put(data) == digest  # again: nothing changes
     assert [p.name for p in path.parent.iterdir()] == [digest[2:]]  # no temporary left
     assert load_result(store, _ref(digest, len(data))) == BIG
