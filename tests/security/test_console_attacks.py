@@ -221,3 +221,23 @@ def test_hostile_text_in_every_rendered_field_is_text(stack: Stack, api: httpx.C
             assert page.status_code == 200 and is_page(page), page.text[:500]
             assert "<script>window" not in page.text and "<img src=x" not in page.text
             assert "&lt;script&gt;window.pwned" in page.text or "\\u003cscript" in page.text
+
+
+# -- input meant to break a page -------------------------------------------------------
+
+
+def test_explain_with_deep_duplicate_or_huge_json_names_the_field(stack: Stack) -> None:
+    admin = stack.tenant()
+    with sign_in(stack.url, admin) as client:
+        csrf = csrf_of(client.get("/console/explain").text)
+        asked = {"csrf": csrf, "tool": "read_repo_file"}
+        for args in (
+            '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}",
+            '{"path": "README.md", "path": ".env"}',
+            '{"a": NaN}',
+            '{"a": ' + "9" * 5000 + "}",
+        ):
+            page = client.post("/console/explain", data={**asked, "args": args})
+            assert page.status_code == 200 and is_page(page), (args[:40], page.text[:300])
+            assert 'id="problem"' in page.text and "args" in page.text, args[:40]
+            assert 'id="decision"' not in page.text, args[:40]
