@@ -241,3 +241,50 @@ def test_explain_with_deep_duplicate_or_huge_json_names_the_field(stack: Stack) 
             assert page.status_code == 200 and is_page(page), (args[:40], page.text[:300])
             assert 'id="problem"' in page.text and "args" in page.text, args[:40]
             assert 'id="decision"' not in page.text, args[:40]
+
+
+def test_malformed_requests_give_console_pages(stack: Stack) -> None:
+    admin = stack.tenant()
+    wrong: list[tuple[str, int, str]] = []
+
+    def check(what: str, got: httpx.Response, codes: tuple[int, ...]) -> None:
+        if got.status_code not in codes or not is_page(got) or "Traceback" in got.text:
+            wrong.append((what, got.status_code, got.text[:200]))
+
+    with sign_in(stack.url, admin) as client:
+        csrf = csrf_of(client.get("/console/inbox").text)
+        for path in (
+            "/console/runs/%FF%FE",
+            "/console/runs/%00",
+            "/console/runs/%ED%A0%80/evidence",
+            "/console/runs/%00/bundle",
+            "/console/runs/" + "r" * 5000,
+        ):
+            check(path[:60], client.get(path), (404, 422))
+        for path, params in (
+            ("/console/runs", {"status": "x" * 41}),
+            ("/console/runs", {"cursor": "%%%"}),
+            ("/console/runs", {"cursor": "WzEsMl0"}),  # [1,2]
+            ("/console/runs", {"cursor": "x" * 401}),
+            ("/console/runs/r1/evidence", {"verify": "yes please"}),
+            ("/console/sign-in", {"ended": "maybe"}),
+        ):
+            check(f"{path} {params}"[:80], client.get(path, params=params), (404, 422))
+        for data in (
+            b"csrf=" + csrf.encode() + b"&action=reject&reason=%FF%FE%00",
+            b"csrf=" + csrf.encode() + b"&action=" + b"a" * 10_000,
+            b"csrf=" + csrf.encode() + b"&action=reject&reason=" + b"r" * 100_000,
+            b"csrf=" + csrf.encode() + b"&" + b"&".join(b"f%d=1" % i for i in range(50)),
+            b"csrf=" + csrf.encode(),
+            b"\xff\xfe\x00csrf",
+        ):
+            got = client.post(
+                "/console/runs/r1/nodes/n1/decide",
+                content=data,
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            check(f"decide {data[:50]!r}", got, (403, 404, 422))
+        for path in ("/console/runs/%00/nodes/n1/decide", "/console/runs/r1/nodes/%00/decide"):
+            got = client.post(path, data={"csrf": csrf, "action": "approve"})
+            check(path, got, (403, 404, 422))
+    assert not wrong, wrong
