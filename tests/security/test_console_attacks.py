@@ -6,13 +6,19 @@ the problem, never a 500 or an error meant for the API's callers."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import update
 
+from control.api.console import access
+from control.api.console.guard import ConsoleHeaders
+from control.api.console.sessions import RedisSessionStore
 from ledger.models import ApiToken
 from tests.console_session import csrf_of, sign_in
 from tests.harness import Stack
@@ -288,3 +294,27 @@ def test_malformed_requests_give_console_pages(stack: Stack) -> None:
             got = client.post(path, data={"csrf": csrf, "action": "approve"})
             check(path, got, (403, 404, 422))
     assert not wrong, wrong
+
+
+def test_a_session_store_outage_page_names_no_host_or_port() -> None:
+    """With the session store down, anyone with any cookie gets a 503 page; it must not
+    tell them where the control's Redis is (the API's own 503 names only the service)."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = FastAPI()
+    app.state.console_sessions = RedisSessionStore.from_url(f"redis://127.0.0.1:{port}/0")
+    app.include_router(access.router)
+    app.add_middleware(ConsoleHeaders)
+
+    async def visit() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://console.test", cookies={"tp_console": "any"}
+        ) as client:
+            return await client.get("/console/sign-in")
+
+    page = asyncio.run(visit())
+    assert page.status_code == 503 and is_page(page), page.text
+    assert "redis unavailable" in page.text
+    assert str(port) not in page.text and "127.0.0.1" not in page.text

@@ -6,6 +6,7 @@ results, reasons and names are untrusted text and are only ever rendered as text
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from control.errors import (
 )
 
 __all__ = ["ConsoleRoute", "render"]
+
+log = logging.getLogger("toolplane.api.console")
 
 TEMPLATES = Environment(
     loader=FileSystemLoader(Path(__file__).parent / "templates"),
@@ -100,8 +103,9 @@ class ConsoleRoute(APIRoute):
                     "a value in the request cannot be stored or compared (a NUL character, "
                     "or a number out of range)",
                 )
-            except ServiceUnavailable as e:
-                return _problem(request, 503, "Unavailable", str(e))
+            except ServiceUnavailable as e:  # its text names hosts and ports: logged only
+                log.warning("console.unavailable path=%r %s", request.url.path, e)
+                return _problem(request, 503, "Unavailable", f"{e.service} unavailable; try again")
             except ControlError as e:
                 return _problem(request, 409, "Could not be done", str(e))
 
