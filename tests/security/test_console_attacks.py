@@ -7,7 +7,9 @@ the problem, never a 500 or an error meant for the API's callers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +20,7 @@ from sqlalchemy import update
 
 from control.api.console import access
 from control.api.console.guard import ConsoleHeaders
-from control.api.console.sessions import RedisSessionStore
+from control.api.console.sessions import LIFETIME_S, RedisSessionStore, open_session, seal
 from ledger.models import ApiToken
 from tests.console_session import csrf_of, sign_in
 from tests.harness import Stack
@@ -318,3 +320,15 @@ def test_a_session_store_outage_page_names_no_host_or_port() -> None:
     assert page.status_code == 503 and is_page(page), page.text
     assert "redis unavailable" in page.text
     assert str(port) not in page.text and "127.0.0.1" not in page.text
+
+
+def test_a_stored_session_record_cannot_be_altered_to_live_longer_or_take_a_known_csrf() -> None:
+    """Whoever can write the store but has no session id (the store keeps only a hash of
+    it) must not be able to stretch a session past its 12 hours or plant a CSRF secret
+    they know: both are bound to the sealed token."""
+    record = seal("sid-1", "tp_secret", "csrf-secret", time.time() - LIFETIME_S - 60)
+    assert open_session("sid-1", record) is None  # too old
+    fresh = json.loads(record)
+    for change in ({"opened_at": time.time()}, {"csrf": "attacker-knows-this"}):
+        altered = json.dumps({**fresh, **change})
+        assert open_session("sid-1", altered) is None, change
