@@ -185,6 +185,42 @@ def test_an_expired_token_ends_the_session(stack: Stack, api: httpx.Client) -> N
         assert ended.status_code == 303 and ended.headers["location"].endswith("?ended=1")
 
 
+def test_every_authenticated_response_is_unframable_and_uncached(
+    stack: Stack, api: httpx.Client
+) -> None:
+    admin = stack.tenant()
+    submitter = issue(api, admin, "agent", "submitter")
+    run_id, _ = held_call(api, submitter)
+    with sign_in(stack.url, admin) as client:
+        csrf = csrf_of(client.get("/console/inbox").text)
+        responses = [
+            client.get(path)
+            for path in (
+                "/console/inbox",
+                "/console/runs",
+                f"/console/runs/{run_id}",
+                f"/console/runs/{run_id}/evidence",
+                f"/console/runs/{run_id}/bundle",
+                "/console/tools",
+                "/console/explain",
+                "/console/runs/nothing-here",
+                "/console",
+            )
+        ]
+        responses.append(client.post("/console/explain", data={"csrf": csrf, "tool": "x"}))
+        responses.append(client.post("/console/runs/r/nodes/n/decide", data={"csrf": "no"}))
+        for got in responses:
+            where = (got.request.url.path, got.status_code)
+            assert got.headers.get("cache-control") == "no-store", where
+            assert "frame-ancestors 'none'" in got.headers["content-security-policy"], where
+            assert got.headers["x-frame-options"] == "DENY", where
+            assert got.headers["x-content-type-options"] == "nosniff", where
+        bundle = responses[4]
+        assert bundle.headers["content-disposition"] == (
+            f'attachment; filename="{run_id}.bundle.json"'
+        )
+
+
 # -- hostile text in every field a page shows ----------------------------------------
 
 
