@@ -16,6 +16,7 @@ from control.api.models import ExplainIn
 from control.api.routes.governance import explain as explain_call
 from control.errors import UsageError
 from control.orchestration.manifests import list_tools
+from toolplane.canonical import CanonicalJSONError, parse_json_strict
 
 router = APIRouter(prefix=PATH, route_class=ConsoleRoute, include_in_schema=False)
 
@@ -58,9 +59,9 @@ async def explain(request: Request, seen: ViewerOf) -> Response:
     decision: dict[str, Any] | None = None
     problem = ""
     try:
-        try:
-            args = json.loads(asked["args"] or "{}")
-        except ValueError as e:
+        try:  # as the CLI's --arg: no duplicate keys, NaN or nesting past the limit
+            args = parse_json_strict(asked["args"] or "{}")
+        except CanonicalJSONError as e:
             raise UsageError(f"is not JSON ({e})", field="args") from e
         if not isinstance(args, dict):
             raise UsageError("must be a JSON object", field="args")

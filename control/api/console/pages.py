@@ -6,13 +6,16 @@ results, reasons and names are untrusted text and are only ever rendered as text
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from sqlalchemy.exc import DataError
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from control.api.console.guard import COOKIE, PATH, CsrfRefused, SignInRequired, Viewer
@@ -26,6 +29,8 @@ from control.errors import (
 )
 
 __all__ = ["ConsoleRoute", "render"]
+
+log = logging.getLogger("toolplane.api.console")
 
 TEMPLATES = Environment(
     loader=FileSystemLoader(Path(__file__).parent / "templates"),
@@ -88,12 +93,32 @@ class ConsoleRoute(APIRoute):
                 return _to_sign_in(ended=True)
             except UsageError as e:
                 return _problem(request, 422, "Not accepted", str(e))
-            except ServiceUnavailable as e:
-                return _problem(request, 503, "Unavailable", str(e))
+            except RequestValidationError as e:  # a query value or header of the wrong form
+                return _problem(request, 422, "Not accepted", _first(e))
+            except DataError:  # a NUL character in an id: PostgreSQL cannot compare it
+                return _problem(
+                    request,
+                    422,
+                    "Not accepted",
+                    "a value in the request cannot be stored or compared (a NUL character, "
+                    "or a number out of range)",
+                )
+            except ServiceUnavailable as e:  # its text names hosts and ports: logged only
+                log.warning("console.unavailable path=%r %s", request.url.path, e)
+                return _problem(request, 503, "Unavailable", f"{e.service} unavailable; try again")
             except ControlError as e:
                 return _problem(request, 409, "Could not be done", str(e))
 
         return handler
+
+
+def _first(error: RequestValidationError) -> str:
+    """The first problem of a request's parameters, as "field: rule"."""
+    found = error.errors()
+    if not found:
+        return "the request is not valid"
+    where = [str(p) for p in found[0].get("loc", ()) if p not in ("query", "header", "path")]
+    return f"{'.'.join(where) or 'request'}: {found[0].get('msg', 'invalid')}"
 
 
 def _to_sign_in(*, ended: bool) -> Response:

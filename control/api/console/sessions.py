@@ -2,10 +2,10 @@
 
 The browser holds only a random session id (the cookie). The server keeps, under a
 hash of that id, the token sealed with a key derived from the id (AES-GCM), the
-session's CSRF secret and when it opened: a copy of the store alone yields no token,
-and the cookie alone is no token either. Every request opens the token again and
-authenticates it exactly as the API does, so a revoked or expired token ends the
-session at its next request.
+session's CSRF secret and when it opened (both authenticated by the seal): a copy of
+the store alone yields no token, and the cookie alone is no token either. Every request
+opens the token again and authenticates it exactly as the API does, so a revoked or
+expired token ends the session at its next request.
 
 Two stores: Redis (the control's own, shared by every API process) and memory (one
 process; where no Redis is configured, and in tests of the pages' logic).
@@ -63,10 +63,16 @@ def _key(session_id: str) -> bytes:
     return hashlib.sha256(b"toolplane-console-seal\0" + session_id.encode()).digest()
 
 
+def _bound(csrf: str, opened_at: float) -> bytes:
+    """What the seal authenticates beside the token: the CSRF secret and the opening time,
+    so that a writer of the store can neither plant a CSRF secret nor stretch a session."""
+    return f"toolplane-console\0{csrf}\0{opened_at!r}".encode()
+
+
 def seal(session_id: str, token: str, csrf: str, opened_at: float) -> str:
     """The stored record of a session: its token sealed under a key only the id gives."""
     nonce = secrets.token_bytes(12)
-    sealed = AESGCM(_key(session_id)).encrypt(nonce, token.encode(), b"toolplane-console")
+    sealed = AESGCM(_key(session_id)).encrypt(nonce, token.encode(), _bound(csrf, opened_at))
     return json.dumps(
         {
             "token": base64.b64encode(nonce + sealed).decode(),
@@ -81,9 +87,9 @@ def open_session(session_id: str, record: str) -> ConsoleSession | None:
     try:
         data = json.loads(record)
         raw = base64.b64decode(data["token"])
-        token = AESGCM(_key(session_id)).decrypt(raw[:12], raw[12:], b"toolplane-console")
         opened_at = float(data["opened_at"])
         csrf = str(data["csrf"])
+        token = AESGCM(_key(session_id)).decrypt(raw[:12], raw[12:], _bound(csrf, opened_at))
     except (ValueError, KeyError, TypeError, InvalidTag):
         return None
     if time.time() - opened_at > LIFETIME_S:
