@@ -21,7 +21,7 @@ import pytest
 from pydantic import SecretStr
 
 from tests.harness import Services, Stack, own_services, start_stack, stop_stack
-from tests.s3server import moto_s3, new_bucket, s3_client, s3_env
+from tests.s3server import SECRET, moto_s3, new_bucket, s3_client, s3_env
 
 pytestmark = pytest.mark.integration
 
@@ -166,7 +166,7 @@ def test_a_byte_changed_in_a_bucket_checkpoint_is_named(
 def test_the_workers_hold_no_s3_setting_or_credential(s3stack: dict[str, Any]) -> None:
     stack: Stack = s3stack["stack"]
     control = psutil.Process(stack.pid("control")).environ()
-    assert control["TOOLPLANE_S3_SECRET_ACCESS_KEY"] == s3_env("")["TOOLPLANE_S3_SECRET_ACCESS_KEY"]
+    assert control["TOOLPLANE_S3_SECRET_ACCESS_KEY"] == SECRET
     assert control["TOOLPLANE_ARTIFACT_STORE"].startswith("s3://")
     worker = psutil.Process(stack.worker_pid("read_repo_file")).environ()
     leaked = [k for k in worker if k.startswith(("TOOLPLANE_S3_", "AWS_")) or "STORE" in k]

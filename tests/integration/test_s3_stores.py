@@ -22,8 +22,10 @@ from ledger.artifacts import (
     DirectoryArtifactStore,
     checked_bytes,
 )
-from ledger.checkpoints import DirectoryCheckpointStore
+from ledger.checkpoint import Checkpoint, origin_for
+from ledger.checkpoints import DirectoryCheckpointStore, trusted_checkpoints
 from ledger.errors import LedgerError, StoreUnavailable
+from ledger.note import generate_signer, sign_note
 from ledger.s3store import S3ArtifactStore, S3CheckpointStore
 from ledger.stores import artifact_store, checkpoint_store
 from tests.harness import free_port
@@ -170,7 +172,9 @@ def test_a_checkpoint_is_never_overwritten(checkpoints: Any) -> None:
 
 
 def test_refusals_are_kept_beside_the_checkpoints(checkpoints: Any) -> None:
-    checkpoints.write("tenant:t1", 2, b"note\n")
+    signer = generate_signer("test.example")
+    text = Checkpoint(origin_for("test.example", "tenant:t1"), 2, bytes(32)).text()
+    checkpoints.write("tenant:t1", 2, sign_note(text, [signer]).encode())
     checkpoints.record_refusal("tenant:t1", 4, "witness-a", "not consistent")
     checkpoints.record_refusal("tenant:t1", 4, "witness-a", "not consistent")
     checkpoints.record_refusal("tenant:t1", 6, "witness-b", "forked")
@@ -182,6 +186,12 @@ def test_refusals_are_kept_beside_the_checkpoints(checkpoints: Any) -> None:
     ]
     assert checkpoints.sizes("tenant:t1") == [2]  # refusals are not checkpoints
     assert checkpoints.refusals("system") == []
+    found_cp, problems = trusted_checkpoints(checkpoints, ["tenant:t1"], [signer.verifier])
+    assert found_cp["tenant:t1"].size == 2
+    refused = [p for p in problems if "refused to cosign the checkpoint of size 6" in p]
+    assert refused == [
+        "tenant:t1: witness witness-b refused to cosign the checkpoint of size 6: forked"
+    ]
 
 
 def test_a_chain_id_that_names_no_chain_is_refused(checkpoints: Any) -> None:
