@@ -28,13 +28,12 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from tests.fixture_data import FIXTURE_ROOT_NOTE, add_hostile_files
+from tests.s3server import s3_settings
 from tests.stackdirs import reachable
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
-S3 = ("checkpoint_store", "artifact_store", "s3_endpoint_url", "s3_region", "s3_access_key_id")
-S3 += ("s3_secret_access_key", "s3_conditional_writes")  # tests/s3server.py
 
 
 def _redis_ok(url: str) -> bool:
@@ -215,11 +214,7 @@ class Stack:
             receipt_algorithm=self.env.get("TOOLPLANE_RECEIPT_ALGORITHM", "ed25519"),
             receipt_algorithms=self.env.get("TOOLPLANE_RECEIPT_ALGORITHMS", ""),
             **({"worker_user": v} if (v := self.env.get("TOOLPLANE_WORKER_USER")) else {}),
-            **{
-                k: self.env[f"TOOLPLANE_{k.upper()}"]
-                for k in S3
-                if f"TOOLPLANE_{k.upper()}" in self.env
-            },
+            **s3_settings(self.env),  # the S3 stores' settings, if a test gives them
         )
 
     def worker_home(self, tool: str) -> Path:

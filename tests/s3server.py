@@ -9,9 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import boto3
-from moto.server import ThreadedMotoServer
-
 REGION = "us-east-1"
 KEY_ID, SECRET = "toolplane-test", "toolplane-test-secret"  # moto takes any
 
@@ -19,6 +16,8 @@ KEY_ID, SECRET = "toolplane-test", "toolplane-test-secret"  # moto takes any
 @contextmanager
 def moto_s3() -> Iterator[str]:
     """Run moto's S3 server; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
@@ -29,6 +28,8 @@ def moto_s3() -> Iterator[str]:
 
 
 def s3_client(endpoint: str) -> Any:
+    import boto3
+
     return boto3.client(
         "s3",
         endpoint_url=endpoint,
@@ -51,4 +52,15 @@ def s3_env(endpoint: str) -> dict[str, str]:
         "TOOLPLANE_S3_REGION": REGION,
         "TOOLPLANE_S3_ACCESS_KEY_ID": KEY_ID,
         "TOOLPLANE_S3_SECRET_ACCESS_KEY": SECRET,
+    }
+
+
+S3_SETTINGS = ("checkpoint_store", "artifact_store", "s3_endpoint_url", "s3_region")
+S3_SETTINGS += ("s3_access_key_id", "s3_secret_access_key", "s3_conditional_writes")
+
+
+def s3_settings(env: dict[str, str]) -> dict[str, str]:
+    """The S3 settings of a stack's environment, as Settings fields (tests/harness.py)."""
+    return {
+        k: env[f"TOOLPLANE_{k.upper()}"] for k in S3_SETTINGS if f"TOOLPLANE_{k.upper()}" in env
     }
