@@ -1,9 +1,11 @@
 """Signed checkpoints kept outside the database, and the control's checkpointer.
 
-``DirectoryCheckpointStore`` keeps one file per checkpoint,
+A :class:`CheckpointStore` keeps them append-only. ``DirectoryCheckpointStore`` (the
+default) keeps one file per checkpoint,
 ``<dir>/<chain path>/<size, 20 digits>.note`` (``tenant/<id>`` or ``system``), each
 created once (``O_EXCL``) and never rewritten: the set of files only grows. The newest
-checkpoint of a chain is its largest size.
+checkpoint of a chain is its largest size. ``S3CheckpointStore`` (ledger/s3store.py)
+keeps the same names as objects in an S3-compatible bucket.
 
 ``checkpoint_chain`` integrates a chain (ledger/tree.py), then signs a checkpoint of
 the new size only if the tree is consistent with the newest stored checkpoint: a
@@ -38,6 +40,7 @@ from ledger.tree import integrate, prove_consistency
 
 __all__ = [
     "CheckpointRefused",
+    "CheckpointStore",
     "Cosigner",
     "DirectoryCheckpointStore",
     "Signed",
@@ -67,11 +70,37 @@ def _chain_path(chain_id: str) -> Path:
     return Path(*chain_id.split(":", 1))
 
 
+class CheckpointStore(Protocol):
+    """Signed checkpoints of each chain by size, and witnesses' refusals: only ever added
+    to, never rewritten (``write`` of a size that exists with other bytes is refused)."""
+
+    @property
+    def location(self) -> str: ...
+
+    def sizes(self, chain_id: str) -> list[int]: ...
+
+    def read(self, chain_id: str, size: int) -> bytes: ...
+
+    def latest(self, chain_id: str) -> bytes | None: ...
+
+    def chains(self) -> Iterator[str]: ...
+
+    def record_refusal(self, chain_id: str, size: int, witness: str, problem: str) -> None: ...
+
+    def refusals(self, chain_id: str) -> list[dict[str, Any]]: ...
+
+    def write(self, chain_id: str, size: int, note: bytes) -> object: ...
+
+
 class DirectoryCheckpointStore:
     """Append-only files under ``root``."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
 
     def _dir(self, chain_id: str) -> Path:
         return self.root / _chain_path(chain_id)
@@ -199,7 +228,7 @@ class Signed:
 
 
 def newest_checkpoint(
-    store: DirectoryCheckpointStore, chain_id: str, verifiers: list[NoteVerifier]
+    store: CheckpointStore, chain_id: str, verifiers: list[NoteVerifier]
 ) -> tuple[Checkpoint, bytes] | None:
     """The newest checkpoint of a chain, its signature verified; NoteError if bad."""
     note = store.latest(chain_id)
@@ -214,7 +243,7 @@ def checkpoint_chain(
     chain_id: str,
     *,
     signer: NoteSigner,
-    store: DirectoryCheckpointStore,
+    store: CheckpointStore,
     deployment: str,
     cosign: Cosigner | None = None,
 ) -> Signed:
@@ -279,7 +308,7 @@ def checkpoint_all(
     session: Session,
     *,
     signer: NoteSigner,
-    store: DirectoryCheckpointStore,
+    store: CheckpointStore,
     deployment: str,
     cosign: Cosigner | None = None,
     chain_ids: list[str] | None = None,
@@ -310,7 +339,7 @@ def checkpoint_all(
 
 
 def trusted_checkpoints(
-    store: DirectoryCheckpointStore,
+    store: CheckpointStore,
     chain_ids: list[str],
     verifiers: list[NoteVerifier],
     witnesses: Sequence[CosignatureVerifier] = (),

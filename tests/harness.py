@@ -28,6 +28,7 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from tests.fixture_data import FIXTURE_ROOT_NOTE, add_hostile_files
+from tests.s3server import s3_settings
 from tests.stackdirs import reachable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,6 +214,7 @@ class Stack:
             receipt_algorithm=self.env.get("TOOLPLANE_RECEIPT_ALGORITHM", "ed25519"),
             receipt_algorithms=self.env.get("TOOLPLANE_RECEIPT_ALGORITHMS", ""),
             **({"worker_user": v} if (v := self.env.get("TOOLPLANE_WORKER_USER")) else {}),
+            **s3_settings(self.env),  # the S3 stores' settings, if a test gives them
         )
 
     def worker_home(self, tool: str) -> Path:

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from toolplane.lifetimes import MAX_ENVELOPE_LIFETIME_S
+from toolplane.s3url import S3Location
 from toolplane.signing import ALGORITHMS
 
 __all__ = ["Settings"]
@@ -122,12 +123,35 @@ class Settings(BaseSettings):
     checkpoint_dir: Path | None = Field(
         default=None, description="signed checkpoints, outside the database; $HOME/checkpoints"
     )
+    checkpoint_store: str | None = Field(
+        default=None,
+        description="s3://<bucket>[/<prefix>]: signed checkpoints in an S3-compatible bucket, "
+        "not CHECKPOINT_DIR (boto3: the s3 extra)",
+    )
     checkpoint_interval_s: float = Field(
         default=30.0, ge=0, le=86_400, description="s between the control's checkpoints; 0: never"
     )
     artifact_dir: Path | None = Field(
         default=None,
         description="the artifact store: large results, outside the database; $HOME/artifacts",
+    )
+    artifact_store: str | None = Field(
+        default=None,
+        description="s3://<bucket>[/<prefix>]: the artifact store in an S3-compatible bucket, "
+        "not ARTIFACT_DIR (boto3: the s3 extra)",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="the S3-compatible endpoint; unset: AWS (or AWS_ENDPOINT_URL)"
+    )
+    s3_region: str | None = Field(default=None, description="the bucket's region; or AWS_REGION")
+    s3_access_key_id: SecretStr | None = Field(
+        default=None, description="S3 access key id; unset: boto3's chain (AWS_* variables...)"
+    )
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="its secret")
+    s3_conditional_writes: bool = Field(
+        default=True,
+        description="put with If-None-Match: * (the server refuses to replace an object); "
+        "false for a server without it: HEAD, then put (a race window)",
     )
     artifact_threshold: int = Field(
         default=65_536,
@@ -162,6 +186,13 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
+
+    @field_validator("checkpoint_store", "artifact_store")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return str(S3Location.parse(value.strip()))
 
     @field_validator("sandbox_min_layers")
     @classmethod
@@ -232,6 +263,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"{tool}: {algorithm!r} must be one of {', '.join(ALGORITHMS)}")
             seen.add(tool)
         return value
+
+    @model_validator(mode="after")
+    def _one_store_each(self) -> Settings:
+        for name in ("checkpoint", "artifact"):
+            if getattr(self, f"{name}_dir") is not None and getattr(self, f"{name}_store"):
+                raise ValueError(
+                    f"TOOLPLANE_{name.upper()}_DIR and TOOLPLANE_{name.upper()}_STORE are both "
+                    "set: a store is a directory or a bucket, set one"
+                )
+        return self
 
     @model_validator(mode="after")
     def _fits_an_envelope(self) -> Settings:
@@ -306,6 +347,19 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.artifact_dir if self.artifact_dir is not None else self.home / "artifacts"
+
+    def s3_env(self) -> dict[str, str]:
+        """The S3 settings as the control's environment (with the secrets: the control's
+        and the API's processes only, never a worker's)."""
+        env = {}
+        for name in ("checkpoint_store", "artifact_store", "s3_endpoint_url", "s3_region"):
+            if getattr(self, name):
+                env[f"TOOLPLANE_{name.upper()}"] = str(getattr(self, name))
+        for name in ("s3_access_key_id", "s3_secret_access_key"):
+            if (secret := getattr(self, name)) is not None:
+                env[f"TOOLPLANE_{name.upper()}"] = secret.get_secret_value()
+        env["TOOLPLANE_S3_CONDITIONAL_WRITES"] = str(self.s3_conditional_writes).lower()
+        return env
 
     @property
     def bundle_dir(self) -> Path:

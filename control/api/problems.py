@@ -32,6 +32,7 @@ from control.errors import (
     UsageError,
 )
 from control.governance.approvals import ApprovalRefused
+from ledger.errors import StoreUnavailable
 from toolplane.errors import ToolplaneError, first_problem
 
 log = logging.getLogger("toolplane.api")
@@ -108,7 +109,7 @@ def _classify(error: ToolplaneError) -> tuple[int, str]:
         return 409, "artifact_invalid"
     if isinstance(error, Denied):
         return 403, "policy_denied"
-    if isinstance(error, ServiceUnavailable):
+    if isinstance(error, (ServiceUnavailable, StoreUnavailable)):
         return 503, "unavailable"
     if isinstance(error, ControlError):
         return 422, "invalid_argument"
@@ -140,6 +141,9 @@ def install_problem_handlers(app: FastAPI) -> None:
         if isinstance(error, ServiceUnavailable):  # its text names hosts, ports, settings
             log.warning("api.unavailable path=%r %s", request.url.path, detail)
             field, detail = None, f"{error.service} unavailable; try again"
+        elif isinstance(error, StoreUnavailable):  # names buckets and endpoints: logged
+            log.warning("api.unavailable path=%r %s", request.url.path, error)
+            field, detail = None, f"the store of {error.setting} is unavailable; try again"
         return problem_response(status, code, detail, field=field, headers=headers)
 
     @app.exception_handler(RequestValidationError)

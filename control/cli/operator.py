@@ -101,7 +101,7 @@ def ledger_checkpoint(json_: JsonOpt = False) -> None:
                     for s in signed
                 ],
                 "refused": [{"chain_id": r.chain_id, "problem": r.problem} for r in refused],
-                "directory": str(plane.checkpoints.root),
+                "directory": plane.checkpoints.location,  # or s3://bucket/prefix/
                 "vkey": plane.checkpoint_signer.verifier.vkey,
             }
         )

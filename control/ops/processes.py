@@ -151,10 +151,10 @@ def worker_env(
     TOOLPLANE_WORKER_ENV names; then its own settings (home, broker URL of its own user)."""
     extra = set(settings.worker_env_names)
     for name in extra:
-        if not ENV_NAME.fullmatch(name) or name.startswith(("TOOLPLANE_", "CELERY_")):
+        if not ENV_NAME.fullmatch(name) or name.startswith(("TOOLPLANE_", "CELERY_", "AWS_")):
             raise SettingsError(
-                f"{name!r}: a variable name, not TOOLPLANE_* or CELERY_* (those are set "
-                "for the worker here, or would override its broker)",
+                f"{name!r}: a variable name, not TOOLPLANE_*, CELERY_* or AWS_* (set for the "
+                "worker here, its broker's, or the control's own cloud credentials)",
                 setting="TOOLPLANE_WORKER_ENV",
             )
     env = {
@@ -248,7 +248,7 @@ def plan_processes(
     control_env = {
         **common,
         **api_env(settings),
-        **_ledger_settings(settings),
+        **(_ledger_settings(settings) | settings.s3_env()),  # S3 keys: control's only
         "TOOLPLANE_DATABASE_URL": runtime_database_url,
         "TOOLPLANE_BROKER_URL": urls.get("control", plane.broker_url),
     }
@@ -302,7 +302,7 @@ def plan_processes(
                     f"--port={settings.flower_port}",
                 ],
                 {
-                    **base,
+                    **{k: v for k, v in base.items() if not k.startswith("AWS_")},  # control's
                     # From the environment, so that no secret shows in a process list.
                     "TOOLPLANE_BROKER_URL": urls.get("flower", plane.broker_url),
                     "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),

@@ -29,11 +29,10 @@ from control.ops.witness_client import WitnessClient
 from control.orchestration.artifacts import Artifacts
 from control.orchestration.dispatch import CeleryPublisher
 from control.orchestration.intake import Governance
-from ledger.artifacts import DirectoryArtifactStore
 from ledger.chain import NewEvent
 from ledger.checkpoints import (
     CheckpointRefused,
-    DirectoryCheckpointStore,
+    CheckpointStore,
     Signed,
     checkpoint_all,
     load_signer,
@@ -43,6 +42,7 @@ from ledger.db import make_engine, make_sessionmaker
 from ledger.models import PolicyVersion, SigningKey, ToolManifest
 from ledger.note import NoteSigner, NoteVerifier
 from ledger.store import append_events
+from ledger.stores import artifact_store, checkpoint_store
 from policy.bundle import PolicyBundle, bundle_files, load_bundle
 from policy.engine import PolicyEngine
 from policy.errors import BundleError
@@ -142,16 +142,14 @@ class ControlPlane:
 
     # -- checkpoints (ledger/checkpoints.py) -------------------------------------
     @cached_property
-    def checkpoints(self) -> DirectoryCheckpointStore:
-        """Signed checkpoints, in files outside the database."""
-        return DirectoryCheckpointStore(self.settings.checkpoints_dir)
+    def checkpoints(self) -> CheckpointStore:
+        """Signed checkpoints, outside the database: files, or a bucket (ledger/stores.py)."""
+        return checkpoint_store(self.settings)
 
     @cached_property
     def artifacts(self) -> Artifacts:
-        """Large results, in files outside the database (ledger/artifacts.py)."""
-        return Artifacts(
-            DirectoryArtifactStore(self.settings.artifacts_dir), self.settings.artifact_threshold
-        )
+        """Large results, outside the database: files, or a bucket (ledger/stores.py)."""
+        return Artifacts(artifact_store(self.settings), self.settings.artifact_threshold)
 
     @cached_property
     def checkpoint_signer(self) -> NoteSigner:

@@ -86,7 +86,16 @@ def test_a_worker_gets_only_the_allowlist_and_its_own_settings(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
-    "name", ["TOOLPLANE_DATABASE_URL", "TOOLPLANE_TOKEN", "CELERY_BROKER_URL", "A-B", "1X", "X Y"]
+    "name",
+    [
+        "TOOLPLANE_DATABASE_URL",
+        "TOOLPLANE_TOKEN",
+        "CELERY_BROKER_URL",
+        "AWS_SECRET_ACCESS_KEY",  # the control's S3 credentials (ledger/s3store.py)
+        "A-B",
+        "1X",
+        "X Y",
+    ],
 )
 def test_worker_env_cannot_name_a_setting_of_ours_or_a_broker_override(
     tmp_path: Path, name: str
@@ -317,3 +326,33 @@ def test_a_plugins_path_entry_is_listed_for_the_workers(
     # the package's own directory needs only search permission; nothing else is listed
     assert (entry / "tp_plugin_probe").stat().st_mode & 0o005 == 0o005  # as git made it
     assert open_runtime(["tp_plugin_probe.tools"]) == []  # nothing more to change
+
+
+def test_the_s3_settings_and_credentials_go_to_the_control_processes_only(
+    tmp_path: Path,
+) -> None:
+    s3 = settings(
+        tmp_path,
+        checkpoint_store="s3://ledger-bucket/cp",
+        artifact_store="s3://ledger-bucket/art",
+        s3_endpoint_url="http://127.0.0.1:9000",
+        s3_access_key_id="key-id",
+        s3_secret_access_key="secret-s3",
+    )
+    specs = plan_processes(
+        ControlPlane(s3, broker_url="redis://127.0.0.1:6379/0", database_url=RUNTIME),
+        workers={"lint_python": 1},
+        flower=True,
+        runtime_database_url=RUNTIME,
+        base_env=SHELL,
+        identities=identities(tmp_path, "lint_python"),
+    )
+    control, api, worker, flower = specs
+    for spec in (control, api):
+        assert spec.env["TOOLPLANE_S3_SECRET_ACCESS_KEY"] == "secret-s3"
+        assert spec.env["TOOLPLANE_CHECKPOINT_STORE"] == "s3://ledger-bucket/cp/"
+        assert spec.env["TOOLPLANE_ARTIFACT_STORE"] == "s3://ledger-bucket/art/"
+    for spec in (worker, flower):
+        leaked = [k for k in spec.env if k.startswith(("TOOLPLANE_S3", "AWS_")) or "STORE" in k]
+        assert leaked == [], (spec.name, leaked)
+        assert not any("secret-s3" in v or "secret-aws" in v for v in spec.env.values())

@@ -40,24 +40,34 @@ def plan(tmp_path: Path, settings: Settings) -> dict[str, dict[str, str]]:
 def test_every_setting_of_the_control_reaches_its_processes(tmp_path: Path) -> None:
     for name in ("api_cert", "api_key", "api_client_ca"):
         (tmp_path / name).write_text("x")
-    settings = Settings(
-        home=tmp_path,
-        redis_url="redis://127.0.0.1:6379/1",
-        policy_dir=tmp_path,
-        workflows_dir=tmp_path,
-        api_cert=tmp_path / "api_cert",
-        api_key=tmp_path / "api_key",
-        api_client_ca=tmp_path / "api_client_ca",
-        checkpoint_dir=tmp_path / "checkpoints",
-        artifact_dir=tmp_path / "artifacts",
-        api_processes=2,
-    )
-    wanted = {f"TOOLPLANE_{field.upper()}" for field in Settings.model_fields}
-    wanted -= {f"TOOLPLANE_{field.upper()}" for field in NOT_THE_CONTROLS}
-    for name, env in plan(tmp_path, settings).items():
-        if name in ("control", "api"):
-            missing = wanted - set(env)
-            assert not missing, f"{name} is started without {sorted(missing)}"
+    dirs = {"checkpoint_dir": tmp_path / "checkpoints", "artifact_dir": tmp_path / "artifacts"}
+    buckets = {
+        "checkpoint_store": "s3://ledger-bucket/cp",
+        "artifact_store": "s3://ledger-bucket/a",
+    }
+    for stores, other in ((dirs, buckets), (buckets, dirs)):  # a store is one or the other
+        settings = Settings(
+            home=tmp_path,
+            redis_url="redis://127.0.0.1:6379/1",
+            policy_dir=tmp_path,
+            workflows_dir=tmp_path,
+            api_cert=tmp_path / "api_cert",
+            api_key=tmp_path / "api_key",
+            api_client_ca=tmp_path / "api_client_ca",
+            api_processes=2,
+            s3_endpoint_url="http://127.0.0.1:9000",
+            s3_region="eu-west-1",
+            s3_access_key_id="key-id",
+            s3_secret_access_key="key-secret",
+            **stores,  # type: ignore[arg-type]
+        )
+        wanted = {f"TOOLPLANE_{field.upper()}" for field in Settings.model_fields}
+        wanted -= {f"TOOLPLANE_{field.upper()}" for field in NOT_THE_CONTROLS | set(other)}
+        for name, env in plan(tmp_path, settings).items():
+            if name in ("control", "api"):
+                missing = wanted - set(env)
+                assert not missing, f"{name} is started without {sorted(missing)}"
+                assert env["TOOLPLANE_S3_SECRET_ACCESS_KEY"] == "key-secret"
 
 
 def test_the_control_and_api_processes_run_with_the_operators_values(tmp_path: Path) -> None:
