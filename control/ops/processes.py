@@ -124,9 +124,9 @@ def api_env(settings: Settings) -> dict[str, str]:
 
 
 def _ledger_settings(settings: Settings) -> dict[str, str]:
-    """The control's checkpoint, witness and receipt-kind settings (checkpointer, verify)."""
+    """The control's ingest batch, checkpoint, witness and receipt-kind settings."""
     names = "deployment checkpoint_dir checkpoint_interval_s witness_urls witness_keys".split()
-    names.append("receipt_algorithms")
+    names += ["receipt_algorithms", "ingest_batch"]
     values = {name: getattr(settings, name) for name in names}
     return {f"TOOLPLANE_{k.upper()}": str(v) for k, v in values.items() if v is not None}
 

@@ -181,7 +181,8 @@ def ingest_batch(
     # When the control receives them: the keys' trust and every event's time. A key id
     # only selects the key to verify with; every row is locked before the clock is read.
     now: datetime | None = None
-    for key_id in sorted({k for k in map(_receipt_key_id, raws) if k is not None}) or [None]:
+    key_ids: Sequence[str | None] = sorted({k for k in map(_receipt_key_id, raws) if k is not None})
+    for key_id in key_ids or [None]:
         keys, now = judge_key(session, keys, key_id)
     assert now is not None
     batch = _Batch(outcomes=[None] * len(raws))
@@ -235,12 +236,12 @@ def _apply(
     states = _lock_runs(session, sorted({row.run_id for row in where}))
     dispatched: dict[str, Attempt] = {}
     if states:  # the rows, read again under the runs' locks
-        for attempt in session.scalars(
+        for row in session.scalars(
             select(Attempt)
             .where(Attempt.envelope_sha256.in_(digests))
             .execution_options(populate_existing=True)
         ):
-            dispatched[attempt.envelope_sha256] = attempt
+            dispatched[row.envelope_sha256] = row
     events: list[NewEvent] = []
     for index, message in verified:
         attempt = dispatched.get(message.result.envelope_sha256 or "")
