@@ -37,7 +37,12 @@ from control.governance.approvals import expire_approvals
 from control.ops.batcher import ResultBatcher
 from control.ops.runtime import ControlPlane
 from control.orchestration.dispatch import publish_pending
-from control.orchestration.ingest import Ingested, ingest_batch, record_unprocessable
+from control.orchestration.ingest import (
+    Ingested,
+    advance_ready,
+    ingest_batch,
+    record_unprocessable,
+)
 from control.orchestration.manifests import register_manifest
 from control.orchestration.orchestrator import release_reservations, sweep
 from ledger.receipts import ReceiptProblem
@@ -83,6 +88,7 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
                 plane.governance(),
                 settle,
                 before_commit=(lambda: fault("before_commit", len(raws))) if fault else None,
+                advance=False,  # each task decides its run's ready nodes: the batch acks sooner
             )
 
     batcher: ResultBatcher[Ingested] = ResultBatcher(
@@ -120,9 +126,13 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
                 with plane.sessions() as session:
                     record_unprocessable(session, raw, e)
                 return "unprocessable"
-        if ingested.outbox_ids:
+        outbox_ids = ingested.outbox_ids
+        if ingested.ready_run is not None:
+            with plane.sessions() as session:
+                outbox_ids = advance_ready(session, plane.governance(), ingested.ready_run)
+        if outbox_ids:
             try:
-                publish_pending(plane.sessions, plane.publisher, ids=ingested.outbox_ids)
+                publish_pending(plane.sessions, plane.publisher, ids=outbox_ids)
             except Exception:  # committed: the relay publishes what this could not
                 log.warning("ingest.publish_failed (the relay retries)", exc_info=True)
         return ingested.outcome.value

@@ -61,6 +61,7 @@ __all__ = [
     "Ingested",
     "Outcome",
     "Settle",
+    "advance_ready",
     "ingest_batch",
     "ingest_result",
     "record_unprocessable",
@@ -119,6 +120,9 @@ def _no_settle(tenant_id: str, job_id: str, charged_ms: int | None) -> None:
 class Ingested:
     outcome: Outcome
     outbox_ids: tuple[int, ...] = ()  # jobs of nodes that became ready: publish after commit
+    ready_run: str | None = None
+    """With ``advance=False``: the run whose ready nodes the caller is to decide
+    (``advance_ready``) after the commit."""
 
 
 @dataclass
@@ -157,6 +161,7 @@ def ingest_batch(
     settle: Settle = _no_settle,
     *,
     before_commit: Callable[[], None] | None = None,
+    advance: bool = True,
 ) -> list[Ingested]:
     """Ingest messages from the ``results`` queue, one ``Ingested`` each, in order.
 
@@ -175,8 +180,11 @@ def ingest_batch(
 
     ``settle`` is told how much tool time each settled job used (its verified
     duration when it ran; nothing when it failed without running or was refused),
-    before the commit, and is idempotent per job. ``before_commit`` is a fault-injection
-    point for tests.
+    before the commit, and is idempotent per job. With ``advance``, the nodes that became
+    ready are decided after the commit, each run in a transaction of its own; without, each
+    such run is named in its result's ``ready_run`` for the caller to decide
+    (``advance_ready``), so that the batch's messages can be acknowledged sooner.
+    ``before_commit`` is a fault-injection point for tests.
     """
     # When the control receives them: the keys' trust and every event's time. A key id
     # only selects the key to verify with; every row is locked before the clock is read.
@@ -204,13 +212,17 @@ def ingest_batch(
     for item in batch.unverified:
         _record_unverified(session, raws[item.index], item, now)
         batch.outcomes[item.index] = Outcome.RECEIPT_INVALID
-    outbox: dict[int, tuple[int, ...]] = {}
-    for run_id, index in batch.ready.items():
-        outbox[index] = _advance_now(session, gov, run_id)
+    ready = {index: run_id for run_id, index in batch.ready.items()}
     ingested = []
     for index, outcome in enumerate(batch.outcomes):
         assert outcome is not None  # each message verified and decided, or recorded
-        ingested.append(Ingested(outcome, outbox.get(index, ())))
+        run_id = ready.get(index)
+        if run_id is None:
+            ingested.append(Ingested(outcome))
+        elif advance:
+            ingested.append(Ingested(outcome, advance_ready(session, gov, run_id)))
+        else:
+            ingested.append(Ingested(outcome, ready_run=run_id))
     return ingested
 
 
@@ -307,7 +319,9 @@ def _record_unverified(session: Session, raw: Any, item: _Unverified, now: datet
     session.commit()
 
 
-def _advance_now(session: Session, gov: Governance, run_id: str) -> tuple[int, ...]:
+def advance_ready(session: Session, gov: Governance, run_id: str) -> tuple[int, ...]:
+    """Decide and dispatch the run's ready nodes (after the acceptance that readied them
+    committed); the outbox ids to publish. Commits. On any error, the sweeper decides them."""
     try:
         state = lock_run(session, run_id)
         assert state is not None
