@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import redis
 from rich.progress import Progress
@@ -48,7 +49,7 @@ __all__ = ["grow", "run"]
 FILE = "src/shipit/deploy.py"
 TABLES = ("runs", "nodes", "attempts", "outbox", "run_events")
 SKIP = {"outbox": ("id",), "run_events": ("id",)}  # identity columns: new values
-PREFETCH = 4  # results the control process may hold unacknowledged (its ingest threads)
+PREFETCH = 4  # results the stopped control may have taken (its one pending fetch, and a margin)
 
 
 def _libpq(url: str) -> str:
@@ -239,6 +240,7 @@ class Probe:
     def __init__(self, stack: Any, api: Any, tenant_id: str, *, samples: int) -> None:
         self.stack, self.api, self.tenant_id, self.samples = stack, api, tenant_id, samples
         self.pool = ThreadPoolExecutor(8)
+        self.ingest_cpu_ms = 0.0
 
     def submit_p50(self) -> float:
         times, ids = [], []
@@ -259,7 +261,8 @@ class Probe:
         return _p50(times)
 
     def ingest_per_s(self, calls: int) -> float:
-        """Results ingested per second, the control alone (its queue filled while stopped)."""
+        """Results ingested per second, the control alone (its queue filled while stopped);
+        the control's CPU per result meanwhile in ``ingest_cpu_ms``."""
         control = self.stack.pid("control")
         results = redis.Redis.from_url(self.stack.services.redis_url)
         os.kill(control, signal.SIGSTOP)
@@ -271,8 +274,8 @@ class Probe:
             )
             ids = [r.run_id for r in runs if r.status == "running"]
             assert len(ids) == calls, [r.nodes[0].error for r in runs if r.status != "running"]
-            # The stopped control's pending fetch still takes what arrives first (up to its
-            # prefetch, 4): the rest wait in the queue. The last few still being made when
+            # The stopped control's pending fetch still takes what arrives first (one
+            # message): the rest wait in the queue. The last few still being made when
             # timing starts cost a worker's ~10 ms, against seconds measured.
             wait_for(
                 lambda: results.llen("results") >= calls - PREFETCH,
@@ -281,9 +284,12 @@ class Probe:
             )
         finally:
             os.kill(control, signal.SIGCONT)
+        process = psutil.Process(control)
+        cpu = sum(process.cpu_times()[:2])
         start = time.perf_counter()
         statuses = self.api.wait_all(ids, timeout=300)
         took = time.perf_counter() - start
+        self.ingest_cpu_ms = (sum(process.cpu_times()[:2]) - cpu) * 1000 / calls
         assert set(statuses.values()) == {"completed"}, statuses
         return calls / took
 
@@ -336,6 +342,7 @@ def run(
                 "submit_p50_ms": probe.submit_p50(),
                 "runs_list_p50_ms": probe.runs_list_p50(),
                 "ingest_throughput_per_s": probe.ingest_per_s(ingest_calls),
+                "ingest_cpu_ms_per_result": probe.ingest_cpu_ms,  # the control's
             }
             progress.advance(task)
             return figures

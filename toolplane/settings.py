@@ -128,6 +128,13 @@ class Settings(BaseSettings):
         description="s3://<bucket>[/<prefix>]: signed checkpoints in an S3-compatible bucket, "
         "not CHECKPOINT_DIR (boto3: the s3 extra)",
     )
+    ingest_batch: int = Field(
+        default=64,
+        ge=1,
+        le=1000,
+        description="results the control ingests in one transaction at most (those already "
+        "waiting; it holds as many unacknowledged)",
+    )
     checkpoint_interval_s: float = Field(
         default=30.0, ge=0, le=86_400, description="s between the control's checkpoints; 0: never"
     )

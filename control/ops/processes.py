@@ -124,9 +124,9 @@ def api_env(settings: Settings) -> dict[str, str]:
 
 
 def _ledger_settings(settings: Settings) -> dict[str, str]:
-    """The control's checkpoint, witness, receipt-kind and artifact settings."""
+    """The control's ingest batch, checkpoint, witness, receipt-kind and artifact settings."""
     names = "deployment checkpoint_dir checkpoint_interval_s witness_urls witness_keys".split()
-    names += ["receipt_algorithms", "artifact_dir", "artifact_threshold"]
+    names += ["receipt_algorithms", "artifact_dir", "artifact_threshold", "ingest_batch"]
     values = {name: getattr(settings, name) for name in names}
     return {f"TOOLPLANE_{k.upper()}": str(v) for k, v in values.items() if v is not None}
 

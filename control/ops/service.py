@@ -2,7 +2,9 @@
 the outbox, sweeps overdue and retryable attempts, and expires unanswered approvals.
 
 Runs as a Celery worker consuming only the ``results`` queue, with acks late:
-a result is acknowledged only after its transaction committed. While the
+a result is acknowledged only after its transaction committed. The results that
+wait are ingested in batches of up to ``TOOLPLANE_INGEST_BATCH`` per transaction
+(control.ops.batcher), each acknowledged after its batch committed. While the
 database is unreachable, the ingest task waits for it with the message held
 (unacknowledged); after a while it hands the message back to the queue
 (published again before the old copy is acknowledged), so nothing is lost
@@ -15,8 +17,12 @@ next relay.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from amqp.exceptions import ChannelError
@@ -28,9 +34,15 @@ from celeryconfig import RESTORE_INTERVAL_S
 from control.broker import screen as broker_screen
 from control.broker.queues import declare_results_queue
 from control.governance.approvals import expire_approvals
+from control.ops.batcher import ResultBatcher
 from control.ops.runtime import ControlPlane
 from control.orchestration.dispatch import publish_pending
-from control.orchestration.ingest import ingest_result, record_unprocessable
+from control.orchestration.ingest import (
+    Ingested,
+    advance_ready,
+    ingest_batch,
+    record_unprocessable,
+)
 from control.orchestration.manifests import register_manifest
 from control.orchestration.orchestrator import release_reservations, sweep
 from ledger.receipts import ReceiptProblem
@@ -65,6 +77,25 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
             log.warning("entitlement.settle_failed job=%s", job_id, exc_info=True)
 
     inflight = InFlight()
+    fault = _fault_point()
+
+    def ingest_many(raws: Sequence[Any]) -> list[Ingested]:
+        with plane.sessions() as session:
+            return ingest_batch(
+                session,
+                raws,
+                plane.keyring(),
+                plane.governance(),
+                settle,
+                before_commit=(lambda: fault("before_commit", len(raws))) if fault else None,
+                advance=False,  # each task decides its run's ready nodes: the batch acks sooner
+            )
+
+    batcher: ResultBatcher[Ingested] = ResultBatcher(
+        ingest_many,
+        max_batch=plane.settings.ingest_batch,
+        after_ingest=(lambda size: fault("after_commit", size)) if fault else None,
+    )
 
     @app.task(name=celeryconfig.INGEST_TASK, bind=True, acks_late=True, max_retries=None)
     def ingest(self: Task, *args: Any, **kwargs: Any) -> str:
@@ -76,10 +107,7 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
         delay = 0.25
         while True:
             try:
-                with plane.sessions() as session:
-                    ingested = ingest_result(
-                        session, raw, plane.keyring(), plane.governance(), settle
-                    )
+                ingested = batcher.submit(raw)
                 break
             except (OperationalError, InterfaceError) as e:
                 inflight.database_error()
@@ -98,9 +126,13 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
                 with plane.sessions() as session:
                     record_unprocessable(session, raw, e)
                 return "unprocessable"
-        if ingested.outbox_ids:
+        outbox_ids = ingested.outbox_ids
+        if ingested.ready_run is not None:
+            with plane.sessions() as session:
+                outbox_ids = advance_ready(session, plane.governance(), ingested.ready_run)
+        if outbox_ids:
             try:
-                publish_pending(plane.sessions, plane.publisher, ids=ingested.outbox_ids)
+                publish_pending(plane.sessions, plane.publisher, ids=outbox_ids)
             except Exception:  # committed: the relay publishes what this could not
                 log.warning("ingest.publish_failed (the relay retries)", exc_info=True)
         return ingested.outcome.value
@@ -179,6 +211,29 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
         stop.set()
 
     return app
+
+
+FAULT_FILE_ENV = "TP_TEST_INGEST_FAULT"
+"""Tests only: a file naming a point (``before_commit`` or ``after_commit``) at which the
+control kills itself (SIGKILL) once, in the first batch of two or more results there."""
+
+
+def _fault_point() -> Callable[[str, int], None] | None:
+    path = os.environ.get(FAULT_FILE_ENV)
+    if not path:
+        return None
+
+    def fault(point: str, size: int) -> None:
+        try:
+            wanted = Path(path).read_text().strip()
+        except FileNotFoundError:
+            return
+        if wanted == point and size >= 2:
+            Path(path).unlink()
+            log.warning("ingest.fault point=%s size=%s: killing this process", point, size)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return fault
 
 
 class InFlight:
@@ -274,8 +329,8 @@ def run_control(
             "control@%h",
             "--pool",
             "threads",
-            "--concurrency",
-            str(concurrency),
+            "--concurrency",  # a thread per result a batch may hold, waiting for its commit
+            str(max(concurrency, plane.settings.ingest_batch)),
             "-E",
             "--without-mingle",
             "--without-gossip",

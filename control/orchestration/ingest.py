@@ -15,7 +15,15 @@ result is accepted only while its node is ``queued`` at that very attempt. What
 else is verified and bound is recorded: JobRefused, or ResultIgnored for a result
 that came too late (a redelivered copy, an attempt that was superseded by a retry,
 a node that was cancelled). An accepted result advances the run: nodes that needed
-it are decided and dispatched in the same transaction.
+it are marked due in its transaction, and decided and dispatched right after it
+commits (or else by the sweeper).
+
+Results are ingested in batches (``ingest_batch``): the messages that already wait, up to
+``TOOLPLANE_INGEST_BATCH``, are each verified on their own and then applied in one
+transaction (each run locked once, each chain head locked once, the evidence of each chain
+in one multi-row insert, one commit), with the same guarantees as one at a time. The
+decision for one verified result against its locked run is
+control.orchestration.acceptance's.
 
 A receipt's key (and a manifest's) is judged by when the control receives the
 message, under a lock on the key's row (control.governance.keys.judge_key), never by the
@@ -26,34 +34,26 @@ the ledger's verification judges the key by later.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from control.governance.keys import judge_key, utc_now
-from control.orchestration.artifacts import externalize_result
+from control.orchestration.acceptance import Outcome, Settle, decide
+from control.orchestration.artifacts import Artifacts
 from control.orchestration.intake import Governance, dispatching
-from control.orchestration.orchestrator import (
-    RunState,
-    advance,
-    lock_run,
-    mark_ready,
-    schedule_retry,
-    settle_run,
-)
-from control.orchestration.states import NodeStatus, move_node
+from control.orchestration.orchestrator import RunState, advance, lock_run
 from control.orchestration.unverified import DETAIL_CAP, record_unverified
 from ledger.chain import NewEvent
-from ledger.models import Attempt, Node
+from ledger.models import Attempt, Node, Run
 from ledger.receipts import ReceiptProblem, check_result_message
 from ledger.store import append_events
 from toolplane.canonical import contains_nul
-from toolplane.messages import ResultMessage, job_id_for
+from toolplane.messages import ResultMessage
 from toolplane.signing import KeyRing
 
 log = logging.getLogger("toolplane.ingest")
@@ -62,22 +62,11 @@ __all__ = [
     "Ingested",
     "Outcome",
     "Settle",
+    "advance_ready",
+    "ingest_batch",
     "ingest_result",
     "record_unprocessable",
 ]
-
-
-class Outcome(StrEnum):
-    ACCEPTED = "accepted"
-    """A verified result was accepted for its node and attempt."""
-    RECEIPT_INVALID = "receipt_invalid"
-    """Signature, hash or binding failed: nothing changed; recorded (once per distinct
-    message) as ToolReceiptInvalid on the system chain."""
-    REFUSED = "refused"
-    """A worker's signed refusal; recorded as JobRefused."""
-    IGNORED = "ignored"
-    """A verified result too late for its node (settled, superseded, cancelled): recorded
-    as ResultIgnored, not accepted."""
 
 
 def _claimed(raw: Any) -> dict[str, Any]:
@@ -116,28 +105,12 @@ def _text(value: str, limit: int) -> str:
     return cut.replace("\x00", "\\x00")
 
 
-def _receipt_key_id(raw: Any) -> object:
+def _receipt_key_id(raw: Any) -> str | None:
     """The key id a message names: it only selects the key to verify with (None when it
     could not name one)."""
     receipt = raw.get("receipt") if isinstance(raw, dict) else None
     key_id = receipt.get("key_id") if isinstance(receipt, dict) else None
     return key_id if _storable(key_id, 120) else None
-
-
-def _dispatched_to(session: Session, envelope_sha256: str | None) -> tuple[str, str, int] | None:
-    """Run, node and attempt dispatched with this (verified) envelope digest, if any."""
-    if not envelope_sha256:
-        return None
-    row = session.execute(
-        select(Attempt.run_id, Attempt.node_id, Attempt.attempt).where(
-            Attempt.envelope_sha256 == envelope_sha256
-        )
-    ).first()
-    return (row.run_id, row.node_id, row.attempt) if row is not None else None
-
-
-Settle = Callable[[str, str, int | None], None]
-"""Settle a job's entitlement reservation: (tenant id, job id, charged ms or None for all)."""
 
 
 def _no_settle(tenant_id: str, job_id: str, charged_ms: int | None) -> None:
@@ -148,6 +121,26 @@ def _no_settle(tenant_id: str, job_id: str, charged_ms: int | None) -> None:
 class Ingested:
     outcome: Outcome
     outbox_ids: tuple[int, ...] = ()  # jobs of nodes that became ready: publish after commit
+    ready_run: str | None = None
+    """With ``advance=False``: the run whose ready nodes the caller is to decide
+    (``advance_ready``) after the commit."""
+
+
+@dataclass
+class _Unverified:
+    index: int
+    problem: str
+    detail: str
+
+
+@dataclass
+class _Batch:
+    """What a batch found: each message's outcome, what to record as unverified, and the
+    runs whose ready nodes are to be decided after the commit (run id -> message index)."""
+
+    outcomes: list[Outcome | None]
+    unverified: list[_Unverified] = field(default_factory=list)
+    ready: dict[str, int] = field(default_factory=dict)
 
 
 def ingest_result(
@@ -157,182 +150,180 @@ def ingest_result(
     gov: Governance,
     settle: Settle = _no_settle,
 ) -> Ingested:
-    """Ingest one message from the ``results`` queue; advance its run. Commits.
+    """Ingest one message from the ``results`` queue (a batch of one). Commits."""
+    return ingest_batch(session, [raw], keys, gov, settle)[0]
 
-    Nothing is looked up or locked by what the message says until its receipt verifies;
-    then the run is found by the verified envelope digest (the attempt dispatched with
-    it), never by the ids the message names. A message that does not verify, or is not
-    bound to the attempt dispatched with that digest, changes nothing: it is recorded on
-    the system chain (control.orchestration.unverified).
+
+def ingest_batch(
+    session: Session,
+    raws: Sequence[Any],
+    keys: KeyRing,
+    gov: Governance,
+    settle: Settle = _no_settle,
+    *,
+    before_commit: Callable[[], None] | None = None,
+    advance: bool = True,
+) -> list[Ingested]:
+    """Ingest messages from the ``results`` queue, one ``Ingested`` each, in order.
+
+    Each receipt is verified on its own, and nothing is looked up or locked by what a
+    message says until its receipt verifies; then its run is found by the verified
+    envelope digest (the attempt dispatched with it), never by the ids it names. Every
+    verified and bound message is applied in ONE transaction: the keys' rows, then the
+    runs (in id order), then each chain head once, one multi-row insert of the evidence
+    per chain, one commit. A message that does not verify, or is not bound to the
+    attempt dispatched with its digest, changes nothing and delays nothing: it is
+    recorded on the system chain afterwards, in a transaction of its own
+    (control.orchestration.unverified). Copies of one result in a batch meet the same
+    locked node, so the first is accepted and the rest are ResultIgnored, as across
+    batches. Raises (after no commit of the batch) on an error; the caller may retry
+    the messages one at a time.
 
     ``settle`` is told how much tool time each settled job used (its verified
     duration when it ran; nothing when it failed without running or was refused),
-    before the commit, and is idempotent per job.
+    before the commit, and is idempotent per job. With ``advance``, the nodes that became
+    ready are decided after the commit, each run in a transaction of its own; without, each
+    such run is named in its result's ``ready_run`` for the caller to decide
+    (``advance_ready``), so that the batch's messages can be acknowledged sooner.
+    ``before_commit`` is a fault-injection point for tests.
     """
-    # When the control receives it: the key's trust and every event's time. The key id
-    # only selects the key to verify with.
-    keys, now = judge_key(session, keys, _receipt_key_id(raw))
-
-    def unverified(problem: str, detail: str) -> Ingested:
-        session.rollback()  # no lock held while recording (a bound check may have taken one)
-        claimed = _claimed(raw)
-        log.warning(
-            "receipt.invalid problem=%s claimed_run=%s claimed_node=%s detail=%s",
-            problem,
-            claimed.get("run_id"),
-            claimed.get("node_id"),
-            _text(detail, 200),
-        )
-        record_unverified(
-            session,
-            raw,
-            evidence="ToolReceiptInvalid",
-            problem=problem,
-            payload={"problem": _text(detail, DETAIL_CAP), "claimed": claimed},
-            at=now,
-        )
-        session.commit()
-        return Ingested(Outcome.RECEIPT_INVALID)
-
-    if contains_nul(raw):
-        return unverified("nul", "message contains NUL characters, which the ledger cannot store")
-    try:
-        message: ResultMessage = check_result_message(raw, keys, received=now)
-    except ReceiptProblem as e:
-        return unverified(e.kind, e.message)
-    # Verified: signed by a key of ``tool.<result.tool>``, trusted now. Bind it by the
-    # digest of the envelope it names to the attempt dispatched with that digest.
-    result = message.result
-    body = message.model_dump(mode="json")
-    where = _dispatched_to(session, result.envelope_sha256)
-    state = lock_run(session, where[0]) if where is not None else None
-    node = state.nodes.get(where[1]) if state is not None and where is not None else None
-    dispatched = (
-        session.get(Attempt, (node.run_id, node.node_id, where[2]), populate_existing=True)
-        if node is not None and where is not None
-        else None
-    )
-    bound = (
-        dispatched is not None
-        and node is not None
-        and result.tool == node.tool
-        and (
-            result.kind == "refusal"  # a refusal trusts no id of what it could not verify
-            or (result.run_id, result.node_id, result.attempt)
-            == (dispatched.run_id, dispatched.node_id, dispatched.attempt)
-        )
-    )
-    events: list[NewEvent] = []
-
-    def current(n: Node, number: int) -> bool:
-        return n.status == NodeStatus.QUEUED and number == n.attempt
-
-    def finish(outcome: Outcome) -> Ingested:
-        append_events(session, events, at=now)
-        session.commit()
-        return Ingested(outcome)
-
-    if result.kind == "refusal":
-        # A worker that could not verify an envelope trusts none of its ids, but names
-        # the digest of what it received: bound when that is the exact envelope we
-        # dispatched to that tool.
-        code = result.error.code if result.error else "envelope_invalid"
-        tenant = state.run.tenant_id if bound and state is not None else None
-        events.append(
-            NewEvent(
-                "JobRefused",
-                {"bound": bound, "code": code, "message": body},
-                tenant_id=tenant,
-                run_id=state.run.id if bound and state is not None else None,
-            )
-        )
-        if bound and state is not None and node is not None and code != "replay":
-            assert dispatched is not None
-            if current(node, dispatched.attempt):
-                _refused(session, state, node, code, result, message, settle, events, now)
-            elif dispatched.settled_at is None:  # a superseded attempt: its tool did not run
-                settle(state.run.tenant_id, dispatched.job_id, 0)
-                dispatched.settled_at = now
-        return finish(Outcome.REFUSED)
-
-    if not bound or state is None or node is None or dispatched is None:
-        return unverified(
-            "unbound",
-            "result is not bound to a dispatched envelope of its tool, run, node and attempt",
-        )
-    # A large result goes to the artifact store: the ledger keeps its hash and metadata.
-    body, artifact = externalize_result(gov.artifacts, body, node)
-    # A failure is refunded, except a call cut off at its time limit: it spent that time.
-    timed_out = result.error is not None and result.error.code == "timeout"
-    charged = result.duration_ms if result.ok or timed_out else 0
-    if not current(node, dispatched.attempt):
-        # A late copy, or the result of an attempt that was superseded or cancelled: it is
-        # evidence (its receipt verifies), but the node accepts one result only.
-        if dispatched.settled_at is None:
-            settle(state.run.tenant_id, dispatched.job_id, charged)
-            dispatched.settled_at = now
-        log.info(
-            "result.ignored run=%s node=%s attempt=%s",
-            node.run_id,
-            node.node_id,
-            dispatched.attempt,
-        )
-        events.append(
-            state.event(
-                "ResultIgnored",
-                {
-                    "node_id": node.node_id,
-                    "attempt": dispatched.attempt,
-                    "reason": (
-                        f"the node is {node.status}"
-                        + (
-                            f" at attempt {node.attempt}"
-                            if node.attempt != dispatched.attempt
-                            else ""
-                        )
-                    ),
-                    "result_sha256": result.result_sha256,
-                    "message": body,
-                    **({"artifact": artifact} if artifact else {}),
-                },
-            )
-        )
-        return finish(Outcome.IGNORED)
-    settle(state.run.tenant_id, dispatched.job_id, charged)
-    _close_attempt(session, node, "completed" if result.ok else "failed", now)
-    move_node(node, NodeStatus.COMPLETED if result.ok else NodeStatus.FAILED, now)
-    node.result, node.artifact = (None, artifact) if artifact else (result.result, None)
-    node.result_sha256 = result.result_sha256
-    node.receipt = message.receipt.model_dump()
-    node.error = result.error.model_dump() if result.error else None
-    node.due_at = None
-    events.append(
-        state.event(
-            "ToolCallCompleted" if result.ok else "ToolCallFailed",
-            {
-                "node_id": node.node_id,
-                "attempt": node.attempt,
-                "envelope_sha256": node.envelope_sha256,
-                "result_sha256": result.result_sha256,
-                "receipt_key_id": message.receipt.key_id,
-                "message": body,
-                **({"artifact": artifact} if artifact else {}),
-            },
-        )
-    )
-    # The acceptance commits on its own: nothing that deciding the next nodes may meet (a
-    # policy error, an entitlement store that is down) can take the result back with it.
-    # What became ready is marked due, and decided now, or else by the sweeper.
-    settle_run(session, state, events, now)
-    ready = mark_ready(state, now)
-    append_events(session, events, at=now)
+    # When the control receives them: the keys' trust and every event's time. A key id
+    # only selects the key to verify with; every row is locked before the clock is read.
+    now: datetime | None = None
+    key_ids: Sequence[str | None] = sorted({k for k in map(_receipt_key_id, raws) if k is not None})
+    for key_id in key_ids or [None]:
+        keys, now = judge_key(session, keys, key_id)
+    assert now is not None
+    batch = _Batch(outcomes=[None] * len(raws))
+    verified: list[tuple[int, ResultMessage]] = []
+    for index, raw in enumerate(raws):
+        if contains_nul(raw):
+            problem = ("nul", "message contains NUL characters, which the ledger cannot store")
+            batch.unverified.append(_Unverified(index, *problem))
+            continue
+        try:
+            verified.append((index, check_result_message(raw, keys, received=now)))
+        except ReceiptProblem as e:
+            batch.unverified.append(_Unverified(index, e.kind, e.message))
+    if verified:
+        _apply(session, batch, verified, settle, now, gov.artifacts)
+        if before_commit is not None:
+            before_commit()
     session.commit()
-    if not ready:
-        return Ingested(Outcome.ACCEPTED)
-    return Ingested(Outcome.ACCEPTED, _advance_now(session, gov, state.run.id))
+    for item in batch.unverified:
+        _record_unverified(session, raws[item.index], item, now)
+        batch.outcomes[item.index] = Outcome.RECEIPT_INVALID
+    ready = {index: run_id for run_id, index in batch.ready.items()}
+    ingested = []
+    for index, outcome in enumerate(batch.outcomes):
+        assert outcome is not None  # each message verified and decided, or recorded
+        run_id = ready.get(index)
+        if run_id is None:
+            ingested.append(Ingested(outcome))
+        elif advance:
+            ingested.append(Ingested(outcome, advance_ready(session, gov, run_id)))
+        else:
+            ingested.append(Ingested(outcome, ready_run=run_id))
+    return ingested
 
 
-def _advance_now(session: Session, gov: Governance, run_id: str) -> tuple[int, ...]:
+def _apply(
+    session: Session,
+    batch: _Batch,
+    verified: list[tuple[int, ResultMessage]],
+    settle: Settle,
+    now: datetime,
+    artifacts: Artifacts | None,
+) -> None:
+    """Bind each verified message to its dispatched attempt, lock the runs, decide each
+    result in order, and append all their evidence (in the caller's transaction)."""
+    digests = sorted({m.result.envelope_sha256 for _, m in verified if m.result.envelope_sha256})
+    where = (
+        session.execute(
+            select(Attempt.run_id, Attempt.envelope_sha256).where(
+                Attempt.envelope_sha256.in_(digests)
+            )
+        ).all()
+        if digests
+        else []
+    )
+    states = _lock_runs(session, sorted({row.run_id for row in where}))
+    dispatched: dict[str, Attempt] = {}
+    if states:  # the rows, read again under the runs' locks
+        for row in session.scalars(
+            select(Attempt)
+            .where(Attempt.envelope_sha256.in_(digests))
+            .execution_options(populate_existing=True)
+        ):
+            dispatched[row.envelope_sha256] = row
+    events: list[NewEvent] = []
+    for index, message in verified:
+        attempt = dispatched.get(message.result.envelope_sha256 or "")
+        state = states.get(attempt.run_id) if attempt is not None else None
+        decided = decide(session, message, state, attempt, settle, events, now, artifacts)
+        if decided is None:  # not bound to the attempt dispatched with its digest
+            batch.unverified.append(
+                _Unverified(
+                    index,
+                    "unbound",
+                    "result is not bound to a dispatched envelope of its tool, run, node "
+                    "and attempt",
+                )
+            )
+            continue
+        batch.outcomes[index] = decided.outcome
+        if decided.ready and state is not None:
+            batch.ready[state.run.id] = index
+    append_events(session, events, at=now)
+
+
+def _lock_runs(session: Session, run_ids: list[str]) -> dict[str, RunState]:
+    """Lock the runs in id order (as every run lock is taken, one or many: no deadlock),
+    then read their nodes; one statement each."""
+    if not run_ids:
+        return {}
+    runs = session.scalars(
+        select(Run)
+        .where(Run.id.in_(run_ids))
+        .order_by(Run.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).all()
+    nodes: dict[str, dict[str, Node]] = {run.id: {} for run in runs}
+    for node in session.scalars(
+        select(Node)
+        .where(Node.run_id.in_(run_ids))
+        .order_by(Node.run_id, Node.created_at, Node.node_id)
+        .execution_options(populate_existing=True)
+    ):
+        nodes[node.run_id][node.node_id] = node
+    return {run.id: RunState(run, nodes[run.id], session) for run in runs}
+
+
+def _record_unverified(session: Session, raw: Any, item: _Unverified, now: datetime) -> None:
+    """Record a message that did not verify or bind, in a transaction of its own."""
+    claimed = _claimed(raw)
+    log.warning(
+        "receipt.invalid problem=%s claimed_run=%s claimed_node=%s detail=%s",
+        item.problem,
+        claimed.get("run_id"),
+        claimed.get("node_id"),
+        _text(item.detail, 200),
+    )
+    record_unverified(
+        session,
+        raw,
+        evidence="ToolReceiptInvalid",
+        problem=item.problem,
+        payload={"problem": _text(item.detail, DETAIL_CAP), "claimed": claimed},
+        at=now,
+    )
+    session.commit()
+
+
+def advance_ready(session: Session, gov: Governance, run_id: str) -> tuple[int, ...]:
+    """Decide and dispatch the run's ready nodes (after the acceptance that readied them
+    committed); the outbox ids to publish. Commits. On any error, the sweeper decides them."""
     try:
         state = lock_run(session, run_id)
         assert state is not None
@@ -361,35 +352,3 @@ def record_unprocessable(session: Session, raw: Any, error: BaseException) -> No
         at=utc_now(),
     )
     session.commit()
-
-
-def _close_attempt(session: Session, node: Node, status: str, now: datetime) -> None:
-    row = session.get(Attempt, (node.run_id, node.node_id, node.attempt))
-    if row is not None:
-        row.status = status
-        row.settled_at = now
-
-
-def _refused(
-    session: Session,
-    state: RunState,
-    node: Node,
-    code: str,
-    result: Any,
-    message: ResultMessage,
-    settle: Settle,
-    events: list[NewEvent],
-    now: datetime,
-) -> None:
-    """A worker refused the node's current attempt: the tool did not run. An expired
-    envelope (the job waited too long for a worker) is retried while attempts remain."""
-    settle(state.run.tenant_id, job_id_for(state.run.id, node.node_id, node.attempt), 0)
-    _close_attempt(session, node, "refused", now)
-    node.receipt = message.receipt.model_dump()
-    if code == "envelope_expired" and node.attempt < node.max_attempts:
-        schedule_retry(node, now)
-        return
-    move_node(node, NodeStatus.FAILED, now)
-    node.error = result.error.model_dump() if result.error else None
-    node.due_at = None
-    settle_run(session, state, events, now)
