@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install test faults check demo console-test screenshots bench images containers clean
+.PHONY: install test long faults check demo console-test screenshots bench images containers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +14,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Everything but the fault-injection suite (under 10 minutes); CI runs both.
+# Unit, integration and security tests but the longest suites (under 10 minutes).
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration tests/security
+	$(PY) -m pytest -q -p no:cacheprovider -m "not long" tests/unit tests/integration tests/security
+
+# The longest integration and security suites (tests/conftest.py LONG), ~6 minutes.
+long: install
+	$(PY) -m pytest -q -p no:cacheprovider -m long tests/unit tests/integration tests/security
 
 # kill -9, Redis restarted empty, PostgreSQL stopped: dedicated servers, ~3 minutes.
 faults: install

@@ -17,6 +17,35 @@ from tests.harness import (
     stop_stack,
 )
 
+# The longest suites (each starts stacks of its own or runs many calls through one):
+# marked `long`, run by `make long` rather than `make test`, which keeps under 10 minutes.
+# A bare `pytest` runs both.
+LONG = frozenset(
+    {
+        "tests/integration/test_api_processes.py",
+        "tests/integration/test_batched_ingest.py",
+        "tests/integration/test_broker_acl.py",
+        "tests/integration/test_db_roles.py",
+        "tests/integration/test_entitlements.py",
+        "tests/integration/test_governance.py",
+        "tests/integration/test_receipt_kinds.py",
+        "tests/integration/test_results_poison.py",
+        "tests/integration/test_s3_stack.py",
+        "tests/integration/test_s3_stores.py",
+        "tests/integration/test_transparency.py",
+        "tests/integration/test_up_down.py",
+        "tests/security/test_artifact_attacks.py",
+        "tests/security/test_key_revocation.py",
+    }
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.relative_to(ROOT).as_posix() in LONG:
+            item.add_marker(pytest.mark.long)
+
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:

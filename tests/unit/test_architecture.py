@@ -187,7 +187,7 @@ def test_ci_runs_every_test_directory() -> None:
     run every folder of tests, and CI runs all four."""
     makefile = (ROOT / "Makefile").read_text()
     targets = {}
-    for target in ("test", "faults", "containers", "console-test"):
+    for target in ("test", "long", "faults", "containers", "console-test"):
         header = next(line for line in makefile.splitlines() if line.startswith(f"{target}:"))
         recipe = makefile.split(header + "\n", 1)[1].split("\n\n", 1)[0]
         targets[target] = {w for w in recipe.split("pytest", 1)[1].split() if w.startswith("tests")}
@@ -209,3 +209,13 @@ def test_ci_runs_every_test_directory() -> None:
     assert not {"tests/containers", "tests/browser", "tests"} & targets["test"]  # stays fast
     ci = (ROOT / ".ci" / "run").read_text().split()
     assert "test" in ci and "faults" in ci and "containers" in ci and "console-test" in ci
+    # `make long` runs the rest of make test's folders: the suites marked long.
+    assert targets["long"] == targets["test"] and "long" in ci
+    assert '-m "not long"' in makefile and "-m long tests/" in makefile
+
+
+def test_every_long_suite_exists() -> None:
+    """Each file named long (run by `make long`, not `make test`) is there."""
+    from tests.conftest import LONG
+
+    assert LONG and all((ROOT / name).is_file() for name in LONG), sorted(LONG)
