@@ -88,9 +88,10 @@ class Held:
 def held_calls(
     runs: list[RunView], *, principal: str, approver: bool, role: str, notes: dict[str, str]
 ) -> list[Held]:
-    """Every node awaiting a pending approval, oldest run first."""
+    """Every node awaiting a pending approval, the one that expires soonest first (for
+    approvals of one policy TTL, the oldest request first), then by run."""
     held = []
-    for run in sorted(runs, key=lambda r: (r.created_at, r.run_id)):
+    for run in runs:
         for node in run.nodes:
             approval = node.approval
             if node.status != "awaiting_approval" or not approval:
@@ -121,7 +122,9 @@ def held_calls(
                     rule=rule,
                 )
             )
-    return held
+    return sorted(
+        held, key=lambda h: (h.expires_at, h.run.created_at, h.run.run_id, h.node.node_id)
+    )
 
 
 @dataclass(frozen=True)
