@@ -68,9 +68,14 @@ def node_result(artifacts: Artifacts | None, node: Node) -> dict[str, Any] | Non
     if node.artifact is None:
         return node.result
     try:
-        return load_result(
-            artifacts.store if artifacts is not None else None, ArtifactRef.of(node.artifact)
-        )
+        ref = ArtifactRef.of(node.artifact)
+        if ref.sha256 != node.result_sha256:  # another artifact than the one its receipt signs
+            raise ArtifactProblem(
+                ref.sha256,
+                f"is not the result its receipt signs ({node.result_sha256})",
+                where=ref.where,
+            )
+        return load_result(artifacts.store if artifacts is not None else None, ref)
     except ArtifactProblem as e:
         raise ArtifactInvalid(str(e), sha256=e.sha256) from None
 

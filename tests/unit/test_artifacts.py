@@ -133,8 +133,14 @@ def test_large_results_go_out_small_ones_stay_inline(tmp_path: Path) -> None:
         "run_id": "r-1",
         "node_id": "call",
     }
-    node.artifact = artifact
+    node.artifact, node.result_sha256 = artifact, message["result"]["result_sha256"]
     assert node_result(artifacts, node) == BIG  # type: ignore[arg-type]
+
+    # A node pointed at another (valid) artifact than the result its receipt signs.
+    other = {**artifact, "sha256": artifacts.store.put(canonical_json({"other": "bytes"}))}
+    swapped = SimpleNamespace(**{**vars(node), "artifact": other})
+    with pytest.raises(ArtifactInvalid, match="is not the result its receipt signs"):
+        node_result(artifacts, swapped)  # type: ignore[arg-type]
 
     # The verifier puts the checked bytes back, then the receipt verifies over them.
     whole = message_with_artifact({"message": kept, "artifact": artifact}, artifacts.store)
