@@ -279,7 +279,12 @@ def overhead(ns: argparse.Namespace) -> dict[str, Any]:
     stack = bare_worker = None
     try:
         console.print("starting the governed stack and the bare Celery worker…")
-        stack = start_stack(services, tmp / "home", workers={"read_repo_file": ns.workers})
+        stack = start_stack(
+            services,
+            tmp / "home",
+            workers={"read_repo_file": ns.workers},
+            extra_env=dict(item.split("=", 1) for item in ns.stack_env),
+        )
         bare_worker = start_bare_worker(services, ns.workers)
         bare_app = bare.make_app(services.redis_url, services.redis_url, REPO / "examples" / "repo")
         wait_for(
@@ -388,6 +393,13 @@ def progress_bar() -> Progress:
     )
 
 
+def _setting(text: str) -> str:
+    name, eq, _ = text.partition("=")
+    if not eq or not name.startswith("TOOLPLANE_"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TOOLPLANE_NAME=VALUE")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -425,6 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--submitters", type=int, default=8, help="threads submitting governed calls"
+    )
+    parser.add_argument(
+        "--stack-env",
+        action="append",
+        default=[],
+        type=_setting,
+        metavar="TOOLPLANE_NAME=VALUE",
+        help="a setting of the governed stack (repeatable), e.g. TOOLPLANE_API_PROCESSES=2",
     )
     parser.add_argument(
         "--containment-calls", type=int, default=200, help="calls per executor (warm ones)"
