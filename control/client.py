@@ -41,14 +41,7 @@ from control.api.models import (
     WorkflowOut,
 )
 from control.errors import ControlError
-from control.wire import (
-    ApiRequest,
-    Requests,
-    parsed,
-    path_segment,
-    raise_for_problem,
-    unreachable,
-)
+from control.wire import ApiRequest, Requests, parsed, path_segment, raise_for_problem, unreachable
 
 __all__ = ["AsyncClient", "Client", "ClientSettings", "WaitTimeout"]
 
