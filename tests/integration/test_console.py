@@ -8,30 +8,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.console_session import csrf_of, sign_in
+from tests.console_session import HELD, bearer, csrf_of, issue, sign_in
 from tests.harness import Stack
 
 pytestmark = pytest.mark.integration
-
-HELD = {"tool": "read_repo_file", "args": {"path": "README.md"}, "environment": "prod"}
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
 def api(stack: Stack) -> Any:
     with httpx.Client(base_url=stack.url, timeout=30) as client:
         yield client
-
-
-def issue(api: httpx.Client, admin: str, principal: str, role: str) -> str:
-    done = api.post(
-        "/v1/tokens", json={"principal": principal, "role": role}, headers=bearer(admin)
-    )
-    assert done.status_code == 201, done.text
-    return str(done.json()["token"])
 
 
 def test_the_session_cookie_and_the_security_headers(stack: Stack) -> None:

@@ -22,31 +22,18 @@ from control.api.console import access
 from control.api.console.guard import ConsoleHeaders
 from control.api.console.sessions import LIFETIME_S, RedisSessionStore, open_session, seal
 from ledger.models import ApiToken
-from tests.console_session import csrf_of, sign_in
+from tests.console_session import HELD, bearer, csrf_of, issue, sign_in
 from tests.harness import Stack
 
 pytestmark = pytest.mark.integration
 
-HELD = {"tool": "read_repo_file", "args": {"path": "README.md"}, "environment": "prod"}
 HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
 def api(stack: Stack) -> Any:
     with httpx.Client(base_url=stack.url, timeout=30) as client:
         yield client
-
-
-def issue(api: httpx.Client, admin: str, principal: str, role: str) -> str:
-    done = api.post(
-        "/v1/tokens", json={"principal": principal, "role": role}, headers=bearer(admin)
-    )
-    assert done.status_code == 201, done.text
-    return str(done.json()["token"])
 
 
 def held_call(api: httpx.Client, token: str, **extra: Any) -> tuple[str, str]:
