@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import resource
 import select
@@ -92,13 +93,18 @@ def _child(
     *,
     layers: tuple[str, ...] = (),
     keep_fds: tuple[int, ...] = (),
+    read_only: tuple[Path, ...] | None = None,
 ) -> None:
     """Runs in the forked child; never returns.
 
     The tool runs only once every layer in ``layers`` (and the rlimits) holds; if one
     cannot be applied the call fails with ``confinement failed``, the tool never starts.
+    ``read_only``: the trees the call may read, as the parent computed them (else here).
     """
     status = 0
+    # What the child inherited is never collected here: a collection would walk (and so
+    # copy, page by page) the parent's whole heap. The tool's own objects still are.
+    gc.freeze()
     try:
         os.setsid()
         # stdin/stdout/stderr may be a runner's protocol pipes or the worker's log:
@@ -114,7 +120,7 @@ def _child(
         try:
             confine(
                 Confinement(
-                    read_only=read_only_trees(spec, ctx),
+                    read_only=read_only if read_only is not None else read_only_trees(spec, ctx),
                     read_write=(Path(ctx.scratch_dir).resolve(),),
                     rlimits=_limits(spec),
                     layers=("rlimits", *layers),
@@ -177,6 +183,7 @@ class ForkExecutor:
         (``sandbox_tasks.confine``); a call whose layers cannot be applied fails unrun."""
         self.scratch_root = scratch_root
         self.layers = tuple(layers)
+        self._trees: dict[tuple[Any, ...], tuple[Path, ...]] = {}
         if "seccomp" in self.layers:  # once here, not in each call's child
             with contextlib.suppress(OSError):  # if it fails, each call fails closed
                 seccomp.load_library()
@@ -208,10 +215,21 @@ class ForkExecutor:
         outcome = self._run(spec, args, ctx, fetcher)
         return dataclasses.replace(outcome, fetches=tuple(fetches)) if fetches else outcome
 
+    def _read_only(self, spec: ToolSpec, ctx: ToolContext) -> tuple[Path, ...]:
+        """The trees a call of ``spec`` may read, computed once per tool and data roots
+        (they are the installation's and the roots' paths, the same for every call)."""
+        roots = tuple((name, str(ctx.roots.get(name))) for name in sorted(spec.data_roots))
+        key = (spec.name, spec.func.__module__, roots, str(ctx.repo_root), str(ctx.docs_root))
+        trees = self._trees.get(key)
+        if trees is None:
+            trees = self._trees[key] = read_only_trees(spec, ctx)
+        return trees
+
     def _run(
         self, spec: ToolSpec, args: BaseModel, ctx: ToolContext, fetcher: Fetcher | None
     ) -> Outcome:
         cap = spec.limits.output_bytes + 4096
+        trees = self._read_only(spec, ctx)
         state = ctx.state
         if spec.prepare is not None:
             try:  # in the process that forks: the child inherits what it prepared
@@ -229,7 +247,8 @@ class ForkExecutor:
                     outside.close()
                     ctx = dataclasses.replace(ctx, fetch=child_fetch(inside))
                 keep = (inside.fileno(),) if inside is not None else ()
-                _child(spec, args, ctx, write_fd, layers=self.layers, keep_fds=keep)
+                layers = self.layers
+                _child(spec, args, ctx, write_fd, layers=layers, keep_fds=keep, read_only=trees)
             os.close(write_fd)
             if inside is not None:
                 inside.close()

@@ -23,6 +23,7 @@ Frames: see ``sandbox_tasks.frames``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -187,6 +188,7 @@ def main(argv: list[str]) -> int:
         except Exception as e:  # the call that needs it reports the error again
             print(f"runner: prepare failed: {type(e).__name__}: {e}", file=sys.stderr)
     baseline = snapshot(scratch_root)
+    gc.freeze()  # what the runner holds by now is never collected, nor copied by a collection
     write_frame(stdout, {"ready": tool_name, "pid": os.getpid(), "dumpable": prctl.dumpable()})
     while True:
         request = read_frame(stdin)

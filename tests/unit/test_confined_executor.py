@@ -155,3 +155,36 @@ def test_a_layer_that_cannot_be_applied_fails_the_call_unrun(
     assert outcome.error_message is not None
     assert outcome.error_message.startswith("confinement failed: landlock9: ")
     assert not marker.exists()
+
+
+def _read_file(args: Args, ctx: ToolContext) -> Result:
+    try:
+        return Result(value=Path(args.path).read_text())
+    except OSError as e:
+        return Result(value=f"refused: {e.errno}")
+
+
+def test_the_readable_trees_follow_each_calls_data_roots(
+    executor: ForkExecutor, tmp_path: Path
+) -> None:
+    """The executor keeps the trees a call may read from one call to the next (they are
+    the same for every call of a tool); a call given other data roots gets its own, never
+    the roots of an earlier call."""
+    roots = {}
+    for name in ("a", "b"):
+        roots[name] = tmp_path / f"root-{name}"
+        roots[name].mkdir()
+        (roots[name] / "secret.txt").write_text(f"only {name}")
+    tool = dataclasses.replace(spec(_read_file), data_roots=("repo",))
+
+    def call(root: str, path: Path) -> Any:
+        ctx = ToolContext(scratch_dir=tmp_path, repo_root=roots[root], roots={"repo": roots[root]})
+        outcome = executor.run(tool, Args(path=str(path)), ctx)
+        assert outcome.ok, outcome
+        return outcome.result and outcome.result["value"]
+
+    for _ in range(2):  # the second time from the kept trees
+        assert call("a", roots["a"] / "secret.txt") == "only a"
+        assert call("b", roots["b"] / "secret.txt") == "only b"
+        assert str(call("b", roots["a"] / "secret.txt")).startswith("refused")
+        assert str(call("a", roots["b"] / "secret.txt")).startswith("refused")
