@@ -29,9 +29,9 @@ from typing import Any
 import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from benchmarks import bare, components, containment, growth, scaling, tenants
+from benchmarks.figures import chart, table
 from benchmarks.targets import targets, targets_table
 from benchmarks.usage import backend_cpu_s, cpu_snapshot, rss_mb
 from tests.harness import REPO, start_services, start_stack, stop_stack, wait_for
@@ -66,18 +66,23 @@ def cpu_per_call(
 class Sides:
     """The two things being compared, each with a throughput and a latency probe."""
 
-    def __init__(self, bare_app: Any, client: Any, api: Any, *, submitters: int) -> None:
+    def __init__(
+        self, bare_app: Any, client: Any, api: Any, *, submitters: int, sandboxed_app: Any
+    ) -> None:
         self.bare_app = bare_app
+        self.sandboxed_app = sandboxed_app  # bare Celery, the tool in a warm runner
         self.client = client  # the control's operations, in this process
         self.api = api  # control.client.Client: what users call, over HTTP
         # Governed calls come from many agents at once: submit from a pool of threads.
         self.pool = ThreadPoolExecutor(max_workers=submitters)
 
-    def bare_batch(self, n: int) -> float:
+    def bare_batch(self, n: int, *, sandboxed: bool = False) -> float:
+        app = self.sandboxed_app if sandboxed else self.bare_app
+        task, queue = (
+            (bare.SANDBOXED_TASK, bare.SANDBOXED_QUEUE) if sandboxed else (bare.TASK, bare.QUEUE)
+        )
         start = time.perf_counter()
-        pending = [
-            self.bare_app.send_task(bare.TASK, args=[FILE], queue=bare.QUEUE) for _ in range(n)
-        ]
+        pending = [app.send_task(task, args=[FILE], queue=queue) for _ in range(n)]
         for result in pending:
             assert result.get(timeout=60)["path"] == FILE
         return time.perf_counter() - start
@@ -111,6 +116,12 @@ class Sides:
         self.bare_app.send_task(bare.TASK, args=[FILE], queue=bare.QUEUE).get(timeout=30)
         return time.perf_counter() - start
 
+    def sandboxed_one(self) -> float:
+        start = time.perf_counter()
+        task, queue = bare.SANDBOXED_TASK, bare.SANDBOXED_QUEUE
+        self.sandboxed_app.send_task(task, args=[FILE], queue=queue).get(timeout=30)
+        return time.perf_counter() - start
+
     def governed_one(self) -> float:
         start = time.perf_counter()
         view = self.client.call("read_repo_file", {"path": FILE}, wait=True, timeout=30)
@@ -119,11 +130,14 @@ class Sides:
 
 
 def measure(sides: Sides, *, rounds: int, inflight: int, latency: int, progress: Progress) -> dict:
-    tput: dict[str, list[float]] = {"bare": [], "governed": [], "api": []}
-    lat: dict[str, list[float]] = {"bare": [], "governed": [], "api": []}
-    task = progress.add_task("throughput + latency (interleaved)", total=rounds * (3 + 3 * latency))
+    sides_ = ("bare", "bare_sandboxed", "governed", "api")
+    tput: dict[str, list[float]] = {side: [] for side in sides_}
+    lat: dict[str, list[float]] = {side: [] for side in sides_}
+    task = progress.add_task("throughput + latency (interleaved)", total=rounds * (4 + 4 * latency))
     for _ in range(rounds):
         tput["bare"].append(inflight / sides.bare_batch(inflight))
+        progress.advance(task)
+        tput["bare_sandboxed"].append(inflight / sides.bare_batch(inflight, sandboxed=True))
         progress.advance(task)
         tput["governed"].append(inflight / sides.governed_batch(inflight))
         progress.advance(task)
@@ -131,11 +145,12 @@ def measure(sides: Sides, *, rounds: int, inflight: int, latency: int, progress:
         progress.advance(task)
         for _ in range(latency):
             lat["bare"].append(sides.bare_one())
+            lat["bare_sandboxed"].append(sides.sandboxed_one())
             lat["governed"].append(sides.governed_one())
             lat["api"].append(sides.api_one())
-            progress.advance(task, 3)
+            progress.advance(task, 4)
     out: dict[str, Any] = {}
-    for side in ("bare", "governed", "api"):
+    for side in sides_:
         out[side] = {
             "throughput_per_s": statistics.median(tput[side]),
             "throughput_rounds": tput[side],
@@ -152,6 +167,15 @@ def measure(sides: Sides, *, rounds: int, inflight: int, latency: int, progress:
         "api_latency_p99": out["api"]["latency_p99_ms"] / out["bare"]["latency_p99_ms"],
         "api_to_in_process_throughput": out["api"]["throughput_per_s"]
         / out["governed"]["throughput_per_s"],
+        # what the clean sandbox per call costs bare Celery, and governance beyond it
+        "sandboxed_throughput": out["bare_sandboxed"]["throughput_per_s"]
+        / out["bare"]["throughput_per_s"],
+        "sandboxed_latency_p50": out["bare_sandboxed"]["latency_p50_ms"]
+        / out["bare"]["latency_p50_ms"],
+        "api_throughput_to_sandboxed": out["api"]["throughput_per_s"]
+        / out["bare_sandboxed"]["throughput_per_s"],
+        "api_latency_p50_to_sandboxed": out["api"]["latency_p50_ms"]
+        / out["bare_sandboxed"]["latency_p50_ms"],
     }
     return out
 
@@ -183,75 +207,9 @@ def soak(sides: Sides, pids: dict[str, int], *, calls: int, progress: Progress) 
     return report
 
 
-def chart(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    side = result["side_by_side"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["bare Celery", "governed (in process)", "governed (HTTP API)"]
-    a.bar(
-        names,
-        [
-            side["bare"]["throughput_per_s"],
-            side["governed"]["throughput_per_s"],
-            side["api"]["throughput_per_s"],
-        ],
-        color=["#999", "#2a6", "#26a"],
-    )
-    a.set_title("throughput (calls/s, higher is better)")
-    x = range(2)
-    for offset, key, label, color in (
-        (-0.27, "bare", "bare Celery", "#999"),
-        (0.0, "governed", "governed (in process)", "#2a6"),
-        (0.27, "api", "governed (HTTP API)", "#26a"),
-    ):
-        b.bar(
-            [i + offset for i in x],
-            [side[key]["latency_p50_ms"], side[key]["latency_p99_ms"]],
-            width=0.27,
-            label=label,
-            color=color,
-        )
-    b.set_xticks(list(x), ["p50", "p99"])
-    b.set_title("latency, one at a time (ms, lower is better)")
-    b.legend()
-    fig.suptitle(f"toolplane vs bare Celery — {result['date']} ({result['machine']['cpus']} cores)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def table(result: dict) -> Table:
-    side = result["side_by_side"]
-    t = Table(
-        "metric",
-        "bare Celery",
-        "in process",
-        "HTTP API",
-        "in process / bare",
-        "API / bare",
-        title="side by side",
-    )
-    ratio = side["ratio"]
-    for label, key, fmt, r in (
-        ("throughput (calls/s)", "throughput_per_s", ".0f", "throughput"),
-        ("latency p50 (ms)", "latency_p50_ms", ".1f", "latency_p50"),
-        ("latency p99 (ms)", "latency_p99_ms", ".1f", "latency_p99"),
-    ):
-        t.add_row(
-            label,
-            format(side["bare"][key], fmt),
-            format(side["governed"][key], fmt),
-            format(side["api"][key], fmt),
-            f"{ratio[r]:.2f}",
-            f"{ratio['api_' + r]:.2f}",
-        )
-    return t
-
-
-def start_bare_worker(services: Any, concurrency: int) -> subprocess.Popen[bytes]:
+def start_bare_worker(
+    services: Any, concurrency: int, *, sandboxed: bool = False
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -265,6 +223,7 @@ def start_bare_worker(services: Any, concurrency: int) -> subprocess.Popen[bytes
             str(REPO / "examples" / "repo"),
             "--concurrency",
             str(concurrency),
+            *(["--sandboxed"] if sandboxed else []),
         ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -276,7 +235,7 @@ def overhead(ns: argparse.Namespace) -> dict[str, Any]:
     """Bare Celery against the governed path, CPU per call, memory soak, components."""
     tmp = Path(tempfile.mkdtemp(prefix="tpbench-"))
     services = start_services(tmp)
-    stack = bare_worker = None
+    stack = bare_worker = sandboxed_worker = None
     try:
         console.print("starting the governed stack and the bare Celery worker…")
         stack = start_stack(
@@ -286,19 +245,25 @@ def overhead(ns: argparse.Namespace) -> dict[str, Any]:
             extra_env=dict(item.split("=", 1) for item in ns.stack_env),
         )
         bare_worker = start_bare_worker(services, ns.workers)
-        bare_app = bare.make_app(services.redis_url, services.redis_url, REPO / "examples" / "repo")
-        wait_for(
-            lambda: bare_app.control.ping(
-                destination=[f"bare@{psutil.os.uname().nodename}"], timeout=1
-            ),
-            timeout=30,
-            what="bare worker",
-        )
+        sandboxed_worker = start_bare_worker(services, ns.workers, sandboxed=True)
+        repo = REPO / "examples" / "repo"
+        bare_app = bare.make_app(services.redis_url, services.redis_url, repo)
+        sandboxed_app = bare.make_app(services.redis_url, services.redis_url, repo, sandboxed=True)
+        for name in ("bare", "bare-sandboxed"):
+            wait_for(
+                lambda name=name: bare_app.control.ping(
+                    destination=[f"{name}@{psutil.os.uname().nodename}"], timeout=1
+                ),
+                timeout=30,
+                what=f"{name} worker",
+            )
         token = stack.tenant("bench")
         client = stack.client(token)
-        sides = Sides(bare_app, client, stack.http(token), submitters=ns.submitters)
-        for _ in range(20):  # warm every path: connections, imports, policy, index
+        api = stack.http(token)
+        sides = Sides(bare_app, client, api, submitters=ns.submitters, sandboxed_app=sandboxed_app)
+        for _ in range(20):  # warm every path: connections, imports, policy, index, runners
             sides.bare_one()
+            sides.sandboxed_one()
             sides.governed_one()
             sides.api_one()
         pids = {
@@ -306,12 +271,14 @@ def overhead(ns: argparse.Namespace) -> dict[str, Any]:
             "control": stack.pid("control"),
             "worker-read_repo_file": stack.pid("worker-read_repo_file"),
             "bare-worker": bare_worker.pid,
+            "bare-sandboxed-worker": sandboxed_worker.pid,
         }
         with progress_bar() as progress:
             side_by_side = measure(
                 sides, rounds=ns.rounds, inflight=ns.inflight, latency=ns.latency, progress=progress
             )
-            gov_pids = {k: v for k, v in pids.items() if k not in ("bare-worker", "api")}
+            bare_pids = ("bare-worker", "bare-sandboxed-worker")
+            gov_pids = {k: v for k, v in pids.items() if k not in (*bare_pids, "api")}
             me = psutil.Process().pid
             port = int(services.redis_url.rsplit(":", 1)[1].split("/")[0])
 
@@ -320,7 +287,7 @@ def overhead(ns: argparse.Namespace) -> dict[str, Any]:
 
             where = {
                 "api": cpu_per_call(
-                    {k: v for k, v in pids.items() if k != "bare-worker"},
+                    {k: v for k, v in pids.items() if k not in bare_pids},
                     ("client (submit+wait over HTTP)", me),
                     lambda: sides.api_batch(ns.inflight) and ns.inflight,
                     servers,
@@ -337,6 +304,12 @@ def overhead(ns: argparse.Namespace) -> dict[str, Any]:
                     lambda: sides.bare_batch(ns.inflight) and ns.inflight,
                     servers,
                 ),
+                "bare_sandboxed": cpu_per_call(
+                    {"bare-sandboxed-worker": pids["bare-sandboxed-worker"]},
+                    ("client (delay+get)", me),
+                    lambda: sides.bare_batch(ns.inflight, sandboxed=True) and ns.inflight,
+                    servers,
+                ),
             }
             memory = soak(sides, pids, calls=ns.soak, progress=progress) if ns.soak else {}
             comps = components.run_all(client, progress=progress)
@@ -350,9 +323,10 @@ def overhead(ns: argparse.Namespace) -> dict[str, Any]:
             "components": comps,
         }
     finally:
-        if bare_worker is not None:
-            bare_worker.terminate()
-            bare_worker.wait(timeout=20)
+        for worker in (bare_worker, sandboxed_worker):
+            if worker is not None:
+                worker.terminate()
+                worker.wait(timeout=20)
         if stack is not None:
             stop_stack(stack)
         services.close()
