@@ -178,6 +178,9 @@ def build_worker_app(
         )
     )
     app.conf.task_default_queue = queue
+    # What a worker publishes is results: the control's ingest reports those (received,
+    # succeeded) to Flower; a task-sent event of each would be one more publish per call.
+    app.conf.task_send_sent_event = False
     # A pidbox queue without x-expires: the worker then runs none of kombu's binding scripts,
     # and its broker user needs no write on shared binding tables (control.broker.acl).
     app.conf.control_queue_expires = None
