@@ -141,6 +141,7 @@ def _shared_settings(settings: Settings) -> dict[str, str]:
         "TOOLPLANE_RECEIPT_ALGORITHM": settings.receipt_algorithm,
         "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
         "TOOLPLANE_QUEUE_WAIT_S": str(settings.queue_wait_s),
+        "TOOLPLANE_LOG_FORMAT": settings.log_format,  # every child logs as the operator chose
     }
 
 

@@ -336,5 +336,6 @@ def run_control(
             "--without-gossip",
             "--loglevel",
             loglevel,
+            *(["--quiet"] if plane.settings.log_format == "json" else []),  # no banner
         ]
     )
