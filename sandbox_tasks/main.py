@@ -215,8 +215,8 @@ def run_worker(
     ]
     if autoscale:
         argv.append(f"--autoscale={autoscale}")
-    if quiet:
-        argv.append("--quiet")
+    if quiet:  # Celery's option, before its command
+        argv.insert(0, "--quiet")
     log.info(
         "worker.starting tool=%s containment=%s user=%s home=%s",
         tool,

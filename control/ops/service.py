@@ -322,6 +322,7 @@ def run_control(
     app = build_control_app(plane, threading.Event())
     app.worker_main(
         [
+            *(["--quiet"] if plane.settings.log_format == "json" else []),  # no banner
             "worker",
             "-Q",
             celeryconfig.RESULTS_QUEUE,
@@ -336,6 +337,5 @@ def run_control(
             "--without-gossip",
             "--loglevel",
             loglevel,
-            *(["--quiet"] if plane.settings.log_format == "json" else []),  # no banner
         ]
     )
