@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
@@ -10,6 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +176,28 @@ def test_setup_routes_every_line_through_one_handler() -> None:
         root.setLevel(saved[1])
         sys.excepthook = saved[2]
         logging.captureWarnings(False)
+
+
+def test_every_log_call_of_ours_starts_with_a_dotted_event_name() -> None:
+    """``log.info("job.start job=%s", ...)``: the first word of each message is its event."""
+    root = Path(__file__).resolve().parents[2]
+    levels = {"debug", "info", "warning", "error", "exception", "critical"}
+    unnamed = []
+    for package in ("control", "sandbox_tasks", "ledger", "toolplane", "policy"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in levels
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id in {"log", "logger"}
+                ):
+                    continue
+                first = node.args[0] if node.args else None
+                given = any(k.arg == "extra" for k in node.keywords)
+                text = first.value if isinstance(first, ast.Constant) else None
+                record = logging.LogRecord("x", 20, "", 0, text or "", None, None)
+                if not given and (text is None or logfields.event_of(record) == "x"):
+                    unnamed.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert unnamed == []
