@@ -15,10 +15,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.harness import REPO, Services, Stack, own_services, start_stack, stop_stack
+from tests.harness import (
+    REPO,
+    Services,
+    Stack,
+    make_env,
+    own_services,
+    start_stack,
+    stop_stack,
+)
 from toolplane.errors import ToolplaneError
 
 pytestmark = pytest.mark.integration
@@ -133,3 +142,36 @@ def test_a_bad_format_is_a_usage_error(argv: list[str], env: dict[str, str], nam
     assert named in done.stderr and "text, json" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.timeout(150)
+def test_up_hands_its_format_to_every_process_it_starts(services: Services, tmp_path: Path) -> None:
+    """`toolplane up --log-format json`: the control, the API and each worker log JSON only."""
+    env = make_env(services, tmp_path / "home")
+    env["TOOLPLANE_BROKER_URL"] = services.spare_redis_url()  # its own queues
+    env["TOOLPLANE_EXTRA_TOOLS"] = ""
+    env.pop("TOOLPLANE_LOG_FORMAT", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "control.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
+
+    up = cli("up", "--detach", "--log-format", "json", "--workers", "read_repo_file=1")
+    try:
+        assert up.returncode == 0, up.stderr + up.stdout
+        entries = json.loads((tmp_path / "home" / "run" / "processes.json").read_text())
+        assert {"control", "api", "worker-read_repo_file"} <= {e["name"] for e in entries}
+        for entry in entries:
+            environ = psutil.Process(entry["pid"]).environ()
+            assert environ.get("TOOLPLANE_LOG_FORMAT") == "json", entry["name"]
+        stack = Stack(services=services, home=tmp_path / "home", env=env)
+        for entry in entries:
+            assert any(x["event"] for x in parsed(stack, str(entry["name"])))
+    finally:
+        cli("down")
