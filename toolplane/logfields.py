@@ -203,8 +203,10 @@ def route_celery(fmt: str) -> None:
         return
     from celery import signals
 
+    root = logging.getLogger()
+
     def _setup(loglevel: object = None, **_: object) -> None:
-        level = loglevel if isinstance(loglevel, int | str) and loglevel else logging.INFO
+        level = loglevel if isinstance(loglevel, int | str) and loglevel else root.level
         setup(level, "json")
 
     signals.setup_logging.connect(_setup, weak=False)

@@ -199,10 +199,6 @@ def exec_worker(settings: Settings, tool: str, *, broker_url: str, argv: list[st
     os.execve(argv[0], argv, env)  # noqa: S606 - our own interpreter and module
 
 
-def _has_password(url: str) -> bool:
-    return bool(urllib.parse.urlsplit(url).password)
-
-
 def plan_processes(
     plane: ControlPlane,
     *,
@@ -266,7 +262,7 @@ def plan_processes(
         identities = prepare_workers(settings, workers)
     for tool, concurrency in workers.items():
         broker_url = urls.get(f"worker-{tool}", plane.broker_url)
-        if f"worker-{tool}" not in urls and _has_password(broker_url):
+        if f"worker-{tool}" not in urls and urllib.parse.urlsplit(broker_url).password:
             raise SettingsError(
                 f"carries a password, and the workers of {tool!r} would get it: give each "
                 "tool's workers a broker user of their own (TOOLPLANE_BROKER_ACL_DIR, the "
