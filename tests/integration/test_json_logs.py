@@ -129,7 +129,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 @pytest.mark.parametrize(
     ("argv", "env", "named"),
     [
+        (["-m", "control.cli", "up", "--log-format", "xml"], {}, "--log-format"),
         (["-m", "control.cli", "control", "--log-format", "xml"], {}, "--log-format"),
+        (["-m", "control.cli", "witness", "--home", "w", "--log-format", "x"], {}, "--log-format"),
         (["-m", "control.cli", "worker", TOOL, "--log-format", "xml"], {}, "--log-format"),
         (["-m", "control.cli", "api"], {"TOOLPLANE_LOG_FORMAT": "yaml"}, "TOOLPLANE_LOG_FORMAT"),
         (["-m", "sandbox_tasks", TOOL, "--log-format", "xml"], {}, "--log-format"),
