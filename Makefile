@@ -15,7 +15,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # Unit, integration and security tests but the longest suites (under 10 minutes).
+# promtool (Debian's prometheus package) checks docker/observability: installed here with
+# apt-get if missing, as root; without it those tests skip (and fail in CI).
 test: install
+	-@command -v promtool >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not long" tests/unit tests/integration tests/security
 
 # The longest integration and security suites (tests/conftest.py LONG), ~6 minutes.

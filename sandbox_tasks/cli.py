@@ -10,12 +10,13 @@ Exit code 2 and one line on stderr for a bad argument or setting.
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import re
 import sys
 
 from pydantic import ValidationError
 
+from toolplane import logfields
 from toolplane.errors import ToolplaneError, first_problem
 from toolplane.settings import Settings
 
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=1, help="1 to 256 pool processes")
     parser.add_argument("--autoscale", help="MAX,MIN: grow and shrink the pool with the load")
     parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument(
+        "--log-format", help="text or json (default: TOOLPLANE_LOG_FORMAT, else text)"
+    )
     return parser
 
 
@@ -49,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         found = AUTOSCALE.match(args.autoscale)
         if found is None or not 1 <= int(found[1]) <= 256 or int(found[2]) > int(found[1]):
             return _usage(f"--autoscale: {args.autoscale!r} is not MAX,MIN with 0 <= MIN <= MAX")
+    option = "--log-format" if args.log_format is not None else logfields.ENV_NAME
+    try:
+        given = args.log_format if args.log_format is not None else os.environ.get(option)
+        fmt = logfields.check_format(given, option=option)
+    except ValueError as e:
+        return _usage(str(e))
+    os.environ[logfields.ENV_NAME] = fmt  # this process's settings, and its pool children
     try:
         settings = Settings()
     except ValidationError as e:
@@ -62,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     tools = load_tools(settings.extra_tool_modules)
     if args.tool not in tools:
         return _usage(f"TOOL: unknown tool {args.tool!r} (known: {', '.join(sorted(tools))})")
-    logging.basicConfig(
-        level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logfields.setup(args.loglevel.upper(), fmt)
+    logfields.route_celery(fmt)  # Celery's own lines (main process, pool children) too
     try:
         run_worker(
             settings,
@@ -73,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             concurrency=args.concurrency,
             autoscale=args.autoscale,
             loglevel=args.loglevel,
+            quiet=fmt == "json",  # Celery's banner is not a log line
         )
     except ToolplaneError as e:
         sys.stderr.write(f"error: {e}\n")

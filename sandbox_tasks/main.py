@@ -178,6 +178,7 @@ def run_worker(
     concurrency: int = 1,
     autoscale: str | None = None,
     loglevel: str = "INFO",
+    quiet: bool = False,
 ) -> None:
     # The receipt key will be in this process's memory (and its pool children's, which
     # inherit this): no process of the same user may read it through /proc or ptrace.
@@ -214,6 +215,8 @@ def run_worker(
     ]
     if autoscale:
         argv.append(f"--autoscale={autoscale}")
+    if quiet:  # Celery's option, before its command
+        argv.insert(0, "--quiet")
     log.info(
         "worker.starting tool=%s containment=%s user=%s home=%s",
         tool,

@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ from sandbox_tasks.errors import CgroupError
 log = logging.getLogger("toolplane.sandbox")
 
 START_TIMEOUT_S = 20.0
+MAX_STDERR_LINE = 2000
 BAD_STATES = frozenset("TtZXx")  # stopped, traced, zombie, dead
 
 __all__ = ["Sandbox", "process_state"]
@@ -89,7 +91,7 @@ class Sandbox:
                 argv,
                 stdin=inside,
                 stdout=inside,
-                stderr=None,  # the worker's log
+                stderr=subprocess.PIPE,  # relayed to the worker's log, line by line
                 close_fds=True,
                 env={},
                 cwd=cwd,
@@ -103,6 +105,10 @@ class Sandbox:
             raise
         finally:
             inside.close()
+        assert self.proc.stderr is not None
+        threading.Thread(
+            target=_relay, args=(self.proc.stderr, tool), name=f"stderr-{name}", daemon=True
+        ).start()
         self.channel = outside
         self.runner_pid = self.proc.pid
         self.baseline: set[int] = {self.proc.pid}
@@ -210,3 +216,13 @@ class Sandbox:
             self.cgroup.remove()
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _relay(stream: Any, tool: str) -> None:
+    """What a runner (or bwrap) writes on stderr, as the worker's log lines (in its format,
+    JSON too), each cut at MAX_STDERR_LINE bytes."""
+    with stream:
+        for raw in stream:
+            text = raw[:MAX_STDERR_LINE].decode(errors="replace").rstrip()
+            if text:
+                log.warning("sandbox.stderr tool=%s line=%s", tool, text)

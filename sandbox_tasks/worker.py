@@ -28,6 +28,7 @@ from sandbox_tasks.executor import Outcome
 from sandbox_tasks.keys import WorkerKeys
 from sandbox_tasks.receipts import build_result, sign_manifest, sign_result
 from sandbox_tasks.registry import ToolContext, ToolSpec, constrained
+from toolplane import logfields
 from toolplane.canonical import CanonicalJSONError
 from toolplane.canonical import digest as canonical_digest
 from toolplane.errors import SettingsError, first_problem
@@ -108,6 +109,15 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
         log.warning("job.refused code=%s reason=%s", code, message)
         return report("refusal", None, received_digest(raw), error=(code, message))
     envelope, digest = signed.envelope, signed.digest
+    ids = {"run_id": envelope.run_id, "node_id": envelope.node_id, "job_id": envelope.job_id}
+    with logfields.bound(**ids, tenant=envelope.tenant):  # every line of this job carries them
+        return _claim_and_run(envelope, digest, deps, report, retry_in)
+
+
+def _claim_and_run(
+    envelope: Any, digest: str, deps: WorkerDeps, report: Any, retry_in: Any
+) -> ToolResult:
+    spec = deps.spec
 
     lease_ms = int(spec.limits.timeout_s * 1000) + CLAIM_MARGIN_MS
     claim = deps.claims.acquire(envelope.job_id, lease_ms=lease_ms)
@@ -200,6 +210,11 @@ def build_worker_app(
             raise self.retry(countdown=seconds)
 
         result = handle_job(raw, deps, retry_in=retry_in)
+        ids = {"run_id": result.run_id, "node_id": result.node_id, "job_id": result.job_id}
+        with logfields.bound(**ids):
+            _publish(result)
+
+    def _publish(result: ToolResult) -> None:
         message = sign_result(result, deps.keys.signer())
         app.send_task(
             celeryconfig.INGEST_TASK,

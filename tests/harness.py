@@ -211,6 +211,7 @@ class Stack:
             worker_env=self.env.get("TOOLPLANE_WORKER_ENV", ""),
             allow_weak_containment=self.env.get("TOOLPLANE_ALLOW_WEAK_CONTAINMENT") == "true",
             sandbox_min_layers=self.env.get("TOOLPLANE_SANDBOX_MIN_LAYERS", "auto"),
+            log_format=self.env.get("TOOLPLANE_LOG_FORMAT", "text"),
             receipt_algorithm=self.env.get("TOOLPLANE_RECEIPT_ALGORITHM", "ed25519"),
             receipt_algorithms=self.env.get("TOOLPLANE_RECEIPT_ALGORITHMS", ""),
             **({"worker_user": v} if (v := self.env.get("TOOLPLANE_WORKER_USER")) else {}),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -71,6 +71,9 @@ class Settings(BaseSettings):
         description="data classifications, least sensitive first",
     )
     workflows_dir: Path | None = Field(default=None, description="workflow YAML directory")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="every process's log lines: text, or JSON objects"
+    )
     visibility_timeout: int = Field(
         default=30, ge=5, le=3600, description="s before a job held by a dead worker comes back"
     )

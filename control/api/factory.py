@@ -4,6 +4,7 @@ TOOLPLANE_API_PROCESSES > 1: uvicorn's supervisor imports this in every process)
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing
 import os
 import signal
@@ -13,6 +14,7 @@ from fastapi import FastAPI
 
 from control.api.app import build_app
 from control.ops.runtime import ControlPlane
+from toolplane import logfields
 from toolplane.settings import Settings
 
 __all__ = ["create_app"]
@@ -37,4 +39,7 @@ def _die_with_supervisor() -> None:
 def create_app() -> FastAPI:
     """The control's API from this host's settings (the environment the supervisor got)."""
     _die_with_supervisor()
-    return build_app(ControlPlane.from_settings(Settings()))
+    settings = Settings()
+    if settings.log_format == "json" and not logging.getLogger().handlers:  # a spawned child
+        logfields.setup(logging.INFO, "json")
+    return build_app(ControlPlane.from_settings(settings))

@@ -88,6 +88,8 @@ def uvicorn_config(
         port=port,
         log_level=log_level,
         access_log=False,
+        # json: uvicorn's lines go through the root logger's handler (toolplane.logfields)
+        **({"log_config": None} if settings.log_format == "json" else {}),
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=5,

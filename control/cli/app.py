@@ -37,6 +37,7 @@ from control.cli.support import (
     EnvOpt,
     IdempotencyOpt,
     JsonOpt,
+    LogFormatOpt,
     OnBehalfOpt,
     finish_run,
     handled,
@@ -96,6 +97,7 @@ def up(
     workers: Annotated[str, typer.Option(help="Worker concurrency per tool: TOOL=N,...")] = "",
     flower: Annotated[bool, typer.Option("--flower/--no-flower", help="Start Flower.")] = False,
     detach: Annotated[bool, typer.Option("--detach", help="Return once everything is up.")] = False,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Start (embedded servers if needed,) the control process and a worker per tool.
 
@@ -109,6 +111,7 @@ def up(
     from ledger.migrate import upgrade
     from sandbox_tasks.registry import load_tools
 
+    setup_logging("WARNING", log_format)  # and the processes started here (their settings)
     settings = load_settings()
     tools = load_tools(settings.extra_tool_modules)
     counts = {k: v for k, v in parse_worker_counts(workers, tools).items() if v > 0}
@@ -214,6 +217,7 @@ def control(
         bool, typer.Option("--api/--no-api", help="Serve the HTTP API (TOOLPLANE_API_BIND).")
     ] = True,
     loglevel: str = "INFO",
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run the control process: the API, results ingest, relay, sweeper, approvals expiry.
 
@@ -221,13 +225,13 @@ def control(
     """
     from control.ops.service import run_control
 
-    setup_logging(loglevel)
+    setup_logging(loglevel, log_format)
     run_control(_plane(), concurrency=concurrency, loglevel=loglevel, api=api)
 
 
 @app.command()
 @handled
-def api(loglevel: str = "INFO") -> None:
+def api(loglevel: str = "INFO", log_format: LogFormatOpt = None) -> None:
     """Serve only the HTTP API, beside `toolplane control --no-api`: from
     TOOLPLANE_API_PROCESSES processes sharing TOOLPLANE_API_BIND's one socket.
 
@@ -235,7 +239,7 @@ def api(loglevel: str = "INFO") -> None:
     """
     from control.api.server import serve
 
-    setup_logging(loglevel)
+    setup_logging(loglevel, log_format)
     plane = _plane()
     plane.check_database()
     plane.policy  # noqa: B018 - a bundle that does not load stops the start, not a request
@@ -252,6 +256,7 @@ def worker(
         typer.Option(help="MAX,MIN: grow and shrink the pool with the load (not --concurrency)."),
     ] = None,
     loglevel: str = "INFO",
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run one sandbox worker for tool.TOOL (consumes only that queue).
 
@@ -268,7 +273,7 @@ def worker(
     if autoscale is not None:
         high, low = parse_autoscale(autoscale)
         autoscale = f"{high},{low}"
-    setup_logging(loglevel)
+    fmt = setup_logging(loglevel, log_format)
     settings = load_settings()
     tools = load_tools(settings.extra_tool_modules)
     if tool not in tools:
@@ -281,7 +286,8 @@ def worker(
     # The worker is its own program (sandbox_tasks): this process becomes it, so that
     # nothing of the control plane stays loaded in a process that runs tools.
     argv = [sys.executable, "-m", "sandbox_tasks", tool, "--concurrency", str(concurrency)]
-    argv += ["--loglevel", loglevel] + (["--autoscale", autoscale] if autoscale else [])
+    argv += ["--loglevel", loglevel, "--log-format", fmt]
+    argv += ["--autoscale", autoscale] if autoscale else []
     exec_worker(settings, tool, broker_url=broker, argv=argv)
 
 

@@ -206,6 +206,9 @@ def witness(
         typer.Option("--log-key", help="A log's checkpoint verifier key to pin; repeatable."),
     ] = None,
     loglevel: str = "INFO",
+    log_format: Annotated[
+        str | None, typer.Option("--log-format", help="text or json (TOOLPLANE_LOG_FORMAT).")
+    ] = None,
 ) -> None:
     """Run a witness: its own process, key and state. It cosigns a log's checkpoint only if
     it is consistent with the last one it cosigned for that origin (C2SP tlog-witness,
@@ -216,7 +219,7 @@ def witness(
     from ledger.note import NoteError, NoteVerifier
     from ledger.witness import load_witness
 
-    setup_logging(loglevel)
+    setup_logging(loglevel, log_format)
     home.mkdir(parents=True, exist_ok=True)
     logs = home / "logs"
     known = logs.read_text().split() if logs.exists() else []

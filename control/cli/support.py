@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import logging
+import os
 import re
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, TypeVar
@@ -21,6 +21,7 @@ from control.errors import (
     EXIT_TOOL_FAILED,
     UsageError,
 )
+from toolplane import logfields
 from toolplane.canonical import CanonicalJSONError, parse_json_strict
 from toolplane.errors import ToolplaneError, first_problem
 from toolplane.settings import Settings
@@ -30,6 +31,7 @@ __all__ = [
     "EnvOpt",
     "IdempotencyOpt",
     "JsonOpt",
+    "LogFormatOpt",
     "OnBehalfOpt",
     "client",
     "exit_for",
@@ -50,6 +52,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 EnvOpt = Annotated[str | None, typer.Option("--env", help="Environment (default: dev).")]
 ClassificationOpt = Annotated[str, typer.Option(help="Data classification.")]
 IdempotencyOpt = Annotated[str | None, typer.Option(help="Same key, same run.")]
+LogFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        help="Log lines as text or json (default: TOOLPLANE_LOG_FORMAT, else text); "
+        "the processes this one starts log the same way.",
+    ),
+]
 OnBehalfOpt = Annotated[
     str | None, typer.Option(help="The agent or end user you act for (goes to policy).")
 ]
@@ -197,8 +207,22 @@ def parse_autoscale(text: str, *, most: int = 256) -> tuple[int, int]:
     return high, low
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def setup_logging(level: str, log_format: str | None = None) -> str:
+    """Log as ``--log-format`` (else TOOLPLANE_LOG_FORMAT, else text) says, Celery's own
+    lines too; the format goes into this process's environment, so that its settings and
+    every process it starts (``up``, ``worker``) log the same way. Returns the format."""
+    option = "--log-format" if log_format is not None else logfields.ENV_NAME
+    try:
+        fmt = logfields.check_format(
+            log_format if log_format is not None else os.environ.get(logfields.ENV_NAME),
+            option=option,
+        )
+    except ValueError as e:
+        raise UsageError(f"{e}".split(": ", 1)[1], field=option) from None
+    os.environ[logfields.ENV_NAME] = fmt
+    logfields.setup(level.upper(), fmt)
+    logfields.route_celery(fmt)
+    return fmt
 
 
 def exit_for(view: Any) -> int:

@@ -141,6 +141,7 @@ def _shared_settings(settings: Settings) -> dict[str, str]:
         "TOOLPLANE_RECEIPT_ALGORITHM": settings.receipt_algorithm,
         "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
         "TOOLPLANE_QUEUE_WAIT_S": str(settings.queue_wait_s),
+        "TOOLPLANE_LOG_FORMAT": settings.log_format,  # every child logs as the operator chose
     }
 
 
@@ -196,10 +197,6 @@ def exec_worker(settings: Settings, tool: str, *, broker_url: str, argv: list[st
         os.setuid(identity.uid)
         os.umask(0o077)
     os.execve(argv[0], argv, env)  # noqa: S606 - our own interpreter and module
-
-
-def _has_password(url: str) -> bool:
-    return bool(urllib.parse.urlsplit(url).password)
 
 
 def plan_processes(
@@ -265,7 +262,7 @@ def plan_processes(
         identities = prepare_workers(settings, workers)
     for tool, concurrency in workers.items():
         broker_url = urls.get(f"worker-{tool}", plane.broker_url)
-        if f"worker-{tool}" not in urls and _has_password(broker_url):
+        if f"worker-{tool}" not in urls and urllib.parse.urlsplit(broker_url).password:
             raise SettingsError(
                 f"carries a password, and the workers of {tool!r} would get it: give each "
                 "tool's workers a broker user of their own (TOOLPLANE_BROKER_ACL_DIR, the "

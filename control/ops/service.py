@@ -184,7 +184,7 @@ def build_control_app(plane: ControlPlane, stop: threading.Event) -> Celery:
                     publish_pending(plane.sessions, plane.publisher, ids=swept.outbox_ids)
                 if swept.timed_out or swept.retried or swept.dispatched:
                     log.warning(
-                        "sweep timed_out=%s retried=%s dispatched=%s",
+                        "sweep.swept timed_out=%s retried=%s dispatched=%s",
                         swept.timed_out,
                         swept.retried,
                         swept.dispatched,
@@ -322,6 +322,7 @@ def run_control(
     app = build_control_app(plane, threading.Event())
     app.worker_main(
         [
+            *(["--quiet"] if plane.settings.log_format == "json" else []),  # no banner
             "worker",
             "-Q",
             celeryconfig.RESULTS_QUEUE,

@@ -52,6 +52,7 @@ from ledger.chain import NewEvent
 from ledger.models import Attempt, Node, Run
 from ledger.receipts import ReceiptProblem, check_result_message
 from ledger.store import append_events
+from toolplane import logfields
 from toolplane.canonical import contains_nul
 from toolplane.messages import ResultMessage
 from toolplane.signing import KeyRing
@@ -260,7 +261,13 @@ def _apply(
     for index, message in verified:
         attempt = dispatched.get(message.result.envelope_sha256 or "")
         state = states.get(attempt.run_id) if attempt is not None else None
-        decided = decide(session, message, state, attempt, settle, events, now, artifacts)
+        ids = {"tenant": state.run.tenant_id} if state is not None else {}
+        if attempt is not None:  # bound to the attempt its envelope digest names
+            ids |= {"run_id": attempt.run_id, "node_id": attempt.node_id, "job_id": attempt.job_id}
+        with logfields.bound(**ids):
+            decided = decide(session, message, state, attempt, settle, events, now, artifacts)
+            if decided is not None:
+                log.info("result.decided outcome=%s kind=%s", decided.outcome, message.result.kind)
         if decided is None:  # not bound to the attempt dispatched with its digest
             batch.unverified.append(
                 _Unverified(

@@ -39,6 +39,7 @@ from ledger.models import Approval, Attempt, Node, Run
 from policy.constraints import Constraints
 from policy.engine import Decision, PolicyRequest
 from policy.labels import roots_of
+from toolplane import logfields
 from toolplane.canonical import digest
 from toolplane.messages import job_id_for, ms_to_datetime
 
@@ -248,6 +249,9 @@ def dispatch_node(
     session.flush()
     done.outbox_ids.append(outbox.id)
     done.staged[outbox.id] = Staged(outbox.task_name, outbox.queue, outbox.body)
+    ids = {"run_id": run.id, "node_id": node.node_id, "job_id": signed.envelope.job_id}
+    with logfields.bound(**ids, tenant=run.tenant_id):
+        log.info("job.dispatched tool=%s attempt=%s", node.tool, attempt)
     return True
 
 

@@ -9,6 +9,7 @@ again for a different request, it is refused.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +33,10 @@ from control.orchestration.workflows import WorkflowSpec, coerce_inputs, render,
 from ledger.chain import NewEvent
 from ledger.models import Node, Run
 from ledger.store import append_events
+from toolplane import logfields
 from toolplane.canonical import digest
+
+log = logging.getLogger("toolplane.submission")
 
 __all__ = ["CallRequest", "RunRequest", "Submitted", "check_run", "submit_run"]
 
@@ -170,7 +174,19 @@ def submit_run(
     gov: Governance,
     call: bool = False,
 ) -> Submitted:
-    """Record a run of ``request.spec``, decide its first nodes, stage what is allowed. Commits."""
+    """Record a run of ``request.spec``, decide its first nodes, stage what is allowed. Commits.
+
+    Every line logged meanwhile carries the tenant (and a node's dispatch its ids)."""
+    with logfields.bound(tenant=identity.tenant_id):
+        done = _submit(session, identity=identity, request=request, gov=gov, call=call)
+        with logfields.bound(run_id=done.run_id):
+            log.info("run.submitted created=%s staged=%s", done.created, len(done.outbox_ids))
+        return done
+
+
+def _submit(
+    session: Session, *, identity: Identity, request: RunRequest, gov: Governance, call: bool
+) -> Submitted:
     spec = request.spec
     inputs = coerce_inputs(spec, request.inputs)
     request_sha256 = _request_sha256(request, inputs)

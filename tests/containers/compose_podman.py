@@ -89,7 +89,9 @@ class Compose:
 
     @property
     def services(self) -> dict[str, Service]:
-        return {n: Service(n, s) for n, s in self.data["services"].items()}
+        """The default services: as `docker compose up` without --profile, none that has
+        profiles (docker/compose.yaml's `observability`)."""
+        return {n: Service(n, s) for n, s in self.data["services"].items() if not s.get("profiles")}
 
     def network_name(self, net: str) -> str:
         spec = self.data.get("networks", {}).get(net) or {}
@@ -104,7 +106,10 @@ class Compose:
     def network_args(self) -> list[list[str]]:
         """`podman network create` argument lists, one per network."""
         out = []
+        used = {net for svc in self.services.values() for net in svc.networks}
         for net, spec in (self.data.get("networks") or {}).items():
+            if net not in used:  # only a profile's services are on it
+                continue
             args = ["network", "create"]
             if (spec or {}).get("internal"):
                 args.append("--internal")

@@ -80,8 +80,18 @@ def test_a_worker_gets_only_the_allowlist_and_its_own_settings(tmp_path: Path) -
         "TOOLPLANE_VISIBILITY_TIMEOUT",
         "TOOLPLANE_QUEUE_WAIT_S",
         "TOOLPLANE_SANDBOX_WARM_RUNNERS",
+        "TOOLPLANE_LOG_FORMAT",  # the operator's choice, inherited
     }
     assert env["HOME"] == env["TOOLPLANE_HOME"] == str(home)
+    assert env["TOOLPLANE_LOG_FORMAT"] == "text"
+    json_env = worker_env(
+        settings(tmp_path, log_format="json"),
+        tool="lint_python",
+        home=home,
+        broker_url="redis://x@127.0.0.1:6379/0",
+        source=SHELL,
+    )
+    assert json_env["TOOLPLANE_LOG_FORMAT"] == "json"
     assert not any("secret" in value for value in env.values()), env
 
 
