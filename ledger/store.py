@@ -18,7 +18,11 @@ from ledger.chain import GENESIS, NewEvent, chain_for, event_hash
 from ledger.models import ChainHead, EvidenceEvent
 from toolplane.canonical import check_json_value
 
-__all__ = ["append_events"]
+__all__ = ["APPENDED", "append_events"]
+
+APPENDED = "toolplane.appended"
+"""``session.info`` key: the events this session appended since its last commit or
+rollback, with their time, for observers after the commit (control.ops.metrics)."""
 
 
 def append_events(
@@ -34,6 +38,7 @@ def append_events(
         by_chain[chain_for(event.tenant_id)].append(event)
     placed: dict[int, tuple[str, int]] = {}
     now = at if at is not None else datetime.now(UTC)
+    session.info.setdefault(APPENDED, []).extend((event, now) for event in events)
     for chain_id in sorted(by_chain):
         # One round trip: create the head if new, else lock it, and read it either way.
         head = pg_insert(ChainHead).values(chain_id=chain_id, seq=0, hash=GENESIS)

@@ -12,6 +12,7 @@ import sys
 from fastapi import FastAPI
 
 from control.api.app import build_app
+from control.ops.metrics import install as install_metrics
 from control.ops.runtime import ControlPlane
 from toolplane.settings import Settings
 
@@ -37,4 +38,6 @@ def _die_with_supervisor() -> None:
 def create_app() -> FastAPI:
     """The control's API from this host's settings (the environment the supervisor got)."""
     _die_with_supervisor()
-    return build_app(ControlPlane.from_settings(Settings()))
+    plane = ControlPlane.from_settings(Settings())
+    install_metrics(plane.settings.home, plane.engine)
+    return build_app(plane)
