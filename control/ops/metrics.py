@@ -152,7 +152,7 @@ class ControlMetrics:
         node = nodes.get((run_id, payload.get("node_id")))
         tool = self.tool(node[0] if node else payload.get("tool"))
         if kind == "PolicyDecision":
-            effect = EFFECTS.get(payload.get("decision"), "deny")
+            effect = EFFECTS.get(str(payload.get("decision")), "deny")
             self.decisions.labels(
                 self.tool((payload.get("request") or {}).get("tool")), effect
             ).inc()

@@ -13,7 +13,7 @@ import binascii
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sqlalchemy import func, select
@@ -86,7 +86,7 @@ class StateCollector:
         yield lag
 
 
-def bounded_tenants(rows: list[Any], limit: int) -> list[tuple[str, int]]:
+def bounded_tenants(rows: Iterable[Any], limit: int) -> list[tuple[str, int]]:
     """The ``limit`` tenants with the most, by id; the rest summed as ``other``."""
     ranked = sorted(((str(t), int(c)) for t, c in rows), key=lambda r: (-r[1], r[0]))
     named, rest = ranked[:limit], ranked[limit:]

@@ -28,6 +28,7 @@ from tests.harness import (
     stop_stack,
     wait_for,
 )
+from tests.integration.govern import operator_admin
 from tests.integration.test_entitlements import server_plan
 from tests.security.test_forgery import forged_result, push_job, push_result, unverified
 from tests.stackdirs import reachable
@@ -36,21 +37,6 @@ pytestmark = pytest.mark.integration
 
 WORKERS = {"read_repo_file": 1, "probe": 1}  # worker metrics on base port + 0 and + 1
 FILE = "read_repo_file"
-
-
-def operator_admin(stack: Stack) -> str:
-    """The admin token of a new operator tenant (`toolplane tenant create --operator`)."""
-    from control.governance.auth import create_tenant
-    from ledger.db import make_engine, make_sessionmaker
-
-    engine = make_engine(stack.env["TOOLPLANE_DATABASE_URL"])
-    try:
-        with make_sessionmaker(engine)() as session:
-            _, token = create_tenant(session, f"ops-{secrets.token_hex(4)}", operator=True)
-            session.commit()
-    finally:
-        engine.dispose()
-    return token
 
 
 def scrape(url: str, token: str | None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
