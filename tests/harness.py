@@ -207,6 +207,7 @@ class Stack:
             visibility_timeout=int(self.env["TOOLPLANE_VISIBILITY_TIMEOUT"]),
             queue_wait_s=int(self.env.get("TOOLPLANE_QUEUE_WAIT_S", "60")),
             api_bind=self.env["TOOLPLANE_API_BIND"],
+            api_processes=int(self.env.get("TOOLPLANE_API_PROCESSES", "1")),
             token=token,
             worker_env=self.env.get("TOOLPLANE_WORKER_ENV", ""),
             allow_weak_containment=self.env.get("TOOLPLANE_ALLOW_WEAK_CONTAINMENT") == "true",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
@@ -81,6 +82,7 @@ def metered(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Ite
     token_file.write_text(secrets.token_urlsafe(24) + "\n")
     token_file.chmod(0o644)  # the workers run as users of their own
     extra = {
+        "TOOLPLANE_API_PROCESSES": "2",  # with the control daemon: three control processes
         "TOOLPLANE_WORKER_METRICS_BIND": f"127.0.0.1:{base}",
         "TOOLPLANE_WORKER_METRICS_TOKEN_FILE": str(token_file.resolve()),  # not via the link
     }
@@ -223,10 +225,12 @@ def test_one_scrape_counts_every_control_process_exactly(metered: Stack, mix: di
     for queue in ("results", "tool.probe", "tool.read_repo_file"):
         assert ("toolplane_queue_depth", (("queue", queue),)) in samples
         assert v("toolplane_queue_depth", queue=queue) == 0
-    # Counted in two processes (the control daemon and the API), summed by one scrape.
+    # Counted in several processes (the control daemon, the API's), summed by one scrape.
     files = list((metered.home / "run" / "metrics").glob("*.db"))
     pids = {int(f.stem.rsplit("_", 1)[1]) for f in files}
     assert metered.pid("control") in pids and len(pids) >= 2, files
+    api = psutil.Process(metered.pid("api"))
+    assert len(pids & {p.pid for p in api.children(recursive=True)}) >= 1, files
 
 
 def test_each_worker_counts_its_jobs_exactly(metered: Stack, mix: dict) -> None:
