@@ -1,7 +1,8 @@
 """The control's counters and histograms, counted from the evidence each transaction commits.
 
 One place observes every control process: after a session commits, the evidence events
-it appended (``ledger.store`` keeps them in ``session.info``) are turned into counts, so
+it appended (``ledger.store`` keeps them in ``session.info``, in the list this module puts
+there when each transaction begins) are turned into counts, so
 a count is never ahead of, nor behind, the ledger; a rolled-back transaction counts
 nothing. The API processes and the control daemon each write their own files in one
 directory (prometheus_client's multiprocess mode), and one scrape of the API sums them.
@@ -66,7 +67,9 @@ def reset_metrics_dir(home: Path) -> None:
 
 def note_node(session: Session, node: Any, dispatched_at: datetime | None = None) -> None:
     """What a node's events do not carry (its tool, when it was created and dispatched),
-    for the counts made after this session commits."""
+    for the counts made after this session commits (where they are counted)."""
+    if session.info.get(APPENDED) is None:
+        return
     session.info.setdefault(NODES, {})[(node.run_id, node.node_id)] = (
         node.tool,
         node.created_at,
@@ -216,10 +219,14 @@ def install(home: Path, engine: Engine) -> ControlMetrics:
             if appended:
                 metrics.observe(appended, nodes)
 
+        def began(session: Session, *_: Any) -> None:
+            session.info.setdefault(APPENDED, [])  # ledger.store keeps the appends here
+
         def rolled_back(session: Session, *_: Any) -> None:
             session.info.pop(APPENDED, None)
             session.info.pop(NODES, None)
 
+        event.listen(Session, "after_begin", began)
         event.listen(Session, "after_commit", committed)
         event.listen(Session, "after_soft_rollback", rolled_back)
         _installed.append(metrics)

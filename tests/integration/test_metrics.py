@@ -259,3 +259,22 @@ def test_a_worker_endpoint_answers_only_its_token(metered: Stack) -> None:
     assert httpx.get(url, headers=wrong, timeout=10).status_code == 401
     right = {"Authorization": f"Bearer {worker_token(metered)}"}
     assert httpx.get(url, headers=right, timeout=10).status_code == 200
+
+
+def totals(samples: dict) -> dict:
+    return {k: v for k, v in samples.items() if k[0].endswith(("_total", "_count"))}
+
+
+def test_a_restarted_control_process_keeps_the_counts(metered: Stack, mix: dict) -> None:
+    """The supervisor empties the directory only for a stack none of whose control
+    processes runs: the control daemon started again (the API running) counts on."""
+    token = operator_admin(metered)
+    before = totals(scrape(metered.url + "/metrics", token))
+    assert before[("toolplane_receipts_total", (("outcome", "verified"), ("tool", FILE)))] == 4
+    old = metered.pid("control")
+    metered.kill("control")
+    metered.start_missing()
+    assert metered.pid("control") != old
+    ready = lambda: metered.log("control").count(" ready.") >= 2  # noqa: E731 - its log appends
+    wait_for(ready, timeout=60, what="the control serving again")
+    assert totals(scrape(metered.url + "/metrics", token)) == before
