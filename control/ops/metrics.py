@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -210,7 +211,14 @@ def install(home: Path, engine: Engine) -> ControlMetrics:
         if _installed:
             return _installed[0]
         os.environ.setdefault(ENV, str(metrics_dir(home)))
-        Path(os.environ[ENV]).mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            Path(os.environ[ENV]).mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:  # a read-only HOME: this process counts alone, in a temp dir
+            try:
+                os.environ[ENV] = tempfile.mkdtemp(prefix="toolplane-metrics-")
+            except OSError:  # nowhere to write: in this process's memory only
+                del os.environ[ENV]
+            log.warning("metrics.dir_unwritable error=%s using=%s", e, os.environ.get(ENV))
         metrics = ControlMetrics(ToolNames(engine).label)
 
         def committed(session: Session) -> None:

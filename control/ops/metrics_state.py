@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -27,6 +28,7 @@ log = logging.getLogger("toolplane.metrics")
 __all__ = ["CONTENT_TYPE", "StateCollector", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_TOOLS = 200  # queues looked at per scrape, at most
 
 
@@ -132,9 +134,22 @@ def finished_at_ms(raw: bytes) -> int | None:
 def render(plane: ControlPlane) -> bytes:
     """The control's metrics in the Prometheus text format: every control process's
     counters (the multiprocess directory) and the state gauges, read now."""
-    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    if MULTIPROC_ENV in os.environ:
+        multiprocess.MultiProcessCollector(registry)
+    else:  # no directory could be written (control.ops.metrics.install): this process's
+        registry.register(_Counted(REGISTRY))
     registry.register(StateCollector(plane))
     return generate_latest(registry)
+
+
+class _Counted:
+    """The counters of this process's own registry (where no multiprocess directory is)."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        return iter(self.registry.collect())

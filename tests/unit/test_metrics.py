@@ -86,3 +86,52 @@ def test_each_tools_worker_gets_its_own_metrics_port(tmp_path: Path):
         worker_env(bad, tool="t", home=tmp_path, broker_url="redis://x", source={})
     with pytest.raises(SettingsError, match="WORKER_METRICS_BIND"):
         parse_bind("localhost:http")
+
+
+FALLBACK = """
+import os, sys, tempfile
+from pathlib import Path
+
+def nowhere(*args, **kwargs):
+    raise PermissionError("read-only")
+
+if sys.argv[1] == "nowhere":
+    tempfile.mkdtemp = nowhere
+from sqlalchemy import create_engine
+from control.ops.metrics import install
+from control.ops.metrics_state import _Counted
+from prometheus_client import REGISTRY
+
+metrics = install(Path("/proc/no-home"), create_engine("sqlite://"))
+metrics.runs.labels("completed").inc()
+found = [s.value for m in _Counted(REGISTRY).collect() for s in m.samples
+         if s.name == "toolplane_runs_finished_total"]
+print(os.environ.get("PROMETHEUS_MULTIPROC_DIR", "-"), found)
+"""
+
+
+@pytest.mark.parametrize("tmpdir_writable", [True, False])
+def test_a_control_whose_home_is_read_only_still_counts(tmp_path: Path, tmpdir_writable: bool):
+    """A read-only HOME (a container's): a temporary directory, else memory; never a crash."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["TMPDIR"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", FALLBACK, "tmp" if tmpdir_writable else "nowhere"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    where, found = done.stdout.split(" ", 1)
+    if tmpdir_writable:
+        assert where.startswith(str(tmp_path / "toolplane-metrics-")), where
+    else:
+        assert where == "-"
+        assert found.strip() == "[1.0]"
