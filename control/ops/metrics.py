@@ -100,10 +100,12 @@ class ToolNames:
             log.warning("metrics.tools_unreadable", exc_info=True)
 
     def label(self, name: Any) -> str:
+        if not isinstance(name, str) or not name:
+            return OTHER
         age = time.monotonic() - self._read_at
         if age > self.ttl_s or (name not in self._names and age > 1.0):
             self._refresh()
-        return name if isinstance(name, str) and name in self._names else OTHER
+        return name if name in self._names else OTHER
 
 
 class ControlMetrics:
@@ -154,39 +156,42 @@ class ControlMetrics:
         self, kind: str, run_id: Any, payload: dict[str, Any], at: datetime, nodes: Any
     ) -> None:
         node = nodes.get((run_id, payload.get("node_id")))
-        tool = self.tool(node[0] if node else payload.get("tool"))
+
+        def tool() -> str:  # the node's, else the one the event names
+            return self.tool(node[0] if node else payload.get("tool"))
+
         if kind == "PolicyDecision":
             effect = EFFECTS.get(str(payload.get("decision")), "deny")
             self.decisions.labels(
                 self.tool((payload.get("request") or {}).get("tool")), effect
             ).inc()
         elif kind == "ToolDenied":
-            self.denials.labels(tool, "policy").inc()
+            self.denials.labels(tool(), "policy").inc()
         elif kind == "EntitlementDenied":
-            self.denials.labels(tool, "entitlement").inc()
+            self.denials.labels(tool(), "entitlement").inc()
             self.refusals.labels(str(payload.get("limit") or OTHER)[:40]).inc()
         elif kind in ("ApprovalRejected", "ApprovalExpired"):
             outcome = "expired" if kind == "ApprovalExpired" else "rejected"
             self.approvals.labels(outcome).inc()
-            self.denials.labels(tool, f"approval_{outcome}").inc()
+            self.denials.labels(tool(), f"approval_{outcome}").inc()
         elif kind == "ApprovalGranted":
             self.approvals.labels("granted").inc()
         elif kind in RUN_ENDS:
             self.runs.labels(RUN_ENDS[kind] or str(payload.get("status"))[:20]).inc()
             if (payload.get("error") or {}).get("code") == "invalid_argument":
-                self.denials.labels(tool, "invalid").inc()  # refused before any dispatch
+                self.denials.labels(tool(), "invalid").inc()  # refused before any dispatch
         elif kind == "ToolReceiptInvalid":
             self.receipts.labels(
                 self.tool((payload.get("claimed") or {}).get("tool")), "refused"
             ).inc()
         elif kind in ("ToolCallCompleted", "ToolCallFailed", "JobRefused", "ResultIgnored"):
             result = ((payload.get("message") or {}).get("result")) or {}
-            tool = self.tool(node[0] if node else result.get("tool"))
-            self.receipts.labels(tool, "verified").inc()
+            name = self.tool(node[0] if node else result.get("tool"))
+            self.receipts.labels(name, "verified").inc()
             if kind == "ResultIgnored":
-                self.ignored.labels(tool).inc()
+                self.ignored.labels(name).inc()
             elif kind != "JobRefused":
-                self._call(tool, result, node, at)
+                self._call(name, result, node, at)
 
     def _call(self, tool: str, result: dict[str, Any], node: Any, at: datetime) -> None:
         from sandbox_tasks.metrics import kill_limit

@@ -240,7 +240,8 @@ def plan_processes(
                     f"--port={settings.flower_port}",
                 ],
                 {
-                    **{k: v for k, v in base.items() if not k.startswith("AWS_")},  # control's
+                    # not the control's cloud credentials, nor its metrics directory
+                    **{k: v for k, v in base.items() if not k.startswith(("AWS_", "PROMETHEUS"))},
                     # From the environment, so that no secret shows in a process list.
                     "TOOLPLANE_BROKER_URL": urls.get("flower", plane.broker_url),
                     "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
