@@ -18,7 +18,12 @@ from ledger.chain import GENESIS, NewEvent, chain_for, event_hash
 from ledger.models import ChainHead, EvidenceEvent
 from toolplane.canonical import check_json_value
 
-__all__ = ["append_events"]
+__all__ = ["APPENDED", "append_events"]
+
+APPENDED = "toolplane.appended"
+"""``session.info`` key: the events this session's transaction appended, with their time,
+for an observer after the commit. Kept only where an observer put a list there when the
+transaction began (control.ops.metrics); elsewhere nothing is kept."""
 
 
 def append_events(
@@ -34,6 +39,9 @@ def append_events(
         by_chain[chain_for(event.tenant_id)].append(event)
     placed: dict[int, tuple[str, int]] = {}
     now = at if at is not None else datetime.now(UTC)
+    observed = session.info.get(APPENDED)
+    if observed is not None:
+        observed.extend((event, now) for event in events)
     for chain_id in sorted(by_chain):
         # One round trip: create the head if new, else lock it, and read it either way.
         head = pg_insert(ChainHead).values(chain_id=chain_id, seq=0, hash=GENESIS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pwd
@@ -13,6 +14,7 @@ from sandbox_tasks.confine import worker_layers
 from sandbox_tasks.confine.trees import read_only_trees
 from sandbox_tasks.errors import RegistryError
 from sandbox_tasks.keys import KeyStoreKeys
+from sandbox_tasks.metrics import WorkerMetrics, serve_metrics
 from sandbox_tasks.plain import PlainExecutor
 from sandbox_tasks.registry import ToolContext, ToolSpec, load_tools
 from sandbox_tasks.worker import (
@@ -183,6 +185,10 @@ def run_worker(
     # The receipt key will be in this process's memory (and its pool children's, which
     # inherit this): no process of the same user may read it through /proc or ptrace.
     prctl.set_not_dumpable()
+    metrics = None
+    if settings.worker_metrics_bind:  # off unless set; served by this (the main) process,
+        metrics = WorkerMetrics(tool)  # its socket bound and its token read before confining
+        serve_metrics(metrics, settings.worker_metrics_bind, settings.worker_metrics_token_file)
     deps = build_deps(settings, tool, broker_url=broker_url)
     if deps.spec.limits.timeout_s >= settings.visibility_timeout:
         log.warning(
@@ -193,6 +199,8 @@ def run_worker(
             deps.spec.limits.timeout_s,
             settings.visibility_timeout,
         )
+    if metrics is not None:
+        deps = dataclasses.replace(deps, metrics=metrics)
     app = build_worker_app(
         deps,
         broker_url=broker_url,

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import redis
 from celery import Celery, Task, signals
+from celery.worker.request import Request
 from kombu import Exchange, Queue
 from pydantic import BaseModel, ValidationError
 
@@ -26,6 +27,7 @@ from sandbox_tasks.envelope import verify_envelope
 from sandbox_tasks.errors import EnvelopeRefused
 from sandbox_tasks.executor import Outcome
 from sandbox_tasks.keys import WorkerKeys
+from sandbox_tasks.metrics import WorkerMetrics, job_summary
 from sandbox_tasks.receipts import build_result, sign_manifest, sign_result
 from sandbox_tasks.registry import ToolContext, ToolSpec, constrained
 from toolplane import logfields
@@ -61,6 +63,7 @@ class WorkerDeps:
     executor: Executor
     context: ToolContext
     worker_name: str
+    metrics: WorkerMetrics | None = None  # counted in the main process (sandbox_tasks.metrics)
 
 
 def received_digest(raw: Any) -> str | None:
@@ -202,8 +205,8 @@ def build_worker_app(
     # A done claim outlives every copy of the job: its envelope expires by then.
     keep_ms = (queue_wait_s + visibility_timeout + int(deps.spec.limits.timeout_s) + 60) * 1000
 
-    @app.task(name=queue, bind=True, acks_late=True, max_retries=None)
-    def run_tool(self: Task, *args: Any, **kwargs: Any) -> None:
+    @app.task(name=queue, bind=True, acks_late=True, max_retries=None, **_counted(deps))
+    def run_tool(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         raw = args[0] if len(args) == 1 and not kwargs else {"args": list(args), **kwargs}
 
         def retry_in(seconds: float) -> None:
@@ -227,6 +230,7 @@ def build_worker_app(
             # Published first, then done: a crash in between re-runs the job,
             # and control accepts only one result per (node, attempt).
             deps.claims.complete(result.job_id, keep_ms=keep_ms)
+        return job_summary(result)  # what the main process counts (no result, no ids)
 
     beat = heartbeat_path(deps.context.scratch_dir, deps.spec.name)
 
@@ -258,6 +262,34 @@ def build_worker_app(
         log.info("tool.announced tool=%s key=%s", deps.spec.name, signer.key_id)
 
     return app
+
+
+def _counted(deps: WorkerDeps) -> dict[str, Any]:
+    """With metrics on, the task's requests count each job's summary when the pool hands
+    it back: in the worker's main process, never in a pool child."""
+    metrics = deps.metrics
+    if metrics is None:
+        return {}
+
+    class CountedRequest(Request):
+        # Celery subclasses this per task and overrides on_success there; the pool calls
+        # back the instance's attribute, so the count wraps it on the instance.
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            done = self.on_success
+
+            def counted(failed__retval__runtime: Any, **kw: Any) -> Any:
+                failed, summary, _ = failed__retval__runtime
+                try:
+                    if not failed:
+                        metrics.count(summary)
+                except Exception:  # a hook boundary: the job's ack must never depend on it
+                    log.exception("worker.metrics_failed")
+                return done(failed__retval__runtime, **kw)
+
+            self.on_success = counted  # type: ignore[method-assign]
+
+    return {"Request": CountedRequest}
 
 
 def default_worker_name(tool: str) -> str:

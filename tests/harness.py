@@ -207,6 +207,7 @@ class Stack:
             visibility_timeout=int(self.env["TOOLPLANE_VISIBILITY_TIMEOUT"]),
             queue_wait_s=int(self.env.get("TOOLPLANE_QUEUE_WAIT_S", "60")),
             api_bind=self.env["TOOLPLANE_API_BIND"],
+            api_processes=int(self.env.get("TOOLPLANE_API_PROCESSES", "1")),
             token=token,
             worker_env=self.env.get("TOOLPLANE_WORKER_ENV", ""),
             allow_weak_containment=self.env.get("TOOLPLANE_ALLOW_WEAK_CONTAINMENT") == "true",
@@ -215,6 +216,11 @@ class Stack:
             receipt_algorithm=self.env.get("TOOLPLANE_RECEIPT_ALGORITHM", "ed25519"),
             receipt_algorithms=self.env.get("TOOLPLANE_RECEIPT_ALGORITHMS", ""),
             **({"worker_user": v} if (v := self.env.get("TOOLPLANE_WORKER_USER")) else {}),
+            **{  # the workers' own metrics endpoints (tests/integration/test_metrics.py)
+                name: v
+                for name in ("worker_metrics_bind", "worker_metrics_token_file")
+                if (v := self.env.get(f"TOOLPLANE_{name.upper()}"))
+            },
             **s3_settings(self.env),  # the S3 stores' settings, if a test gives them
         )
 

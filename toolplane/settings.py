@@ -138,6 +138,22 @@ class Settings(BaseSettings):
         description="results the control ingests in one transaction at most (those already "
         "waiting; it holds as many unacknowledged)",
     )
+    metrics_tenant_labels: int = Field(
+        default=50,
+        ge=0,
+        le=10_000,
+        description="tenants a metric names by id, at most (the rest are summed as `other`)",
+    )
+    worker_metrics_bind: str | None = Field(
+        default=None,
+        description="host:port on which each sandbox worker serves its own metrics; unset: "
+        "none (a second worker of a tool on one host needs another port)",
+    )
+    worker_metrics_token_file: Path | None = Field(
+        default=None,
+        description="a file holding the bearer token the worker's metrics endpoint asks for "
+        "(unset: the endpoint asks for none; bind it to loopback or a private network)",
+    )
     checkpoint_interval_s: float = Field(
         default=30.0, ge=0, le=86_400, description="s between the control's checkpoints; 0: never"
     )

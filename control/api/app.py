@@ -19,7 +19,7 @@ from control.api.deps import read_sessions
 from control.api.events import RunEventHub
 from control.api.models import Problem
 from control.api.problems import PROBLEMS, BodyLimit, install_problem_handlers
-from control.api.routes import catalog, governance, health, ledger, runs
+from control.api.routes import catalog, governance, health, ledger, metrics, runs
 from control.ops.runtime import ControlPlane
 
 __all__ = ["API_VERSION", "build_app"]
@@ -61,6 +61,7 @@ def build_app(plane: ControlPlane) -> FastAPI:
     app.state.verifying = threading.BoundedSemaphore(1)  # ledger verifications at once
     install_problem_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     for module in (runs, governance, catalog, ledger):
         app.include_router(module.router, responses=PROBLEMS)
     install_console(app, plane)

@@ -13,6 +13,7 @@ import sys
 from fastapi import FastAPI
 
 from control.api.app import build_app
+from control.ops.metrics import install as install_metrics
 from control.ops.runtime import ControlPlane
 from toolplane import logfields
 from toolplane.settings import Settings
@@ -42,4 +43,6 @@ def create_app() -> FastAPI:
     settings = Settings()
     if settings.log_format == "json" and not logging.getLogger().handlers:  # a spawned child
         logfields.setup(logging.INFO, "json")
-    return build_app(ControlPlane.from_settings(settings))
+    plane = ControlPlane.from_settings(settings)
+    install_metrics(plane.settings.home, plane.engine)
+    return build_app(plane)

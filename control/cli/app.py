@@ -238,9 +238,11 @@ def api(loglevel: str = "INFO", log_format: LogFormatOpt = None) -> None:
     Operator command: runs on the control host with the control's settings.
     """
     from control.api.server import serve
+    from control.ops.metrics import install as install_metrics
 
     setup_logging(loglevel, log_format)
     plane = _plane()
+    install_metrics(plane.settings.home, plane.engine)  # before prometheus_client is imported
     plane.check_database()
     plane.policy  # noqa: B018 - a bundle that does not load stops the start, not a request
     serve(plane, processes=plane.settings.api_processes, log_level=loglevel.lower())

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from control.errors import Forbidden, NotFound, UsageError, require_text
 from control.governance.auth import APPROVERS, Identity, require_role
+from control.ops.metrics import note_node
 from control.orchestration.intake import (
     Governance,
     binding_problem,
@@ -108,6 +109,7 @@ def _close(
     approval.decided_at = now
     approval.decided_by = identity.principal_id if identity else None
     approval.reason = message
+    note_node(session, node)  # the tool of the call the approval was for
     events.append(
         NewEvent(
             kind,

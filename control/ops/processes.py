@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import secrets
 import signal
 import socket
@@ -29,16 +28,19 @@ import psutil
 
 from control.errors import ControlError
 from control.ops.identities import WorkerIdentity, prepare_workers
+from control.ops.metrics import reset_metrics_dir
+from control.ops.process_env import (
+    WORKER_BASE_ENV,
+    _ledger_settings,
+    _shared_settings,
+    api_env,
+    worker_env,
+)
 from control.ops.runtime import ControlPlane
 from control.orchestration.manifests import approved_in_force, held_report
 from toolplane.errors import SettingsError
 from toolplane.keystore import KeyStore
 from toolplane.settings import Settings
-
-# What a worker keeps of the environment it starts from (LC_* too; TOOLPLANE_WORKER_ENV more)
-WORKER_BASE_ENV = tuple("PATH LANG LANGUAGE TZ PYTHONPATH PYTHONDONTWRITEBYTECODE".split())
-WORKER_BASE_ENV += ("PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONUTF8")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 __all__ = [
     "ProcessSpec",
@@ -50,6 +52,8 @@ __all__ = [
     "stop_supervisor",
     "supervising",
     "wait_ready",
+    "WORKER_BASE_ENV",
+    "api_env",
     "worker_env",
 ]
 
@@ -103,78 +107,6 @@ def flower_password(plane: ControlPlane) -> str:
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_urlsafe(18))
     return path.read_text().strip()
-
-
-def api_env(settings: Settings) -> dict[str, str]:
-    """The control's API settings (bind, TLS, limits) for its process."""
-    env = {
-        "TOOLPLANE_API_BIND": settings.api_bind,
-        "TOOLPLANE_API_MAX_BODY": str(settings.api_max_body),
-        "TOOLPLANE_API_MAX_CONNECTIONS": str(settings.api_max_connections),
-        "TOOLPLANE_ENVIRONMENT": settings.environment,
-        "TOOLPLANE_ENVIRONMENTS": settings.environments,
-        "TOOLPLANE_CLASSIFICATION": settings.classification,
-        "TOOLPLANE_CLASSIFICATIONS": settings.classifications,
-    }
-    for name in ("api_cert", "api_key", "api_client_ca"):
-        value = getattr(settings, name)
-        if value is not None:
-            env[f"TOOLPLANE_{name.upper()}"] = str(value)
-    return env
-
-
-def _ledger_settings(settings: Settings) -> dict[str, str]:
-    """The control's ingest batch, checkpoint, witness, receipt-kind and artifact settings."""
-    names = "deployment checkpoint_dir checkpoint_interval_s witness_urls witness_keys".split()
-    names += ["receipt_algorithms", "artifact_dir", "artifact_threshold", "ingest_batch"]
-    values = {name: getattr(settings, name) for name in names}
-    return {f"TOOLPLANE_{k.upper()}": str(v) for k, v in values.items() if v is not None}
-
-
-def _shared_settings(settings: Settings) -> dict[str, str]:
-    """The settings the control and the workers must agree on: roots, tools, timings."""
-    return {
-        "TOOLPLANE_REPO_ROOT": str(settings.repo_root),
-        "TOOLPLANE_DOCS_ROOT": str(settings.docs_root),
-        "TOOLPLANE_DATA_ROOTS": json.dumps({k: str(v) for k, v in settings.data_roots.items()}),
-        "TOOLPLANE_EXTRA_TOOLS": settings.extra_tools,
-        "TOOLPLANE_RECEIPT_ALGORITHM": settings.receipt_algorithm,
-        "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
-        "TOOLPLANE_QUEUE_WAIT_S": str(settings.queue_wait_s),
-        "TOOLPLANE_LOG_FORMAT": settings.log_format,  # every child logs as the operator chose
-    }
-
-
-def worker_env(
-    settings: Settings, *, tool: str, home: Path, broker_url: str, source: Mapping[str, str]
-) -> dict[str, str]:
-    """A worker's whole environment: of ``source``, only WORKER_BASE_ENV, ``LC_*`` and what
-    TOOLPLANE_WORKER_ENV names; then its own settings (home, broker URL of its own user)."""
-    extra = set(settings.worker_env_names)
-    for name in extra:
-        if not ENV_NAME.fullmatch(name) or name.startswith(("TOOLPLANE_", "CELERY_", "AWS_")):
-            raise SettingsError(
-                f"{name!r}: a variable name, not TOOLPLANE_*, CELERY_* or AWS_* (set for the "
-                "worker here, its broker's, or the control's own cloud credentials)",
-                setting="TOOLPLANE_WORKER_ENV",
-            )
-    env = {
-        k: v for k, v in source.items() if k in WORKER_BASE_ENV or k.startswith("LC_") or k in extra
-    }
-    env.update(
-        {
-            **_shared_settings(settings),
-            "HOME": str(home),
-            "TOOLPLANE_HOME": str(home),
-            "TOOLPLANE_BROKER_URL": broker_url,
-            "TOOLPLANE_SANDBOX_WARM_RUNNERS": str(settings.sandbox_warm_runners),
-        }
-    )
-    if settings.allow_weak_containment:
-        env["TOOLPLANE_ALLOW_WEAK_CONTAINMENT"] = "true"
-    if settings.sandbox_min_layers != "auto":  # the operator's floor of kernel layers
-        env["TOOLPLANE_SANDBOX_MIN_LAYERS"] = settings.sandbox_min_layers
-    return env
 
 
 def exec_worker(settings: Settings, tool: str, *, broker_url: str, argv: list[str]) -> NoReturn:
@@ -260,7 +192,7 @@ def plan_processes(
         specs.append(ProcessSpec("api", [*cli, "api"], api_settings))
     if workers and identities is None:
         identities = prepare_workers(settings, workers)
-    for tool, concurrency in workers.items():
+    for place, (tool, concurrency) in enumerate(workers.items()):
         broker_url = urls.get(f"worker-{tool}", plane.broker_url)
         if f"worker-{tool}" not in urls and urllib.parse.urlsplit(broker_url).password:
             raise SettingsError(
@@ -271,7 +203,12 @@ def plan_processes(
             )
         identity = (identities or {})[tool]
         env = worker_env(
-            settings, tool=tool, home=identity.home, broker_url=broker_url, source=source
+            settings,
+            tool=tool,
+            home=identity.home,
+            broker_url=broker_url,
+            source=source,
+            metrics_offset=place,
         )
         if identity.user is not None:
             env["USER"] = env["LOGNAME"] = identity.user
@@ -299,7 +236,8 @@ def plan_processes(
                     f"--port={settings.flower_port}",
                 ],
                 {
-                    **{k: v for k, v in base.items() if not k.startswith("AWS_")},  # control's
+                    # not the control's cloud credentials, nor its metrics directory
+                    **{k: v for k, v in base.items() if not k.startswith(("AWS_", "PROMETHEUS"))},
                     # From the environment, so that no secret shows in a process list.
                     "TOOLPLANE_BROKER_URL": urls.get("flower", plane.broker_url),
                     "TOOLPLANE_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
@@ -316,6 +254,8 @@ def start_processes(home: Path, specs: list[ProcessSpec]) -> list[dict[str, obje
     logs.mkdir(parents=True, exist_ok=True, mode=0o700)
     entries = [e for e in _read(home) if _alive(e)]
     running = {str(e["name"]) for e in entries}
+    if not running & {"control", "api"}:  # a fresh stack: its counters start at zero
+        reset_metrics_dir(home)
     for spec in specs:
         if spec.name in running:
             continue

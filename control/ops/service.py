@@ -35,6 +35,7 @@ from control.broker import screen as broker_screen
 from control.broker.queues import declare_results_queue
 from control.governance.approvals import expire_approvals
 from control.ops.batcher import ResultBatcher
+from control.ops.metrics import install as install_metrics
 from control.ops.runtime import ControlPlane
 from control.orchestration.dispatch import publish_pending
 from control.orchestration.ingest import (
@@ -311,6 +312,7 @@ def run_control(
     """Results ingest, relay and sweeper as a Celery worker on ``results``; with ``api``, the
     HTTP API too, from a thread of this process (on TOOLPLANE_API_BIND)."""
     broker_screen.install()  # a tool's workers may push anything onto results
+    install_metrics(plane.settings.home, plane.engine)  # before prometheus_client is imported
     plane.check_database()
     plane.sync_keys()
     plane.policy  # noqa: B018 - load and record the policy version before serving

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from control.ops.metrics import note_node
 from control.orchestration.artifacts import Artifacts, externalize_result
 from control.orchestration.orchestrator import RunState, mark_ready, schedule_retry, settle_run
 from control.orchestration.states import NodeStatus, move_node
@@ -159,6 +160,7 @@ def decide(
         )
         return Decided(Outcome.IGNORED)
     settle(state.run.tenant_id, dispatched.job_id, charged)
+    note_node(session, node, dispatched.dispatched_at)  # for the call's durations
     _close_attempt(session, node, "completed" if result.ok else "failed", now)
     move_node(node, NodeStatus.COMPLETED if result.ok else NodeStatus.FAILED, now)
     node.result, node.artifact = (None, artifact) if artifact else (stored.result, None)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
-from control.governance.auth import Role
+from control.governance.auth import Role, create_tenant
 from control.orchestration.operations import Operations as Client
+from ledger.db import make_engine, make_sessionmaker
 from ledger.models import EvidenceEvent, OutboxMessage
 from tests.harness import Stack
 
@@ -78,3 +80,15 @@ def outbox_rows(client: Client, run_id: str) -> int:
         return len(
             session.scalars(select(OutboxMessage).where(OutboxMessage.run_id == run_id)).all()
         )
+
+
+def operator_admin(stack: Stack) -> str:
+    """The admin token of a new operator tenant (`toolplane tenant create --operator`)."""
+    engine = make_engine(stack.env["TOOLPLANE_DATABASE_URL"])
+    try:
+        with make_sessionmaker(engine)() as session:
+            _, token = create_tenant(session, f"ops-{secrets.token_hex(4)}", operator=True)
+            session.commit()
+    finally:
+        engine.dispose()
+    return token

@@ -23,6 +23,8 @@ NOT_THE_CONTROLS = {  # settings of callers, of Flower, of the workers, or of `u
     "sandbox_warm_runners",
     "worker_user",
     "worker_env",
+    "worker_metrics_bind",  # each worker's own metrics endpoint
+    "worker_metrics_token_file",
     "broker_acl_dir",  # `up` turns it into each process's broker URL
     "runtime_database_url",  # the control's TOOLPLANE_DATABASE_URL
     "api_processes",  # the API's own (the control is told --no-api)
