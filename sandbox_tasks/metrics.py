@@ -67,7 +67,15 @@ class WorkerMetrics:
     """One tool's worker counters, in a registry of their own (this process only)."""
 
     def __init__(self, tool: str) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
+
+        disable_created_metrics()  # no *_created gauge beside each series (as the control)
 
         self.tool = tool
         self.registry = CollectorRegistry()

@@ -215,9 +215,9 @@ def build_worker_app(
         result = handle_job(raw, deps, retry_in=retry_in)
         ids = {"run_id": result.run_id, "node_id": result.node_id, "job_id": result.job_id}
         with logfields.bound(**ids):
-            _publish(result)
+            return _publish(result)
 
-    def _publish(result: ToolResult) -> None:
+    def _publish(result: ToolResult) -> dict[str, Any]:
         message = sign_result(result, deps.keys.signer())
         app.send_task(
             celeryconfig.INGEST_TASK,

@@ -278,3 +278,37 @@ def test_a_restarted_control_process_keeps_the_counts(metered: Stack, mix: dict)
     ready = lambda: metered.log("control").count(" ready.") >= 2  # noqa: E731 - its log appends
     wait_for(ready, timeout=60, what="the control serving again")
     assert totals(scrape(metered.url + "/metrics", token)) == before
+
+
+def families(url: str, token: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Each toolplane metric an endpoint exports: name -> (type, label names)."""
+    response = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert response.status_code == 200, response.text
+    found: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for family in text_string_to_metric_families(response.text):
+        if not family.name.startswith("toolplane_") or not family.samples:
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels = {k for s in family.samples for k in s.labels if k not in ("le", "quantile")}
+        found[name] = (family.type, tuple(sorted(labels)))
+    return found
+
+
+def test_the_endpoints_export_exactly_the_catalog(metered: Stack, mix: dict) -> None:
+    """What the dashboard and the alert rules are checked against (toolplane.metric_names)
+    is what the control and the workers really export: names, types and labels."""
+    from toolplane.metric_names import CONTROL, WORKER
+
+    for exported, catalog in (
+        (families(metered.url + "/metrics", operator_admin(metered)), CONTROL),
+        (  # the two workers' together: each counted some of the kinds
+            families(worker_url(metered, 0), worker_token(metered))
+            | families(worker_url(metered, 1), worker_token(metered)),
+            WORKER,
+        ),
+    ):
+        wanted = {n: (t, tuple(sorted(labels))) for n, (t, labels) in catalog.items()}
+        assert exported.items() <= wanted.items()
+        # a labelled family shows once something was counted under it; the mix counts all
+        # but copies of accepted results (none were made)
+        assert set(wanted) - set(exported) <= {"toolplane_results_ignored_total"}
