@@ -10,6 +10,7 @@ becomes a signed refusal.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from sandbox_tasks.executor import Outcome
 from sandbox_tasks.keys import WorkerKeys
 from sandbox_tasks.receipts import build_result, sign_manifest, sign_result
 from sandbox_tasks.registry import ToolContext, ToolSpec, constrained
+from sandbox_tasks.tracing import JobTrace, start_worker_tracing, stop_worker_tracing
 from toolplane.canonical import CanonicalJSONError
 from toolplane.canonical import digest as canonical_digest
 from toolplane.errors import SettingsError, first_problem
@@ -71,12 +73,16 @@ def received_digest(raw: Any) -> str | None:
         return None
 
 
-def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResult:
+def handle_job(
+    raw: Any, deps: WorkerDeps, *, retry_in: Any = None, trace: JobTrace | None = None
+) -> ToolResult:
     """Verify, claim, run and report one job; returns the (unsigned) result to publish.
 
     ``retry_in(seconds)`` is called (and must raise) when another worker holds a
     live claim on the job, so the message comes back later instead of being lost.
+    ``trace`` gets the job's spans (sandbox_tasks.tracing), from the verified envelope on.
     """
+    job = trace if trace is not None else JobTrace()
     started = now_ms()
     spec = deps.spec
 
@@ -89,6 +95,7 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
             envelope=envelope,
             envelope_sha256=digest,
             containment=deps.executor.containment,
+            traceparent=job.traceparent,
             **kw,
         )
 
@@ -108,6 +115,7 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
         log.warning("job.refused code=%s reason=%s", code, message)
         return report("refusal", None, received_digest(raw), error=(code, message))
     envelope, digest = signed.envelope, signed.digest
+    job.verified(envelope)  # its trace context is the control's, signed: now followed
 
     lease_ms = int(spec.limits.timeout_s * 1000) + CLAIM_MARGIN_MS
     claim = deps.claims.acquire(envelope.job_id, lease_ms=lease_ms)
@@ -133,7 +141,8 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
     else:
         log.info("job.start job=%s containment=%s", envelope.job_id, deps.executor.containment)
         try:
-            outcome = deps.executor.run(spec, args, deps.context, tenant=envelope.tenant)
+            with job.span("sandbox_run", containment=deps.executor.containment):
+                outcome = deps.executor.run(spec, args, deps.context, tenant=envelope.tenant)
         except OSError as e:  # fork, pipe or scratch failed: the call fails, the worker lives
             log.exception("executor.failed job=%s", envelope.job_id)
             outcome = Outcome(False, None, "tool_error", f"executor: {e}")
@@ -196,15 +205,17 @@ def build_worker_app(
         def retry_in(seconds: float) -> None:
             raise self.retry(countdown=seconds)
 
-        result = handle_job(raw, deps, retry_in=retry_in)
-        message = sign_result(result, deps.keys.signer())
-        app.send_task(
-            celeryconfig.INGEST_TASK,
-            args=[message.model_dump(mode="json")],
-            queue=celeryconfig.RESULTS_QUEUE,
-            argsrepr=f"(<signed {result.kind} {result.job_id}>,)",  # events show no result
-            kwargsrepr="{}",
-        )
+        job = JobTrace()
+        result = handle_job(raw, deps, retry_in=retry_in, trace=job)
+        with job.span("receipt", kind=result.kind, ok=result.ok):
+            message = sign_result(result, deps.keys.signer())
+            app.send_task(
+                celeryconfig.INGEST_TASK,
+                args=[message.model_dump(mode="json")],
+                queue=celeryconfig.RESULTS_QUEUE,
+                argsrepr=f"(<signed {result.kind} {result.job_id}>,)",  # events show no result
+                kwargsrepr="{}",
+            )
         if result.kind == "result" and result.job_id is not None:
             # Published first, then done: a crash in between re-runs the job,
             # and control accepts only one result per (node, attempt).
@@ -219,8 +230,13 @@ def build_worker_app(
         except OSError as e:  # a full or read-only scratch must not stop the worker
             log.warning("worker.heartbeat_file path=%s error=%s", beat, e)
 
+    @signals.worker_process_init.connect(weak=False)
+    def start_tracing(**_: Any) -> None:  # after the fork: the exporter's thread is this pool's
+        start_worker_tracing(deps.spec.name, os.environ)
+
     @signals.worker_process_shutdown.connect(weak=False)
     def stop_runners(**_: Any) -> None:
+        stop_worker_tracing()
         close = getattr(deps.executor, "close", None)  # kill the runners, remove their cgroups
         if close is not None:
             try:

@@ -34,10 +34,11 @@ from control.orchestration.manifests import approved_in_force, held_report
 from toolplane.errors import SettingsError
 from toolplane.keystore import KeyStore
 from toolplane.settings import Settings
+from toolplane.tracing import WORKER_TRACE_SETTINGS
 
-# What a worker keeps of the environment it starts from (LC_* too; TOOLPLANE_WORKER_ENV more)
+# What a worker keeps of its environment (LC_*, TOOLPLANE_WORKER_ENV too; OTLP: docs/tracing.md)
 WORKER_BASE_ENV = tuple("PATH LANG LANGUAGE TZ PYTHONPATH PYTHONDONTWRITEBYTECODE".split())
-WORKER_BASE_ENV += ("PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONUTF8")
+WORKER_BASE_ENV += ("PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONUTF8", *WORKER_TRACE_SETTINGS)
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 __all__ = [

@@ -36,6 +36,7 @@ from control.broker.queues import declare_results_queue
 from control.governance.approvals import expire_approvals
 from control.ops.batcher import ResultBatcher
 from control.ops.runtime import ControlPlane
+from control.ops.tracing import start_control_tracing
 from control.orchestration.dispatch import publish_pending
 from control.orchestration.ingest import (
     Ingested,
@@ -311,6 +312,7 @@ def run_control(
     """Results ingest, relay and sweeper as a Celery worker on ``results``; with ``api``, the
     HTTP API too, from a thread of this process (on TOOLPLANE_API_BIND)."""
     broker_screen.install()  # a tool's workers may push anything onto results
+    start_control_tracing()  # ingest, sweeper and the API's thread: spans if OTLP is set
     plane.check_database()
     plane.sync_keys()
     plane.policy  # noqa: B018 - load and record the policy version before serving

@@ -9,6 +9,7 @@ again for a different request, it is refused.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from control.orchestration.intake import Governance, Submitter, dispatching
 from control.orchestration.manifests import not_approved
 from control.orchestration.orchestrator import RunState, advance
 from control.orchestration.runs import RunView, view_of
+from control.orchestration.spans import intake_span
 from control.orchestration.states import NodeStatus, RunStatus
 from control.orchestration.validation import check_label, validate_args
 from control.orchestration.workflows import WorkflowSpec, coerce_inputs, render, single_call
@@ -171,6 +173,7 @@ def submit_run(
     call: bool = False,
 ) -> Submitted:
     """Record a run of ``request.spec``, decide its first nodes, stage what is allowed. Commits."""
+    started_ns = time.time_ns()  # the intake span's start, once the run has its id
     spec = request.spec
     inputs = coerce_inputs(spec, request.inputs)
     request_sha256 = _request_sha256(request, inputs)
@@ -257,7 +260,10 @@ def submit_run(
         )
     ]
     state = RunState(run=run, nodes=nodes, submitter=Submitter.of(identity))
-    with dispatching(session, gov) as done:
+    with (
+        intake_span(run_id, start_ns=started_ns, workflow=spec.name, tenant=identity.tenant_id),
+        dispatching(session, gov) as done,
+    ):
         advance(session, gov, state, events, done, now=now)
         append_events(session, events)
         view = view_of(session, identity, run, list(nodes.values()))  # before the commit
