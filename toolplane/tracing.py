@@ -91,6 +91,9 @@ class _RunIdGenerator:
         forced = _FORCED.get()
         return forced.trace_id_int if forced is not None else random.getrandbits(128) or 1
 
+    def is_trace_id_random(self) -> bool:  # W3C level 2's flag: not for a derived id
+        return _FORCED.get() is None
+
 
 @contextmanager
 def forced_ids(ids: Traceparent) -> Iterator[None]:

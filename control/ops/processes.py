@@ -34,7 +34,7 @@ from control.orchestration.manifests import approved_in_force, held_report
 from toolplane.errors import SettingsError
 from toolplane.keystore import KeyStore
 from toolplane.settings import Settings
-from toolplane.tracing import WORKER_TRACE_SETTINGS
+from toolplane.tracing import WORKER_TRACE_SETTINGS, trace_env
 
 # What a worker keeps of its environment (LC_*, TOOLPLANE_WORKER_ENV too; OTLP: docs/tracing.md)
 WORKER_BASE_ENV = tuple("PATH LANG LANGUAGE TZ PYTHONPATH PYTHONDONTWRITEBYTECODE".split())
@@ -231,7 +231,7 @@ def plan_processes(
 
         urls = {**acl_dir_urls(settings.broker_acl_dir, sorted(workers)), **urls}
     source = os.environ if base_env is None else base_env
-    base = {k: v for k, v in source.items() if not k.startswith("TOOLPLANE_")}
+    base = {k: v for k, v in source.items() if not k.startswith("TOOLPLANE_")} | trace_env(source)
     common = {
         **base,
         **_shared_settings(settings),

@@ -54,11 +54,13 @@ def intake_span(run_id: str, *, start_ns: int, **attributes: Any) -> Iterator[No
     if not tracing_on():
         yield
         return
+    request = trace.get_current_span().get_span_context()  # the API's request span, if any
     with forced_ids(run_trace(run_id)):
         span = tracer().start_span(
             "toolplane.intake",
             context=Context(),  # no parent: the root of the run's trace
             attributes=_attributes(run_id=run_id, **attributes),
+            links=[Link(request)] if request.is_valid else None,
             start_time=start_ns,
         )
     with trace.use_span(span, end_on_exit=True):
