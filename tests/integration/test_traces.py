@@ -11,6 +11,8 @@ ingested in the trace of the run the control dispatched, never in the one it cla
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,3 +248,28 @@ def test_the_worker_exports_and_the_tool_never_sees_the_endpoint(
     )
     assert spans[0].service == "toolplane-worker"
     assert spans[0].attributes["toolplane.tool"] == "probe"
+
+
+def test_signed_trace_contexts_verify_in_the_ledger_and_offline(
+    traced: Stack, tmp_path: Path
+) -> None:
+    """The envelopes and results that carry a traceparent are in the evidence as signed,
+    and their digests and receipts verify there and in an offline bundle."""
+    token = traced.tenant()
+    run = traced.http(token).call("read_repo_file", {"path": "README.md"}, wait=True)
+    assert run.status == "completed"
+    node = node_of(traced, token, run.run_id)
+    assert node.envelope["envelope"]["traceparent"] is not None  # tracing was on
+    report = traced.client(token).verify_ledger(run_id=run.run_id)
+    assert report.ok and report.receipts >= 1, report.broken
+    done = traced.cli("ledger", "checkpoint", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out, trust = tmp_path / "run.bundle.json", tmp_path / "trust.json"
+    done = traced.cli("ledger", "export", run.run_id, "--out", str(out), token=token)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert traced.cli("ledger", "trust", "--out", str(trust)).returncode == 0
+    verified = traced.cli("ledger", "verify-bundle", str(out), "--trust", str(trust), "--json")
+    assert verified.returncode == 0, verified.stdout
+    assert json.loads(verified.stdout)["receipts_verified"] >= 1
+    leaves = [base64.b64decode(e["leaf"]) for e in json.loads(out.read_text())["events"]]
+    assert sum(b'"traceparent":"00-' in leaf for leaf in leaves) == 2  # dispatched, completed
