@@ -273,3 +273,30 @@ def test_signed_trace_contexts_verify_in_the_ledger_and_offline(
     assert json.loads(verified.stdout)["receipts_verified"] >= 1
     leaves = [base64.b64decode(e["leaf"]) for e in json.loads(out.read_text())["events"]]
     assert sum(b'"traceparent":"00-' in leaf for leaf in leaves) == 2  # dispatched, completed
+
+
+def test_a_call_approved_later_is_dispatched_in_its_runs_trace(
+    traced: Stack, receiver: OtlpReceiver
+) -> None:
+    """The approval comes in another request, hours later perhaps: the dispatch it makes
+    still joins the run's trace, under its root."""
+    admin = traced.http(traced.tenant())
+    submitter = traced.http(admin.issue_token("traces-submitter", "submitter").token)
+    approver = traced.http(admin.issue_token("traces-approver", "approver").token)
+    held = submitter.call("read_repo_file", {"path": "README.md"}, environment="prod")
+    assert held.status == "awaiting_approval", held
+    assert approver.approve(held.run_id, "read_repo_file", reason="ok").status == "granted"
+    assert submitter.wait(held.run_id, timeout=60).status == "completed"
+    spans = wait_for(
+        lambda: spans_of(receiver, held.run_id, ["read_repo_file"]), timeout=30, what="spans"
+    )
+    ids = run_trace(held.run_id)
+    assert {s.trace_id for s in spans} == {ids.trace_id}
+    intake, decision = one(spans, "intake"), one(spans, "decision")
+    dispatch = one(spans, "dispatch")
+    assert decision.parent_span_id == intake.span_id
+    assert decision.attributes["toolplane.needs_approval"] is True
+    assert decision.attributes["toolplane.node_status"] == "awaiting_approval"
+    assert dispatch.parent_span_id == ids.span_id == intake.span_id  # the root, later
+    assert dispatch.start_ns > intake.end_ns
+    assert one(spans, "ingest").parent_span_id == dispatch.span_id
