@@ -31,6 +31,7 @@ def build_result(
     error: tuple[str, str] | None = None,
     containment: str,
     fetches: list[dict[str, Any]] | None = None,
+    traceparent: str | None = None,
 ) -> ToolResult:
     finished = now_ms()
     return ToolResult(
@@ -51,6 +52,7 @@ def build_result(
         error=None if error is None else ToolError(code=error[0], message=error[1][:4000]),
         containment=containment,
         fetches=fetches or [],
+        traceparent=traceparent,
     )
 
 

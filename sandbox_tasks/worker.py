@@ -10,6 +10,7 @@ becomes a signed refusal.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from sandbox_tasks.keys import WorkerKeys
 from sandbox_tasks.metrics import WorkerMetrics, job_summary
 from sandbox_tasks.receipts import build_result, sign_manifest, sign_result
 from sandbox_tasks.registry import ToolContext, ToolSpec, constrained
+from sandbox_tasks.tracing import JobTrace, start_worker_tracing, stop_worker_tracing
 from toolplane import logfields
 from toolplane.canonical import CanonicalJSONError
 from toolplane.canonical import digest as canonical_digest
@@ -75,12 +77,16 @@ def received_digest(raw: Any) -> str | None:
         return None
 
 
-def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResult:
+def handle_job(
+    raw: Any, deps: WorkerDeps, *, retry_in: Any = None, trace: JobTrace | None = None
+) -> ToolResult:
     """Verify, claim, run and report one job; returns the (unsigned) result to publish.
 
     ``retry_in(seconds)`` is called (and must raise) when another worker holds a
     live claim on the job, so the message comes back later instead of being lost.
+    ``trace`` gets the job's spans (sandbox_tasks.tracing), from the verified envelope on.
     """
+    job = trace if trace is not None else JobTrace()
     started = now_ms()
     spec = deps.spec
 
@@ -93,6 +99,7 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
             envelope=envelope,
             envelope_sha256=digest,
             containment=deps.executor.containment,
+            traceparent=job.traceparent,
             **kw,
         )
 
@@ -112,13 +119,14 @@ def handle_job(raw: Any, deps: WorkerDeps, *, retry_in: Any = None) -> ToolResul
         log.warning("job.refused code=%s reason=%s", code, message)
         return report("refusal", None, received_digest(raw), error=(code, message))
     envelope, digest = signed.envelope, signed.digest
+    job.verified(envelope)  # its trace context is the control's, signed: now followed
     ids = {"run_id": envelope.run_id, "node_id": envelope.node_id, "job_id": envelope.job_id}
     with logfields.bound(**ids, tenant=envelope.tenant):  # every line of this job carries them
-        return _claim_and_run(envelope, digest, deps, report, retry_in)
+        return _claim_and_run(envelope, digest, deps, report, retry_in, job)
 
 
 def _claim_and_run(
-    envelope: Any, digest: str, deps: WorkerDeps, report: Any, retry_in: Any
+    envelope: Any, digest: str, deps: WorkerDeps, report: Any, retry_in: Any, job: JobTrace
 ) -> ToolResult:
     spec = deps.spec
 
@@ -146,7 +154,8 @@ def _claim_and_run(
     else:
         log.info("job.start job=%s containment=%s", envelope.job_id, deps.executor.containment)
         try:
-            outcome = deps.executor.run(spec, args, deps.context, tenant=envelope.tenant)
+            with job.span("sandbox_run", containment=deps.executor.containment):
+                outcome = deps.executor.run(spec, args, deps.context, tenant=envelope.tenant)
         except OSError as e:  # fork, pipe or scratch failed: the call fails, the worker lives
             log.exception("executor.failed job=%s", envelope.job_id)
             outcome = Outcome(False, None, "tool_error", f"executor: {e}")
@@ -212,20 +221,22 @@ def build_worker_app(
         def retry_in(seconds: float) -> None:
             raise self.retry(countdown=seconds)
 
-        result = handle_job(raw, deps, retry_in=retry_in)
+        job = JobTrace()
+        result = handle_job(raw, deps, retry_in=retry_in, trace=job)
         ids = {"run_id": result.run_id, "node_id": result.node_id, "job_id": result.job_id}
         with logfields.bound(**ids):
-            return _publish(result)
+            return _publish(result, job)
 
-    def _publish(result: ToolResult) -> dict[str, Any]:
-        message = sign_result(result, deps.keys.signer())
-        app.send_task(
-            celeryconfig.INGEST_TASK,
-            args=[message.model_dump(mode="json")],
-            queue=celeryconfig.RESULTS_QUEUE,
-            argsrepr=f"(<signed {result.kind} {result.job_id}>,)",  # events show no result
-            kwargsrepr="{}",
-        )
+    def _publish(result: ToolResult, job: JobTrace) -> dict[str, Any]:
+        with job.span("receipt", kind=result.kind, ok=result.ok):
+            message = sign_result(result, deps.keys.signer())
+            app.send_task(
+                celeryconfig.INGEST_TASK,
+                args=[message.model_dump(mode="json")],
+                queue=celeryconfig.RESULTS_QUEUE,
+                argsrepr=f"(<signed {result.kind} {result.job_id}>,)",  # events show no result
+                kwargsrepr="{}",
+            )
         if result.kind == "result" and result.job_id is not None:
             # Published first, then done: a crash in between re-runs the job,
             # and control accepts only one result per (node, attempt).
@@ -241,8 +252,13 @@ def build_worker_app(
         except OSError as e:  # a full or read-only scratch must not stop the worker
             log.warning("worker.heartbeat_file path=%s error=%s", beat, e)
 
+    @signals.worker_process_init.connect(weak=False)
+    def start_tracing(**_: Any) -> None:  # after the fork: the exporter's thread is this pool's
+        start_worker_tracing(deps.spec.name, os.environ)
+
     @signals.worker_process_shutdown.connect(weak=False)
     def stop_runners(**_: Any) -> None:
+        stop_worker_tracing()
         close = getattr(deps.executor, "close", None)  # kill the runners, remove their cgroups
         if close is not None:
             try:

@@ -11,9 +11,17 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 from toolplane.canonical import canonical_json, sha256_hex
+from toolplane.tracecontext import TRACEPARENT_PATTERN, check_traceparent
 
 __all__ = [
     "Envelope",
@@ -35,6 +43,28 @@ Hex64 = Field(pattern=r"^[0-9a-f]{64}$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class _Traced(_Strict):
+    """A message that may carry a W3C trace context (docs/tracing.md).
+
+    ``traceparent`` is signed with the rest when present, and left out of the dump (so out
+    of the signed bytes and the digest) when absent: a message made before the field
+    existed, or without tracing, has the same bytes, signature and digest as before."""
+
+    traceparent: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN)
+
+    @field_validator("traceparent")
+    @classmethod
+    def _valid_traceparent(cls, value: str | None) -> str | None:
+        return check_traceparent(value)
+
+    @model_serializer(mode="wrap")
+    def _without_absent_traceparent(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("traceparent") is None:
+            data.pop("traceparent", None)
+        return data
 
 
 def signed_bytes(model: BaseModel) -> bytes:
@@ -62,7 +92,7 @@ def job_id_for(run_id: str, node_id: str, attempt: int) -> str:
     return f"{run_id}/{node_id}/{attempt}"
 
 
-class Envelope(_Strict):
+class Envelope(_Traced):
     """A job that control has decided and signed; only this makes a worker run a tool."""
 
     v: Literal[1] = 1
@@ -87,6 +117,7 @@ class Envelope(_Strict):
     expires_at: int  # epoch ms
     nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
     key_id: str
+    # traceparent (from _Traced): the dispatch span of this job, set only while tracing
 
 
 class SignedEnvelope(_Strict):
@@ -103,7 +134,7 @@ class ToolError(_Strict):
     message: str = Field(max_length=4000)
 
 
-class ToolResult(_Strict):
+class ToolResult(_Traced):
     """What a worker reports for one job: a run, a failure, or a refusal of the envelope."""
 
     v: Literal[1] = 1
@@ -124,6 +155,7 @@ class ToolResult(_Strict):
     error: ToolError | None = None
     containment: str = "fork-rlimits"
     fetches: list[dict[str, Any]] = Field(default_factory=list)  # egress, covered by the receipt
+    # traceparent (from _Traced): the worker's span; control never trusts it to pick a trace
 
 
 class Receipt(_Strict):

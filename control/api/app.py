@@ -21,6 +21,7 @@ from control.api.models import Problem
 from control.api.problems import PROBLEMS, BodyLimit, install_problem_handlers
 from control.api.routes import catalog, governance, health, ledger, metrics, runs
 from control.ops.runtime import ControlPlane
+from control.ops.tracing import start_control_tracing
 
 __all__ = ["API_VERSION", "build_app"]
 
@@ -28,6 +29,7 @@ API_VERSION = "1"
 
 
 def build_app(plane: ControlPlane) -> FastAPI:
+    start_control_tracing()  # once per process: on if an OTLP endpoint is configured
     hub = RunEventHub(plane.database_url)
 
     @contextlib.asynccontextmanager

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from toolplane.errors import SettingsError
 from toolplane.settings import Settings
+from toolplane.tracing import WORKER_TRACE_SETTINGS
 
 # What a worker keeps of the environment it starts from (LC_* too; TOOLPLANE_WORKER_ENV more)
 WORKER_BASE_ENV = tuple("PATH LANG LANGUAGE TZ PYTHONPATH PYTHONDONTWRITEBYTECODE".split())
-WORKER_BASE_ENV += ("PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONUTF8")
+WORKER_BASE_ENV += ("PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONUTF8", *WORKER_TRACE_SETTINGS)
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 __all__ = ["ENV_NAME", "WORKER_BASE_ENV", "api_env", "worker_env"]

@@ -41,6 +41,7 @@ from control.orchestration.manifests import approved_in_force, held_report
 from toolplane.errors import SettingsError
 from toolplane.keystore import KeyStore
 from toolplane.settings import Settings
+from toolplane.tracing import trace_env
 
 __all__ = [
     "ProcessSpec",
@@ -159,7 +160,7 @@ def plan_processes(
 
         urls = {**acl_dir_urls(settings.broker_acl_dir, sorted(workers)), **urls}
     source = os.environ if base_env is None else base_env
-    base = {k: v for k, v in source.items() if not k.startswith("TOOLPLANE_")}
+    base = {k: v for k, v in source.items() if not k.startswith("TOOLPLANE_")} | trace_env(source)
     common = {
         **base,
         **_shared_settings(settings),

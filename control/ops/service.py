@@ -37,6 +37,7 @@ from control.governance.approvals import expire_approvals
 from control.ops.batcher import ResultBatcher
 from control.ops.metrics import install as install_metrics
 from control.ops.runtime import ControlPlane
+from control.ops.tracing import start_control_tracing
 from control.orchestration.dispatch import publish_pending
 from control.orchestration.ingest import (
     Ingested,
@@ -313,6 +314,7 @@ def run_control(
     HTTP API too, from a thread of this process (on TOOLPLANE_API_BIND)."""
     broker_screen.install()  # a tool's workers may push anything onto results
     install_metrics(plane.settings.home, plane.engine)  # before prometheus_client is imported
+    start_control_tracing()  # ingest, sweeper and the API's thread: spans if OTLP is set
     plane.check_database()
     plane.sync_keys()
     plane.policy  # noqa: B018 - load and record the policy version before serving

@@ -118,6 +118,7 @@ def sign_envelope(
     limits: dict[str, int | float] | None = None,
     egress: list[str] | None = None,
     private_egress: list[str] | None = None,
+    traceparent: str | None = None,
 ) -> SignedEnvelope:
     issued = now_ms()
     envelope = Envelope(
@@ -142,6 +143,7 @@ def sign_envelope(
         expires_at=issued + ttl_s * 1000,
         nonce=new_nonce(),
         key_id=signer.key_id,
+        traceparent=traceparent,
     )
     return SignedEnvelope(envelope=envelope, signature=signer.sign(signed_bytes(envelope)))
 

@@ -34,6 +34,7 @@ the ledger's verification judges the key by later.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -47,6 +48,7 @@ from control.orchestration.acceptance import Outcome, Settle, decide
 from control.orchestration.artifacts import Artifacts
 from control.orchestration.intake import Governance, dispatching
 from control.orchestration.orchestrator import RunState, advance, lock_run
+from control.orchestration.spans import record_ingest
 from control.orchestration.unverified import DETAIL_CAP, record_unverified
 from ledger.chain import NewEvent
 from ledger.models import Attempt, Node, Run
@@ -56,6 +58,7 @@ from toolplane import logfields
 from toolplane.canonical import contains_nul
 from toolplane.messages import ResultMessage
 from toolplane.signing import KeyRing
+from toolplane.tracing import tracing_on
 
 log = logging.getLogger("toolplane.ingest")
 
@@ -142,6 +145,7 @@ class _Batch:
     outcomes: list[Outcome | None]
     unverified: list[_Unverified] = field(default_factory=list)
     ready: dict[str, int] = field(default_factory=dict)
+    traced: list[dict[str, Any]] = field(default_factory=list)  # ingest spans, if tracing
 
 
 def ingest_result(
@@ -188,6 +192,7 @@ def ingest_batch(
     (``advance_ready``), so that the batch's messages can be acknowledged sooner.
     ``before_commit`` is a fault-injection point for tests.
     """
+    started_ns = time.time_ns()  # each ingest span's start
     # When the control receives them: the keys' trust and every event's time. A key id
     # only selects the key to verify with; every row is locked before the clock is read.
     now: datetime | None = None
@@ -211,6 +216,9 @@ def ingest_batch(
         if before_commit is not None:
             before_commit()
     session.commit()
+    ended_ns = time.time_ns()
+    for traced in batch.traced:
+        record_ingest(**traced, start_ns=started_ns, end_ns=ended_ns)
     for item in batch.unverified:
         _record_unverified(session, raws[item.index], item, now)
         batch.outcomes[item.index] = Outcome.RECEIPT_INVALID
@@ -279,9 +287,35 @@ def _apply(
             )
             continue
         batch.outcomes[index] = decided.outcome
+        if tracing_on() and attempt is not None and state is not None:
+            batch.traced.append(_ingest_trace(state, attempt, message, decided.outcome))
         if decided.ready and state is not None:
             batch.ready[state.run.id] = index
     append_events(session, events, at=now)
+
+
+def _ingest_trace(
+    state: RunState, attempt: Attempt, message: ResultMessage, outcome: Outcome
+) -> dict[str, Any]:
+    """What the ingest span of a bound result needs: the run, node and attempt from the
+    control's own rows, the traceparent of the envelope it signed for that attempt (the
+    node's, if still that attempt's), and the one the result claims (only compared)."""
+    node = state.nodes.get(attempt.node_id)
+    signed = (
+        node.envelope
+        if node is not None and node.envelope_sha256 == attempt.envelope_sha256
+        else None
+    )
+    envelope = (signed or {}).get("envelope") or {}
+    return {
+        "run_id": attempt.run_id,
+        "node_id": attempt.node_id,
+        "attempt": attempt.attempt,
+        "tool": message.result.tool,
+        "outcome": outcome.value,
+        "dispatched": envelope.get("traceparent"),
+        "claimed": message.result.traceparent,
+    }
 
 
 def _lock_runs(session: Session, run_ids: list[str]) -> dict[str, RunState]:

@@ -33,6 +33,7 @@ from control.orchestration.dispatch import (
     sign_envelope,
     stage_job,
 )
+from control.orchestration.spans import annotate, current_traceparent, traced
 from control.orchestration.states import NodeStatus, move_node
 from ledger.chain import NewEvent
 from ledger.models import Approval, Attempt, Node, Run
@@ -103,6 +104,7 @@ def deny_by_policy(
     deny_node(node, "policy_denied", reason, now)
 
 
+@traced("dispatch")
 def dispatch_node(
     session: Session,
     gov: Governance,
@@ -207,6 +209,7 @@ def dispatch_node(
             else None
         ),
         private_egress=list(constraints.private_egress) if constraints else None,
+        traceparent=current_traceparent(),  # this dispatch span: the worker's parent
     )
     expires = ms_to_datetime(signed.envelope.expires_at)
     due = due_at_for(expires, tool_timeout_s=timeout_s)
@@ -351,6 +354,7 @@ def request_approval(
     return approval
 
 
+@traced("decision")
 def decide_node(
     session: Session,
     gov: Governance,
@@ -388,6 +392,7 @@ def decide_node(
             on_behalf_of=run.on_behalf_of,
         )
     )
+    annotate(allowed=decision.allowed, needs_approval=decision.needs_approval)
     events.append(
         NewEvent(
             "PolicyDecision",

@@ -10,6 +10,7 @@ again for a different request, it is refused.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from control.orchestration.intake import Governance, Submitter, dispatching
 from control.orchestration.manifests import not_approved
 from control.orchestration.orchestrator import RunState, advance
 from control.orchestration.runs import RunView, view_of
+from control.orchestration.spans import intake_span
 from control.orchestration.states import NodeStatus, RunStatus
 from control.orchestration.validation import check_label, validate_args
 from control.orchestration.workflows import WorkflowSpec, coerce_inputs, render, single_call
@@ -177,15 +179,24 @@ def submit_run(
     """Record a run of ``request.spec``, decide its first nodes, stage what is allowed. Commits.
 
     Every line logged meanwhile carries the tenant (and a node's dispatch its ids)."""
+    started_ns = time.time_ns()  # the intake span's start, once the run has its id
     with logfields.bound(tenant=identity.tenant_id):
-        done = _submit(session, identity=identity, request=request, gov=gov, call=call)
+        done = _submit(
+            session, identity=identity, request=request, gov=gov, call=call, started_ns=started_ns
+        )
         with logfields.bound(run_id=done.run_id):
             log.info("run.submitted created=%s staged=%s", done.created, len(done.outbox_ids))
         return done
 
 
 def _submit(
-    session: Session, *, identity: Identity, request: RunRequest, gov: Governance, call: bool
+    session: Session,
+    *,
+    identity: Identity,
+    request: RunRequest,
+    gov: Governance,
+    call: bool,
+    started_ns: int,
 ) -> Submitted:
     spec = request.spec
     inputs = coerce_inputs(spec, request.inputs)
@@ -273,7 +284,10 @@ def _submit(
         )
     ]
     state = RunState(run=run, nodes=nodes, submitter=Submitter.of(identity))
-    with dispatching(session, gov) as done:
+    with (
+        intake_span(run_id, start_ns=started_ns, workflow=spec.name, tenant=identity.tenant_id),
+        dispatching(session, gov) as done,
+    ):
         advance(session, gov, state, events, done, now=now)
         append_events(session, events)
         view = view_of(session, identity, run, list(nodes.values()))  # before the commit

@@ -41,7 +41,9 @@ TOOL_SIGNER, TOOL_KEY = ed25519("tool.x")
 RING = KeyRing([CONTROL_KEY, TOOL_KEY])
 
 
-def make(*, signer=CONTROL, tool: str = TOOL, args=None, ttl_s: int = 3600) -> SignedEnvelope:
+def make(
+    *, signer=CONTROL, tool: str = TOOL, args=None, ttl_s: int = 3600, traceparent=None
+) -> SignedEnvelope:
     return sign_envelope(
         signer=signer,
         run_id="run_1",
@@ -54,6 +56,7 @@ def make(*, signer=CONTROL, tool: str = TOOL, args=None, ttl_s: int = 3600) -> S
         decision_id="dec_1",
         policy_version="a" * 64,
         ttl_s=ttl_s,
+        traceparent=traceparent,
     )
 
 
@@ -376,7 +379,8 @@ def test_ttl_sets_expiry():
 
 # -- property-based tampering ------------------------------------------------------
 
-_SIGNED = make()
+# With a trace context, so that changing or removing it is a change too (docs/tracing.md).
+_SIGNED = make(traceparent="00-" + "4b" * 16 + "-" + "a1" * 8 + "-01")
 _RAW = _SIGNED.model_dump(mode="json")
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 PROPERTY = settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
