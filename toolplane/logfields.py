@@ -9,8 +9,8 @@ UTC), ``level``, ``logger``, ``event``, ``message``, the bound ids and ``exc_inf
 ``event`` is a dotted name: ``extra={"event": "job.dispatched"}``, else the message's first
 word where it is dotted (``"job.start job=..."``), else the logger's name (other libraries).
 
-``trace_id`` is an id like the others: tracing code binds it (``bind(trace_id=...)`` or
-``bound(trace_id=...)``) where a span starts, and every line inside carries it.
+``trace_id`` comes with ``run_id``: a run's trace id follows from its id
+(``toolplane.tracecontext.run_trace``), so binding a run binds its trace, in every process.
 
 Secrets never reach a line: passwords in URLs, API tokens (``tp_...``) and bearer
 credentials are masked in the message and the traceback, in both formats.
@@ -29,6 +29,8 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import IO, Any
+
+from toolplane.tracecontext import run_trace
 
 FORMATS = ("text", "json")
 FIELDS = ("run_id", "node_id", "job_id", "tenant", "trace_id")
@@ -72,11 +74,17 @@ def current() -> dict[str, str]:
 def bind(**ids: object) -> contextvars.Token[dict[str, str]]:
     """Bind ids (of FIELDS; None leaves one as it is) until ``unbind(token)``.
 
-    The hook for tracing: ``bind(trace_id=span_context_trace_id_hex)``."""
+    Binding ``run_id`` binds that run's ``trace_id`` too (unless given): the id of the
+    trace its spans are in when tracing is on (``toolplane.tracecontext.run_trace``)."""
     unknown = set(ids) - set(FIELDS)
     if unknown:
         raise ValueError(f"not a log field: {', '.join(sorted(unknown))} (known: {FIELDS})")
     merged = {**_ids.get({}), **{k: str(v) for k, v in ids.items() if v is not None}}
+    run_id = ids.get("run_id")
+    if isinstance(run_id, str) and run_id and ids.get("trace_id") is None:
+        # a run's trace id follows from its id (toolplane.tracecontext.run_trace): the
+        # trace the run's spans are in when tracing is on, the same in every process
+        merged["trace_id"] = run_trace(run_id).trace_id
     return _ids.set(merged)
 
 

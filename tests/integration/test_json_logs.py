@@ -29,6 +29,7 @@ from tests.harness import (
     stop_stack,
 )
 from toolplane.errors import ToolplaneError
+from toolplane.tracecontext import run_trace
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +86,7 @@ def test_a_completed_call_logs_json_with_its_ids(json_stack: Stack) -> None:
     tenant = next(x["tenant"] for x in decided if x.get("run_id") == view.run_id)
     assert tenant.startswith("tn_"), tenant  # the tenant's id
     ours = {"run_id": view.run_id, "node_id": node.node_id, "job_id": job_id, "tenant": tenant}
+    ours["trace_id"] = run_trace(view.run_id).trace_id  # the run's trace, in every process
 
     def events_with_ids(lines: list[dict[str, Any]]) -> set[str]:
         return {x["event"] for x in lines if all(x.get(k) == v for k, v in ours.items())}

@@ -201,3 +201,17 @@ def test_every_log_call_of_ours_starts_with_a_dotted_event_name() -> None:
                 if not given and (text is None or logfields.event_of(record) == "x"):
                     unnamed.append(f"{path.relative_to(root)}:{node.lineno}")
     assert unnamed == []
+
+
+def test_binding_a_run_binds_its_trace() -> None:
+    """A run's trace id follows from its id, so every process's lines of the run name the
+    trace its spans are in (toolplane.tracecontext.run_trace)."""
+    from toolplane.tracecontext import run_trace
+
+    with logfields.bound(run_id="run_abc"):
+        assert logfields.current()["trace_id"] == run_trace("run_abc").trace_id
+        with logfields.bound(run_id="run_def"):
+            assert logfields.current()["trace_id"] == run_trace("run_def").trace_id
+    with logfields.bound(run_id="run_abc", trace_id="4bf92f3577b34da6a3ce929d0e0e4736"):
+        assert logfields.current()["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert "trace_id" not in logfields.current()
