@@ -57,6 +57,10 @@ def published(service: dict[str, Any]) -> list[tuple[str, str, str]]:
     return found
 
 
+# what starts without a profile (docker/observability adds prometheus and grafana)
+DEFAULT = {name: s for name, s in SERVICES.items() if not s.get("profiles")}
+
+
 def test_the_control_serves_the_api_on_every_address_of_its_container_over_tls():
     control = SERVICES["control"]
     env = environment_of(control)
@@ -67,15 +71,17 @@ def test_the_control_serves_the_api_on_every_address_of_its_container_over_tls()
     for source in ("api_tls_cert", "api_tls_key"):
         assert set(COMPOSE["secrets"][source]) == {"file"}, source
         holders = {name for name, s in SERVICES.items() if source in secrets_of(s)}
-        assert holders == {"control"}, source
+        # Prometheus (profile observability) checks the API's certificate; only the
+        # control holds the key
+        assert holders == {"control"} | ({"prometheus"} if source == "api_tls_cert" else set())
     # Not under /run/secrets/env, which the entrypoint reads as one-line variables.
     assert not any(path.startswith("/run/secrets/env/") for path in (CERT, KEY))
     assert "TOOLPLANE_API_CLIENT_CA" not in env, "optional: docker/compose.mtls.yaml"
 
 
 def test_only_the_control_publishes_a_port_besides_flower_on_loopback():
-    ports = {name: published(s) for name, s in SERVICES.items() if s.get("ports")}
-    assert set(ports) == {"control", "flower"}, sorted(ports)
+    ports = {name: published(s) for name, s in DEFAULT.items() if s.get("ports")}
+    assert set(ports) == {"control", "flower"}, sorted(ports)  # optional ones: loopback too
     assert ports["control"] == [("127.0.0.1", str(API_PORT), str(API_PORT))]
     assert ports["flower"] == [("127.0.0.1", "5555", "5555")]
     (entry,) = SERVICES["control"]["ports"]
@@ -87,7 +93,7 @@ def test_only_the_control_publishes_a_port_besides_flower_on_loopback():
 def test_the_api_network_holds_the_control_alone_and_the_rest_stays_internal():
     networks = COMPOSE["networks"]
     on_api = {name for name, s in SERVICES.items() if "api" in networks_of(s)}
-    assert on_api == {"control"}
+    assert on_api == {"control", "prometheus"}  # prometheus: profile observability, scrapes
     assert networks["api"].get("internal") is not True, "an internal network publishes no port"
     assert networks["api"]["name"] == "toolplane-api", "callers' projects join it by name"
     published_from = {"api", "operator"}  # the control's API, Flower
