@@ -8,6 +8,8 @@ Then the per-tool scaling benchmark (benchmarks/scaling.py) on a stack of its ow
 benchmarks/results/<date>-scaling.json and its chart. The per-call cost of containment
 (benchmarks/containment.py) is in the components of <date>.json; ``--only containment``
 measures it alone, beside the figure of an earlier run, into <date>-containment.json.
+``--only observability`` measures what metrics and tracing cost (benchmarks/observability.py:
+three stacks, off, metrics, metrics and tracing) into <date>-observability.json.
 ``--only`` runs one part.
 """
 
@@ -20,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,10 +31,10 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from benchmarks import bare, components, containment, growth, scaling, tenants
+from benchmarks import bare, components, containment, growth, observability, scaling, tenants
 from benchmarks.figures import chart, table
 from benchmarks.targets import targets, targets_table
-from benchmarks.usage import backend_cpu_s, cpu_snapshot, rss_mb
+from benchmarks.usage import backend_cpu_s, cpu_per_call, rss_mb
 from tests.harness import REPO, start_services, start_stack, stop_stack, wait_for
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -44,23 +45,6 @@ console = Console()
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def cpu_per_call(
-    trees: dict[str, int],
-    client: tuple[str, int],
-    run: Callable[[], int],
-    servers: Callable[[], dict[str, float]] | None = None,
-) -> dict[str, float]:
-    """Milliseconds of CPU per call in each process tree, and in the client process alone
-    (the stack's processes are its children: counting them in would count them twice),
-    while ``run`` makes its calls; with ``servers``, the database's and broker's too."""
-    alone = dict([client])
-    before = cpu_snapshot(trees, alone) | (servers() if servers else {})
-    calls = run()
-    after = cpu_snapshot(trees, alone) | (servers() if servers else {})
-    names = [*trees, *alone, *(k for k in after if k not in trees and k not in alone)]
-    return {n: (after[n] - before[n]) * 1000 / calls for n in names if n != "machine"}
 
 
 class Sides:
@@ -378,13 +362,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--only",
-        choices=["overhead", "growth", "tenants", "scaling", "containment", "transparency"],
+        choices=[
+            "overhead",
+            "growth",
+            "tenants",
+            "scaling",
+            "containment",
+            "transparency",
+            "observability",
+        ],
         help="run one part: overhead (bare vs governed, <date>.json), growth (the ledger's "
         "size, <date>-growth.json), tenants (20 tenants against one, <date>-tenants.json), "
         "scaling (per-tool pools, <date>-scaling.json), containment (per-call cost of each "
         "executor, <date>-containment.json) or transparency (Merkle tree, proofs, "
-        "checkpoints, bundles, <date>-transparency.json); default overhead, growth and "
-        "tenants (all in <date>.json), then scaling and transparency",
+        "checkpoints, bundles, <date>-transparency.json) or observability (metrics and "
+        "tracing on against off, three stacks, <date>-observability.json); default "
+        "overhead, growth and tenants (all in <date>.json), then scaling and transparency "
+        "(observability only when asked for)",
     )
     parser.add_argument(
         "--growth-events", type=int, default=1_000_000, help="evidence events to grow to"
@@ -426,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     scaling.add_arguments(parser)
     ns = parser.parse_args(argv)
     stem = ns.stem or datetime.now(UTC).strftime("%Y-%m-%d")
+    if ns.only == "observability":
+        with progress_bar() as progress:
+            result = observability.run(ns, progress=progress)
+        console.print(observability.table(result))
+        console.print(f"wrote {observability.write(result, RESULTS, stem)}")
+        return 0
     if ns.only == "containment":
         containment.report(stem, ns.containment_calls, RESULTS, console)
         return 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psutil
 
 __all__ = [
     "backend_cpu_s",
+    "cpu_per_call",
     "cpu_s",
     "cpu_snapshot",
     "machine_busy_s",
@@ -118,3 +121,20 @@ def backend_cpu_s(redis_port: int) -> dict[str, float]:
         elif proc.info["name"] == "redis-server" and f":{redis_port}" in line:
             redis_s += times.user + times.system
     return {"postgres (the whole server)": pg, "redis-server": redis_s}
+
+
+def cpu_per_call(
+    trees: dict[str, int],
+    client: tuple[str, int],
+    run: Callable[[], int],
+    servers: Callable[[], dict[str, float]] | None = None,
+) -> dict[str, float]:
+    """Milliseconds of CPU per call in each process tree, and in the client process alone
+    (the stack's processes are its children: counting them in would count them twice),
+    while ``run`` makes its calls; with ``servers``, the database's and broker's too."""
+    alone = dict([client])
+    before = cpu_snapshot(trees, alone) | (servers() if servers else {})
+    calls = run()
+    after = cpu_snapshot(trees, alone) | (servers() if servers else {})
+    names = [*trees, *alone, *(k for k in after if k not in trees and k not in alone)]
+    return {n: (after[n] - before[n]) * 1000 / calls for n in names if n != "machine"}

@@ -216,9 +216,9 @@ class Stack:
             receipt_algorithm=self.env.get("TOOLPLANE_RECEIPT_ALGORITHM", "ed25519"),
             receipt_algorithms=self.env.get("TOOLPLANE_RECEIPT_ALGORITHMS", ""),
             **({"worker_user": v} if (v := self.env.get("TOOLPLANE_WORKER_USER")) else {}),
-            **{  # the workers' own metrics endpoints (tests/integration/test_metrics.py)
+            **{  # metrics off, the workers' own endpoints (tests/integration/test_metrics*.py)
                 name: v
-                for name in ("worker_metrics_bind", "worker_metrics_token_file")
+                for name in ("metrics", "worker_metrics_bind", "worker_metrics_token_file")
                 if (v := self.env.get(f"TOOLPLANE_{name.upper()}"))
             },
             **s3_settings(self.env),  # the S3 stores' settings, if a test gives them

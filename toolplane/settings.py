@@ -138,6 +138,11 @@ class Settings(BaseSettings):
         description="results the control ingests in one transaction at most (those already "
         "waiting; it holds as many unacknowledged)",
     )
+    metrics: Literal["on", "off"] = Field(
+        default="on",
+        description="the control's metrics: on (counted at each commit, served at /metrics) "
+        "or off (nothing counted; /metrics answers 404)",
+    )
     metrics_tenant_labels: int = Field(
         default=50,
         ge=0,

@@ -44,5 +44,5 @@ def create_app() -> FastAPI:
     if settings.log_format == "json" and not logging.getLogger().handlers:  # a spawned child
         logfields.setup(logging.INFO, "json")
     plane = ControlPlane.from_settings(settings)
-    install_metrics(plane.settings.home, plane.engine)
+    install_metrics(plane.settings.home, plane.engine, on=plane.settings.metrics == "on")
     return build_app(plane)

@@ -242,7 +242,8 @@ def api(loglevel: str = "INFO", log_format: LogFormatOpt = None) -> None:
 
     setup_logging(loglevel, log_format)
     plane = _plane()
-    install_metrics(plane.settings.home, plane.engine)  # before prometheus_client is imported
+    on = plane.settings.metrics == "on"
+    install_metrics(plane.settings.home, plane.engine, on=on)  # before prometheus_client
     plane.check_database()
     plane.policy  # noqa: B018 - a bundle that does not load stops the start, not a request
     serve(plane, processes=plane.settings.api_processes, log_level=loglevel.lower())

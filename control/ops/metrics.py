@@ -6,6 +6,7 @@ there when each transaction begins) are turned into counts, so
 a count is never ahead of, nor behind, the ledger; a rolled-back transaction counts
 nothing. The API processes and the control daemon each write their own files in one
 directory (prometheus_client's multiprocess mode), and one scrape of the API sums them.
+With ``TOOLPLANE_METRICS=off`` nothing is installed: no hook, no directory, no counting.
 
 The directory is ``$TOOLPLANE_HOME/run/metrics`` unless ``PROMETHEUS_MULTIPROC_DIR`` is
 set; the supervisor (``control.ops.processes``) empties it when it starts a stack whose
@@ -209,9 +210,12 @@ class ControlMetrics:
             self.kills.labels(tool, limit).inc()
 
 
-def install(home: Path, engine: Engine) -> ControlMetrics:
+def install(home: Path, engine: Engine, *, on: bool = True) -> ControlMetrics | None:
     """This process's metrics (once): the multiprocess directory, then the observer of
-    every session's commits."""
+    every session's commits. Off (``TOOLPLANE_METRICS=off``): neither, and None."""
+    if not on:
+        log.info("metrics.off")
+        return None
     with _lock:
         if _installed:
             return _installed[0]

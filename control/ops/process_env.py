@@ -42,7 +42,7 @@ def _ledger_settings(settings: Settings) -> dict[str, str]:
     """The control's ingest batch, checkpoint, witness, receipt-kind and artifact settings."""
     names = "deployment checkpoint_dir checkpoint_interval_s witness_urls witness_keys".split()
     names += ["receipt_algorithms", "artifact_dir", "artifact_threshold", "ingest_batch"]
-    names += ["metrics_tenant_labels"]
+    names += ["metrics", "metrics_tenant_labels"]
     values = {name: getattr(settings, name) for name in names}
     return {f"TOOLPLANE_{k.upper()}": str(v) for k, v in values.items() if v is not None}
 

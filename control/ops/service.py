@@ -313,7 +313,8 @@ def run_control(
     """Results ingest, relay and sweeper as a Celery worker on ``results``; with ``api``, the
     HTTP API too, from a thread of this process (on TOOLPLANE_API_BIND)."""
     broker_screen.install()  # a tool's workers may push anything onto results
-    install_metrics(plane.settings.home, plane.engine)  # before prometheus_client is imported
+    on = plane.settings.metrics == "on"
+    install_metrics(plane.settings.home, plane.engine, on=on)  # before prometheus_client
     start_control_tracing()  # ingest, sweeper and the API's thread: spans if OTLP is set
     plane.check_database()
     plane.sync_keys()
