@@ -8,6 +8,7 @@ database and its own Redis database number, and removes them at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,21 @@ def own_services(services: Services) -> Services:
         database=name,
         _redis_db=int(redis_url.rsplit("/", 1)[1]),
     )
+
+
+@contextlib.contextmanager
+def own_stack(services: Services, home: Path, **kwargs: Any) -> Iterator[Stack]:
+    """A stack on services of its own (``own_services``: no other stack's control takes its
+    messages), started with ``start_stack(..., **kwargs)``; stopped and dropped after."""
+    own = own_services(services)
+    try:
+        running = start_stack(own, home, **kwargs)
+        try:
+            yield running
+        finally:
+            stop_stack(running)
+    finally:
+        own.close()
 
 
 @dataclass

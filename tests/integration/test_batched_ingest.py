@@ -29,7 +29,12 @@ import celeryconfig
 from control.ops.service import FAULT_FILE_ENV
 from control.orchestration.ingest import Outcome, ingest_batch
 from ledger.models import EvidenceEvent
-from tests.harness import Services, Stack, own_services, start_stack, stop_stack, wait_for
+from tests.harness import (
+    Services,
+    Stack,
+    own_stack,
+    wait_for,
+)
 from toolplane.canonical import digest
 
 pytestmark = pytest.mark.integration
@@ -47,17 +52,10 @@ def batched(
     services: Services, tmp_path_factory: pytest.TempPathFactory, fault_file: Path
 ) -> Iterator[Stack]:
     """Its own Redis database and ledger: no other stack's control takes its results."""
-    own = own_services(services)
     home = Path(tmp_path_factory.mktemp("batched"))
     extra = {FAULT_FILE_ENV: str(fault_file), "TOOLPLANE_VISIBILITY_TIMEOUT": "10"}
-    try:
-        running = start_stack(own, home, workers={TOOL: 1}, extra_env=extra)
-        try:
-            yield running
-        finally:
-            stop_stack(running)
-    finally:
-        own.close()
+    with own_stack(services, home, workers={TOOL: 1}, extra_env=extra) as running:
+        yield running
 
 
 @pytest.fixture

@@ -24,9 +24,7 @@ from tests.harness import (
     Services,
     Stack,
     make_env,
-    own_services,
-    start_stack,
-    stop_stack,
+    own_stack,
 )
 from toolplane.errors import ToolplaneError
 from toolplane.tracecontext import run_trace
@@ -39,18 +37,12 @@ KEYS = {"ts", "level", "logger", "event", "message"}
 
 @pytest.fixture(scope="module")
 def json_stack(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    own = own_services(services)  # its own results queue: no other stack's control takes them
+    """Its own results queue: no other stack's control takes them."""
     home = Path(tmp_path_factory.mktemp("json-logs"))
-    try:
-        running = start_stack(
-            own, home, workers={TOOL: 1}, extra_env={"TOOLPLANE_LOG_FORMAT": "json"}
-        )
-        try:
-            yield running
-        finally:
-            stop_stack(running)
-    finally:
-        own.close()
+    with own_stack(
+        services, home, workers={TOOL: 1}, extra_env={"TOOLPLANE_LOG_FORMAT": "json"}
+    ) as running:
+        yield running
 
 
 def parsed(stack: Stack, name: str) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from control.ops.metrics import metrics_dir
-from tests.harness import Services, Stack, own_services, start_stack, stop_stack
+from tests.harness import Services, Stack, own_stack
 from tests.integration.govern import operator_admin
 
 pytestmark = pytest.mark.integration
@@ -19,21 +19,14 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def unmetered(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    own = own_services(services)
     home = Path(tmp_path_factory.mktemp("unmetered"))
-    try:
-        running = start_stack(
-            own,
-            home,
-            workers={"read_repo_file": 1},
-            extra_env={"TOOLPLANE_METRICS": "off", "TOOLPLANE_API_PROCESSES": "1"},
-        )
-        try:
-            yield running
-        finally:
-            stop_stack(running)
-    finally:
-        own.close()
+    with own_stack(
+        services,
+        home,
+        workers={"read_repo_file": 1},
+        extra_env={"TOOLPLANE_METRICS": "off", "TOOLPLANE_API_PROCESSES": "1"},
+    ) as running:
+        yield running
 
 
 def get_metrics(stack: Stack, token: str | None) -> httpx.Response:

@@ -26,7 +26,12 @@ from sqlalchemy import select
 import celeryconfig
 from ledger.models import Node
 from sandbox_tasks.receipts import build_result, sign_result
-from tests.harness import Services, Stack, own_services, start_stack, stop_stack, wait_for
+from tests.harness import (
+    Services,
+    Stack,
+    own_stack,
+    wait_for,
+)
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from toolplane.keystore import KeyStore
 from toolplane.messages import SignedEnvelope
@@ -54,17 +59,10 @@ def traced(
     services: Services, tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver
 ) -> Iterator[Stack]:
     """A stack of its own whose processes export their spans to ``receiver``."""
-    own = own_services(services)
     home = Path(tmp_path_factory.mktemp("traced"))
     extra = {"TOOLPLANE_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    try:
-        running = start_stack(own, home, workers={t: 1 for t in TOOLS}, extra_env=extra)
-        try:
-            yield running
-        finally:
-            stop_stack(running)
-    finally:
-        own.close()
+    with own_stack(services, home, workers={t: 1 for t in TOOLS}, extra_env=extra) as running:
+        yield running
 
 
 def spans_of(receiver: OtlpReceiver, run_id: str, node_ids: list[str]) -> list[ReceivedSpan]:

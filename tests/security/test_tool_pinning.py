@@ -28,7 +28,12 @@ from ledger.models import EvidenceEvent, Node, ToolAnnouncement, ToolApproval
 from ledger.verify import verify_ledger
 from sandbox_tasks.receipts import sign_manifest
 from sandbox_tasks.registry import load_tools
-from tests.harness import Services, Stack, own_services, start_stack, stop_stack, wait_for
+from tests.harness import (
+    Services,
+    Stack,
+    own_stack,
+    wait_for,
+)
 from toolplane.canonical import digest
 from toolplane.keystore import KeyStore
 
@@ -40,16 +45,9 @@ CATASTROPHIC = "^(.*?,){12}P"
 @pytest.fixture(scope="module")
 def pinned(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Its own Redis database and ledger: no other stack's control takes its messages."""
-    own = own_services(services)
     home = Path(tmp_path_factory.mktemp("pinning"))
-    try:
-        running = start_stack(own, home, workers={"sleepy": 1})
-        try:
-            yield running
-        finally:
-            stop_stack(running)
-    finally:
-        own.close()
+    with own_stack(services, home, workers={"sleepy": 1}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
