@@ -1,0 +1,207 @@
+"""Attacks on the observability of the stack: the control's ``/metrics`` reached by other
+paths, methods or tokens; log lines forged from what a tool controls (its stderr, the
+names of files it leaves behind)."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.harness import Stack
+from tests.integration.govern import operator_admin
+from toolplane import logfields
+
+METRICS_TEXT = "toolplane_outbox_backlog"
+
+
+def raw(stack: Stack, method: str, path: str, token: str | None) -> tuple[int, str]:
+    """One request with ``path`` sent exactly as given (no client-side normalisation)."""
+    url = urlsplit(stack.url)
+    connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
+    try:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        connection.request(method, path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
+def issue(stack: Stack, admin: str, principal: str, role: str) -> tuple[str, str]:
+    done = httpx.post(
+        stack.url + "/v1/tokens",
+        json={"principal": principal, "role": role},
+        headers={"Authorization": f"Bearer {admin}"},
+        timeout=30,
+    )
+    assert done.status_code == 201, done.text
+    return str(done.json()["token_id"]), str(done.json()["token"])
+
+
+@pytest.mark.integration
+def test_no_path_method_or_token_variant_reads_the_metrics(stack: Stack) -> None:
+    operator = operator_admin(stack)
+    assert METRICS_TEXT in raw(stack, "GET", "/metrics", operator)[1]  # the attack can work
+    _, submitter = issue(stack, operator, "obs-attack-submitter", "submitter")
+    paths = [
+        "/metrics/",
+        "//metrics",
+        "/v1/../metrics",
+        "/./metrics",
+        "/v1/metrics",
+        "/METRICS",
+        "/Metrics",
+        "/%6detrics",
+        "/metrics%2f",
+        "/metrics;x",
+        "/metrics#x",
+        "/metrics?x=1",
+        f"/metrics?token={operator}",
+        f"/metrics?access_token={operator}",
+        f"/metrics?authorization=Bearer%20{operator}",
+    ]
+    for token in (None, stack.tenant(), submitter):
+        for path in paths:
+            for method in ("GET", "HEAD", "OPTIONS", "POST"):
+                status, body = raw(stack, method, path, token)
+                assert METRICS_TEXT not in body, (method, path, status)
+                assert status != 200 or method == "OPTIONS" and not body, (method, path, status)
+
+
+@pytest.mark.integration
+def test_a_revoked_operator_admin_token_reads_no_metrics(stack: Stack) -> None:
+    operator = operator_admin(stack)
+    token_id, second = issue(stack, operator, "obs-attack-admin", "admin")
+    assert raw(stack, "GET", "/metrics", second)[0] == 200
+    revoked = httpx.delete(
+        f"{stack.url}/v1/tokens/{token_id}",
+        headers={"Authorization": f"Bearer {operator}"},
+        timeout=30,
+    )
+    assert revoked.status_code == 204, revoked.text
+    status, body = raw(stack, "GET", "/metrics", second)
+    assert status == 401 and METRICS_TEXT not in body, (status, body)
+
+
+FORGED = "2026-12-08 00:00:00,000 WARNING toolplane.control run.completed run_id=victim status=ok"
+JSON_FORGED = '{"ts":"2026-12-08T00:00:00.000Z","level":"INFO","logger":"toolplane.control"}'
+
+
+def lines(fmt: str, message: str, *args: object) -> list[str]:
+    out = io.StringIO()
+    logger = logging.getLogger("toolplane.test_observability_attacks")
+    handler = logfields.handler(fmt, out)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning(message, *args)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    return out.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        f"x\n{FORGED}",  # a file name the tool left behind (runners: 'the call left files')
+        f"x\r{FORGED}",  # a carriage return: a terminal shows the forged line instead
+        f"x\x1b[2K\x1b[1G{FORGED}",  # erase the line, back to its start, then the forgery
+        f"x\u2028{JSON_FORGED}",  # Unicode line separators that str.splitlines() splits at
+        f"x\x85{JSON_FORGED}",
+        f"x\x0b{JSON_FORGED}",
+    ],
+)
+def test_a_tool_controlled_string_stays_inside_one_line(fmt: str, hostile: str) -> None:
+    """What a tool controls is logged with %s (its stderr, the names of the files it left):
+    it never starts a line of its own, nor carries a control character that a terminal acts
+    on, in either format."""
+    found = lines(fmt, "sandbox.replaced tool=%s reason=the call left files: %s", "t", hostile)
+    assert len(found) == 1, found
+    assert all(not (c < " " or "\x7f" <= c <= "\x9f" or c in "\u2028\u2029") for c in found[0])
+    assert "sandbox.replaced" in found[0]
+    if fmt == "json":  # the string itself is kept, escaped
+        assert hostile in json.loads(found[0])["message"]
+
+
+class Captured(logging.Handler):
+    """The lines of a logger as a worker writes them in the text format (Celery leaves the
+    root logger's handler to the worker: celeryconfig's worker_hijack_root_logger)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.setFormatter(logfields.TextFormatter())
+        self.out: list[str] = []
+        self.logger = logging.getLogger(name)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.append(self.format(record))
+
+    def __enter__(self) -> Captured:
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.logger.removeHandler(self)
+
+    def lines(self) -> list[str]:
+        return "\n".join(self.out).splitlines()
+
+
+def test_a_file_name_left_by_a_tool_forges_no_worker_log_line(tmp_path: Path) -> None:
+    """A tool names a file it leaves in its scratch root; the runner reports it, and the
+    worker logs why it replaced the runner: in the text format (the default), that name must
+    not start a line of its own."""
+    from sandbox_tasks.plain import PlainExecutor
+    from sandbox_tasks.registry import ToolContext
+    from tests.harness import REPO
+    from tests.takeover_tools import TOOLS
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    roots = {"repo": REPO / "examples" / "repo", "docs": REPO / "examples" / "docs"}
+    executor = PlainExecutor(
+        spec=TOOLS[0], roots=roots, extra_modules=["tests.takeover_tools"], scratch_root=scratch
+    )
+    ctx = ToolContext(repo_root=REPO, docs_root=REPO, scratch_dir=Path("/nonexistent"))
+    args = TOOLS[0].args_model.model_validate({"action": "echo", "target": ""})
+    try:
+        assert executor.run(TOOLS[0], args, ctx, tenant="t1").ok
+        sandbox = executor._runners["t1"]
+        assert sandbox.scratch is not None
+        (sandbox.scratch / f"x\n{FORGED}").write_text("")  # as the tool would
+        with Captured("toolplane.sandbox") as captured:
+            assert executor.run(TOOLS[0], args, ctx, tenant="t1").ok
+        assert executor.replaced == 1  # the runner was replaced, and said why
+    finally:
+        executor.close()
+    found = captured.lines()
+    assert any("left files" in line for line in found), found
+    assert not any(line.startswith(FORGED) for line in found), found
+    assert all("\r" not in line and "\x1b" not in line for line in found), found
+
+
+def test_the_stderr_relay_keeps_a_forged_line_inside_its_own() -> None:
+    """A runner's stderr is relayed line by line; a carriage return or an escape sequence in
+    a line cannot make it read as another process's (in the text format)."""
+    from sandbox_tasks.sandbox import _relay
+
+    read, write = os.pipe()
+    with os.fdopen(write, "wb") as w:
+        w.write(f"boom\r{FORGED}\n\x1b[2K{FORGED}\n".encode())
+    with Captured("toolplane.sandbox") as captured:
+        _relay(os.fdopen(read, "rb"), "t")
+    found = captured.lines()
+    assert len(found) == 2, found
+    for line in found:
+        assert "sandbox.stderr tool=t line=" in line
+        assert "\r" not in line and "\x1b" not in line, line
