@@ -17,6 +17,7 @@ import hmac
 import logging
 import threading
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -136,9 +137,43 @@ def _read_token(path: Path | None) -> bytes | None:
     return token
 
 
+MAX_CLIENTS = 16  # requests served at once; a connection beyond is closed at once
+CLIENT_TIMEOUT_S = 10.0  # a client that sends nothing (or half a request) for this long
+
+
 class _Quiet(WSGIRequestHandler):
+    timeout = CLIENT_TIMEOUT_S  # StreamRequestHandler: the socket's timeout, for each read
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per request, at most MAX_CLIENTS at once: a client that connects and
+    sends nothing (any local process may) neither stops the scrape nor grows threads."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def serve_metrics(metrics: WorkerMetrics, bind: str, token_file: Path | None) -> WSGIServer:
@@ -157,7 +192,7 @@ def serve_metrics(metrics: WorkerMetrics, bind: str, token_file: Path | None) ->
                 return [b"the worker's metrics need its bearer token\n"]
         return inner(environ, start_response)
 
-    server = make_server(host, port, app, handler_class=_Quiet)
+    server = make_server(host, port, app, server_class=_Server, handler_class=_Quiet)
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
     log.info("worker.metrics bind=%s:%s token=%s", host, server.server_port, token is not None)

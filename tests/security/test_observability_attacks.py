@@ -1,6 +1,6 @@
 """Attacks on the observability of the stack: the control's ``/metrics`` reached by other
-paths, methods or tokens; log lines forged from what a tool controls (its stderr, the
-names of files it leaves behind)."""
+paths, methods or tokens; the worker's metrics endpoint held by an idle client; log lines
+forged from what a tool controls (its stderr, the names of files it leaves behind)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,16 @@ import io
 import json
 import logging
 import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
+from sandbox_tasks.metrics import WorkerMetrics, serve_metrics
 from tests.harness import Stack
 from tests.integration.govern import operator_admin
 from toolplane import logfields
@@ -89,6 +93,61 @@ def test_a_revoked_operator_admin_token_reads_no_metrics(stack: Stack) -> None:
     assert revoked.status_code == 204, revoked.text
     status, body = raw(stack, "GET", "/metrics", second)
     assert status == 401 and METRICS_TEXT not in body, (status, body)
+
+
+@pytest.fixture
+def worker_endpoint(tmp_path: Path) -> Iterator[tuple[str, int, bytes]]:
+    token = b"s3cret-worker-metrics-token"
+    (tmp_path / "token").write_bytes(token)
+    with socket.socket() as probe:  # a free port (the setting takes no port 0)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = serve_metrics(WorkerMetrics("read_repo_file"), f"127.0.0.1:{port}", tmp_path / "token")
+    try:
+        yield "127.0.0.1", server.server_port, token
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def scrape(host: str, port: int, token: bytes, timeout: float) -> int:
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request("GET", "/metrics", headers={"Authorization": f"Bearer {token.decode()}"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_an_idle_client_does_not_stop_the_worker_endpoint(
+    worker_endpoint: tuple[str, int, bytes],
+) -> None:
+    """Any local process (a tool of a plain runner, another user) may connect to the worker's
+    endpoint and send nothing, or half a request: Prometheus's scrape must still be answered."""
+    host, port, token = worker_endpoint
+    assert scrape(host, port, token, timeout=10) == 200
+    idle = socket.create_connection((host, port))
+    half = socket.create_connection((host, port))
+    half.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+    try:
+        started = time.monotonic()
+        assert scrape(host, port, token, timeout=30) == 200
+        assert time.monotonic() - started < 30
+    finally:
+        idle.close()
+        half.close()
+
+
+def test_the_worker_endpoint_refuses_a_wrong_or_huge_token(
+    worker_endpoint: tuple[str, int, bytes],
+) -> None:
+    host, port, token = worker_endpoint
+    assert scrape(host, port, token + b"x", timeout=10) == 401
+    assert scrape(host, port, token[:-1], timeout=10) == 401
+    assert scrape(host, port, b"x" * 60_000, timeout=10) in (400, 401, 431)
+    assert scrape(host, port, token, timeout=10) == 200  # still serving
 
 
 FORGED = "2026-12-08 00:00:00,000 WARNING toolplane.control run.completed run_id=victim status=ok"
