@@ -13,8 +13,10 @@ With TOOLPLANE_WORKER_METRICS_TOKEN_FILE set, the endpoint answers only a reques
 from __future__ import annotations
 
 import ast
+import contextlib
 import hmac
 import logging
+import socket
 import threading
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -138,19 +140,34 @@ def _read_token(path: Path | None) -> bytes | None:
 
 
 MAX_CLIENTS = 16  # requests served at once; a connection beyond is closed at once
-CLIENT_TIMEOUT_S = 10.0  # a client that sends nothing (or half a request) for this long
+CLIENT_TIMEOUT_S = 10.0  # a connection's whole life, however slowly its client sends
 
 
 class _Quiet(WSGIRequestHandler):
-    timeout = CLIENT_TIMEOUT_S  # StreamRequestHandler: the socket's timeout, for each read
+    def handle(self) -> None:
+        # A deadline for the whole request (a per-read timeout would let a client that sends
+        # a byte now and then keep its slot for ever): the socket is shut down at the end.
+        self.connection.settimeout(CLIENT_TIMEOUT_S)
+        cut = threading.Timer(CLIENT_TIMEOUT_S, self._cut)
+        cut.daemon = True
+        cut.start()
+        try:
+            super().handle()
+        finally:
+            cut.cancel()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         pass
 
 
 class _Server(ThreadingMixIn, WSGIServer):
-    """One thread per request, at most MAX_CLIENTS at once: a client that connects and
-    sends nothing (any local process may) neither stops the scrape nor grows threads."""
+    """One thread per request, at most MAX_CLIENTS at once, each cut off after
+    CLIENT_TIMEOUT_S: a client that connects and sends nothing, or a byte now and then (any
+    local process may), neither stops the endpoint for good nor grows threads."""
 
     daemon_threads = True
     block_on_close = False

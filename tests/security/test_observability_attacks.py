@@ -4,12 +4,14 @@ forged from what a tool controls (its stderr, the names of files it leaves behin
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +20,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from sandbox_tasks import metrics as metrics_module
 from sandbox_tasks.metrics import WorkerMetrics, serve_metrics
-from tests.harness import Stack
+from tests.harness import Stack, wait_for
 from tests.integration.govern import operator_admin
 from toolplane import logfields
 
@@ -138,6 +141,44 @@ def test_an_idle_client_does_not_stop_the_worker_endpoint(
     finally:
         idle.close()
         half.close()
+
+
+def test_slow_clients_holding_every_slot_are_cut_off(
+    worker_endpoint: tuple[str, int, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients that send a byte now and then never time a read out: each request has a
+    deadline for its whole life, so the endpoint answers again once it passed."""
+    monkeypatch.setattr(metrics_module, "CLIENT_TIMEOUT_S", 2.0)
+    host, port, token = worker_endpoint
+    stop = threading.Event()
+    slow = [socket.create_connection((host, port)) for _ in range(metrics_module.MAX_CLIENTS)]
+
+    def trickle() -> None:
+        for _ in range(40):  # 20 s of "GET /metrics HTTP/1.1\r\nX: aaaa..." at 2 bytes/s
+            for connection in slow:
+                with contextlib.suppress(OSError):
+                    connection.sendall(b"G" if _ == 0 else b"a")
+            if stop.wait(0.5):
+                return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    started = time.monotonic()
+
+    def answered() -> bool:
+        try:
+            return scrape(host, port, token, timeout=1) == 200
+        except (OSError, http.client.HTTPException):
+            return False  # every slot is held: this connection was closed at once
+
+    try:
+        wait_for(answered, timeout=10, what="a scrape while slow clients hold every slot")
+        assert time.monotonic() - started < 10
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for connection in slow:
+            connection.close()
 
 
 def test_the_worker_endpoint_refuses_a_wrong_or_huge_token(
