@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ import pytest
 
 from sandbox_tasks import metrics as metrics_module
 from sandbox_tasks.metrics import WorkerMetrics, serve_metrics
-from tests.harness import Stack, wait_for
+from tests.harness import Services, Stack, wait_for
 from tests.integration.govern import operator_admin
 from toolplane import logfields
 
@@ -305,3 +306,44 @@ def test_the_stderr_relay_keeps_a_forged_line_inside_its_own() -> None:
     for line in found:
         assert "sandbox.stderr tool=t line=" in line
         assert "\r" not in line and "\x1b" not in line, line
+
+
+@pytest.mark.integration
+def test_no_secret_reaches_the_text_logs_of_any_process(
+    services: Services, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The default (text) format masks secrets in every process's log as JSON does: in the
+    control daemon and the workers too, where Celery's own set-up formats the lines. Here
+    the collector's URL carries a password, which each process's ``tracing.on`` line names."""
+    from sqlalchemy.engine import make_url
+
+    from tests.harness import own_services, start_stack, stop_stack
+    from tests.otlp_receiver import OtlpReceiver
+
+    tool = "read_repo_file"
+    password = "otlp-" + secrets.token_hex(8)
+    receiver = OtlpReceiver()
+    own = own_services(services)
+    endpoint = receiver.endpoint.replace("http://", f"http://collector:{password}@")
+    extra = {"TOOLPLANE_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    try:
+        stack = start_stack(
+            own, Path(tmp_path_factory.mktemp("text-logs")), workers={tool: 1}, extra_env=extra
+        )
+        try:
+            token = stack.tenant()
+            with stack.http(token) as client:
+                run = client.call(tool, {"path": "README.md"}, wait=True, timeout=60)
+            wait_for(lambda: receiver.where(run_id=run.run_id), timeout=30)  # tracing is on
+            runtime_password = make_url(stack.runtime_url).password
+            assert runtime_password, "the control's database URL carries a password"
+            for name in ("api", "control", f"worker-{tool}"):
+                text = stack.log(name)
+                assert "tracing.on" in text, f"{name}.log: the line that names the endpoint"
+                for secret in (password, token, str(runtime_password)):
+                    assert secret not in text, f"{name}.log shows a secret"
+        finally:
+            stop_stack(stack)
+    finally:
+        own.close()
+        receiver.close()
