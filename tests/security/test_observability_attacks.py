@@ -15,17 +15,21 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from sandbox_tasks import metrics as metrics_module
 from sandbox_tasks.metrics import WorkerMetrics, serve_metrics
-from tests.harness import Services, Stack, wait_for
+from tests.harness import Services, Stack, own_services, start_stack, stop_stack, wait_for
 from tests.integration.govern import operator_admin
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from toolplane import logfields
+from toolplane.tracecontext import Traceparent, run_trace
 
 METRICS_TEXT = "toolplane_outbox_backlog"
 
@@ -308,42 +312,90 @@ def test_the_stderr_relay_keeps_a_forged_line_inside_its_own() -> None:
         assert "\r" not in line and "\x1b" not in line, line
 
 
-@pytest.mark.integration
-def test_no_secret_reaches_the_text_logs_of_any_process(
-    services: Services, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """The default (text) format masks secrets in every process's log as JSON does: in the
-    control daemon and the workers too, where Celery's own set-up formats the lines. Here
-    the collector's URL carries a password, which each process's ``tracing.on`` line names."""
-    from sqlalchemy.engine import make_url
+TRACED_TOOL = "read_repo_file"
 
-    from tests.harness import own_services, start_stack, stop_stack
-    from tests.otlp_receiver import OtlpReceiver
 
-    tool = "read_repo_file"
+@dataclass(frozen=True)
+class Traced:
+    stack: Stack
+    receiver: OtlpReceiver
+    password: str  # in the collector's URL
+
+
+@pytest.fixture(scope="module")
+def traced(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    """A stack of its own (text logs, the default) exporting its spans to a real receiver,
+    whose URL carries a password."""
     password = "otlp-" + secrets.token_hex(8)
     receiver = OtlpReceiver()
     own = own_services(services)
     endpoint = receiver.endpoint.replace("http://", f"http://collector:{password}@")
     extra = {"TOOLPLANE_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     try:
-        stack = start_stack(
-            own, Path(tmp_path_factory.mktemp("text-logs")), workers={tool: 1}, extra_env=extra
-        )
+        home = Path(tmp_path_factory.mktemp("traced-text"))
+        stack = start_stack(own, home, workers={TRACED_TOOL: 1}, extra_env=extra)
         try:
-            token = stack.tenant()
-            with stack.http(token) as client:
-                run = client.call(tool, {"path": "README.md"}, wait=True, timeout=60)
-            wait_for(lambda: receiver.where(run_id=run.run_id), timeout=30)  # tracing is on
-            runtime_password = make_url(stack.runtime_url).password
-            assert runtime_password, "the control's database URL carries a password"
-            for name in ("api", "control", f"worker-{tool}"):
-                text = stack.log(name)
-                assert "tracing.on" in text, f"{name}.log: the line that names the endpoint"
-                for secret in (password, token, str(runtime_password)):
-                    assert secret not in text, f"{name}.log shows a secret"
+            yield Traced(stack, receiver, password)
         finally:
             stop_stack(stack)
     finally:
         own.close()
         receiver.close()
+
+
+@pytest.mark.integration
+def test_no_secret_reaches_the_text_logs_of_any_process(traced: Traced) -> None:
+    """The default (text) format masks secrets in every process's log as JSON does: in the
+    control daemon and the workers too, where Celery runs. Here the collector's URL carries
+    a password, which each process's ``tracing.on`` line names."""
+    stack = traced.stack
+    token = stack.tenant()
+    with stack.http(token) as client:
+        run = client.call(TRACED_TOOL, {"path": "README.md"}, wait=True, timeout=60)
+    wait_for(lambda: traced.receiver.where(run_id=run.run_id), timeout=30)  # tracing is on
+    runtime_password = make_url(stack.runtime_url).password
+    assert runtime_password, "the control's database URL carries a password"
+    for name in ("api", "control", f"worker-{TRACED_TOOL}"):
+        text = stack.log(name)
+        assert "tracing.on" in text, f"{name}.log: the line that names the endpoint"
+        for secret in (traced.password, token, str(runtime_password)):
+            assert secret not in text, f"{name}.log shows a secret"
+
+
+@pytest.mark.integration
+def test_a_callers_traceparent_puts_no_span_of_the_api_in_another_runs_trace(
+    traced: Traced,
+) -> None:
+    """A caller sends a W3C ``traceparent`` header naming the trace of a run (derived from
+    its id, so anyone who learns the id can name it): the API's spans of that request are
+    not children of it. A run's trace holds its own stages, nothing a caller put there."""
+    stack, receiver = traced.stack, traced.receiver
+    with stack.http(stack.tenant()) as victim_client:
+        victim = victim_client.call(TRACED_TOOL, {"path": "README.md"}, wait=True, timeout=60)
+    ids = run_trace(victim.run_id)
+    wait_for(lambda: receiver.of_trace(ids.trace_id), timeout=30)
+    header = {"traceparent": str(Traceparent(ids.trace_id, ids.span_id))}
+    marker = secrets.token_hex(6)
+    attacker = stack.tenant()
+    for path in (f"/v1/nothing-{marker}", f"/v1/runs/run_{marker}"):
+        httpx.get(stack.url + path, headers={**header, "Authorization": f"Bearer {attacker}"})
+    submitted = httpx.post(
+        stack.url + "/v1/calls",
+        json={"tool": TRACED_TOOL, "args": {"path": "README.md"}},
+        headers={**header, "Authorization": f"Bearer {attacker}"},
+        timeout=30,
+    )
+    assert submitted.status_code in (200, 201, 202), submitted.text
+
+    def request_spans() -> list[ReceivedSpan]:
+        return [s for s in receiver.spans if marker in str(s.attributes.get("url.path", ""))]
+
+    wait_for(lambda: len(request_spans()) >= 2, timeout=30, what="the API's request spans")
+    wait_for(lambda: receiver.where(run_id=submitted.json()["run_id"]), timeout=30)
+    assert all(s.trace_id != ids.trace_id for s in request_spans())
+    strangers = [
+        (s.service, s.name, s.attributes.get("url.path"))
+        for s in receiver.of_trace(ids.trace_id)
+        if s.attributes.get("toolplane.run_id") != victim.run_id
+    ]
+    assert strangers == [], strangers
