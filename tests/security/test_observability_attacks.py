@@ -312,6 +312,30 @@ def test_the_stderr_relay_keeps_a_forged_line_inside_its_own() -> None:
         assert "\r" not in line and "\x1b" not in line, line
 
 
+@pytest.mark.integration
+def test_an_unverified_result_forges_no_line_in_the_controls_log(stack: Stack) -> None:
+    """Any worker may write to ``results``; the control logs the run and node ids that an
+    unverified message claims. Newlines in them must not forge the control's log lines."""
+    from celery import Celery
+
+    import celeryconfig
+
+    marker = secrets.token_hex(6)
+    forged = f"{FORGED} forged={marker}"
+    app = Celery("mallory", set_as_current=False)
+    app.conf.update(celeryconfig.build_config(stack.services.redis_url))
+    app.send_task(
+        celeryconfig.INGEST_TASK,
+        args=[{"result": {"run_id": f"run_x\n{forged}", "node_id": f"n\r\x1b[2K{forged}"}}],
+        queue=celeryconfig.RESULTS_QUEUE,
+    )
+    wait_for(lambda: stack.log("control").count(marker) >= 2, timeout=30, what="its line")
+    for line in stack.log("control").splitlines():
+        if marker in line:
+            assert "receipt.invalid" in line, line
+            assert "\r" not in line and "\x1b" not in line, line
+
+
 TRACED_TOOL = "read_repo_file"
 
 
