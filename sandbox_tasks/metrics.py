@@ -193,6 +193,10 @@ class _Server(ThreadingMixIn, WSGIServer):
             self._slots.release()
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 def serve_metrics(metrics: WorkerMetrics, bind: str, token_file: Path | None) -> WSGIServer:
     """Serve ``metrics`` on ``bind`` from a thread of this (the main) process."""
     from prometheus_client import make_wsgi_app
@@ -209,7 +213,13 @@ def serve_metrics(metrics: WorkerMetrics, bind: str, token_file: Path | None) ->
                 return [b"the worker's metrics need its bearer token\n"]
         return inner(environ, start_response)
 
-    server = make_server(host, port, app, server_class=_Server, handler_class=_Quiet)
+    server_class = _Server6 if ":" in host else _Server  # an IPv6 address, as [::1]:9808
+    try:
+        server = make_server(host, port, app, server_class=server_class, handler_class=_Quiet)
+    except OSError as e:  # in use, not this host's, no such name
+        raise SettingsError(
+            f"cannot serve on {bind!r}: {e.strerror or e}", setting="WORKER_METRICS_BIND"
+        ) from e
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
     log.info("worker.metrics bind=%s:%s token=%s", host, server.server_port, token is not None)

@@ -196,6 +196,35 @@ def test_the_worker_endpoint_refuses_a_wrong_or_huge_token(
     assert scrape(host, port, token, timeout=10) == 200  # still serving
 
 
+def test_a_bind_that_cannot_be_served_is_a_settings_error(tmp_path: Path) -> None:
+    """A port in use or a host that does not resolve: an error naming the setting, not a
+    traceback; an IPv6 address (``[::1]:port``) is served."""
+    from toolplane.errors import SettingsError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for bind in (f"127.0.0.1:{port}", "no-such-host.invalid:9808"):
+            with pytest.raises(SettingsError) as info:
+                serve_metrics(WorkerMetrics("read_repo_file"), bind, None)
+            assert info.value.setting == "WORKER_METRICS_BIND" and bind in str(info.value)
+    if not socket.has_ipv6:
+        return
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            return  # no IPv6 loopback here
+        port = probe.getsockname()[1]
+    server = serve_metrics(WorkerMetrics("read_repo_file"), f"[::1]:{port}", None)
+    try:
+        assert scrape("::1", port, b"", timeout=10) == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 FORGED = "2026-12-08 00:00:00,000 WARNING toolplane.control run.completed run_id=victim status=ok"
 JSON_FORGED = '{"ts":"2026-12-08T00:00:00.000Z","level":"INFO","logger":"toolplane.control"}'
 
