@@ -103,6 +103,23 @@ def test_a_revoked_operator_admin_token_reads_no_metrics(stack: Stack) -> None:
     assert status == 401 and METRICS_TEXT not in body, (status, body)
 
 
+@pytest.mark.integration
+def test_an_expired_operator_admin_token_reads_no_metrics(stack: Stack) -> None:
+    operator = operator_admin(stack)
+    done = httpx.post(
+        stack.url + "/v1/tokens",
+        json={"principal": "obs-attack-brief", "role": "admin", "expires_in_s": 5},
+        headers={"Authorization": f"Bearer {operator}"},
+        timeout=30,
+    )
+    assert done.status_code == 201, done.text
+    brief = str(done.json()["token"])
+    assert raw(stack, "GET", "/metrics", brief)[0] == 200
+    wait_for(lambda: raw(stack, "GET", "/metrics", brief)[0] == 401, timeout=30)
+    status, body = raw(stack, "GET", "/metrics", brief)
+    assert status == 401 and METRICS_TEXT not in body, (status, body)
+
+
 @pytest.fixture
 def worker_endpoint(tmp_path: Path) -> Iterator[tuple[str, int, bytes]]:
     token = b"s3cret-worker-metrics-token"
