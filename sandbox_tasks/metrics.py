@@ -13,10 +13,13 @@ With TOOLPLANE_WORKER_METRICS_TOKEN_FILE set, the endpoint answers only a reques
 from __future__ import annotations
 
 import ast
+import contextlib
 import hmac
 import logging
+import socket
 import threading
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -136,9 +139,62 @@ def _read_token(path: Path | None) -> bytes | None:
     return token
 
 
+MAX_CLIENTS = 16  # requests served at once; a connection beyond is closed at once
+CLIENT_TIMEOUT_S = 10.0  # a connection's whole life, however slowly its client sends
+
+
 class _Quiet(WSGIRequestHandler):
+    def handle(self) -> None:
+        # A deadline for the whole request (a per-read timeout would let a client that sends
+        # a byte now and then keep its slot for ever): the socket is shut down at the end.
+        self.connection.settimeout(CLIENT_TIMEOUT_S)
+        cut = threading.Timer(CLIENT_TIMEOUT_S, self._cut)
+        cut.daemon = True
+        cut.start()
+        try:
+            super().handle()
+        finally:
+            cut.cancel()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per request, at most MAX_CLIENTS at once, each cut off after
+    CLIENT_TIMEOUT_S: a client that connects and sends nothing, or a byte now and then (any
+    local process may), neither stops the endpoint for good nor grows threads."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 def serve_metrics(metrics: WorkerMetrics, bind: str, token_file: Path | None) -> WSGIServer:
@@ -157,7 +213,13 @@ def serve_metrics(metrics: WorkerMetrics, bind: str, token_file: Path | None) ->
                 return [b"the worker's metrics need its bearer token\n"]
         return inner(environ, start_response)
 
-    server = make_server(host, port, app, handler_class=_Quiet)
+    server_class = _Server6 if ":" in host else _Server  # an IPv6 address, as [::1]:9808
+    try:
+        server = make_server(host, port, app, server_class=server_class, handler_class=_Quiet)
+    except OSError as e:  # in use, not this host's, no such name
+        raise SettingsError(
+            f"cannot serve on {bind!r}: {e.strerror or e}", setting="WORKER_METRICS_BIND"
+        ) from e
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
     log.info("worker.metrics bind=%s:%s token=%s", host, server.server_port, token is not None)

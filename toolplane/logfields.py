@@ -45,6 +45,9 @@ _SECRETS = (
     (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1***"),
     (re.compile(r"(?i)\b((?:password|secret|token)=)[^\s&,;]+"), r"\1***"),
 )
+# What could end a line or drive a terminal: C0 and C1 controls, DEL, Unicode line and
+# paragraph separators (str.splitlines splits at all of them).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 __all__ = [
     "ENV_NAME",
@@ -57,6 +60,7 @@ __all__ = [
     "bound",
     "check_format",
     "current",
+    "escape_controls",
     "event_of",
     "handler",
     "redact",
@@ -128,11 +132,29 @@ class IdsFilter(logging.Filter):
         return True
 
 
+def escape_controls(text: str) -> str:
+    """``text`` with every control character and line separator written as its escape
+    (``\\n``, ``\\x1b``, ``\\u2028``): what a tool controls (its stderr, the names of
+    the files it left) never starts a line of its own nor moves a terminal's cursor."""
+    return _CONTROLS.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
+
+
+def _json_escape_controls(text: str) -> str:
+    # json.dumps(ensure_ascii=False) leaves DEL, C1 controls and U+2028/9 as they are
+    return _CONTROLS.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
 class TextFormatter(logging.Formatter):
-    """The classic line, secrets masked."""
+    """The classic line, secrets masked; the message on that one line (its control
+    characters escaped); a traceback, if any, on the lines after it."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - the base's name
+        one = logging.makeLogRecord(record.__dict__)
+        one.message = escape_controls(record.message)
+        return super().formatMessage(one)
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
@@ -161,7 +183,7 @@ class JsonFormatter(logging.Formatter):
             line["exc_info"] = redact(record.exc_text)
         if record.stack_info:
             line["stack_info"] = redact(record.stack_info)
-        return json.dumps(line, ensure_ascii=False, default=str)
+        return _json_escape_controls(json.dumps(line, ensure_ascii=False, default=str))
 
 
 def check_format(value: str | None, *, option: str = "--log-format") -> str:
