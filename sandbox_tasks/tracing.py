@@ -23,7 +23,7 @@ from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
 
 from toolplane.messages import Envelope
 from toolplane.tracecontext import Traceparent, parse_traceparent
-from toolplane.tracing import configure_tracing, flush_tracing, tracer, tracing_on
+from toolplane.tracing import configure_tracing, errors_by_type, flush_tracing, tracer, tracing_on
 
 __all__ = ["SERVICE", "JobTrace", "start_worker_tracing", "stop_worker_tracing"]
 
@@ -95,9 +95,16 @@ class JobTrace:
         if self._parent is None:
             yield
             return
-        with tracer().start_as_current_span(
-            f"toolplane.{stage}", context=self._parent, attributes=self._attributes | attributes
-        ) as span:
+        with (
+            tracer().start_as_current_span(
+                f"toolplane.{stage}",
+                context=self._parent,
+                attributes=self._attributes | attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span,
+            errors_by_type(span),
+        ):
             if stage == "sandbox_run":
                 self._worked = _traceparent_of(span)
             yield

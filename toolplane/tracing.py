@@ -31,6 +31,7 @@ __all__ = [
     "ENDPOINT_SETTINGS",
     "WORKER_TRACE_SETTINGS",
     "configure_tracing",
+    "errors_by_type",
     "flush_tracing",
     "forced_ids",
     "otlp_endpoint",
@@ -145,3 +146,17 @@ def flush_tracing(timeout_ms: int = 5000) -> None:
 
 def tracer() -> trace.Tracer:
     return trace.get_tracer("toolplane")
+
+
+@contextmanager
+def errors_by_type(span: trace.Span) -> Iterator[None]:
+    """An exception leaving the block marks ``span`` failed with the exception's type only.
+
+    Our spans are started with ``record_exception=False``: an exception's message (a
+    statement's parameters, a tool's arguments) and its traceback never reach the
+    collector, which is outside the control's trust boundary; the logs keep them, masked."""
+    try:
+        yield
+    except BaseException as e:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, type(e).__name__))
+        raise

@@ -22,7 +22,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
 
 from toolplane.tracecontext import TraceContextError, Traceparent, parse_traceparent, run_trace
-from toolplane.tracing import forced_ids, tracer, tracing_on
+from toolplane.tracing import errors_by_type, forced_ids, tracer, tracing_on
 
 log = logging.getLogger("toolplane.tracing")
 
@@ -63,7 +63,12 @@ def intake_span(run_id: str, *, start_ns: int, **attributes: Any) -> Iterator[No
             links=[Link(request)] if request.is_valid else None,
             start_time=start_ns,
         )
-    with trace.use_span(span, end_on_exit=True):
+    with (
+        trace.use_span(
+            span, end_on_exit=True, record_exception=False, set_status_on_exception=False
+        ),
+        errors_by_type(span),
+    ):
         yield
 
 
@@ -84,13 +89,21 @@ def traced(stage: str) -> Callable[[F], F]:
         def inner(*args: Any, run: Any, node: Any, **kwargs: Any) -> Any:
             if not tracing_on():
                 return step(*args, run=run, node=node, **kwargs)
-            with tracer().start_as_current_span(
-                f"toolplane.{stage}",
-                context=_parent(run.id),
-                attributes=_attributes(
-                    run_id=run.id, node_id=node.node_id, tool=node.tool, attempt=node.attempt + 1
-                ),
-            ) as span:
+            with (
+                tracer().start_as_current_span(
+                    f"toolplane.{stage}",
+                    context=_parent(run.id),
+                    attributes=_attributes(
+                        run_id=run.id,
+                        node_id=node.node_id,
+                        tool=node.tool,
+                        attempt=node.attempt + 1,
+                    ),
+                    record_exception=False,
+                    set_status_on_exception=False,
+                ) as span,
+                errors_by_type(span),
+            ):
                 done = step(*args, run=run, node=node, **kwargs)
                 span.set_attribute("toolplane.node_status", str(node.status))
                 return done

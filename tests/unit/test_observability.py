@@ -63,6 +63,7 @@ def test_promtool_checks_the_config(tmp_path: Path) -> None:
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "prometheus_token").write_text("tp_x\n")
     (tmp_path / "secrets" / "api_tls_cert").write_text("")
+    (tmp_path / "secrets" / "worker_metrics_token").write_text("x" * 32 + "\n")
     done = run("check", "config", tmp_path / "prometheus.yml", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     (tmp_path / "secrets" / "prometheus_token").unlink()  # the check can fail
@@ -148,6 +149,10 @@ def test_prometheus_scrapes_the_control_as_an_operator_and_the_workers() -> None
     assert Path(control["authorization"]["credentials_file"]).name in targets
     workers = {n for n in COMPOSE["services"] if n.startswith("worker-")}
     assert set(jobs["toolplane-worker"]["dns_sd_configs"][0]["names"]) == workers
+    # the workers' endpoints ask a token (reachable from the sandbox network too)
+    worker_auth = jobs["toolplane-worker"]["authorization"]
+    assert "credentials" not in worker_auth
+    assert Path(worker_auth["credentials_file"]).name in targets
 
 
 def test_the_compose_default_services_are_unchanged_without_the_profile() -> None:
@@ -174,3 +179,8 @@ def test_the_workers_override_puts_exactly_the_workers_on_the_metrics_network() 
     assert set(override) == workers
     for name, service in override.items():
         assert service["networks"] == [*COMPOSE["services"][name]["networks"], "metrics"]
+        env = service["environment"]  # on, at the port Prometheus scrapes, behind the token
+        assert env["TOOLPLANE_WORKER_METRICS_BIND"] == "0.0.0.0:9808"
+        assert env["TOOLPLANE_WORKER_METRICS_TOKEN_FILE"] == "/run/secrets/worker_metrics_token"
+        assert service["secrets"] == ["worker_metrics_token"]
+    assert "worker_metrics_token" in COMPOSE["secrets"]

@@ -351,3 +351,47 @@ def test_a_results_claimed_trace_never_chooses_the_trace_of_its_ingest() -> None
     # a dispatch record of another trace (never written by the control) falls back to the root
     assert spans["forged_dispatch"]["trace"] == trace_id
     assert spans["forged_dispatch"]["parent"] == root
+
+
+def test_a_failed_span_names_the_exception_type_and_nothing_of_its_message() -> None:
+    """The collector is outside the control's trust boundary: an exception's message (a
+    statement's parameters, a tool's arguments) and traceback stay in the logs."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from toolplane.tracing import errors_by_type
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with (
+        pytest.raises(ValueError),
+        tracer.start_as_current_span(
+            "toolplane.stage", record_exception=False, set_status_on_exception=False
+        ) as span,
+        errors_by_type(span),
+    ):
+        raise ValueError("password=hunter2 args={'path': 'secret.txt'}")
+    (done,) = exporter.get_finished_spans()
+    assert done.status.description == "ValueError"
+    assert not done.events  # no exception event: no message, no traceback
+    assert "hunter2" not in done.to_json() and "secret.txt" not in done.to_json()
+
+
+def test_every_span_of_ours_records_no_exception_text() -> None:
+    """Each place that opens a span around our code turns the SDK's exception recording
+    off (and uses errors_by_type), so no later span forgets it."""
+    import re
+
+    from tests.harness import REPO
+
+    opened = re.compile(r"(start_as_current_span|use_span)\(")
+    for path in [*REPO.glob("control/**/*.py"), *REPO.glob("sandbox_tasks/**/*.py")]:
+        text = path.read_text()
+        for match in opened.finditer(text):
+            call = text[match.end() : text.find("\n)", match.end()) + 2]
+            head = text[match.end() : match.end() + 600]
+            assert "record_exception=False" in head, f"{path}: {call[:80]}"
+            assert "errors_by_type(" in text[match.end() : match.end() + 900], path
