@@ -40,10 +40,14 @@ ENV_NAME = "TOOLPLANE_LOG_FORMAT"
 _ids: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("toolplane_log_ids")
 _EVENT = re.compile(r"^([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+):?(?:\s|$)")
 _SECRETS = (
-    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@]*:)[^\s@/]+@"), r"\1***@"),  # URL password
+    # URL password, up to the last @ of the authority (a password may hold / or @ unencoded)
+    (
+        re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@]*:)[^\s]*@(?=[^\s@/]*(?:[/\s]|$))"),
+        r"\1***@",
+    ),
     (re.compile(r"\btp_[A-Za-z0-9_-]{8,}"), "tp_***"),  # API tokens (control.governance.auth)
-    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1***"),
-    (re.compile(r"(?i)\b((?:password|secret|token)=)[^\s&,;]+"), r"\1***"),
+    (re.compile(r"(?i)\b((?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]+"), r"\1***"),
+    (re.compile(r"(?i)\b((?:password|passwd|secret|token|api[-_]?key)=)[^\s&,;]+"), r"\1***"),
 )
 # What could end a line or drive a terminal: C0 and C1 controls, DEL, Unicode line and
 # paragraph separators (str.splitlines splits at all of them).

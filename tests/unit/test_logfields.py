@@ -215,3 +215,25 @@ def test_binding_a_run_binds_its_trace() -> None:
     with logfields.bound(run_id="run_abc", trace_id="4bf92f3577b34da6a3ce929d0e0e4736"):
         assert logfields.current()["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert "trace_id" not in logfields.current()
+
+
+@pytest.mark.parametrize(
+    ("line", "secret"),
+    [
+        ("broker redis://tool:p/ss@w0rd@redis:6379/0 down", "p/ss@w0rd"),  # / and @ unencoded
+        ("database postgresql://app:hunter2@db/x and http://u:pw2@proxy/", "hunter2"),
+        ("database postgresql://app:hunter2@db/x and http://u:pw2@proxy/", "pw2"),
+        ("redis://:only-a-password@redis:6379", "only-a-password"),
+        ("Authorization: Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+        ("collector headers api-key=k3y, x=1", "k3y"),
+        ("OTEL headers API_KEY=k4y", "k4y"),
+        ("passwd=s3cret&user=x", "s3cret"),
+    ],
+)
+def test_credentials_are_masked_wherever_they_stand(line: str, secret: str) -> None:
+    assert secret not in logfields.redact(line)
+
+
+def test_masking_keeps_what_is_no_credential() -> None:
+    line = "mail a@b.c and http://host/path@x and redis://redis:6379/0"
+    assert logfields.redact(line) == line
