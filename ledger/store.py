@@ -115,5 +115,6 @@ def append_events(
             placed[id(event)] = (chain_id, seq)
             prev = link
         # The rows and the head's new value in one statement (the head is locked above).
-        session.execute(_APPEND, _columns(chain_id, rows, now) | {"seq": seq, "hash": prev})
+        connection = session.connection()
+        connection.execute(_APPEND, _columns(chain_id, rows, now) | {"seq": seq, "hash": prev})
     return [placed[id(event)] for event in events]

@@ -190,7 +190,9 @@ def stage_job(
     envelope = signed.envelope
     queue = celeryconfig.tool_queue(envelope.tool)
     body = signed.model_dump(mode="json")
-    outbox_id = session.execute(
+    # On the connection: a Core statement, not the ORM's bulk path (nor its autoflush; the
+    # node goes in at the caller's flush).
+    outbox_id = session.connection().execute(
         _STAGE,
         {
             "run_id": envelope.run_id,
