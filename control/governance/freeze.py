@@ -9,6 +9,7 @@ began before it can still commit, and every later one sees the freeze.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,14 +48,30 @@ _ACTIVE = (
 )
 
 
-def active_freeze(session: Session, tenant_id: str) -> Any:
+_HELD = "toolplane.freeze_held"
+"""``session.info`` key: (transaction, tenant id, freeze) read under the locks that
+transaction holds (no freeze of those scopes can be added or lifted until it ends)."""
+
+
+def active_freeze(
+    session: Session, tenant_id: str, *, before: Sequence[tuple[str, dict[str, Any]]] = ()
+) -> Any:
     """The freeze that stops this tenant's dispatches, if any (takes the shared locks): a
-    row with the columns of ``freezes`` (scope, frozen_by, reason, frozen_at), or None."""
+    row with the columns of ``freezes`` (scope, frozen_by, reason, frozen_at), or None.
+
+    Read once per transaction: the locks are held until it ends, and a freeze or an
+    unfreeze of these scopes needs them exclusively, so the answer cannot change before.
+    ``before``: statements (without rows) to send first, in the same round trip."""
+    transaction = session.get_transaction()
+    held = session.info.get(_HELD)
+    if not before and held is not None and held[0] is transaction and held[1] == tenant_id:
+        return held[2]
     # Nothing is flushed here: what the caller is writing (a new node, say) goes in with
     # its final values at the caller's next flush, not as an insert now and an update later.
-    _, found = pipelined(
+    *_, found = pipelined(
         session,
         [
+            *before,
             (  # both locks in one statement, ALL first as before
                 _SHARED_LOCKS,
                 {"every": f"toolplane.freeze.{ALL}", "tenant": f"toolplane.freeze.{tenant_id}"},
@@ -62,7 +79,9 @@ def active_freeze(session: Session, tenant_id: str) -> Any:
             (_ACTIVE, {"every_scope": ALL, "tenant_scope": tenant_id}),
         ],
     )
-    return found[0] if found else None
+    row = found[0] if found else None
+    session.info[_HELD] = (session.get_transaction(), tenant_id, row)
+    return row
 
 
 def _scope(identity: Identity, everything: bool) -> str:
@@ -76,6 +95,7 @@ def freeze(session: Session, identity: Identity, *, everything: bool, reason: st
     """Stop every new dispatch of the caller's tenant (or of all). Does not commit."""
     require_text(reason, field="--reason")
     scope = _scope(identity, everything)
+    session.info.pop(_HELD, None)  # this transaction changes what it may have read
     _lock(session, scope, shared=False)
     if session.get(Freeze, scope) is not None:
         raise UsageError("already frozen", field="--all" if everything else "tenant")
@@ -104,6 +124,7 @@ def unfreeze(session: Session, identity: Identity, *, everything: bool, reason: 
     """Lift the caller's tenant's freeze (or the global one). Does not commit."""
     require_text(reason, field="--reason")
     scope = _scope(identity, everything)
+    session.info.pop(_HELD, None)  # this transaction changes what it may have read
     _lock(session, scope, shared=False)
     if session.execute(delete(Freeze).where(Freeze.scope == scope)).rowcount == 0:
         raise UsageError("not frozen", field="--all" if everything else "tenant")

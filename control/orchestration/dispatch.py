@@ -192,21 +192,25 @@ def stage_job(
     body = signed.model_dump(mode="json")
     # On the connection: a Core statement, not the ORM's bulk path (nor its autoflush; the
     # node goes in at the caller's flush).
-    outbox_id = session.connection().execute(
-        _STAGE,
-        {
-            "run_id": envelope.run_id,
-            "node_id": envelope.node_id,
-            "attempt": envelope.attempt,
-            "job_id": envelope.job_id,
-            "envelope_sha256": signed.digest,
-            "dispatched_at": dispatched_at,
-            "expires_at": expires_at,
-            "due_at": due_at,
-            "queue": queue,
-            "body": body,
-        },
-    ).scalar_one()
+    outbox_id = (
+        session.connection()
+        .execute(
+            _STAGE,
+            {
+                "run_id": envelope.run_id,
+                "node_id": envelope.node_id,
+                "attempt": envelope.attempt,
+                "job_id": envelope.job_id,
+                "envelope_sha256": signed.digest,
+                "dispatched_at": dispatched_at,
+                "expires_at": expires_at,
+                "due_at": due_at,
+                "queue": queue,
+                "body": body,
+            },
+        )
+        .scalar_one()
+    )
     return int(outbox_id), Staged(queue, queue, body)
 
 

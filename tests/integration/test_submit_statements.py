@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+import time
+from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
 from control.governance.freeze import active_freeze, freeze
 from ledger.db import pipelined
-from ledger.models import Attempt, EvidenceEvent, OutboxMessage
+from ledger.models import Attempt, EvidenceEvent, OutboxMessage, Run
 from tests.harness import Stack
 
 pytestmark = pytest.mark.integration
@@ -76,3 +78,44 @@ def test_a_call_writes_its_attempt_job_and_evidence_in_order(stack: Stack, token
     assert ops.wait(view.run_id, timeout=60).status == "completed"
     report = ops.verify_ledger(run_id=view.run_id)
     assert report.ok and report.events >= 4, report
+
+
+def test_a_key_taken_by_a_submission_in_flight_returns_its_run(stack: Stack, token: str) -> None:
+    """The run's row goes in with the freeze's locks, in one pipeline: a unique key taken
+    meanwhile by another transaction still comes back as its run (the race of one key)."""
+    ops = stack.client(token)
+    key = f"race-{time.time_ns()}"
+    now = datetime.now(UTC)
+    first = ops.plane.sessions()
+    first.add(
+        Run(
+            id=f"run_race{time.time_ns() % 10**16:016d}",
+            tenant_id=ops.identity.tenant_id,
+            principal_id=ops.identity.principal_id,
+            workflow="call",
+            status="running",
+            environment="dev",
+            classification="internal",
+            idempotency_key=key,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    first.flush()  # the key is taken, not yet committed
+    [(run_id,)] = first.execute(select(Run.id).where(Run.idempotency_key == key)).all()
+    got: list[object] = []
+
+    def submit() -> None:
+        got.append(ops.submit_call("read_repo_file", {"path": "README.md"}, idempotency_key=key))
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    thread.join(0.5)
+    assert thread.is_alive(), "the second insert of the key did not wait for the first"
+    first.commit()
+    first.close()
+    thread.join(30)
+    [view] = got
+    assert view.run_id == run_id  # type: ignore[attr-defined]
+    with ops.plane.sessions() as session:
+        assert session.scalar(select(func.count()).where(Run.idempotency_key == key)) == 1
