@@ -116,7 +116,8 @@ def _count(messages: list[tuple[str, str]], start: int) -> dict[str, Any]:
 
 
 def _label(sql: str) -> str:
-    words = re.sub(r"^[\s\"\d]+", "", sql.strip('"')).split()
+    quoted = re.match(r'^"(.*)"(?: \d+)*$', sql)  # a Parse: "text" then its types
+    words = (quoted.group(1) if quoted else sql.lstrip('"')).split()
     text = " ".join(words)
     tables = ("runs", "nodes", "attempts", "outbox", "chain_heads", "evidence_events")
     changed = [

@@ -42,8 +42,9 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 def pipelined(session: Session, statements: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
     """Run ``statements`` (psycopg's ``%(name)s`` style) in the session's transaction, in
     order, each on its own (each with its own snapshot) but sent in one pipeline: one
-    round trip to the server for all of them (and for the ``BEGIN`` if the transaction
-    starts here). Returns the rows of each (named tuples), ``[]`` for one without rows.
+    round trip to the server for all of them (a transaction that starts here has its
+    ``BEGIN`` answered first: psycopg waits for it). Returns the rows of each (named
+    tuples), ``[]`` for one without rows.
 
     Errors come as SQLAlchemy's, as if the statements had run through it."""
     connection = session.connection()

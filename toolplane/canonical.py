@@ -36,7 +36,8 @@ class _Refused(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.message, self.steps = message, []  # innermost step first
+        self.message = message
+        self.steps: list[str] = []  # innermost step first
 
 
 def _check(value: Any, path: str, depth: int) -> bool:

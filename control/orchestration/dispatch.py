@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import celeryconfig
 from control.errors import UsageError
-from ledger.models import Attempt, OutboxMessage
+from ledger.models import Attempt, Json, OutboxMessage
 from toolplane.canonical import digest
 from toolplane.lifetimes import MAX_ENVELOPE_LIFETIME_S, RESULT_DUE_SLACK_S
 from toolplane.messages import Envelope, SignedEnvelope, job_id_for, new_nonce, now_ms, signed_bytes
@@ -149,7 +149,7 @@ def sign_envelope(
 
 
 # The attempt and its job in the outbox, in one statement (one round trip; no ORM flush).
-_ATTEMPT = insert(Attempt.__table__).values(
+_ATTEMPT = insert(Attempt).values(
     run_id=bindparam("run_id"),
     node_id=bindparam("node_id"),
     attempt=bindparam("attempt"),
@@ -161,18 +161,18 @@ _ATTEMPT = insert(Attempt.__table__).values(
     status="queued",
 )
 _STAGE = (
-    insert(OutboxMessage.__table__)
+    insert(OutboxMessage)
     .values(
         run_id=bindparam("run_id"),
         node_id=bindparam("node_id"),
         attempt=bindparam("attempt"),
         task_name=bindparam("queue"),
         queue=bindparam("queue"),
-        body=bindparam("body", type_=OutboxMessage.__table__.c.body.type),
+        body=bindparam("body", type_=Json),
         created_at=bindparam("dispatched_at"),
         publish_count=0,
     )
-    .returning(OutboxMessage.__table__.c.id)
+    .returning(OutboxMessage.id)
     .add_cte(_ATTEMPT.cte("new_attempt"))
 )
 
