@@ -7,15 +7,17 @@ appenders never deadlock), which serialises appends per tenant only.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import DateTime, bindparam, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from ledger.chain import GENESIS, NewEvent, chain_for, event_hash
-from ledger.models import ChainHead, EvidenceEvent
+from ledger.models import ChainHead
 from toolplane.canonical import check_json_value
 
 __all__ = ["APPENDED", "append_events"]
@@ -24,6 +26,40 @@ APPENDED = "toolplane.appended"
 """``session.info`` key: the events this session's transaction appended, with their time,
 for an observer after the commit. Kept only where an observer put a list there when the
 transaction began (control.ops.metrics); elsewhere nothing is kept."""
+
+
+# Evidence of one chain inserted from arrays (one statement text for any number of rows),
+# in their order, and the chain's head moved to the last of them: one round trip.
+_APPEND = text(
+    "WITH appended AS ("
+    " INSERT INTO evidence_events"
+    " (chain_id, seq, tenant_id, run_id, kind, payload, created_at, prev_hash, hash)"
+    " SELECT :chain_id, e.seq, e.tenant_id, e.run_id, e.kind, e.payload, :created_at,"
+    " e.prev_hash, e.hash"
+    " FROM unnest(CAST(:seqs AS bigint[]), CAST(:tenant_ids AS varchar[]),"
+    " CAST(:run_ids AS varchar[]), CAST(:kinds AS varchar[]), CAST(:payloads AS jsonb[]),"
+    " CAST(:prev_hashes AS varchar[]), CAST(:hashes AS varchar[]))"
+    " WITH ORDINALITY AS e(seq, tenant_id, run_id, kind, payload, prev_hash, hash, n)"
+    " ORDER BY e.n"
+    ")"
+    " UPDATE chain_heads SET seq = :seq, hash = :hash WHERE chain_id = :chain_id"
+).bindparams(bindparam("created_at", type_=DateTime(timezone=True)))
+
+
+def _columns(chain_id: str, rows: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+    return {
+        "chain_id": chain_id,
+        "created_at": now,
+        "seqs": [r["seq"] for r in rows],
+        "tenant_ids": [r["tenant_id"] for r in rows],
+        "run_ids": [r["run_id"] for r in rows],
+        "kinds": [r["kind"] for r in rows],
+        # as SQLAlchemy's JSONB type writes them (json.dumps); the hash is over the
+        # canonical form, computed above, and JSONB keeps the values, not the text
+        "payloads": [json.dumps(r["payload"]) for r in rows],
+        "prev_hashes": [r["prev_hash"] for r in rows],
+        "hashes": [r["hash"] for r in rows],
+    }
 
 
 def append_events(
@@ -78,9 +114,7 @@ def append_events(
             )
             placed[id(event)] = (chain_id, seq)
             prev = link
-        # Core, not the ORM's bulk path: the rows are plain values, and this is hot.
-        session.connection().execute(insert(EvidenceEvent.__table__), rows)
-        session.execute(
-            update(ChainHead).where(ChainHead.chain_id == chain_id).values(seq=seq, hash=prev)
-        )
+        # The rows and the head's new value in one statement (the head is locked above).
+        connection = session.connection()
+        connection.execute(_APPEND, _columns(chain_id, rows, now) | {"seq": seq, "hash": prev})
     return [placed[id(event)] for event in events]

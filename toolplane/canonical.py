@@ -30,6 +30,16 @@ __all__ = [
 ]
 
 
+class _Refused(Exception):
+    """A value JCS cannot carry; ``steps`` is its path below the value checked, built on
+    the way out (a path is written only for a value refused, not for every value)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.steps: list[str] = []  # innermost step first
+
+
 def _check(value: Any, path: str, depth: int) -> bool:
     """Raise on values JCS cannot carry; return True if the value is "simple".
 
@@ -38,36 +48,52 @@ def _check(value: Any, path: str, depth: int) -> bool:
     separators and no ASCII escaping, writes exactly the RFC 8785 bytes (same
     escapes, and code-point order equals UTF-16 order for BMP keys).
     """
+    try:
+        return _walk(value, depth)
+    except _Refused as e:
+        raise CanonicalJSONError(e.message, path=path + "".join(reversed(e.steps))) from None
+
+
+def _walk(value: Any, depth: int) -> bool:
     if depth > MAX_DEPTH:
-        raise CanonicalJSONError(f"nested deeper than {MAX_DEPTH} levels", path=path)
+        raise _Refused(f"nested deeper than {MAX_DEPTH} levels")
     if value is None or isinstance(value, bool | str):
         return True
     if isinstance(value, int):
         if abs(value) > MAX_SAFE_INTEGER:
-            raise CanonicalJSONError("integer beyond 2**53 cannot be carried exactly", path=path)
+            raise _Refused("integer beyond 2**53 cannot be carried exactly")
         return True
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
-            raise CanonicalJSONError("NaN and infinity are not JSON", path=path)
+            raise _Refused("NaN and infinity are not JSON")
         if abs(value) > MAX_SAFE_INTEGER:
             # JCS writes such a float as an integer literal, which would not parse back.
-            raise CanonicalJSONError("number beyond 2**53 cannot be carried exactly", path=path)
+            raise _Refused("number beyond 2**53 cannot be carried exactly")
         return False
     if isinstance(value, dict):
         simple = True
         for key, item in value.items():
             if not isinstance(key, str):
-                raise CanonicalJSONError("object keys must be strings", path=path)
-            if simple and any(ord(c) > 0xFFFF for c in key):
+                raise _Refused("object keys must be strings")
+            # a key outside the BMP (ASCII, the usual key, is checked in constant time)
+            if simple and not key.isascii() and max(key) > "\uffff":
                 simple = False
-            simple = _check(item, f"{path}.{key}", depth + 1) and simple
+            try:
+                simple = _walk(item, depth + 1) and simple
+            except _Refused as e:
+                e.steps.append(f".{key}")
+                raise
         return simple
     if isinstance(value, list | tuple):
         simple = True
         for index, item in enumerate(value):
-            simple = _check(item, f"{path}[{index}]", depth + 1) and simple
+            try:
+                simple = _walk(item, depth + 1) and simple
+            except _Refused as e:
+                e.steps.append(f"[{index}]")
+                raise
         return simple
-    raise CanonicalJSONError(f"{type(value).__name__} is not a JSON value", path=path)
+    raise _Refused(f"{type(value).__name__} is not a JSON value")
 
 
 def check_json_value(value: Any, path: str = "$", depth: int = 0) -> None:

@@ -9,15 +9,17 @@ began before it can still commit, and every later one sees the freeze.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select, text
+from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
 
 from control.errors import Forbidden, UsageError, require_text
 from control.governance.auth import ADMINS, Identity, require_role
 from ledger.chain import NewEvent
+from ledger.db import pipelined
 from ledger.models import Freeze
 from ledger.store import append_events
 
@@ -33,32 +35,53 @@ def _lock(session: Session, scope: str, *, shared: bool) -> None:
     )
 
 
-# Built once: every dispatch runs these two (the locks first, then the read, in its own
-# statement so that its snapshot follows the locks).
-_SHARED_LOCKS = text(
-    "SELECT pg_advisory_xact_lock_shared(hashtext(:every)),"
-    " pg_advisory_xact_lock_shared(hashtext(:tenant))"
+# Every dispatch runs these two: the locks first, then the read, in its own statement so
+# that its snapshot follows the locks (one statement would read from a snapshot taken
+# before it waited for a freeze to commit). Both go in one pipeline: one round trip.
+_SHARED_LOCKS = (
+    "SELECT pg_advisory_xact_lock_shared(hashtext(%(every)s)) AS every_lock,"
+    " pg_advisory_xact_lock_shared(hashtext(%(tenant)s)) AS tenant_lock"
 )
-_FREEZES = Freeze.__table__
 _ACTIVE = (
-    select(_FREEZES.c.scope, _FREEZES.c.frozen_by, _FREEZES.c.reason, _FREEZES.c.frozen_at)
-    .where(_FREEZES.c.scope.in_(bindparam("scopes", expanding=True)))
-    .order_by(_FREEZES.c.scope)
-    .limit(1)
+    "SELECT scope, frozen_by, reason, frozen_at FROM freezes"
+    " WHERE scope = %(every_scope)s OR scope = %(tenant_scope)s ORDER BY scope LIMIT 1"
 )
 
 
-def active_freeze(session: Session, tenant_id: str) -> Any:
+_HELD = "toolplane.freeze_held"
+"""``session.info`` key: (transaction, tenant id, freeze) read under the locks that
+transaction holds (no freeze of those scopes can be added or lifted until it ends)."""
+
+
+def active_freeze(
+    session: Session, tenant_id: str, *, before: Sequence[tuple[str, dict[str, Any]]] = ()
+) -> Any:
     """The freeze that stops this tenant's dispatches, if any (takes the shared locks): a
-    row with the columns of ``freezes`` (scope, frozen_by, reason, frozen_at), or None."""
-    # Without an autoflush: what the caller is writing (a new node, say) goes in with its
-    # final values at the caller's next flush, not as an insert now and an update later.
-    with session.no_autoflush:
-        session.execute(  # both locks in one round trip, ALL first as before
-            _SHARED_LOCKS,
-            {"every": f"toolplane.freeze.{ALL}", "tenant": f"toolplane.freeze.{tenant_id}"},
-        )
-        return session.execute(_ACTIVE, {"scopes": [ALL, tenant_id]}).first()
+    row with the columns of ``freezes`` (scope, frozen_by, reason, frozen_at), or None.
+
+    Read once per transaction: the locks are held until it ends, and a freeze or an
+    unfreeze of these scopes needs them exclusively, so the answer cannot change before.
+    ``before``: statements (without rows) to send first, in the same round trip."""
+    transaction = session.get_transaction()
+    held = session.info.get(_HELD)
+    if not before and held is not None and held[0] is transaction and held[1] == tenant_id:
+        return held[2]
+    # Nothing is flushed here: what the caller is writing (a new node, say) goes in with
+    # its final values at the caller's next flush, not as an insert now and an update later.
+    *_, found = pipelined(
+        session,
+        [
+            *before,
+            (  # both locks in one statement, ALL first as before
+                _SHARED_LOCKS,
+                {"every": f"toolplane.freeze.{ALL}", "tenant": f"toolplane.freeze.{tenant_id}"},
+            ),
+            (_ACTIVE, {"every_scope": ALL, "tenant_scope": tenant_id}),
+        ],
+    )
+    row = found[0] if found else None
+    session.info[_HELD] = (session.get_transaction(), tenant_id, row)
+    return row
 
 
 def _scope(identity: Identity, everything: bool) -> str:
@@ -72,6 +95,7 @@ def freeze(session: Session, identity: Identity, *, everything: bool, reason: st
     """Stop every new dispatch of the caller's tenant (or of all). Does not commit."""
     require_text(reason, field="--reason")
     scope = _scope(identity, everything)
+    session.info.pop(_HELD, None)  # this transaction changes what it may have read
     _lock(session, scope, shared=False)
     if session.get(Freeze, scope) is not None:
         raise UsageError("already frozen", field="--all" if everything else "tenant")
@@ -100,6 +124,7 @@ def unfreeze(session: Session, identity: Identity, *, everything: bool, reason: 
     """Lift the caller's tenant's freeze (or the global one). Does not commit."""
     require_text(reason, field="--reason")
     scope = _scope(identity, everything)
+    session.info.pop(_HELD, None)  # this transaction changes what it may have read
     _lock(session, scope, shared=False)
     if session.execute(delete(Freeze).where(Freeze.scope == scope)).rowcount == 0:
         raise UsageError("not frozen", field="--all" if everything else "tenant")

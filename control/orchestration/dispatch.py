@@ -13,12 +13,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
 from celery import Celery
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import celeryconfig
 from control.errors import UsageError
-from ledger.models import OutboxMessage
+from ledger.models import Attempt, Json, OutboxMessage
 from toolplane.canonical import digest
 from toolplane.lifetimes import MAX_ENVELOPE_LIFETIME_S, RESULT_DUE_SLACK_S
 from toolplane.messages import Envelope, SignedEnvelope, job_id_for, new_nonce, now_ms, signed_bytes
@@ -148,21 +148,70 @@ def sign_envelope(
     return SignedEnvelope(envelope=envelope, signature=signer.sign(signed_bytes(envelope)))
 
 
-def stage_job(session: Session, signed: SignedEnvelope) -> OutboxMessage:
-    """Add the job to the outbox (in the caller's transaction)."""
-    envelope = signed.envelope
-    row = OutboxMessage(
-        run_id=envelope.run_id,
-        node_id=envelope.node_id,
-        attempt=envelope.attempt,
-        task_name=celeryconfig.tool_queue(envelope.tool),
-        queue=celeryconfig.tool_queue(envelope.tool),
-        body=signed.model_dump(mode="json"),
-        created_at=datetime.now(UTC),
+# The attempt and its job in the outbox, in one statement (one round trip; no ORM flush).
+_ATTEMPT = insert(Attempt).values(
+    run_id=bindparam("run_id"),
+    node_id=bindparam("node_id"),
+    attempt=bindparam("attempt"),
+    job_id=bindparam("job_id"),
+    envelope_sha256=bindparam("envelope_sha256"),
+    dispatched_at=bindparam("dispatched_at"),
+    expires_at=bindparam("expires_at"),
+    due_at=bindparam("due_at"),
+    status="queued",
+)
+_STAGE = (
+    insert(OutboxMessage)
+    .values(
+        run_id=bindparam("run_id"),
+        node_id=bindparam("node_id"),
+        attempt=bindparam("attempt"),
+        task_name=bindparam("queue"),
+        queue=bindparam("queue"),
+        body=bindparam("body", type_=Json),
+        created_at=bindparam("dispatched_at"),
         publish_count=0,
     )
-    session.add(row)
-    return row
+    .returning(OutboxMessage.id)
+    .add_cte(_ATTEMPT.cte("new_attempt"))
+)
+
+
+def stage_job(
+    session: Session,
+    signed: SignedEnvelope,
+    *,
+    dispatched_at: datetime,
+    expires_at: datetime,
+    due_at: datetime,
+) -> tuple[int, Staged]:
+    """Record the attempt (``queued``) and add its job to the outbox, in the caller's
+    transaction; returns the outbox id and the message as written."""
+    envelope = signed.envelope
+    queue = celeryconfig.tool_queue(envelope.tool)
+    body = signed.model_dump(mode="json")
+    # On the connection: a Core statement, not the ORM's bulk path (nor its autoflush; the
+    # node goes in at the caller's flush).
+    outbox_id = (
+        session.connection()
+        .execute(
+            _STAGE,
+            {
+                "run_id": envelope.run_id,
+                "node_id": envelope.node_id,
+                "attempt": envelope.attempt,
+                "job_id": envelope.job_id,
+                "envelope_sha256": signed.digest,
+                "dispatched_at": dispatched_at,
+                "expires_at": expires_at,
+                "due_at": due_at,
+                "queue": queue,
+                "body": body,
+            },
+        )
+        .scalar_one()
+    )
+    return int(outbox_id), Staged(queue, queue, body)
 
 
 def publish_pending(

@@ -36,7 +36,7 @@ from control.orchestration.dispatch import (
 from control.orchestration.spans import annotate, current_traceparent, traced
 from control.orchestration.states import NodeStatus, move_node
 from ledger.chain import NewEvent
-from ledger.models import Approval, Attempt, Node, Run
+from ledger.models import Approval, Node, Run
 from policy.constraints import Constraints
 from policy.engine import Decision, PolicyRequest
 from policy.labels import roots_of
@@ -220,20 +220,9 @@ def dispatch_node(
     node.due_at = due
     node.retry_at = None
     node.max_attempts = max_attempts(manifest)
-    session.add(
-        Attempt(
-            run_id=run.id,
-            node_id=node.node_id,
-            attempt=attempt,
-            job_id=job_id,
-            envelope_sha256=signed.digest,
-            dispatched_at=now,
-            expires_at=expires,
-            due_at=due,
-            status="queued",
-        )
+    outbox_id, staged = stage_job(
+        session, signed, dispatched_at=now, expires_at=expires, due_at=due
     )
-    outbox = stage_job(session, signed)
     events.append(
         event(
             "ToolCallDispatched",
@@ -250,8 +239,8 @@ def dispatch_node(
         )
     )
     session.flush()
-    done.outbox_ids.append(outbox.id)
-    done.staged[outbox.id] = Staged(outbox.task_name, outbox.queue, outbox.body)
+    done.outbox_ids.append(outbox_id)
+    done.staged[outbox_id] = staged
     ids = {"run_id": run.id, "node_id": node.node_id, "job_id": signed.envelope.job_id}
     with logfields.bound(**ids, tenant=run.tenant_id):
         log.info("job.dispatched tool=%s attempt=%s", node.tool, attempt)
