@@ -14,6 +14,7 @@ import redis
 
 from control.errors import ServiceUnavailable
 from control.governance.entitlements import EntitlementStore
+from control.ops.runtime import POLICY_CHECK_S
 from policy.entitlements import Plan
 from tests.harness import Services, Stack, wait_for
 from tests.integration.govern import bundle_with, client_on, evidence, outbox_rows
@@ -209,8 +210,13 @@ def server_plan(stack: Stack, token: str, name: str, plan: dict) -> None:
     current.setdefault("plans", {})[name] = plan
     current.setdefault("tenants", {})[tenant] = name
     path.write_text(json.dumps(current))
+    written = time.monotonic()
     client = stack.http(token)
     wait_for(lambda: (client.policy().plan or {}).get("name") == name, what="the new bundle")
+    # With several API processes, the one that answered has the new bundle; each other one
+    # looks at the directory again at its next request once POLICY_CHECK_S has passed since
+    # its last look (before the write): after that, every process decides with the plan.
+    wait_for(lambda: time.monotonic() - written > POLICY_CHECK_S, what="every process's look")
 
 
 def test_a_refused_call_exits_3_and_names_the_limit(stack: Stack, token, tmp_path):
