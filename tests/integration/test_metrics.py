@@ -6,6 +6,7 @@ control's processes; each worker's own endpoint counts its jobs exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,25 +70,28 @@ def ports_free(base: int, count: int) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def metered(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A stack of its own (database, Redis database): no other test's calls are counted.
-    Its workers serve their metrics, behind a token from a file."""
+@contextlib.contextmanager
+def worker_metered(
+    services: Services, home: Path, *, workers: dict[str, int], extra: dict[str, str]
+) -> Iterator[Stack]:
+    """A stack of its own (database, Redis database: no other test's calls are counted)
+    whose workers serve their metrics behind a token from a file, on ports from
+    ``worker_url(stack, place)``."""
     own = own_services(services)
-    home = Path(tmp_path_factory.mktemp("metered"))
-    base = wait_for(lambda: (p := free_port()) < 65000 and ports_free(p, 2) and p, what="ports")
+    count = len(workers)
+    base = wait_for(lambda: (p := free_port()) < 65000 and ports_free(p, count) and p, what="ports")
     reachable(own, home)  # a directory the workers' users can reach, as start_stack makes it
     (home / "worker-metrics").mkdir(mode=0o755)  # not HOME's top: its files are the control's
     token_file = home / "worker-metrics" / "token"
     token_file.write_text(secrets.token_urlsafe(24) + "\n")
     token_file.chmod(0o644)  # the workers run as users of their own
     extra = {
-        "TOOLPLANE_API_PROCESSES": "2",  # with the control daemon: three control processes
         "TOOLPLANE_WORKER_METRICS_BIND": f"127.0.0.1:{base}",
         "TOOLPLANE_WORKER_METRICS_TOKEN_FILE": str(token_file.resolve()),  # not via the link
+        **extra,
     }
     try:
-        running = start_stack(own, home, workers=dict(WORKERS), extra_env=extra)
+        running = start_stack(own, home, workers=workers, extra_env=extra)
         running.env["TP_TEST_METRICS_BASE"] = str(base)
         try:
             yield running
@@ -95,6 +99,15 @@ def metered(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Ite
             stop_stack(running)
     finally:
         own.close()
+
+
+@pytest.fixture(scope="module")
+def metered(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = Path(tmp_path_factory.mktemp("metered"))
+    # with the control daemon: three control processes
+    extra = {"TOOLPLANE_API_PROCESSES": "2"}
+    with worker_metered(services, home, workers=dict(WORKERS), extra=extra) as running:
+        yield running
 
 
 def worker_url(stack: Stack, place: int) -> str:

@@ -11,7 +11,6 @@ intervals are 1 s so the test does not wait 15.
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -27,13 +26,10 @@ from tests.harness import (
     Services,
     Stack,
     free_port,
-    own_services,
-    start_stack,
-    stop_stack,
     wait_for,
 )
 from tests.integration.govern import operator_admin
-from tests.stackdirs import reachable
+from tests.integration.test_metrics import worker_metered, worker_token, worker_url
 from tests.unit.test_observability import promtool
 
 pytestmark = pytest.mark.integration
@@ -45,27 +41,9 @@ TOOL = "read_repo_file"
 @pytest.fixture(scope="module")
 def scraped(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A stack whose worker serves its metrics behind a token from a file."""
-    own = own_services(services)
     home = Path(tmp_path_factory.mktemp("scraped"))
-    port = free_port()
-    reachable(own, home)  # a directory the workers' users can reach
-    (home / "worker-metrics").mkdir(mode=0o755)
-    token_file = home / "worker-metrics" / "token"
-    token_file.write_text(secrets.token_urlsafe(24) + "\n")
-    token_file.chmod(0o644)  # the workers run as users of their own
-    extra = {
-        "TOOLPLANE_WORKER_METRICS_BIND": f"127.0.0.1:{port}",
-        "TOOLPLANE_WORKER_METRICS_TOKEN_FILE": str(token_file.resolve()),
-    }
-    try:
-        running = start_stack(own, home, workers={TOOL: 1}, extra_env=extra)
-        running.env["TP_TEST_WORKER_METRICS"] = f"127.0.0.1:{port}"
-        try:
-            yield running
-        finally:
-            stop_stack(running)
-    finally:
-        own.close()
+    with worker_metered(services, home, workers={TOOL: 1}, extra={}) as running:
+        yield running
 
 
 def local_config(stack: Stack, secrets_dir: Path) -> dict[str, Any]:
@@ -79,7 +57,8 @@ def local_config(stack: Stack, secrets_dir: Path) -> dict[str, Any]:
     del control["tls_config"]
     control["static_configs"] = [{"targets": [stack.url.split("://", 1)[1]]}]
     del worker["dns_sd_configs"], worker["relabel_configs"]
-    worker["static_configs"] = [{"targets": [stack.env["TP_TEST_WORKER_METRICS"]]}]
+    worker_target = worker_url(stack, 0).split("://", 1)[1].split("/", 1)[0]
+    worker["static_configs"] = [{"targets": [worker_target]}]
     for job in (control, worker):
         name = Path(job["authorization"]["credentials_file"]).name
         job["authorization"]["credentials_file"] = str(secrets_dir / name)
@@ -101,8 +80,7 @@ def prometheus(scraped: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iter
     secrets_dir = work / "secrets"
     secrets_dir.mkdir()
     (secrets_dir / "prometheus_token").write_text(operator_admin(scraped) + "\n")
-    worker_token = Path(scraped.env["TOOLPLANE_WORKER_METRICS_TOKEN_FILE"]).read_text()
-    (secrets_dir / "worker_metrics_token").write_text(worker_token)
+    (secrets_dir / "worker_metrics_token").write_text(worker_token(scraped) + "\n")
     config = work / "prometheus.yml"
     config.write_text(yaml.safe_dump(local_config(scraped, secrets_dir)))
     port = free_port()
