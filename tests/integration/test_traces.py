@@ -16,7 +16,6 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -25,7 +24,6 @@ from sqlalchemy import select
 
 import celeryconfig
 from ledger.models import Node
-from sandbox_tasks.receipts import build_result, sign_result
 from tests.harness import (
     Services,
     Stack,
@@ -33,8 +31,7 @@ from tests.harness import (
     wait_for,
 )
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
-from toolplane.keystore import KeyStore
-from toolplane.messages import SignedEnvelope
+from tests.security.test_forgery import forged_result
 from toolplane.tracecontext import Traceparent, parse_traceparent, run_trace
 
 pytestmark = pytest.mark.integration
@@ -150,25 +147,6 @@ def node_of(traced: Stack, token: str, run_id: str) -> Node:
         return node
 
 
-def claimed_result(traced: Stack, node: Node, traceparent: str) -> dict[str, Any]:
-    """A result for ``node`` signed with the tool's real key (a worker that holds it),
-    claiming ``traceparent``: the receipt verifies."""
-    signer = KeyStore(traced.home / "keys").signer(f"tool.{node.tool}")
-    envelope = SignedEnvelope.model_validate(node.envelope)
-    built = build_result(
-        kind="result",
-        tool=node.tool,
-        worker="mallory@evil",
-        started_at=envelope.envelope.issued_at,
-        envelope=envelope.envelope,
-        envelope_sha256=envelope.digest,
-        result={"slept": 0.0, "pid": 1},
-        containment="none",
-        traceparent=traceparent,
-    )
-    return sign_result(built, signer).model_dump(mode="json")
-
-
 def test_a_result_claiming_another_runs_trace_is_ingested_in_its_own_run(
     traced: Stack, receiver: OtlpReceiver
 ) -> None:
@@ -190,7 +168,11 @@ def test_a_result_claiming_another_runs_trace_is_ingested_in_its_own_run(
     app.conf.update(celeryconfig.build_config(traced.services.redis_url))
     app.send_task(
         celeryconfig.INGEST_TASK,
-        args=[claimed_result(traced, node, lie)],
+        args=[
+            forged_result(
+                traced, node, result={"slept": 0.0, "pid": 1}, key="real", traceparent=lie
+            )
+        ],
         queue=celeryconfig.RESULTS_QUEUE,
     )
 

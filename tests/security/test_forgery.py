@@ -203,9 +203,16 @@ def test_replayed_job_is_refused_and_does_not_run_again(
 
 
 def forged_result(
-    stack: Stack, node: Node, *, result: dict[str, Any], key: str = "attacker"
+    stack: Stack,
+    node: Node,
+    *,
+    result: dict[str, Any],
+    key: str = "attacker",
+    traceparent: str | None = None,
 ) -> dict:
-    """A result for ``node`` signed by an attacker's key under the tool's key id."""
+    """A result for ``node`` signed by an attacker's key under the tool's key id (with
+    ``key="real"``, by the tool's own key: a worker that holds it), claiming
+    ``traceparent`` if given."""
     real = KeyStore(stack.home / "keys").signer(f"tool.{node.tool}")
     signer = (
         Ed25519Signer(Ed25519PrivateKey.generate(), key_id=real.key_id, owner=real.owner)
@@ -222,6 +229,7 @@ def forged_result(
         envelope_sha256=envelope.digest,
         result=result,
         containment="none",
+        traceparent=traceparent,
     )
     return sign_result(built, signer).model_dump(mode="json")
 
